@@ -1,0 +1,42 @@
+# CUDA plumbing. TIEDLORA_CUDA=AUTO turns CUDA on when nvcc is found and LibTorch was built with CUDA;
+# ON makes either missing an error. The kernels (kernels/*.cu) never include torch headers; they are
+# compiled by nvcc for sm_80 and sm_90a even on machines without a GPU, so CI proves they build and link.
+# One dispatch file per kernel family (src/cuda/*_dispatch.cpp) crosses between tensors and kernels; a
+# CPU-only build compiles src/cuda/dispatch_stub.cpp instead, which throws a clear error.
+set(TIEDLORA_WITH_CUDA OFF)
+if(NOT TIEDLORA_CUDA STREQUAL "OFF")
+  include(CheckLanguage)
+  check_language(CUDA)
+  set(_torch_has_cuda OFF)
+  if(TARGET torch_cuda OR TORCH_CUDA_LIBRARIES)
+    set(_torch_has_cuda ON)
+  endif()
+  if(CMAKE_CUDA_COMPILER AND _torch_has_cuda)
+    set(TIEDLORA_WITH_CUDA ON)
+  elseif(TIEDLORA_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "TIEDLORA_CUDA=ON but nvcc (${CMAKE_CUDA_COMPILER}) or a CUDA LibTorch (${_torch_has_cuda}) is missing")
+  endif()
+endif()
+
+file(GLOB TIEDLORA_KERNEL_SOURCES CONFIGURE_DEPENDS "${PROJECT_SOURCE_DIR}/kernels/*.cu")
+if(TIEDLORA_WITH_CUDA)
+  if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+    set(CMAKE_CUDA_ARCHITECTURES 80 90a)
+  endif()
+  enable_language(CUDA)
+  # LibTorch's CMake appends -gencode flags for every architecture it supports (sm_50 and up, which nvcc 13
+  # no longer accepts) to CMAKE_CUDA_FLAGS; our kernels are built for CMAKE_CUDA_ARCHITECTURES only.
+  string(REGEX REPLACE "-gencode[ =]arch=[^ ]+" "" CMAKE_CUDA_FLAGS "${CMAKE_CUDA_FLAGS}")
+  set(CMAKE_CUDA_STANDARD 17)
+  set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+  find_package(CUDAToolkit REQUIRED)
+  add_library(tiedlora_kernels STATIC ${TIEDLORA_KERNEL_SOURCES})
+  target_include_directories(tiedlora_kernels PUBLIC ${PROJECT_SOURCE_DIR}/kernels)
+  set_target_properties(tiedlora_kernels PROPERTIES POSITION_INDEPENDENT_CODE ON CUDA_SEPARABLE_COMPILATION OFF)
+  target_compile_options(tiedlora_kernels PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -lineinfo>)
+  file(GLOB TIEDLORA_DISPATCH_SOURCES CONFIGURE_DEPENDS "${PROJECT_SOURCE_DIR}/src/cuda/*_dispatch.cpp")
+  message(STATUS "tiedlora: CUDA kernels ON (nvcc ${CMAKE_CUDA_COMPILER_VERSION}, architectures ${CMAKE_CUDA_ARCHITECTURES})")
+else()
+  set(TIEDLORA_DISPATCH_SOURCES "${PROJECT_SOURCE_DIR}/src/cuda/dispatch_stub.cpp")
+  message(STATUS "tiedlora: CUDA kernels OFF")
+endif()

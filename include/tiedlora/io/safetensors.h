@@ -1,0 +1,127 @@
+// tiedlora/io/safetensors.h: reading and writing safetensors files and sharded checkpoints.
+//
+// Reading memory-maps the file (copy-on-write, so a tensor handed out may be modified without touching
+// the file) and hands out tensors that alias the mapping when their data is aligned for their dtype;
+// otherwise the bytes are copied. Every check of the reference implementation is applied, and each
+// failure throws tiedlora::FormatError naming the file and the tensor.
+//
+// Writing produces the same bytes as the Python `safetensors` package for the same tensors and metadata
+// (header JSON layout, tensor order by dtype then name, header padded with spaces to 8 bytes), and is
+// atomic: the file is written beside the destination and renamed into place.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+namespace tiedlora::io {
+
+/// The dtypes of the safetensors format that tiedlora reads and writes.
+enum class SafetensorsDtype { BOOL, U8, I8, F8_E5M2, F8_E4M3, I16, U16, F16, BF16, I32, U32, F32, I64, U64, F64 };
+
+/// "F32", "BF16", ...
+const char* dtype_name(SafetensorsDtype dtype);
+std::size_t dtype_size(SafetensorsDtype dtype);
+/// The torch scalar type of a safetensors dtype (throws for dtypes torch cannot represent).
+c10::ScalarType to_scalar_type(SafetensorsDtype dtype);
+/// The safetensors dtype of a torch scalar type (throws tiedlora::Error for types safetensors lacks).
+SafetensorsDtype from_scalar_type(c10::ScalarType type);
+
+/// One entry of a safetensors header.
+struct TensorEntry {
+  std::string name;
+  SafetensorsDtype dtype;
+  std::vector<int64_t> shape;
+  uint64_t begin = 0;  ///< offset in the data buffer, inclusive
+  uint64_t end = 0;    ///< offset in the data buffer, exclusive
+  int64_t numel() const;
+};
+
+/// A parsed and validated safetensors header (no tensor data). Entries are in data-offset order.
+struct SafetensorsHeader {
+  std::vector<TensorEntry> tensors;
+  std::map<std::string, std::string> metadata;  ///< the "__metadata__" object
+  uint64_t data_offset = 0;                      ///< where the data buffer starts in the file
+};
+
+/// Parses and validates the first bytes of a safetensors file of `file_size` bytes. `bytes` must hold at
+/// least the 8-byte length prefix and the header it announces (fewer is reported as truncation).
+/// `source` names the file in error messages. Torch-free; this is the function the fuzz target drives.
+SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, std::size_t available, uint64_t file_size,
+                                           const std::string& source);
+
+/// Serializes a header exactly as the Python package does (without the 8-byte prefix, padded to 8).
+std::string serialize_safetensors_header(const std::vector<TensorEntry>& tensors,
+                                         const std::map<std::string, std::string>& metadata);
+
+/// A memory-mapped safetensors file. Tensors it hands out keep the mapping alive.
+class SafetensorsFile {
+ public:
+  /// Opens and validates `path`; throws tiedlora::FormatError on anything malformed.
+  static SafetensorsFile open(const std::string& path);
+
+  const std::string& path() const;
+  const SafetensorsHeader& header() const;
+  const std::map<std::string, std::string>& metadata() const { return header().metadata; }
+  /// Tensor names in the order their data appears in the file.
+  std::vector<std::string> names() const;
+  bool contains(const std::string& name) const;
+  /// The header entry of `name`; throws tiedlora::FormatError (naming the file) when absent.
+  const TensorEntry& entry(const std::string& name) const;
+  /// The tensor `name` on the CPU: aliases the mapping when aligned (zero-copy), else a copy.
+  at::Tensor tensor(const std::string& name) const;
+  /// The raw little-endian bytes of tensor `name`, valid while this object or any tensor from it lives.
+  std::pair<const uint8_t*, std::size_t> bytes(const std::string& name) const;
+
+ private:
+  struct Mapping;
+  std::shared_ptr<const Mapping> mapping_;
+  std::map<std::string, std::size_t> index_;
+};
+
+/// Every tensor of a safetensors file, by name.
+std::map<std::string, at::Tensor> load_safetensors(const std::string& path);
+
+/// Writes `tensors` (any device, contiguous or not) and `metadata` to `path` atomically.
+/// Throws tiedlora::Error for duplicate names or dtypes safetensors cannot hold.
+void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                      const std::map<std::string, std::string>& metadata = {});
+void save_safetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors,
+                      const std::map<std::string, std::string>& metadata = {});
+
+/// A Hugging Face checkpoint: one `model.safetensors`, or shards listed in `model.safetensors.index.json`.
+/// Opening checks that every shard exists, that each tensor of the index is in the shard it names, and
+/// that no tensor is in two shards.
+class Checkpoint {
+ public:
+  /// `path` is a folder, an index file, or a single .safetensors file.
+  static Checkpoint open(const std::string& path);
+  std::vector<std::string> names() const;
+  bool contains(const std::string& name) const;
+  at::Tensor tensor(const std::string& name) const;
+  const TensorEntry& entry(const std::string& name) const;
+  /// The file that holds `name`.
+  const SafetensorsFile& file_of(const std::string& name) const;
+  const std::vector<SafetensorsFile>& files() const { return files_; }
+
+ private:
+  std::string source_;  ///< the file or index opened, for error messages
+  std::vector<SafetensorsFile> files_;
+  std::map<std::string, std::size_t> file_of_tensor_;
+};
+
+/// Writes `tensors` into `folder` as Hugging Face does: one `model.safetensors` when the total fits in
+/// `max_shard_bytes`, else `model-0000i-of-0000n.safetensors` shards (tensors in the given order, a shard
+/// closed when the next tensor would overflow it) plus `model.safetensors.index.json`.
+/// Returns the names of the files written.
+std::vector<std::string> save_sharded_safetensors(const std::string& folder,
+                                                  const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                                                  uint64_t max_shard_bytes,
+                                                  const std::map<std::string, std::string>& metadata = {});
+
+}  // namespace tiedlora::io

@@ -1,0 +1,16 @@
+// dispatch_stub.cpp: compiled instead of the CUDA dispatch files when tiedlora is built without CUDA.
+// Every entry point throws a clear error; the CPU path never calls them.
+#include "cuda/dispatch.h"
+
+#include "tiedlora/error.h"
+
+namespace tiedlora::cuda {
+
+bool available() { return false; }
+
+at::Tensor effective_b(const at::Tensor&, const at::Tensor&, const at::Tensor&, double) {
+  throw Error("tiedlora was built without CUDA (configure with -DTIEDLORA_CUDA=ON on a machine with nvcc and a "
+              "CUDA LibTorch)");
+}
+
+}  // namespace tiedlora::cuda

@@ -1,0 +1,640 @@
+// src/io/safetensors.cpp: the torch half of tiedlora::io safetensors support, i.e. dtype mapping,
+// memory-mapped reading (zero-copy, copy-on-write), atomic writing in the Python package's byte layout,
+// and Hugging Face checkpoints (single file or index + shards).
+#include "tiedlora/io/safetensors.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <regex>
+#include <set>
+#include <sstream>
+
+#include "tiedlora/error.h"
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+              "safetensors data is little-endian: big-endian hosts need byte swapping");
+
+namespace tiedlora::io {
+
+namespace {
+
+std::string errno_text() { return std::strerror(errno); }
+
+// ---- paths, with POSIX calls only ----------------------------------------------------------------
+// std::filesystem is avoided on purpose: the LibTorch wheels export their own (GCC 13) copies of its
+// operations, which take precedence over the system libstdc++ and crash in some of them (remove_all
+// calls a weak symbol that GCC 12's libstdc++ lacks).
+
+bool stat_is(const std::string& path, mode_t type) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && (st.st_mode & S_IFMT) == type;
+}
+bool is_directory(const std::string& path) { return stat_is(path, S_IFDIR); }
+bool is_regular_file(const std::string& path) { return stat_is(path, S_IFREG); }
+bool path_exists(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0;
+}
+// "a/b/c" -> "a/b"; "c" -> ""; "/c" -> "/".
+std::string parent_of(const std::string& path) {
+  const auto i = path.find_last_of('/');
+  if (i == std::string::npos) return "";
+  return i == 0 ? "/" : path.substr(0, i);
+}
+std::string file_name_of(const std::string& path) { return path.substr(path.find_last_of('/') + 1); }
+std::string join(const std::string& dir, const std::string& name) {
+  if (dir.empty()) return name;
+  return dir.back() == '/' ? dir + name : dir + "/" + name;
+}
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+void make_directories(const std::string& path) {
+  for (std::size_t i = 1; i <= path.size(); ++i) {
+    if (i == path.size() || path[i] == '/') {
+      const std::string prefix = path.substr(0, i);
+      if (::mkdir(prefix.c_str(), 0755) != 0 && errno != EEXIST) {
+        throw Error(path + ": cannot create folder " + prefix + ": " + errno_text());
+      }
+    }
+  }
+  if (!is_directory(path)) throw Error(path + ": exists and is not a folder");
+}
+std::vector<std::string> list_directory(const std::string& path) {
+  std::vector<std::string> names;
+  DIR* dir = ::opendir(path.c_str());
+  if (dir == nullptr) return names;
+  while (const dirent* e = ::readdir(dir)) names.emplace_back(e->d_name);
+  ::closedir(dir);
+  return names;
+}
+
+std::string quote_name(const std::string& s) { return "'" + s + "'"; }
+
+// The order of the reference implementation's Dtype enum (safetensors 0.8.0: BOOL, F4, F6_E2M3, F6_E3M2,
+// U8, I8, F8_E5M2, F8_E4M3, F8_E8M0, I16, U16, F16, BF16, I32, U32, F32, C64, F64, I64, U64). The writer
+// sorts by this rank, descending, then by name bytes: that is the order of the data and the header.
+int writer_rank(SafetensorsDtype d) {
+  switch (d) {
+    case SafetensorsDtype::BOOL:
+      return 0;
+    case SafetensorsDtype::U8:
+      return 4;
+    case SafetensorsDtype::I8:
+      return 5;
+    case SafetensorsDtype::F8_E5M2:
+      return 6;
+    case SafetensorsDtype::F8_E4M3:
+      return 7;
+    case SafetensorsDtype::I16:
+      return 9;
+    case SafetensorsDtype::U16:
+      return 10;
+    case SafetensorsDtype::F16:
+      return 11;
+    case SafetensorsDtype::BF16:
+      return 12;
+    case SafetensorsDtype::I32:
+      return 13;
+    case SafetensorsDtype::U32:
+      return 14;
+    case SafetensorsDtype::F32:
+      return 15;
+    case SafetensorsDtype::F64:
+      return 17;
+    case SafetensorsDtype::I64:
+      return 18;
+    case SafetensorsDtype::U64:
+      return 19;
+  }
+  return -1;
+}
+
+// Writes a file atomically: `<path>.tmp.<pid>` beside the destination, fsync, rename, fsync the folder.
+// The temporary is removed if anything throws. `fill` receives a function writing bytes to the file.
+template <typename Fill>
+void write_atomically(const std::string& path, Fill&& fill) {
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) throw Error(tmp + ": cannot create: " + errno_text());
+  try {
+    auto write_bytes = [&](const void* data, std::size_t size) {
+      const char* p = static_cast<const char*>(data);
+      while (size > 0) {
+        ssize_t n = ::write(fd, p, std::min<std::size_t>(size, std::size_t{1} << 30));
+        if (n < 0) {
+          if (errno == EINTR) continue;
+          throw Error(tmp + ": write failed: " + errno_text());
+        }
+        p += n;
+        size -= static_cast<std::size_t>(n);
+      }
+    };
+    fill(write_bytes);
+    if (::fsync(fd) != 0) throw Error(tmp + ": fsync failed: " + errno_text());
+    int rc = ::close(fd);
+    fd = -1;
+    if (rc != 0) throw Error(tmp + ": close failed: " + errno_text());
+    if (::rename(tmp.c_str(), path.c_str()) != 0) {
+      throw Error(path + ": cannot rename " + tmp + " into place: " + errno_text());
+    }
+  } catch (...) {
+    if (fd >= 0) ::close(fd);
+    ::unlink(tmp.c_str());
+    throw;
+  }
+  // Make the rename itself durable; failure here does not undo the write, so it is not an error.
+  const std::string dir = parent_of(path);
+  int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+}
+
+struct PreparedTensor {
+  std::string name;
+  SafetensorsDtype dtype;
+  const at::Tensor* tensor;
+};
+
+// Validates names and dtypes and computes the layout (order and offsets) the Python package would use.
+std::pair<std::vector<TensorEntry>, std::vector<const at::Tensor*>> layout(
+    const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
+  std::vector<PreparedTensor> prepared;
+  prepared.reserve(tensors.size());
+  std::set<std::string> names;
+  for (const auto& [name, t] : tensors) {
+    if (!names.insert(name).second) {
+      throw Error(path + ": tensor " + quote_name(name) + " is given twice (names in a safetensors file are unique)");
+    }
+    if (name == "__metadata__") throw Error(path + ": \"__metadata__\" is reserved and cannot name a tensor");
+    if (!t.defined()) throw Error(path + ": tensor " + quote_name(name) + " is undefined");
+    if (t.layout() != c10::kStrided) {
+      throw Error(path + ": tensor " + quote_name(name) +
+                  " is not a dense (strided) tensor; convert it with to_dense()");
+    }
+    SafetensorsDtype dtype;
+    try {
+      dtype = from_scalar_type(t.scalar_type());
+    } catch (const Error& e) {
+      throw Error(path + ": tensor " + quote_name(name) + ": " + e.what());
+    }
+    prepared.push_back({name, dtype, &t});
+  }
+  std::sort(prepared.begin(), prepared.end(), [](const PreparedTensor& a, const PreparedTensor& b) {
+    int ra = writer_rank(a.dtype), rb = writer_rank(b.dtype);
+    if (ra != rb) return ra > rb;
+    return a.name < b.name;  // byte-wise, as Rust compares strings
+  });
+  std::vector<TensorEntry> entries;
+  std::vector<const at::Tensor*> order;
+  uint64_t offset = 0;
+  for (const auto& p : prepared) {
+    TensorEntry e;
+    e.name = p.name;
+    e.dtype = p.dtype;
+    e.shape = p.tensor->sizes().vec();
+    e.begin = offset;
+    offset += static_cast<uint64_t>(p.tensor->numel()) * dtype_size(p.dtype);
+    e.end = offset;
+    entries.push_back(std::move(e));
+    order.push_back(p.tensor);
+  }
+  return {std::move(entries), std::move(order)};
+}
+
+}  // namespace
+
+// ---- dtypes ---------------------------------------------------------------------------------------
+
+c10::ScalarType to_scalar_type(SafetensorsDtype dtype) {
+  switch (dtype) {
+    case SafetensorsDtype::BOOL:
+      return at::kBool;
+    case SafetensorsDtype::U8:
+      return at::kByte;
+    case SafetensorsDtype::I8:
+      return at::kChar;
+    case SafetensorsDtype::F8_E5M2:
+      return at::kFloat8_e5m2;
+    case SafetensorsDtype::F8_E4M3:
+      return at::kFloat8_e4m3fn;
+    case SafetensorsDtype::I16:
+      return at::kShort;
+    case SafetensorsDtype::U16:
+      return at::kUInt16;
+    case SafetensorsDtype::F16:
+      return at::kHalf;
+    case SafetensorsDtype::BF16:
+      return at::kBFloat16;
+    case SafetensorsDtype::I32:
+      return at::kInt;
+    case SafetensorsDtype::U32:
+      return at::kUInt32;
+    case SafetensorsDtype::F32:
+      return at::kFloat;
+    case SafetensorsDtype::I64:
+      return at::kLong;
+    case SafetensorsDtype::U64:
+      return at::kUInt64;
+    case SafetensorsDtype::F64:
+      return at::kDouble;
+  }
+  throw Error("tiedlora::io: invalid SafetensorsDtype value " + std::to_string(static_cast<int>(dtype)));
+}
+
+SafetensorsDtype from_scalar_type(c10::ScalarType type) {
+  switch (type) {
+    case at::kBool:
+      return SafetensorsDtype::BOOL;
+    case at::kByte:
+      return SafetensorsDtype::U8;
+    case at::kChar:
+      return SafetensorsDtype::I8;
+    case at::kFloat8_e5m2:
+      return SafetensorsDtype::F8_E5M2;
+    case at::kFloat8_e4m3fn:
+      return SafetensorsDtype::F8_E4M3;
+    case at::kShort:
+      return SafetensorsDtype::I16;
+    case at::kUInt16:
+      return SafetensorsDtype::U16;
+    case at::kHalf:
+      return SafetensorsDtype::F16;
+    case at::kBFloat16:
+      return SafetensorsDtype::BF16;
+    case at::kInt:
+      return SafetensorsDtype::I32;
+    case at::kUInt32:
+      return SafetensorsDtype::U32;
+    case at::kFloat:
+      return SafetensorsDtype::F32;
+    case at::kLong:
+      return SafetensorsDtype::I64;
+    case at::kUInt64:
+      return SafetensorsDtype::U64;
+    case at::kDouble:
+      return SafetensorsDtype::F64;
+    default:
+      throw Error(std::string("dtype ") + c10::toString(type) + " cannot be stored in a safetensors file");
+  }
+}
+
+// ---- SafetensorsFile ------------------------------------------------------------------------------
+
+struct SafetensorsFile::Mapping {
+  std::string path;
+  uint8_t* base = nullptr;  // MAP_PRIVATE, PROT_READ | PROT_WRITE: writes stay in this process
+  std::size_t size = 0;
+  SafetensorsHeader header;
+
+  Mapping() = default;
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  ~Mapping() {
+    if (base != nullptr) ::munmap(base, size);
+  }
+};
+
+SafetensorsFile SafetensorsFile::open(const std::string& path) {
+  auto mapping = std::make_shared<Mapping>();
+  mapping->path = path;
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw Error(path + ": cannot open: " + errno_text());
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    int saved = errno;
+    ::close(fd);
+    throw Error(path + ": cannot stat: " + std::strerror(saved));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw Error(path + ": not a regular file");
+  }
+  const auto size = static_cast<uint64_t>(st.st_size);
+  if (size < 8) {
+    ::close(fd);
+    parse_safetensors_header(nullptr, 0, size, path);  // throws the truncation error
+  }
+  // MAP_NORESERVE: a private writable mapping would otherwise be charged in full against the commit limit.
+  void* base = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd, 0);
+  int saved = errno;
+  ::close(fd);  // the mapping keeps the file alive
+  if (base == MAP_FAILED) throw Error(path + ": cannot map: " + std::strerror(saved));
+  mapping->base = static_cast<uint8_t*>(base);
+  mapping->size = size;
+  mapping->header = parse_safetensors_header(mapping->base, size, size, path);
+
+  SafetensorsFile file;
+  for (std::size_t i = 0; i < mapping->header.tensors.size(); ++i) file.index_[mapping->header.tensors[i].name] = i;
+  file.mapping_ = std::move(mapping);
+  return file;
+}
+
+const std::string& SafetensorsFile::path() const { return mapping_->path; }
+
+const SafetensorsHeader& SafetensorsFile::header() const { return mapping_->header; }
+
+std::vector<std::string> SafetensorsFile::names() const {
+  std::vector<std::string> names;
+  names.reserve(mapping_->header.tensors.size());
+  for (const auto& t : mapping_->header.tensors) names.push_back(t.name);
+  return names;
+}
+
+bool SafetensorsFile::contains(const std::string& name) const { return index_.count(name) != 0; }
+
+const TensorEntry& SafetensorsFile::entry(const std::string& name) const {
+  auto it = index_.find(name);
+  if (it == index_.end()) {
+    throw FormatError(path() + ": no tensor " + quote_name(name) + " (the file holds " + std::to_string(index_.size()) +
+                      " tensors)");
+  }
+  return mapping_->header.tensors[it->second];
+}
+
+std::pair<const uint8_t*, std::size_t> SafetensorsFile::bytes(const std::string& name) const {
+  const TensorEntry& e = entry(name);
+  return {mapping_->base + mapping_->header.data_offset + e.begin, static_cast<std::size_t>(e.end - e.begin)};
+}
+
+at::Tensor SafetensorsFile::tensor(const std::string& name) const {
+  const TensorEntry& e = entry(name);
+  const auto options = at::TensorOptions().dtype(to_scalar_type(e.dtype));
+  auto [data, size] = bytes(name);
+  if (size == 0) return at::empty(e.shape, options);
+  auto* ptr = const_cast<uint8_t*>(data);  // the mapping is private and writable
+  if (reinterpret_cast<std::uintptr_t>(ptr) % dtype_size(e.dtype) == 0) {
+    std::shared_ptr<const Mapping> keep = mapping_;
+    return at::from_blob(
+        ptr, e.shape, [keep](void*) {}, options);
+  }
+  at::Tensor copy = at::empty(e.shape, options);  // misaligned (a header not padded to 8): copy
+  std::memcpy(copy.data_ptr(), data, size);
+  return copy;
+}
+
+std::map<std::string, at::Tensor> load_safetensors(const std::string& path) {
+  SafetensorsFile file = SafetensorsFile::open(path);
+  std::map<std::string, at::Tensor> tensors;
+  for (const auto& e : file.header().tensors) tensors.emplace(e.name, file.tensor(e.name));
+  return tensors;
+}
+
+// ---- writing --------------------------------------------------------------------------------------
+
+void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  auto [entries, order] = layout(path, tensors);
+  std::string header = serialize_safetensors_header(entries, metadata);
+  write_atomically(path, [&](const auto& write_bytes) {
+    uint8_t prefix[8];
+    uint64_t n = header.size();
+    for (int i = 0; i < 8; ++i) prefix[i] = static_cast<uint8_t>(n >> (8 * i));
+    write_bytes(prefix, 8);
+    write_bytes(header.data(), header.size());
+    // One tensor at a time on the CPU, so a GPU model is never copied whole.
+    for (std::size_t i = 0; i < order.size(); ++i) {
+      if (entries[i].end == entries[i].begin) continue;
+      at::Tensor t = order[i]->to(at::kCPU).contiguous();
+      write_bytes(t.data_ptr(), entries[i].end - entries[i].begin);
+    }
+  });
+}
+
+void save_safetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  save_safetensors(path, std::vector<std::pair<std::string, at::Tensor>>(tensors.begin(), tensors.end()), metadata);
+}
+
+// ---- Hugging Face checkpoints ---------------------------------------------------------------------
+
+namespace {
+
+constexpr const char* kSingleName = "model.safetensors";
+constexpr const char* kIndexName = "model.safetensors.index.json";
+
+// Parses JSON, rejecting duplicate keys at any depth (nlohmann would silently keep the last one).
+nlohmann::json parse_json_strict(const std::string& text, const std::string& source) {
+  std::vector<std::set<std::string>> keys;
+  std::string duplicate;
+  nlohmann::json::parser_callback_t callback = [&](int, nlohmann::json::parse_event_t event, nlohmann::json& value) {
+    switch (event) {
+      case nlohmann::json::parse_event_t::object_start:
+        keys.emplace_back();
+        break;
+      case nlohmann::json::parse_event_t::object_end:
+        if (!keys.empty()) keys.pop_back();
+        break;
+      case nlohmann::json::parse_event_t::key:
+        if (!keys.empty() && !keys.back().insert(value.get<std::string>()).second && duplicate.empty()) {
+          duplicate = value.get<std::string>();
+        }
+        break;
+      default:
+        break;
+    }
+    return true;
+  };
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text, callback);
+  } catch (const nlohmann::json::exception& e) {
+    throw FormatError(source + ": not valid JSON: " + e.what());
+  }
+  if (!duplicate.empty()) throw FormatError(source + ": key " + quote_name(duplicate) + " appears twice");
+  return j;
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(path + ": cannot open: " + errno_text());
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+Checkpoint Checkpoint::open(const std::string& path) {
+  std::string source = path;
+  if (is_directory(path)) {
+    // transformers' preference: a single model.safetensors first, then the index.
+    if (is_regular_file(join(path, kSingleName))) {
+      source = join(path, kSingleName);
+    } else if (is_regular_file(join(path, kIndexName))) {
+      source = join(path, kIndexName);
+    } else {
+      throw FormatError(path + ": folder holds neither " + kSingleName + " nor " + kIndexName +
+                        " (hint: is this a Hugging Face checkpoint saved with safetensors?)");
+    }
+  }
+  Checkpoint ckpt;
+  ckpt.source_ = source;
+  if (!ends_with(source, ".json")) {
+    ckpt.files_.push_back(SafetensorsFile::open(source));
+    for (const auto& name : ckpt.files_[0].names()) ckpt.file_of_tensor_[name] = 0;
+    return ckpt;
+  }
+
+  const nlohmann::json index = parse_json_strict(read_text(source), source);
+  if (!index.is_object()) throw FormatError(source + ": the index is not a JSON object");
+  auto wm = index.find("weight_map");
+  if (wm == index.end()) {
+    throw FormatError(source + ": no \"weight_map\" (hint: a sharded checkpoint index maps each tensor to its shard)");
+  }
+  if (!wm->is_object()) throw FormatError(source + ": \"weight_map\" is not an object");
+  std::map<std::string, std::string> shard_of;  // tensor -> shard file name, from the index
+  std::map<std::string, std::size_t> file_index;
+  for (const auto& [tensor, shard] : wm->items()) {
+    if (!shard.is_string()) {
+      throw FormatError(source + ": tensor " + quote_name(tensor) + ": weight_map value is not a file name string");
+    }
+    const std::string name = shard.get<std::string>();
+    if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos) {
+      throw FormatError(source + ": tensor " + quote_name(tensor) + ": shard " + quote_name(name) +
+                        " is not a file name in the index's folder");
+    }
+    shard_of[tensor] = name;
+    if (!file_index.count(name)) file_index.emplace(name, 0);
+  }
+  const std::string folder = parent_of(source);
+  std::size_t i = 0;
+  for (auto& [name, idx] : file_index) {
+    const std::string shard_path = join(folder, name);
+    if (!path_exists(shard_path)) {
+      std::string example;
+      for (const auto& [t, s] : shard_of) {
+        if (s == name) {
+          example = t;
+          break;
+        }
+      }
+      throw FormatError(source + ": shard " + quote_name(name) + " (listed for tensor " + quote_name(example) +
+                        ") does not exist (hint: an incomplete download?)");
+    }
+    ckpt.files_.push_back(SafetensorsFile::open(shard_path));
+    idx = i++;
+  }
+  // Every tensor of a shard must be in the index, under that shard, and in no other shard.
+  for (std::size_t f = 0; f < ckpt.files_.size(); ++f) {
+    const SafetensorsFile& file = ckpt.files_[f];
+    const std::string shard_name = file_name_of(file.path());
+    for (const auto& tensor : file.names()) {
+      auto listed = shard_of.find(tensor);
+      if (listed == shard_of.end()) {
+        throw FormatError(source + ": tensor " + quote_name(tensor) + " is in shard " + quote_name(shard_name) +
+                          " but missing from the index (hint: the index is stale or incomplete)");
+      }
+      if (auto [it, fresh] = ckpt.file_of_tensor_.emplace(tensor, f); !fresh) {
+        throw FormatError(source + ": tensor " + quote_name(tensor) + " is in two shards, " +
+                          quote_name(file_name_of(ckpt.files_[it->second].path())) + " and " + quote_name(shard_name));
+      }
+      if (listed->second != shard_name) {
+        throw FormatError(source + ": tensor " + quote_name(tensor) + " is listed in shard " +
+                          quote_name(listed->second) + " but found in shard " + quote_name(shard_name) +
+                          " (hint: the index is stale)");
+      }
+    }
+  }
+  for (const auto& [tensor, shard] : shard_of) {
+    if (!ckpt.file_of_tensor_.count(tensor)) {
+      throw FormatError(source + ": tensor " + quote_name(tensor) + " is listed in shard " + quote_name(shard) +
+                        " but that shard does not hold it (hint: the index is stale or the shard is wrong)");
+    }
+  }
+  return ckpt;
+}
+
+std::vector<std::string> Checkpoint::names() const {
+  std::vector<std::string> names;
+  names.reserve(file_of_tensor_.size());
+  for (const auto& [name, f] : file_of_tensor_) names.push_back(name);
+  return names;
+}
+
+bool Checkpoint::contains(const std::string& name) const { return file_of_tensor_.count(name) != 0; }
+
+const SafetensorsFile& Checkpoint::file_of(const std::string& name) const {
+  auto it = file_of_tensor_.find(name);
+  if (it == file_of_tensor_.end()) {
+    throw FormatError(source_ + ": no tensor " + quote_name(name) + " in the checkpoint (" +
+                      std::to_string(file_of_tensor_.size()) + " tensors)");
+  }
+  return files_[it->second];
+}
+
+at::Tensor Checkpoint::tensor(const std::string& name) const { return file_of(name).tensor(name); }
+
+const TensorEntry& Checkpoint::entry(const std::string& name) const { return file_of(name).entry(name); }
+
+std::vector<std::string> save_sharded_safetensors(const std::string& folder,
+                                                  const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                                                  uint64_t max_shard_bytes,
+                                                  const std::map<std::string, std::string>& metadata) {
+  // Validate everything (names, dtypes) before touching the folder.
+  layout(folder, tensors);
+  make_directories(folder);
+
+  // huggingface_hub's split: in order, a shard closed when the next tensor would overflow it. (It puts a
+  // tensor larger than the limit in a shard of its own ahead of the open one; here it simply closes it.)
+  std::vector<std::vector<std::pair<std::string, at::Tensor>>> shards(1);
+  uint64_t shard_bytes = 0, total_size = 0;
+  for (const auto& item : tensors) {
+    const uint64_t size = static_cast<uint64_t>(item.second.numel()) * item.second.element_size();
+    if (!shards.back().empty() && shard_bytes + size > max_shard_bytes) {
+      shards.emplace_back();
+      shard_bytes = 0;
+    }
+    shards.back().push_back(item);
+    shard_bytes += size;
+    total_size += size;
+  }
+
+  std::vector<std::string> written;
+  std::set<std::string> keep;
+  if (shards.size() == 1) {
+    save_safetensors(join(folder, kSingleName), shards[0], metadata);
+    written.push_back(kSingleName);
+  } else {
+    nlohmann::json weight_map = nlohmann::json::object();
+    for (std::size_t i = 0; i < shards.size(); ++i) {
+      char name[64];
+      std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", i + 1, shards.size());
+      save_safetensors(join(folder, name), shards[i], metadata);
+      for (const auto& item : shards[i]) weight_map[item.first] = name;
+      written.push_back(name);
+    }
+    // transformers' layout: json.dumps(index, indent=2, sort_keys=True) + "\n" (ASCII-escaped).
+    nlohmann::json index = {{"metadata", {{"total_size", total_size}}}, {"weight_map", weight_map}};
+    const std::string text = index.dump(2, ' ', true) + "\n";
+    write_atomically(join(folder, kIndexName), [&](const auto& write_bytes) { write_bytes(text.data(), text.size()); });
+    written.push_back(kIndexName);
+  }
+  // Remove what a previous save left that would shadow or confuse this one.
+  keep.insert(written.begin(), written.end());
+  static const std::regex kShard(R"(model-\d{5}-of-\d{5}\.safetensors)");
+  for (const auto& name : list_directory(folder)) {
+    if (keep.count(name)) continue;
+    if (name == kSingleName || name == kIndexName || std::regex_match(name, kShard)) {
+      ::unlink(join(folder, name).c_str());
+    }
+  }
+  return written;
+}
+
+}  // namespace tiedlora::io

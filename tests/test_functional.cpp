@@ -1,0 +1,262 @@
+// test_functional.cpp: functional::lora_linear against (1) autograd through plain ATen ops in float64 for
+// every freeze mask, (2) central finite differences, and (3) PEFT's LoRA layer (reference files made by
+// tests/reference/make_peft_lora_reference.py) in fp32 and bf16.
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "test_support.h"
+#include "tiedlora/functional.h"
+#include "tiedlora/io/safetensors.h"
+#include "tiedlora/method.h"
+#include "tiedlora/modules.h"
+
+namespace {
+
+using tiedlora::AdapterMethod;
+using tiedlora::testing::all_close;
+
+struct Inputs {
+  torch::Tensor x, xa, w, bias, a, b, u, v, dy;
+  double scale = 0.75;
+};
+
+// Random non-zero values everywhere (never the zero initialisation), double precision.
+Inputs random_inputs(const AdapterMethod& m, bool with_bias, bool with_dropout_input, uint64_t seed) {
+  torch::manual_seed(seed);
+  const auto opts = torch::TensorOptions(torch::kDouble);
+  const int64_t in = 7, out = 5, r = 3;
+  Inputs in_;
+  in_.x = torch::randn({2, 4, in}, opts).requires_grad_(true);
+  if (with_dropout_input) in_.xa = torch::randn({2, 4, in}, opts).requires_grad_(true);
+  in_.w = torch::randn({out, in}, opts);
+  if (with_bias) in_.bias = torch::randn({out}, opts);
+  in_.a = torch::randn({r, in}, opts).requires_grad_(m.train_a);
+  in_.b = torch::randn({out, r}, opts).requires_grad_(m.train_b);
+  if (m.has_u()) in_.u = torch::randn({r}, opts).requires_grad_(true);
+  if (m.has_v()) in_.v = torch::randn({out}, opts).requires_grad_(true);
+  in_.dy = torch::randn({2, 4, out}, opts);
+  return in_;
+}
+
+// The layer written with plain ATen ops, for autograd to differentiate.
+torch::Tensor reference_forward(const Inputs& p) {
+  torch::Tensor y = torch::matmul(p.x, p.w.t());
+  if (p.bias.defined()) y = y + p.bias;
+  torch::Tensor h = torch::matmul(p.xa.defined() ? p.xa : p.x, p.a.t());
+  if (p.u.defined()) h = h * p.u;
+  torch::Tensor low = torch::matmul(h, p.b.t());
+  if (p.v.defined()) low = low * p.v;
+  return y + p.scale * low;
+}
+
+torch::Tensor ours_forward(const Inputs& p) {
+  return tiedlora::functional::lora_linear(p.x, p.w, p.bias, p.a, p.b, p.u, p.v, p.scale, p.xa);
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> differentiable(const Inputs& p) {
+  std::vector<std::pair<std::string, torch::Tensor>> out = {{"x", p.x}, {"xa", p.xa}, {"A", p.a},
+                                                            {"B", p.b}, {"u", p.u},  {"v", p.v}};
+  std::vector<std::pair<std::string, torch::Tensor>> kept;
+  for (auto& [name, t] : out) {
+    if (t.defined() && t.requires_grad()) kept.emplace_back(name, t);
+  }
+  return kept;
+}
+
+std::vector<torch::Tensor> gradients(const torch::Tensor& y, const Inputs& p) {
+  std::vector<torch::Tensor> targets;
+  for (auto& [name, t] : differentiable(p)) targets.push_back(t);
+  return torch::autograd::grad({y}, targets, {p.dy});
+}
+
+const std::vector<std::string> kMasks = {"lora",      "tied-ab",   "tied-abuv", "tied-uv",     "tied-b",
+                                         "tied-v",    "tied-bv",   "tied-abv",  "tied-abu",    "tied-av",
+                                         "tied-buv",  "tied-auv",  "tied-bu",   "untied-abuv", "untied-bv"};
+
+class EveryMask : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(EveryMask, GradientsMatchAutogradThroughAtenInFloat64) {
+  const AdapterMethod method = AdapterMethod::parse(GetParam());
+  for (bool bias : {false, true}) {
+    for (bool dropout_input : {false, true}) {
+      Inputs p = random_inputs(method, bias, dropout_input, 17);
+      const auto expected_y = reference_forward(p);
+      const auto ours_y = ours_forward(p);
+      ASSERT_TRUE(all_close(ours_y, expected_y, 1e-12, 1e-12, "y"));
+      const auto expected = gradients(expected_y, p);
+      const auto ours = gradients(ours_y, p);
+      const auto names = differentiable(p);
+      ASSERT_FALSE(names.empty());
+      for (size_t i = 0; i < names.size(); ++i) {
+        EXPECT_TRUE(all_close(ours[i], expected[i], 1e-11, 1e-11,
+                              GetParam() + " d" + names[i].first + (bias ? " bias" : "") + (dropout_input ? " xa" : "")));
+      }
+    }
+  }
+}
+
+TEST_P(EveryMask, GradientsMatchCentralFiniteDifferences) {
+  const AdapterMethod method = AdapterMethod::parse(GetParam());
+  Inputs p = random_inputs(method, /*bias=*/true, /*dropout_input=*/false, 29);
+  const auto analytic = gradients(ours_forward(p), p);
+  const auto names = differentiable(p);
+  const double eps = 1e-6;
+  torch::NoGradGuard no_grad;
+  for (size_t i = 0; i < names.size(); ++i) {
+    torch::Tensor t = names[i].second;
+    auto flat = t.view({-1});
+    // Every element of the small tensors, a spread of elements of x.
+    const int64_t step = std::max<int64_t>(1, flat.numel() / 12);
+    for (int64_t k = 0; k < flat.numel(); k += step) {
+      const double original = flat[k].item<double>();
+      flat[k].fill_(original + eps);
+      const double plus = (ours_forward(p) * p.dy).sum().item<double>();
+      flat[k].fill_(original - eps);
+      const double minus = (ours_forward(p) * p.dy).sum().item<double>();
+      flat[k].fill_(original);
+      const double numeric = (plus - minus) / (2 * eps);
+      const double exact = analytic[i].view({-1})[k].item<double>();
+      EXPECT_NEAR(exact, numeric, 1e-6 * (1 + std::abs(numeric))) << GetParam() << " d" << names[i].first << "[" << k << "]";
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Masks, EveryMask, ::testing::ValuesIn(kMasks), [](const auto& info) {
+  std::string name = info.param;
+  for (char& c : name) {
+    if (c == '-') c = '_';
+  }
+  return name;
+});
+
+TEST(LoraLinearFunctional, SharedFactorGradientIsTheSumOverLayers) {
+  torch::manual_seed(3);
+  const auto opts = torch::TensorOptions(torch::kDouble);
+  auto a = torch::randn({4, 6}, opts).requires_grad_(true);
+  auto b = torch::randn({5, 4}, opts).requires_grad_(true);
+  std::vector<torch::Tensor> w, x, u, v;
+  for (int l = 0; l < 3; ++l) {
+    w.push_back(torch::randn({5, 6}, opts));
+    x.push_back(torch::randn({8, 6}, opts));
+    u.push_back(torch::randn({4}, opts).requires_grad_(true));
+    v.push_back(torch::randn({5}, opts).requires_grad_(true));
+  }
+  torch::Tensor loss = torch::zeros({}, opts), da_sum = torch::zeros_like(a), db_sum = torch::zeros_like(b);
+  for (int l = 0; l < 3; ++l) {
+    auto y = tiedlora::functional::lora_linear(x[l], w[l], {}, a, b, u[l], v[l], 0.5);
+    auto g = torch::autograd::grad({y.square().sum()}, {a, b}, {}, /*retain_graph=*/true);
+    da_sum += g[0];
+    db_sum += g[1];
+    loss = loss + y.square().sum();
+  }
+  loss.backward();
+  EXPECT_TRUE(all_close(a.grad(), da_sum, 1e-12, 1e-12, "dA"));
+  EXPECT_TRUE(all_close(b.grad(), db_sum, 1e-12, 1e-12, "dB"));
+}
+
+TEST(LoraLinearFunctional, RejectsBadArgumentsNamingThem) {
+  const auto x = torch::randn({4, 6});
+  const auto w = torch::randn({5, 6});
+  const auto a = torch::randn({2, 6});
+  const auto b = torch::randn({5, 2});
+  auto message_of = [](auto&& fn) {
+    try {
+      fn();
+    } catch (const std::exception& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  using tiedlora::functional::lora_linear;
+  EXPECT_NE(message_of([&] { lora_linear(torch::randn({4, 7}), w, {}, a, b, {}, {}, 1.0); }).find("d_in = 6"), std::string::npos);
+  EXPECT_NE(message_of([&] { lora_linear(x, w, {}, torch::randn({2, 5}), b, {}, {}, 1.0); }).find("lora_a"), std::string::npos);
+  EXPECT_NE(message_of([&] { lora_linear(x, w, {}, a, torch::randn({5, 3}), {}, {}, 1.0); }).find("lora_b"), std::string::npos);
+  EXPECT_NE(message_of([&] { lora_linear(x, w, {}, a, b, torch::randn({3}), {}, 1.0); }).find("u must be"), std::string::npos);
+  EXPECT_NE(message_of([&] { lora_linear(x, w, {}, a, b, {}, torch::randn({4}), 1.0); }).find("v must be"), std::string::npos);
+  EXPECT_NE(message_of([&] { lora_linear(x, w, torch::randn({3}), a, b, {}, {}, 1.0); }).find("bias"), std::string::npos);
+  EXPECT_NE(message_of([&] { lora_linear(x, w.clone().requires_grad_(true), {}, a, b, {}, {}, 1.0); }).find("frozen"),
+            std::string::npos);
+  EXPECT_NE(message_of([&] { lora_linear(x.to(torch::kInt), w, {}, a, b, {}, {}, 1.0); }).find("input must be a floating"),
+            std::string::npos);
+}
+
+// ---- against PEFT -----------------------------------------------------------------------------------------
+
+struct PeftCase {
+  std::map<std::string, torch::Tensor> t;
+  std::map<std::string, std::string> meta;
+};
+
+PeftCase load_case(const std::string& name) {
+  const std::string path = tiedlora::testing::reference_dir() + "/peft_lora_" + name + ".safetensors";
+  auto file = tiedlora::io::SafetensorsFile::open(path);
+  PeftCase c;
+  for (const auto& n : file.names()) c.t[n] = file.tensor(n).clone();
+  c.meta = file.metadata();
+  return c;
+}
+
+struct OurRun {
+  torch::Tensor y, dx, da, db;
+};
+
+OurRun run_ours(const PeftCase& c) {
+  const auto& w = c.t.at("weight");
+  torch::nn::Linear base(torch::nn::LinearOptions(w.size(1), w.size(0)).bias(c.t.count("bias") > 0));
+  {
+    torch::NoGradGuard no_grad;
+    base->weight.set_data(w.clone());
+    if (c.t.count("bias")) base->bias.set_data(c.t.at("bias").clone());
+  }
+  const int64_t rank = std::stoll(c.meta.at("rank"));
+  tiedlora::LoraLinear layer(base, tiedlora::LoraOptions(rank).alpha(std::stod(c.meta.at("alpha"))).use_rslora(c.meta.at("use_rslora") == "true"));
+  EXPECT_DOUBLE_EQ(layer->scale(), std::stod(c.meta.at("peft_scaling")));
+  {
+    torch::NoGradGuard no_grad;
+    layer->lora_A().copy_(c.t.at("lora_A"));
+    layer->lora_B().copy_(c.t.at("lora_B"));
+  }
+  auto x = c.t.at("x").clone().requires_grad_(true);
+  auto y = layer->forward(x);
+  y.backward(c.t.at("dy"));
+  return {y.detach(), x.grad(), layer->lora_A().grad(), layer->lora_B().grad()};
+}
+
+TEST(LoraLinearVsPeft, Float32MatchesPeft) {
+  for (const std::string name : {"fp32", "fp32_rslora"}) {
+    const PeftCase c = load_case(name);
+    const OurRun ours = run_ours(c);
+    EXPECT_EQ(ours.y.scalar_type(), torch::kFloat);
+    EXPECT_TRUE(all_close(ours.y, c.t.at("peft_y"), 1e-5, 1e-6, name + " y vs PEFT"));
+    EXPECT_TRUE(all_close(ours.dx, c.t.at("peft_dx"), 1e-5, 1e-6, name + " dx vs PEFT"));
+    EXPECT_TRUE(all_close(ours.da, c.t.at("peft_dA"), 1e-5, 1e-5, name + " dA vs PEFT"));
+    EXPECT_TRUE(all_close(ours.db, c.t.at("peft_dB"), 1e-5, 1e-5, name + " dB vs PEFT"));
+    EXPECT_TRUE(all_close(ours.y, c.t.at("truth_y"), 1e-5, 1e-6, name + " y vs float64"));
+  }
+}
+
+TEST(LoraLinearVsPeft, Bfloat16IsAtLeastAsCloseToFloat64AsPeft) {
+  const PeftCase c = load_case("bf16");
+  const OurRun ours = run_ours(c);
+  EXPECT_EQ(ours.y.scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(ours.dx.scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(ours.da.scalar_type(), torch::kFloat);  // adapters stay fp32, as PEFT keeps them
+  const std::vector<std::tuple<std::string, torch::Tensor, std::string>> outputs = {
+      {"y", ours.y, "y"}, {"dx", ours.dx, "dx"}, {"dA", ours.da, "dA"}, {"dB", ours.db, "dB"}};
+  for (const auto& [name, tensor, key] : outputs) {
+    const auto ours_err = tiedlora::testing::difference(tensor, c.t.at("truth_" + key));
+    const auto peft_err = tiedlora::testing::difference(c.t.at("peft_" + key), c.t.at("truth_" + key));
+    // One rounding instead of PEFT's several: never worse than PEFT, max and mean.
+    EXPECT_LE(ours_err.max_abs, peft_err.max_abs * 1.0001 + 1e-12) << name;
+    EXPECT_LE(ours_err.mean_abs, peft_err.mean_abs * 1.0001 + 1e-12) << name;
+    // And the same values as PEFT up to bf16 rounding (2 ulp at the output's magnitude).
+    const double ulp = std::ldexp(1.0, -7);
+    EXPECT_TRUE(all_close(tensor, c.t.at("peft_" + key), 2 * ulp, 2 * ulp * ours_err.max_ref, name + " vs PEFT"));
+    std::cout << "[bf16 " << name << "] max |err| vs float64: ours " << ours_err.max_abs << ", PEFT "
+              << peft_err.max_abs << "; mean: ours " << ours_err.mean_abs << ", PEFT " << peft_err.mean_abs << "\n";
+  }
+}
+
+}  // namespace

@@ -1,0 +1,16 @@
+// tools/commands.h: the subcommands of the `tiedlora` tool. Each registers itself on the CLI11 app and
+// returns the callback that runs it.
+#pragma once
+
+#include <functional>
+
+#include <CLI/CLI.hpp>
+
+namespace tiedlora::tools {
+
+using Command = std::function<int()>;
+
+/// `tiedlora params`: trainable-parameter counts from a config.json, no weights loaded.
+Command add_params_command(CLI::App& app);
+
+}  // namespace tiedlora::tools

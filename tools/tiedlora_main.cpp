@@ -1,0 +1,33 @@
+// tiedlora_main.cpp: entry point of the `tiedlora` command-line tool. Errors become one line on stderr
+// and exit code 1; only this function catches.
+#include <cstdio>
+#include <exception>
+#include <iostream>
+#include <map>
+
+#include "commands.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"tiedlora: LoRA and Tied-LoRA adapters for LibTorch"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "tiedlora 0.1.0");
+  std::map<CLI::App*, tiedlora::tools::Command> commands;
+  auto add = [&](tiedlora::tools::Command (*adder)(CLI::App&)) {
+    const std::size_t before = app.get_subcommands({}).size();
+    tiedlora::tools::Command run = adder(app);
+    commands[app.get_subcommands({}).at(before)] = std::move(run);
+  };
+  add(tiedlora::tools::add_params_command);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    for (auto* sub : app.get_subcommands()) return commands.at(sub)();
+  } catch (const std::exception& e) {
+    std::cerr << "tiedlora: error: " << e.what() << "\n";
+    return 1;
+  }
+  return 1;
+}
