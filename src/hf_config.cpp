@@ -1,7 +1,8 @@
 // hf_config.cpp: module names and linear shapes of GPT-2 and Llama models from their config.json.
 #include "tiedlora/hf_config.h"
 
-#include <filesystem>
+#include <sys/stat.h>
+
 #include <fstream>
 
 #include <nlohmann/json.hpp>
@@ -111,28 +112,30 @@ std::vector<ModuleDescription> describe_llama(const ConfigReader& c, const HfDes
 }  // namespace
 
 std::vector<ModuleDescription> describe_hf_model(const std::string& config_path, const HfDescribeOptions& options) {
-  std::filesystem::path path(config_path);
-  if (std::filesystem::is_directory(path)) path /= "config.json";
+  // POSIX stat rather than std::filesystem: see docs/design.md (LibTorch's wheel shadows its symbols).
+  std::string path = config_path;
+  struct stat info {};
+  if (::stat(path.c_str(), &info) == 0 && S_ISDIR(info.st_mode)) path += "/config.json";
   std::ifstream in(path);
-  if (!in) throw FormatError(path.string() + ": cannot open the model config (hint: pass a config.json or a model folder)");
+  if (!in) throw FormatError(path + ": cannot open the model config (hint: pass a config.json or a model folder)");
   json config;
   try {
     config = json::parse(in);
   } catch (const json::exception& e) {
-    throw FormatError(path.string() + ": not valid JSON (" + e.what() + ")");
+    throw FormatError(path + ": not valid JSON (" + e.what() + ")");
   }
-  if (!config.is_object()) throw FormatError(path.string() + ": the config must be a JSON object");
+  if (!config.is_object()) throw FormatError(path + ": the config must be a JSON object");
   if (!config.contains("model_type") || !config.at("model_type").is_string()) {
-    throw FormatError(path.string() + ": missing string key 'model_type'");
+    throw FormatError(path + ": missing string key 'model_type'");
   }
   const std::string type = config.at("model_type").get<std::string>();
-  ConfigReader reader(path.string(), std::move(config));
+  ConfigReader reader(path, std::move(config));
   if (type == "gpt2") {
-    if (options.fused_qkv) throw ConfigError(path.string() + ": --fused-qkv applies to Llama models; GPT-2's c_attn is already fused");
+    if (options.fused_qkv) throw ConfigError(path + ": --fused-qkv applies to Llama models; GPT-2's c_attn is already fused");
     return describe_gpt2(reader);
   }
   if (type == "llama" || type == "mistral" || type == "qwen2") return describe_llama(reader, options);
-  throw FormatError(path.string() + ": model_type '" + type + "' is not supported (supported: gpt2, llama)");
+  throw FormatError(path + ": model_type '" + type + "' is not supported (supported: gpt2, llama)");
 }
 
 }  // namespace tiedlora

@@ -116,23 +116,20 @@ LoraLinearImpl::LoraLinearImpl(LoraLinearOptions options_) : options(std::move(o
 LoraLinearImpl::LoraLinearImpl(const torch::nn::LinearOptions& linear)
     : LoraLinearImpl(LoraLinearOptions(linear.in_features(), linear.out_features()).bias(linear.bias()).lora(std::nullopt)) {}
 
-LoraLinearImpl::LoraLinearImpl(const torch::nn::Linear& base, const LoraOptions& lora)
+LoraLinearImpl::LoraLinearImpl(const torch::nn::Linear& base)
     : options(LoraLinearOptions(base->options.in_features(), base->options.out_features())
                   .bias(base->options.bias())
                   .lora(std::nullopt)) {
   wrapped_weight_ = base->weight;
   wrapped_bias_ = base->bias;
   reset();
+}
+
+LoraLinearImpl::LoraLinearImpl(const torch::nn::Linear& base, const LoraOptions& lora) : LoraLinearImpl(base) {
   attach_lora(lora);
 }
 
-LoraLinearImpl::LoraLinearImpl(const torch::nn::Linear& base, TiedLoraFactors factors)
-    : options(LoraLinearOptions(base->options.in_features(), base->options.out_features())
-                  .bias(base->options.bias())
-                  .lora(std::nullopt)) {
-  wrapped_weight_ = base->weight;
-  wrapped_bias_ = base->bias;
-  reset();
+LoraLinearImpl::LoraLinearImpl(const torch::nn::Linear& base, TiedLoraFactors factors) : LoraLinearImpl(base) {
   attach_tied(std::move(factors));
 }
 

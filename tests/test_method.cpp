@@ -1,6 +1,6 @@
 // test_method.cpp: the torch-free core — method parsing, method.md's parameter counts (checked against the
 // Tied-LoRA paper's numbers), module selection rules and GPT-2 / Llama shapes from config.json.
-#include <filesystem>
+#include <cstdlib>
 #include <fstream>
 
 #include <gtest/gtest.h>
@@ -66,9 +66,10 @@ TEST(ModuleSelection, PatternsIndicesAndDefaultGroups) {
 }
 
 std::string write_config(const std::string& name, const std::string& json) {
-  const auto path = std::filesystem::temp_directory_path() / ("tiedlora_test_" + name + ".json");
+  const char* tmp = std::getenv("TMPDIR");
+  const std::string path = std::string(tmp && *tmp ? tmp : "/tmp") + "/tiedlora_test_" + name + ".json";
   std::ofstream(path) << json;
-  return path.string();
+  return path;
 }
 
 TEST(HfConfig, Gpt2GroupsSeparateAttentionAndMlpProjections) {

@@ -115,6 +115,8 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
   explicit LoraLinearImpl(LoraLinearOptions options);
   /// A drop-in for torch::nn::Linear(options): no adapter until one is attached.
   explicit LoraLinearImpl(const torch::nn::LinearOptions& options);
+  /// Wraps `base`, sharing its weight and bias tensors, with no adapter yet.
+  explicit LoraLinearImpl(const torch::nn::Linear& base);
   /// Wraps `base`, sharing its weight and bias tensors, with a plain LoRA adapter.
   LoraLinearImpl(const torch::nn::Linear& base, const LoraOptions& lora);
   /// Wraps `base` with a tied adapter on the shared `factors`; u and v as the factors' method says.
