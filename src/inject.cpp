@@ -44,16 +44,10 @@ std::shared_ptr<torch::nn::Module> find_module(torch::nn::Module& root, const st
   return current;
 }
 
-// Distinct per-layer seeds from one user seed, so that seeded layers do not all draw the same A.
-uint64_t derived_seed(uint64_t seed, const std::string& name) {
-  uint64_t h = 1469598103934665603ull ^ seed;
-  for (unsigned char c : name) h = (h ^ c) * 1099511628211ull;
-  return h;
-}
-
+// Each layer or group draws from its own stream of the user's seed (LoraOptions::seed_stream).
 LoraOptions options_for(const LoraOptions& lora, const std::string& name) {
   LoraOptions out = lora;
-  if (lora.seed()) out.seed(derived_seed(*lora.seed(), name));
+  out.seed_stream(name);
   return out;
 }
 
@@ -170,7 +164,8 @@ InjectionReport inject_adapters(torch::nn::Module& root, const InjectOptions& op
   };
   auto make_factors = [&](const std::string& owner, const ModuleGroup& group, at::Device device) {
     TiedLoraFactors factors(TiedLoraFactorsOptions(group.shape.in_features, group.shape.out_features, method,
-                                                   options_for(options.lora(), owner)));
+                                                   options_for(options.lora(), owner))
+                                .name(owner));
     factors->to(device);
     const std::string key = registry_key(owner);
     if (registry->contains(key)) throw ConfigError("two tie groups map to the registry key '" + key + "'");

@@ -16,10 +16,18 @@ namespace {
 
 // Initial values are drawn on the CPU from a seeded generator when a seed is given (so that a seed gives
 // the same adapter on every device), else from the global generator of the target device.
+// The user's seed mixed with a stream name (FNV-1a), so that layers seeded alike draw different values.
+uint64_t stream_seed(uint64_t seed, const std::string& stream) {
+  if (stream.empty()) return seed;
+  uint64_t h = 1469598103934665603ull ^ seed;
+  for (unsigned char c : stream) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
 class Initializer {
  public:
   Initializer(const LoraOptions& lora, at::Device device) : dtype_(lora.dtype()), device_(device) {
-    if (lora.seed()) generator_ = at::make_generator<at::CPUGeneratorImpl>(*lora.seed());
+    if (lora.seed()) generator_ = at::make_generator<at::CPUGeneratorImpl>(stream_seed(*lora.seed(), lora.seed_stream()));
   }
   at::Tensor uniform(at::IntArrayRef shape, double bound) {
     if (!generator_) return at::empty(shape, at::TensorOptions(dtype_).device(device_)).uniform_(-bound, bound);

@@ -12,5 +12,11 @@ using Command = std::function<int()>;
 
 /// `tiedlora params`: trainable-parameter counts from a config.json, no weights loaded.
 Command add_params_command(CLI::App& app);
+/// `tiedlora merge-weights`: an adapter merged into a base checkpoint, streamed.
+Command add_merge_command(CLI::App& app);
+/// `tiedlora export-lora`: the per-layer LoRA equivalent of a Tied-LoRA adapter.
+Command add_export_command(CLI::App& app);
+/// `tiedlora inspect`: tensors, metadata and adapter config of a file or folder.
+Command add_inspect_command(CLI::App& app);
 
 }  // namespace tiedlora::tools

@@ -18,6 +18,9 @@ int main(int argc, char** argv) {
     commands[app.get_subcommands({}).at(before)] = std::move(run);
   };
   add(tiedlora::tools::add_params_command);
+  add(tiedlora::tools::add_merge_command);
+  add(tiedlora::tools::add_export_command);
+  add(tiedlora::tools::add_inspect_command);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -47,6 +47,9 @@ struct LoraOptions {
   TORCH_ARG(LoraInit, init) = LoraInit::kaiming_uniform;
   /// Seed for the initial values; unset draws from the global generator (torch::manual_seed).
   TORCH_ARG(std::optional<uint64_t>, seed) = std::nullopt;
+  /// Mixed into the seed so that layers seeded alike draw different values; inject_adapters() sets it to
+  /// the module or tie-group name.
+  TORCH_ARG(std::string, seed_stream) = "";
   /// dtype of the adapter parameters.
   TORCH_ARG(c10::ScalarType, dtype) = c10::ScalarType::Float;
 
@@ -69,6 +72,8 @@ struct TiedLoraFactorsOptions {
   /// Which of A, B, u, v train (A and B here; u and v live in each layer).
   TORCH_ARG(AdapterMethod, method);
   TORCH_ARG(LoraOptions, lora);
+  /// The tie group's name (inject_adapters() sets it; saved adapters record it).
+  TORCH_ARG(std::string, name) = "";
 };
 
 /// The A and B shared by a tie group. Register it once in your model (inject_adapters() registers it

@@ -165,23 +165,45 @@ void write_atomically(const std::string& path, Fill&& fill) {
   }
 }
 
-struct PreparedTensor {
-  std::string name;
-  SafetensorsDtype dtype;
-  const at::Tensor* tensor;
-};
-
-// Validates names and dtypes and computes the layout (order and offsets) the Python package would use.
-std::pair<std::vector<TensorEntry>, std::vector<const at::Tensor*>> layout(
-    const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
-  std::vector<PreparedTensor> prepared;
-  prepared.reserve(tensors.size());
+// Validates the names and computes the layout (order and offsets) the Python package would use: by dtype
+// rank descending, then by name bytes. Returns entries in file order.
+std::vector<TensorEntry> layout(const std::string& path, const std::vector<TensorSpec>& specs) {
   std::set<std::string> names;
-  for (const auto& [name, t] : tensors) {
-    if (!names.insert(name).second) {
-      throw Error(path + ": tensor " + quote_name(name) + " is given twice (names in a safetensors file are unique)");
+  std::vector<const TensorSpec*> sorted;
+  sorted.reserve(specs.size());
+  for (const auto& spec : specs) {
+    if (!names.insert(spec.name).second) {
+      throw Error(path + ": tensor " + quote_name(spec.name) + " is given twice (names in a safetensors file are unique)");
     }
-    if (name == "__metadata__") throw Error(path + ": \"__metadata__\" is reserved and cannot name a tensor");
+    if (spec.name == "__metadata__") throw Error(path + ": \"__metadata__\" is reserved and cannot name a tensor");
+    sorted.push_back(&spec);
+  }
+  std::sort(sorted.begin(), sorted.end(), [](const TensorSpec* a, const TensorSpec* b) {
+    int ra = writer_rank(a->dtype), rb = writer_rank(b->dtype);
+    if (ra != rb) return ra > rb;
+    return a->name < b->name;  // byte-wise, as Rust compares strings
+  });
+  std::vector<TensorEntry> entries;
+  entries.reserve(sorted.size());
+  uint64_t offset = 0;
+  for (const TensorSpec* spec : sorted) {
+    TensorEntry e;
+    e.name = spec->name;
+    e.dtype = spec->dtype;
+    e.shape = spec->shape;
+    e.begin = offset;
+    offset += spec->nbytes();
+    e.end = offset;
+    entries.push_back(std::move(e));
+  }
+  return entries;
+}
+
+// Specs of in-memory tensors, checking that safetensors can hold each.
+std::vector<TensorSpec> specs_of(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
+  std::vector<TensorSpec> specs;
+  specs.reserve(tensors.size());
+  for (const auto& [name, t] : tensors) {
     if (!t.defined()) throw Error(path + ": tensor " + quote_name(name) + " is undefined");
     if (t.layout() != c10::kStrided) {
       throw Error(path + ": tensor " + quote_name(name) +
@@ -193,28 +215,16 @@ std::pair<std::vector<TensorEntry>, std::vector<const at::Tensor*>> layout(
     } catch (const Error& e) {
       throw Error(path + ": tensor " + quote_name(name) + ": " + e.what());
     }
-    prepared.push_back({name, dtype, &t});
+    specs.push_back(TensorSpec{name, dtype, t.sizes().vec()});
   }
-  std::sort(prepared.begin(), prepared.end(), [](const PreparedTensor& a, const PreparedTensor& b) {
-    int ra = writer_rank(a.dtype), rb = writer_rank(b.dtype);
-    if (ra != rb) return ra > rb;
-    return a.name < b.name;  // byte-wise, as Rust compares strings
-  });
-  std::vector<TensorEntry> entries;
-  std::vector<const at::Tensor*> order;
-  uint64_t offset = 0;
-  for (const auto& p : prepared) {
-    TensorEntry e;
-    e.name = p.name;
-    e.dtype = p.dtype;
-    e.shape = p.tensor->sizes().vec();
-    e.begin = offset;
-    offset += static_cast<uint64_t>(p.tensor->numel()) * dtype_size(p.dtype);
-    e.end = offset;
-    entries.push_back(std::move(e));
-    order.push_back(p.tensor);
-  }
-  return {std::move(entries), std::move(order)};
+  return specs;
+}
+
+// A producer handing out in-memory tensors by name.
+TensorProducer producer_of(const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
+  auto by_name = std::make_shared<std::map<std::string, const at::Tensor*>>();
+  for (const auto& [name, t] : tensors) (*by_name)[name] = &t;
+  return [by_name](const TensorSpec& spec) { return *by_name->at(spec.name); };
 }
 
 }  // namespace
@@ -397,10 +407,18 @@ std::map<std::string, at::Tensor> load_safetensors(const std::string& path) {
 
 // ---- writing --------------------------------------------------------------------------------------
 
-void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
-                      const std::map<std::string, std::string>& metadata) {
-  auto [entries, order] = layout(path, tensors);
-  std::string header = serialize_safetensors_header(entries, metadata);
+uint64_t TensorSpec::nbytes() const {
+  uint64_t n = dtype_size(dtype);
+  for (int64_t d : shape) n *= static_cast<uint64_t>(d);
+  return n;
+}
+
+void write_safetensors_streaming(const std::string& path, const std::vector<TensorSpec>& specs,
+                                 const TensorProducer& produce, const std::map<std::string, std::string>& metadata) {
+  const std::vector<TensorEntry> entries = layout(path, specs);
+  std::map<std::string, const TensorSpec*> spec_of;
+  for (const auto& spec : specs) spec_of[spec.name] = &spec;
+  const std::string header = serialize_safetensors_header(entries, metadata);
   write_atomically(path, [&](const auto& write_bytes) {
     uint8_t prefix[8];
     uint64_t n = header.size();
@@ -408,12 +426,24 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
     write_bytes(prefix, 8);
     write_bytes(header.data(), header.size());
     // One tensor at a time on the CPU, so a GPU model is never copied whole.
-    for (std::size_t i = 0; i < order.size(); ++i) {
-      if (entries[i].end == entries[i].begin) continue;
-      at::Tensor t = order[i]->to(at::kCPU).contiguous();
-      write_bytes(t.data_ptr(), entries[i].end - entries[i].begin);
+    for (const auto& entry : entries) {
+      const TensorSpec& spec = *spec_of.at(entry.name);
+      at::Tensor t = produce(spec);
+      if (!t.defined() || t.sizes().vec() != spec.shape || from_scalar_type(t.scalar_type()) != spec.dtype) {
+        throw Error(path + ": tensor " + quote_name(spec.name) + " was produced with " +
+                    (t.defined() ? std::string(c10::toString(t.scalar_type())) : "no data") +
+                    " data of another shape or dtype than announced in the header");
+      }
+      if (entry.end == entry.begin) continue;
+      t = t.to(at::kCPU).contiguous();
+      write_bytes(t.data_ptr(), entry.end - entry.begin);
     }
   });
+}
+
+void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  write_safetensors_streaming(path, specs_of(path, tensors), producer_of(tensors), metadata);
 }
 
 void save_safetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors,
@@ -586,21 +616,29 @@ std::vector<std::string> save_sharded_safetensors(const std::string& folder,
                                                   const std::vector<std::pair<std::string, at::Tensor>>& tensors,
                                                   uint64_t max_shard_bytes,
                                                   const std::map<std::string, std::string>& metadata) {
-  // Validate everything (names, dtypes) before touching the folder.
-  layout(folder, tensors);
+  return write_sharded_safetensors_streaming(folder, specs_of(folder, tensors), producer_of(tensors), max_shard_bytes,
+                                             metadata);
+}
+
+std::vector<std::string> write_sharded_safetensors_streaming(const std::string& folder,
+                                                             const std::vector<TensorSpec>& specs,
+                                                             const TensorProducer& produce, uint64_t max_shard_bytes,
+                                                             const std::map<std::string, std::string>& metadata) {
+  // Validate everything (names) before touching the folder.
+  layout(folder, specs);
   make_directories(folder);
 
   // huggingface_hub's split: in order, a shard closed when the next tensor would overflow it. (It puts a
   // tensor larger than the limit in a shard of its own ahead of the open one; here it simply closes it.)
-  std::vector<std::vector<std::pair<std::string, at::Tensor>>> shards(1);
+  std::vector<std::vector<TensorSpec>> shards(1);
   uint64_t shard_bytes = 0, total_size = 0;
-  for (const auto& item : tensors) {
-    const uint64_t size = static_cast<uint64_t>(item.second.numel()) * item.second.element_size();
+  for (const auto& spec : specs) {
+    const uint64_t size = spec.nbytes();
     if (!shards.back().empty() && shard_bytes + size > max_shard_bytes) {
       shards.emplace_back();
       shard_bytes = 0;
     }
-    shards.back().push_back(item);
+    shards.back().push_back(spec);
     shard_bytes += size;
     total_size += size;
   }
@@ -608,15 +646,15 @@ std::vector<std::string> save_sharded_safetensors(const std::string& folder,
   std::vector<std::string> written;
   std::set<std::string> keep;
   if (shards.size() == 1) {
-    save_safetensors(join(folder, kSingleName), shards[0], metadata);
+    write_safetensors_streaming(join(folder, kSingleName), shards[0], produce, metadata);
     written.push_back(kSingleName);
   } else {
     nlohmann::json weight_map = nlohmann::json::object();
     for (std::size_t i = 0; i < shards.size(); ++i) {
       char name[64];
       std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", i + 1, shards.size());
-      save_safetensors(join(folder, name), shards[i], metadata);
-      for (const auto& item : shards[i]) weight_map[item.first] = name;
+      write_safetensors_streaming(join(folder, name), shards[i], produce, metadata);
+      for (const auto& spec : shards[i]) weight_map[spec.name] = name;
       written.push_back(name);
     }
     // transformers' layout: json.dumps(index, indent=2, sort_keys=True) + "\n" (ASCII-escaped).

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -123,5 +124,32 @@ std::vector<std::string> save_sharded_safetensors(const std::string& folder,
                                                   const std::vector<std::pair<std::string, at::Tensor>>& tensors,
                                                   uint64_t max_shard_bytes,
                                                   const std::map<std::string, std::string>& metadata = {});
+
+/// A tensor to be written by the streaming writers: its bytes are produced only when its turn comes.
+struct TensorSpec {
+  std::string name;
+  SafetensorsDtype dtype;
+  std::vector<int64_t> shape;
+  uint64_t nbytes() const;
+};
+
+/// Produces the tensor of `spec` (CPU; the spec's dtype and shape; any strides) when the writer needs it.
+using TensorProducer = std::function<at::Tensor(const TensorSpec& spec)>;
+
+/// Writes a safetensors file whose header is computed from `specs` first, then asks `produce` for one
+/// tensor at a time, in file order (dtype, then name, as save_safetensors), so only one tensor's data needs
+/// to exist at a time. The bytes equal save_safetensors() of the same tensors. Atomic: written beside
+/// `path` and renamed into place; a producer that throws leaves no file. Throws tiedlora::Error when a
+/// produced tensor does not match its spec.
+void write_safetensors_streaming(const std::string& path, const std::vector<TensorSpec>& specs,
+                                 const TensorProducer& produce,
+                                 const std::map<std::string, std::string>& metadata = {});
+
+/// save_sharded_safetensors() with streamed tensors: shards are planned from the specs (in the given
+/// order), then each shard is written with write_safetensors_streaming. Returns the names written.
+std::vector<std::string> write_sharded_safetensors_streaming(const std::string& folder,
+                                                             const std::vector<TensorSpec>& specs,
+                                                             const TensorProducer& produce, uint64_t max_shard_bytes,
+                                                             const std::map<std::string, std::string>& metadata = {});
 
 }  // namespace tiedlora::io

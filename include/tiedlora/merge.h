@@ -1,0 +1,54 @@
+// tiedlora/merge.h: merging an adapter into a base checkpoint on disk, one tensor at a time
+// (`tiedlora merge-weights`). Works on files alone: no model is built.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <c10/core/ScalarType.h>
+
+namespace tiedlora {
+
+struct MergeOptions {
+  std::string base;     ///< Hugging Face folder (model.safetensors or shards + index) or one .safetensors file
+  std::string adapter;  ///< adapter folder: PEFT LoRA, PEFT VeRA or TIEDLORA
+  std::string out;      ///< output folder
+  /// dtype of every floating-point tensor written; nullopt keeps each tensor's dtype.
+  std::optional<c10::ScalarType> dtype;
+  std::string device = "cpu";  ///< "cpu" or "cuda": where W + dW is computed
+  bool force = false;          ///< replace an existing output folder
+  uint64_t max_shard_bytes = uint64_t{5} << 30;
+  /// Called after each tensor is written (index from 1, count, bytes written so far), for progress bars.
+  std::function<void(size_t, size_t, uint64_t)> on_progress;
+};
+
+struct MergedTensor {
+  std::string name;
+  std::string module;
+  double max_abs_delta = 0;     ///< max |dW|
+  double rounding_error = 0;    ///< max |written - (W + dW in fp32)|, the one rounding to the output dtype
+};
+
+struct MergeReport {
+  std::vector<MergedTensor> merged;
+  size_t tensors_written = 0;
+  uint64_t bytes_read = 0;
+  uint64_t bytes_written = 0;
+  uint64_t largest_tensor_bytes = 0;
+  std::vector<std::string> files_written;  ///< weight files, index, and copied non-weight files
+  double seconds = 0;
+  double max_abs_delta() const;
+  double max_rounding_error() const;
+};
+
+/// Merges (see tiedlora merge-weights in docs/cli.md): checks everything it can up front (adapter against
+/// the checkpoint's tensor names and shapes, output folder), then streams each tensor from the memory-mapped
+/// input, computes W + dW in fp32 (GPT-2 Conv1D weights, fan_in_fan_out, get dW^T), refuses NaN/Inf,
+/// rounds once to the output dtype and writes. Output goes to a temporary folder beside `out`, renamed at
+/// the end; a failure (or SIGINT/SIGTERM) removes it, so no half-written output is ever left at `out`.
+MergeReport merge_weights(const MergeOptions& options);
+
+}  // namespace tiedlora

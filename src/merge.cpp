@@ -1,0 +1,209 @@
+// merge.cpp: streaming merge of an adapter into a checkpoint (see tiedlora/merge.h).
+#include "tiedlora/merge.h"
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <map>
+#include <regex>
+
+#include <ATen/ATen.h>
+
+#include "tiedlora/adapter.h"
+#include "tiedlora/error.h"
+#include "tiedlora/functional.h"
+#include "tiedlora/io/safetensors.h"
+#include "util/files.h"
+
+namespace tiedlora {
+namespace {
+
+std::atomic<int> g_interrupted{0};
+extern "C" void on_interrupt(int signal) { g_interrupted = signal; }
+
+// Installs SIGINT/SIGTERM handlers for the duration of a merge so that an interrupted merge removes its
+// temporary folder; the previous handlers come back afterwards.
+class InterruptGuard {
+ public:
+  InterruptGuard() {
+    g_interrupted = 0;
+    old_int_ = std::signal(SIGINT, on_interrupt);
+    old_term_ = std::signal(SIGTERM, on_interrupt);
+  }
+  ~InterruptGuard() {
+    std::signal(SIGINT, old_int_);
+    std::signal(SIGTERM, old_term_);
+  }
+  void check() const {
+    if (g_interrupted) throw Error("merge interrupted by signal " + std::to_string(g_interrupted.load()));
+  }
+
+ private:
+  void (*old_int_)(int) = nullptr;
+  void (*old_term_)(int) = nullptr;
+};
+
+bool is_float_dtype(io::SafetensorsDtype d) {
+  using D = io::SafetensorsDtype;
+  return d == D::F16 || d == D::BF16 || d == D::F32 || d == D::F64;
+}
+
+// The base tensor that holds `module`'s weight: "<module>.weight", or the same without the model-class
+// prefix ("transformer." for GPT-2, "model." for Llama), as original GPT-2 checkpoints store "h.0...".
+std::string weight_name_of(const io::Checkpoint& base, const std::string& module) {
+  const std::string direct = module + ".weight";
+  if (base.contains(direct)) return direct;
+  const auto dot = module.find('.');
+  if (dot != std::string::npos) {
+    const std::string stripped = module.substr(dot + 1) + ".weight";
+    if (base.contains(stripped)) return stripped;
+  }
+  return "";
+}
+
+}  // namespace
+
+double MergeReport::max_abs_delta() const {
+  double m = 0;
+  for (const auto& t : merged) m = std::max(m, t.max_abs_delta);
+  return m;
+}
+
+double MergeReport::max_rounding_error() const {
+  double m = 0;
+  for (const auto& t : merged) m = std::max(m, t.rounding_error);
+  return m;
+}
+
+MergeReport merge_weights(const MergeOptions& options) {
+  const auto start = std::chrono::steady_clock::now();
+  if (options.out.empty()) throw ConfigError("merge-weights: no output folder given");
+  if (util::path_exists(options.out) && !options.force) {
+    throw Error(options.out + ": already exists (hint: choose another output folder or pass --force)");
+  }
+  if (options.device != "cpu" && options.device != "cuda") {
+    throw ConfigError("merge-weights: --device must be cpu or cuda, got '" + options.device + "'");
+  }
+  const at::Device device = options.device == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+  if (device.is_cuda() && !at::hasCUDA()) {
+    throw ConfigError("merge-weights: --device cuda, but no CUDA device is available (hint: use --device cpu)");
+  }
+  if (options.dtype && *options.dtype != at::kFloat && *options.dtype != at::kBFloat16 && *options.dtype != at::kHalf) {
+    throw ConfigError("merge-weights: --dtype must be keep, bf16, f16 or f32");
+  }
+
+  const io::Checkpoint base = io::Checkpoint::open(options.base);
+  const Adapter adapter = Adapter::read(options.adapter);
+  const bool transposed = adapter.config().fan_in_fan_out;
+
+  // Plan: which base tensor each adapted module changes, checked against shapes before any output exists.
+  std::map<std::string, std::string> module_of_tensor;
+  for (const auto& module : adapter.modules()) {
+    const std::string name = weight_name_of(base, module);
+    if (name.empty()) {
+      throw FormatError(options.adapter + ": layer '" + module + "': tensor '" + module +
+                        ".weight' does not exist in the base checkpoint " + options.base +
+                        " (hint: maybe wrong base model?)");
+    }
+    const auto& entry = base.entry(name);
+    if (entry.shape.size() != 2) {
+      throw FormatError(options.base + ": tensor '" + name + "' is not 2-D, so layer '" + module +
+                        "' cannot take a low-rank update (hint: maybe wrong base model?)");
+    }
+    const LinearShape shape = transposed ? LinearShape{entry.shape[0], entry.shape[1]}
+                                         : LinearShape{entry.shape[1], entry.shape[0]};
+    adapter.layer(module, shape);  // throws on any mismatch, naming the layer
+    if (!is_float_dtype(entry.dtype)) {
+      throw FormatError(options.base + ": tensor '" + name + "' is " + io::dtype_name(entry.dtype) +
+                        "; only floating-point weights can be merged");
+    }
+    module_of_tensor[name] = module;
+  }
+
+  // Output specs in the input's order (file by file, by data offset).
+  std::vector<io::TensorSpec> specs;
+  uint64_t largest = 0;
+  for (const auto& file : base.files()) {
+    for (const auto& entry : file.header().tensors) {
+      io::SafetensorsDtype dtype = entry.dtype;
+      if (options.dtype && is_float_dtype(entry.dtype)) dtype = io::from_scalar_type(*options.dtype);
+      specs.push_back(io::TensorSpec{entry.name, dtype, entry.shape});
+      largest = std::max<uint64_t>(largest, entry.end - entry.begin);
+    }
+  }
+
+  MergeReport report;
+  report.largest_tensor_bytes = largest;
+  InterruptGuard interrupt;
+  const std::string staged = util::make_temp_directory_beside(options.out);
+  try {
+    size_t done = 0;
+    auto produce = [&](const io::TensorSpec& spec) -> at::Tensor {
+      interrupt.check();
+      const auto& entry = base.entry(spec.name);
+      report.bytes_read += entry.end - entry.begin;
+      const at::ScalarType out_type = io::to_scalar_type(spec.dtype);
+      at::Tensor w = base.tensor(spec.name);
+      at::Tensor result;
+      auto it = module_of_tensor.find(spec.name);
+      if (it == module_of_tensor.end()) {
+        result = w.to(out_type);
+        if (at::isFloatingType(out_type) && !at::isfinite(result).all().item<bool>()) {
+          throw FormatError(options.base + ": tensor '" + spec.name + "' holds NaN or Inf");
+        }
+      } else {
+        // W + dW in fp32 (fp64 for double weights), one rounding to the output dtype.
+        const auto compute = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+        const at::Tensor w32 = w.to(device, compute, /*non_blocking=*/false, /*copy=*/true);
+        const LinearShape shape = transposed ? LinearShape{w.size(0), w.size(1)} : LinearShape{w.size(1), w.size(0)};
+        LayerFactors f = adapter.layer(it->second, shape);
+        f.lora_A = f.lora_A.to(device);
+        f.lora_B = f.lora_B.to(device);
+        if (f.u.defined()) f.u = f.u.to(device);
+        if (f.v.defined()) f.v = f.v.to(device);
+        const at::Tensor delta = f.delta().to(compute);
+        const double max_delta = delta.abs().max().item<double>();
+        if (transposed) {
+          w32.add_(delta.t());
+        } else {
+          w32.add_(delta);
+        }
+        if (!at::isfinite(w32).all().item<bool>()) {
+          throw Error("merge of '" + spec.name + "' (layer '" + it->second + "') produced NaN or Inf (hint: the "
+                      "adapter or the base weight holds non-finite values); nothing was written");
+        }
+        result = w32.to(out_type);
+        const double rounding = (result.to(compute) - w32).abs().max().item<double>();
+        result = result.to(at::kCPU);
+        report.merged.push_back(MergedTensor{spec.name, it->second, max_delta, rounding});
+      }
+      report.bytes_written += spec.nbytes();
+      ++done;
+      if (options.on_progress) options.on_progress(done, specs.size(), report.bytes_written);
+      return result;
+    };
+    const std::map<std::string, std::string> metadata = {{"format", "pt"}};
+    const auto weights = io::write_sharded_safetensors_streaming(staged, specs, produce, options.max_shard_bytes, metadata);
+    report.files_written = weights;
+    report.tensors_written = done;
+    // The rest of a Hugging Face folder (config, tokenizer, generation config) travels unchanged.
+    if (util::is_directory(options.base)) {
+      static const std::regex kWeightFile(R"(.*\.safetensors|model\.safetensors\.index\.json|.*\.bin|.*\.bin\.index\.json)");
+      for (const auto& name : util::list_directory(options.base)) {
+        const std::string from = util::join_path(options.base, name);
+        if (!util::is_regular_file(from) || std::regex_match(name, kWeightFile)) continue;
+        util::copy_file(from, util::join_path(staged, name));
+        report.files_written.push_back(name);
+      }
+    }
+    interrupt.check();
+    util::publish_directory(staged, options.out, options.force);
+  } catch (...) {
+    util::remove_tree(staged);
+    throw;
+  }
+  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return report;
+}
+
+}  // namespace tiedlora
