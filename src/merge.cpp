@@ -138,8 +138,11 @@ MergeReport merge_weights(const MergeOptions& options) {
   const std::string staged = util::make_temp_directory_beside(options.out);
   try {
     size_t done = 0;
+    std::string previous;  // written by now: its input pages can go
     auto produce = [&](const io::TensorSpec& spec) -> at::Tensor {
       interrupt.check();
+      if (!previous.empty()) base.file_of(previous).release_pages(previous);
+      previous = spec.name;
       const auto& entry = base.entry(spec.name);
       report.bytes_read += entry.end - entry.begin;
       const at::ScalarType out_type = io::to_scalar_type(spec.dtype);

@@ -382,6 +382,15 @@ std::pair<const uint8_t*, std::size_t> SafetensorsFile::bytes(const std::string&
   return {mapping_->base + mapping_->header.data_offset + e.begin, static_cast<std::size_t>(e.end - e.begin)};
 }
 
+void SafetensorsFile::release_pages(const std::string& name) const {
+  const auto [data, size] = bytes(name);
+  // Only whole pages inside the tensor's bytes: neighbours' pages may still be in use.
+  const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const std::uintptr_t begin = (reinterpret_cast<std::uintptr_t>(data) + page - 1) / page * page;
+  const std::uintptr_t end = (reinterpret_cast<std::uintptr_t>(data) + size) / page * page;
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
 at::Tensor SafetensorsFile::tensor(const std::string& name) const {
   const TensorEntry& e = entry(name);
   const auto options = at::TensorOptions().dtype(to_scalar_type(e.dtype));

@@ -13,7 +13,7 @@
 #include <set>
 
 #include "tiedlora/error.h"
-#include "tiedlora/io/safetensors.h"
+#include "tiedlora/io/safetensors_format.h"
 
 namespace tiedlora::io {
 
