@@ -147,6 +147,20 @@ TEST(Adapter, TiedAdapterRoundTripsAndExportsExactly) {
   }
 }
 
+TEST(Adapter, Gpt2TiedAdapterRecordsFanInFanOut) {
+  torch::manual_seed(5);
+  auto model = tree_from_config(ref("gpt2_base/config.json"));
+  tiedlora::inject_adapters(*model, tiedlora::InjectOptions().targets({"c_attn", "mlp.c_fc"}).method("tied-abuv")
+                                        .lora(tiedlora::LoraOptions(4).alpha(4.0).seed(1)));
+  randomize(*model);
+  const std::string folder = ref("cpp_gpt2_tied");
+  tiedlora::util::remove_tree(folder);
+  tiedlora::save_adapter(*model, folder, {"tiny-gpt2", /*fan_in_fan_out=*/true, false});
+  const auto adapter = tiedlora::Adapter::read(folder);
+  EXPECT_TRUE(adapter.config().fan_in_fan_out);
+  EXPECT_EQ(adapter.modules().size(), 4u);
+}
+
 TEST(Adapter, LoraIsSavedInPeftsLayout) {
   torch::manual_seed(4);
   auto model = tree_from_config(ref("llama_base/config.json"));

@@ -134,11 +134,11 @@ class MergeAgainstPeft(unittest.TestCase):
 class OurAdaptersInPeft(unittest.TestCase):
     """Adapters written by tiedlora (tests/test_adapter.cpp) loaded by PEFT."""
 
-    def check_peft_equals_our_merge(self, adapter_folder, merge_adapter_folder):
+    def check_peft_equals_our_merge(self, adapter_folder, merge_adapter_folder, base="llama_base"):
         out = work(os.path.basename(merge_adapter_folder) + "_merged")
-        tiedlora("merge-weights", "--base", ref("llama_base"), "--adapter", merge_adapter_folder, "--out", out, "--quiet")
+        tiedlora("merge-weights", "--base", ref(base), "--adapter", merge_adapter_folder, "--out", out, "--quiet")
         ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(6))
-        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ref("llama_base")), adapter_folder).eval()
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ref(base)), adapter_folder).eval()
         merged = AutoModelForCausalLM.from_pretrained(out).eval()
         expected = logits(peft, ids)
         self.assertLessEqual((logits(merged, ids) - expected).abs().max().item(), 1e-5 * expected.abs().max().item())
@@ -159,6 +159,12 @@ class OurAdaptersInPeft(unittest.TestCase):
         self.assertEqual(config["lora_alpha"], config["r"])
         # PEFT runs the exported LoRA; our merge uses the tied adapter directly.
         self.check_peft_equals_our_merge(exported, ref("cpp_llama_tied"))
+
+    def test_gpt2_conv1d_tied_adapter_exports_with_fan_in_fan_out(self):
+        exported = work("gpt2_tied_exported_by_cli")
+        tiedlora("export-lora", "--adapter", ref("cpp_gpt2_tied"), "--out", exported)
+        self.assertTrue(json.load(open(os.path.join(exported, "adapter_config.json")))["fan_in_fan_out"])
+        self.check_peft_equals_our_merge(exported, ref("cpp_gpt2_tied"), base="gpt2_base")
 
 
 class MergeBehaviour(unittest.TestCase):
