@@ -226,6 +226,14 @@ void LoraLinearImpl::detach_adapter() {
   kind_ = AdapterKind::none;
 }
 
+void LoraLinearImpl::tie_weight_(const at::Tensor& tied) {
+  TORCH_CHECK(tied.sizes() == weight.sizes(), "LoraLinear::tie_weight_: the tied tensor is ", tied.sizes(),
+              " but the weight is ", weight.sizes());
+  TORCH_CHECK(!merged(), "LoraLinear::tie_weight_: unmerge first");
+  parameters_["weight"] = tied;
+  weight = tied;
+}
+
 const at::Tensor& LoraLinearImpl::lora_A() const { return factors_ ? factors_->lora_A : own_a_; }
 const at::Tensor& LoraLinearImpl::lora_B() const { return factors_ ? factors_->lora_B : own_b_; }
 

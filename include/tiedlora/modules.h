@@ -152,6 +152,10 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
   /// The shared factors of a tied adapter (empty holder otherwise).
   TiedLoraFactors factors() const { return factors_ ? TiedLoraFactors(factors_) : TiedLoraFactors(nullptr); }
 
+  /// Makes this layer's weight the tensor `weight` (same shape), e.g. a language-model head tied to the
+  /// token embedding; the tensor is shared, not copied.
+  void tie_weight_(const at::Tensor& weight);
+
   /// Off: the layer computes x W^T + bias only (the adapter stays attached).
   void set_adapter_enabled(bool enabled) { enabled_ = enabled; }
   bool adapter_enabled() const { return enabled_; }

@@ -1,0 +1,522 @@
+// causal_lm.cpp: GPT-2 and Llama in the LibTorch C++ frontend with Hugging Face names, their config
+// parsing, checkpoint loading and greedy generation (see tiedlora/models/causal_lm.h).
+#include "tiedlora/models/causal_lm.h"
+
+#include <cmath>
+#include <map>
+#include <set>
+#include <sstream>
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/modules/normalization.h>
+
+#include "tiedlora/error.h"
+#include "tiedlora/io/safetensors.h"
+#include "tiedlora/modules.h"
+#include "util/files.h"
+
+namespace tiedlora::models {
+namespace {
+
+using nlohmann::json;
+
+// ---- config.json ----------------------------------------------------------------------------------------
+
+class Config {
+ public:
+  explicit Config(const std::string& path_in) {
+    path_ = util::is_directory(path_in) ? util::join_path(path_in, "config.json") : path_in;
+    try {
+      j_ = json::parse(util::read_text_file(path_));
+    } catch (const json::exception& e) {
+      throw FormatError(path_ + ": not valid JSON (" + e.what() + ")");
+    }
+    if (!j_.is_object()) throw FormatError(path_ + ": the config must be a JSON object");
+    // generation_config.json beside it may name more eos tokens.
+    const std::string generation = util::join_path(util::parent_path(path_), "generation_config.json");
+    if (util::is_regular_file(generation)) {
+      try {
+        generation_ = json::parse(util::read_text_file(generation));
+      } catch (const json::exception& e) {
+        throw FormatError(generation + ": not valid JSON (" + e.what() + ")");
+      }
+    }
+  }
+  int64_t integer(const char* key) const {
+    if (!j_.contains(key)) throw FormatError(path_ + ": missing key '" + key + "'");
+    return checked(key, j_.at(key));
+  }
+  int64_t integer_or(const char* key, int64_t fallback) const {
+    return j_.contains(key) && !j_.at(key).is_null() ? checked(key, j_.at(key)) : fallback;
+  }
+  double number_or(const char* key, double fallback) const {
+    if (!j_.contains(key) || j_.at(key).is_null()) return fallback;
+    if (!j_.at(key).is_number()) throw FormatError(path_ + ": key '" + std::string(key) + "' must be a number");
+    return j_.at(key).get<double>();
+  }
+  bool flag_or(const char* key, bool fallback) const {
+    if (!j_.contains(key) || j_.at(key).is_null()) return fallback;
+    if (!j_.at(key).is_boolean()) throw FormatError(path_ + ": key '" + std::string(key) + "' must be true or false");
+    return j_.at(key).get<bool>();
+  }
+  std::string string(const char* key) const {
+    if (!j_.contains(key) || !j_.at(key).is_string()) throw FormatError(path_ + ": missing string key '" + std::string(key) + "'");
+    return j_.at(key).get<std::string>();
+  }
+  std::vector<int64_t> token_ids(const char* key) const {
+    std::vector<int64_t> out;
+    for (const json* source : {&generation_, &j_}) {
+      if (!source->is_object() || !source->contains(key) || source->at(key).is_null()) continue;
+      const json& v = source->at(key);
+      if (v.is_number_integer()) out.push_back(v.get<int64_t>());
+      else if (v.is_array()) {
+        for (const auto& x : v) {
+          if (x.is_number_integer()) out.push_back(x.get<int64_t>());
+        }
+      }
+      if (!out.empty()) break;
+    }
+    return out;
+  }
+  const json& raw() const { return j_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  int64_t checked(const char* key, const json& v) const {
+    if (!v.is_number_integer() || v.get<int64_t>() <= 0) {
+      throw FormatError(path_ + ": key '" + std::string(key) + "' must be a positive integer, got " + v.dump());
+    }
+    return v.get<int64_t>();
+  }
+  std::string path_;
+  json j_, generation_;
+};
+
+LoraLinear linear(int64_t in, int64_t out, bool bias) {
+  return LoraLinear(torch::nn::LinearOptions(in, out).bias(bias));
+}
+
+// Causal mask for `tokens` new positions after `past` cached ones: position i sees keys 0..past+i.
+at::Tensor causal_mask(int64_t tokens, int64_t past, const at::TensorOptions& options) {
+  const auto rows = at::arange(tokens, options.dtype(at::kLong)).unsqueeze(1) + past;
+  const auto cols = at::arange(past + tokens, options.dtype(at::kLong)).unsqueeze(0);
+  return cols <= rows;  // bool, true = attend
+}
+
+// Attention over (batch, heads, tokens, head_dim) with the cache extended in place.
+at::Tensor attend(at::Tensor q, at::Tensor k, at::Tensor v, KVCache* cache, size_t layer) {
+  int64_t past = 0;
+  if (cache) {
+    if (cache->keys.size() <= layer) {
+      cache->keys.resize(layer + 1);
+      cache->values.resize(layer + 1);
+    }
+    if (cache->keys[layer].defined()) {
+      past = cache->keys[layer].size(2);
+      k = at::cat({cache->keys[layer], k}, 2);
+      v = at::cat({cache->values[layer], v}, 2);
+    }
+    cache->keys[layer] = k;
+    cache->values[layer] = v;
+  }
+  if (k.size(1) != q.size(1)) {  // grouped-query attention: each kv head serves q_heads / kv_heads heads
+    const int64_t repeat = q.size(1) / k.size(1);
+    k = k.repeat_interleave(repeat, 1);
+    v = v.repeat_interleave(repeat, 1);
+  }
+  const int64_t tokens = q.size(2);
+  if (past == 0) return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/tokens > 1);
+  if (tokens == 1) return at::scaled_dot_product_attention(q, k, v);
+  return at::scaled_dot_product_attention(q, k, v, causal_mask(tokens, past, q.options()));
+}
+
+// ---- GPT-2 ----------------------------------------------------------------------------------------------
+
+struct Gpt2Sizes {
+  int64_t vocab, positions, dim, layers, heads, inner;
+  double eps;
+};
+
+struct Gpt2AttentionImpl : torch::nn::Module {
+  LoraLinear c_attn{nullptr}, c_proj{nullptr};
+  int64_t heads;
+  Gpt2AttentionImpl(const Gpt2Sizes& s) : heads(s.heads) {
+    c_attn = register_module("c_attn", linear(s.dim, 3 * s.dim, true));
+    c_proj = register_module("c_proj", linear(s.dim, s.dim, true));
+  }
+  at::Tensor forward(const at::Tensor& x, KVCache* cache, size_t layer) {
+    const int64_t b = x.size(0), t = x.size(1), d = x.size(2), hd = d / heads;
+    auto qkv = c_attn(x).split(d, 2);
+    auto shape = [&](const at::Tensor& z) { return z.view({b, t, heads, hd}).transpose(1, 2); };
+    auto y = attend(shape(qkv[0]), shape(qkv[1]), shape(qkv[2]), cache, layer);
+    return c_proj(y.transpose(1, 2).reshape({b, t, d}));
+  }
+};
+TORCH_MODULE(Gpt2Attention);
+
+struct Gpt2MlpImpl : torch::nn::Module {
+  LoraLinear c_fc{nullptr}, c_proj{nullptr};
+  explicit Gpt2MlpImpl(const Gpt2Sizes& s) {
+    c_fc = register_module("c_fc", linear(s.dim, s.inner, true));
+    c_proj = register_module("c_proj", linear(s.inner, s.dim, true));
+  }
+  at::Tensor forward(const at::Tensor& x) { return c_proj(at::gelu(c_fc(x), "tanh")); }
+};
+TORCH_MODULE(Gpt2Mlp);
+
+struct Gpt2BlockImpl : torch::nn::Module {
+  torch::nn::LayerNorm ln_1{nullptr}, ln_2{nullptr};
+  Gpt2Attention attn{nullptr};
+  Gpt2Mlp mlp{nullptr};
+  explicit Gpt2BlockImpl(const Gpt2Sizes& s) {
+    ln_1 = register_module("ln_1", torch::nn::LayerNorm(torch::nn::LayerNormOptions({s.dim}).eps(s.eps)));
+    attn = register_module("attn", Gpt2Attention(s));
+    ln_2 = register_module("ln_2", torch::nn::LayerNorm(torch::nn::LayerNormOptions({s.dim}).eps(s.eps)));
+    mlp = register_module("mlp", Gpt2Mlp(s));
+  }
+  at::Tensor forward(at::Tensor x, KVCache* cache, size_t layer) {
+    x = x + attn->forward(ln_1(x), cache, layer);
+    return x + mlp(ln_2(x));
+  }
+};
+TORCH_MODULE(Gpt2Block);
+
+struct Gpt2TransformerImpl : torch::nn::Module {
+  torch::nn::Embedding wte{nullptr}, wpe{nullptr};
+  torch::nn::ModuleList h{nullptr};
+  torch::nn::LayerNorm ln_f{nullptr};
+  explicit Gpt2TransformerImpl(const Gpt2Sizes& s) {
+    wte = register_module("wte", torch::nn::Embedding(s.vocab, s.dim));
+    wpe = register_module("wpe", torch::nn::Embedding(s.positions, s.dim));
+    h = register_module("h", torch::nn::ModuleList());
+    for (int64_t i = 0; i < s.layers; ++i) h->push_back(Gpt2Block(s));
+    ln_f = register_module("ln_f", torch::nn::LayerNorm(torch::nn::LayerNormOptions({s.dim}).eps(s.eps)));
+  }
+};
+TORCH_MODULE(Gpt2Transformer);
+
+class Gpt2LMHead : public CausalLM {
+ public:
+  explicit Gpt2LMHead(const Config& c) {
+    sizes_ = {c.integer("vocab_size"), c.integer_or("n_positions", 1024), c.integer("n_embd"), c.integer("n_layer"),
+              c.integer("n_head"), 0, c.number_or("layer_norm_epsilon", 1e-5)};
+    sizes_.inner = c.integer_or("n_inner", 4 * sizes_.dim);
+    if (sizes_.dim % sizes_.heads) throw FormatError(c.path() + ": n_embd is not a multiple of n_head");
+    info_.model_type = "gpt2";
+    info_.vocab_size = sizes_.vocab;
+    info_.num_layers = sizes_.layers;
+    info_.max_positions = sizes_.positions;
+    info_.eos_token_ids = c.token_ids("eos_token_id");
+    const auto bos = c.token_ids("bos_token_id");
+    info_.bos_token_id = bos.empty() ? -1 : bos[0];
+    info_.tie_word_embeddings = c.flag_or("tie_word_embeddings", true);
+    info_.fan_in_fan_out = true;
+    transformer_ = register_module("transformer", Gpt2Transformer(sizes_));
+    lm_head_ = register_module("lm_head", linear(sizes_.dim, sizes_.vocab, false));
+    if (info_.tie_word_embeddings) lm_head_->tie_weight_(transformer_->wte->weight);
+  }
+  at::Tensor forward(const at::Tensor& ids, KVCache* cache) override {
+    const int64_t past = cache ? cache->length() : 0, t = ids.size(1);
+    TORCH_CHECK(past + t <= sizes_.positions, "GPT-2: ", past + t, " positions exceed n_positions = ", sizes_.positions);
+    auto positions = at::arange(past, past + t, ids.options().dtype(at::kLong));
+    auto x = transformer_->wte(ids) + transformer_->wpe(positions).unsqueeze(0);
+    for (size_t i = 0; i < transformer_->h->size(); ++i) {
+      x = transformer_->h->ptr<Gpt2BlockImpl>(i)->forward(x, cache, i);
+    }
+    return lm_head_(transformer_->ln_f(x));
+  }
+  const ModelInfo& info() const override { return info_; }
+
+ private:
+  Gpt2Sizes sizes_;
+  ModelInfo info_;
+  Gpt2Transformer transformer_{nullptr};
+  LoraLinear lm_head_{nullptr};
+};
+
+// ---- Llama ----------------------------------------------------------------------------------------------
+
+struct LlamaSizes {
+  int64_t vocab, dim, layers, heads, kv_heads, head_dim, ffn;
+  double eps, rope_theta;
+  bool attention_bias, mlp_bias;
+};
+
+// RMSNorm as transformers computes it: in fp32, then back to the input dtype before the weight.
+struct RmsNormImpl : torch::nn::Module {
+  at::Tensor weight;
+  double eps;
+  RmsNormImpl(int64_t dim, double eps_) : eps(eps_) { weight = register_parameter("weight", at::ones({dim})); }
+  at::Tensor forward(const at::Tensor& x) {
+    const auto x32 = x.to(at::kFloat);
+    const auto normed = x32 * at::rsqrt(x32.pow(2).mean(-1, true) + eps);
+    return weight * normed.to(x.scalar_type());
+  }
+};
+TORCH_MODULE(RmsNorm);
+
+// HF's rotate_half RoPE: the halves of each head are the two coordinates of each rotation.
+at::Tensor rotate_half(const at::Tensor& x) {
+  const int64_t half = x.size(-1) / 2;
+  return at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+}
+
+struct LlamaAttentionImpl : torch::nn::Module {
+  LoraLinear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  LlamaSizes s;
+  explicit LlamaAttentionImpl(const LlamaSizes& sizes) : s(sizes) {
+    q_proj = register_module("q_proj", linear(s.dim, s.heads * s.head_dim, s.attention_bias));
+    k_proj = register_module("k_proj", linear(s.dim, s.kv_heads * s.head_dim, s.attention_bias));
+    v_proj = register_module("v_proj", linear(s.dim, s.kv_heads * s.head_dim, s.attention_bias));
+    o_proj = register_module("o_proj", linear(s.heads * s.head_dim, s.dim, s.attention_bias));
+  }
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, KVCache* cache, size_t layer) {
+    const int64_t b = x.size(0), t = x.size(1);
+    auto q = q_proj(x).view({b, t, s.heads, s.head_dim}).transpose(1, 2);
+    auto k = k_proj(x).view({b, t, s.kv_heads, s.head_dim}).transpose(1, 2);
+    auto v = v_proj(x).view({b, t, s.kv_heads, s.head_dim}).transpose(1, 2);
+    q = q * cos + rotate_half(q) * sin;
+    k = k * cos + rotate_half(k) * sin;
+    auto y = attend(q, k, v, cache, layer);
+    return o_proj(y.transpose(1, 2).reshape({b, t, s.heads * s.head_dim}));
+  }
+};
+TORCH_MODULE(LlamaAttention);
+
+struct LlamaMlpImpl : torch::nn::Module {
+  LoraLinear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+  explicit LlamaMlpImpl(const LlamaSizes& s) {
+    gate_proj = register_module("gate_proj", linear(s.dim, s.ffn, s.mlp_bias));
+    up_proj = register_module("up_proj", linear(s.dim, s.ffn, s.mlp_bias));
+    down_proj = register_module("down_proj", linear(s.ffn, s.dim, s.mlp_bias));
+  }
+  at::Tensor forward(const at::Tensor& x) { return down_proj(at::silu(gate_proj(x)) * up_proj(x)); }
+};
+TORCH_MODULE(LlamaMlp);
+
+struct LlamaDecoderLayerImpl : torch::nn::Module {
+  RmsNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+  LlamaAttention self_attn{nullptr};
+  LlamaMlp mlp{nullptr};
+  explicit LlamaDecoderLayerImpl(const LlamaSizes& s) {
+    self_attn = register_module("self_attn", LlamaAttention(s));
+    mlp = register_module("mlp", LlamaMlp(s));
+    input_layernorm = register_module("input_layernorm", RmsNorm(s.dim, s.eps));
+    post_attention_layernorm = register_module("post_attention_layernorm", RmsNorm(s.dim, s.eps));
+  }
+  at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, KVCache* cache, size_t layer) {
+    x = x + self_attn->forward(input_layernorm(x), cos, sin, cache, layer);
+    return x + mlp(post_attention_layernorm(x));
+  }
+};
+TORCH_MODULE(LlamaDecoderLayer);
+
+struct LlamaBodyImpl : torch::nn::Module {
+  torch::nn::Embedding embed_tokens{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  RmsNorm norm{nullptr};
+  explicit LlamaBodyImpl(const LlamaSizes& s) {
+    embed_tokens = register_module("embed_tokens", torch::nn::Embedding(s.vocab, s.dim));
+    layers = register_module("layers", torch::nn::ModuleList());
+    for (int64_t i = 0; i < s.layers; ++i) layers->push_back(LlamaDecoderLayer(s));
+    norm = register_module("norm", RmsNorm(s.dim, s.eps));
+  }
+};
+TORCH_MODULE(LlamaBody);
+
+class LlamaForCausalLM : public CausalLM {
+ public:
+  explicit LlamaForCausalLM(const Config& c) {
+    s_.vocab = c.integer("vocab_size");
+    s_.dim = c.integer("hidden_size");
+    s_.layers = c.integer("num_hidden_layers");
+    s_.heads = c.integer("num_attention_heads");
+    s_.kv_heads = c.integer_or("num_key_value_heads", s_.heads);
+    s_.head_dim = c.integer_or("head_dim", s_.dim / s_.heads);
+    s_.ffn = c.integer("intermediate_size");
+    s_.eps = c.number_or("rms_norm_eps", 1e-6);
+    // RoPE: transformers 4 writes rope_theta (and rope_scaling); transformers 5 writes rope_parameters.
+    s_.rope_theta = c.number_or("rope_theta", 10000.0);
+    s_.attention_bias = c.flag_or("attention_bias", false);
+    s_.mlp_bias = c.flag_or("mlp_bias", false);
+    if (s_.heads % s_.kv_heads) throw FormatError(c.path() + ": num_attention_heads is not a multiple of num_key_value_heads");
+    for (const char* key : {"rope_scaling", "rope_parameters"}) {
+      if (!c.raw().contains(key) || c.raw().at(key).is_null()) continue;
+      const json& rope = c.raw().at(key);
+      if (!rope.is_object()) throw FormatError(c.path() + ": '" + key + "' must be an object");
+      const std::string type = rope.value("rope_type", rope.value("type", std::string("default")));
+      if (type != "default") {
+        throw FormatError(c.path() + ": " + key + " type '" + type +
+                          "' is not supported (hint: only plain RoPE with rope_theta is)");
+      }
+      if (rope.contains("rope_theta")) {
+        if (!rope.at("rope_theta").is_number()) throw FormatError(c.path() + ": " + key + ".rope_theta must be a number");
+        s_.rope_theta = rope.at("rope_theta").get<double>();
+      }
+    }
+    info_.model_type = "llama";
+    info_.vocab_size = s_.vocab;
+    info_.num_layers = s_.layers;
+    info_.eos_token_ids = c.token_ids("eos_token_id");
+    const auto bos = c.token_ids("bos_token_id");
+    info_.bos_token_id = bos.empty() ? -1 : bos[0];
+    info_.tie_word_embeddings = c.flag_or("tie_word_embeddings", false);
+    model_ = register_module("model", LlamaBody(s_));
+    lm_head_ = register_module("lm_head", linear(s_.dim, s_.vocab, false));
+    if (info_.tie_word_embeddings) lm_head_->tie_weight_(model_->embed_tokens->weight);
+  }
+  at::Tensor forward(const at::Tensor& ids, KVCache* cache) override {
+    const int64_t past = cache ? cache->length() : 0, t = ids.size(1);
+    auto x = model_->embed_tokens(ids);
+    // cos/sin in fp32 as transformers computes them, then cast to the activations' dtype.
+    const auto inv_freq =
+        1.0 / at::pow(s_.rope_theta, at::arange(0, s_.head_dim, 2, ids.options().dtype(at::kLong)).to(at::kFloat) /
+                                         static_cast<double>(s_.head_dim));
+    const auto positions = at::arange(past, past + t, ids.options().dtype(at::kLong)).to(at::kFloat);
+    const auto freqs = at::outer(positions, inv_freq);
+    const auto emb = at::cat({freqs, freqs}, -1);
+    const auto cos = emb.cos().to(x.scalar_type()), sin = emb.sin().to(x.scalar_type());
+    for (size_t i = 0; i < model_->layers->size(); ++i) {
+      x = model_->layers->ptr<LlamaDecoderLayerImpl>(i)->forward(x, cos, sin, cache, i);
+    }
+    return lm_head_(model_->norm(x));
+  }
+  const ModelInfo& info() const override { return info_; }
+
+ private:
+  LlamaSizes s_;
+  ModelInfo info_;
+  LlamaBody model_{nullptr};
+  LoraLinear lm_head_{nullptr};
+};
+
+// GPT-2's Conv1D layers store their weight (in, out).
+bool is_conv1d_weight(const std::string& name) {
+  static const std::vector<std::string> suffixes = {".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight",
+                                                    ".mlp.c_proj.weight"};
+  for (const auto& s : suffixes) {
+    if (name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+std::shared_ptr<CausalLM> build_model(const std::string& config_path, at::ScalarType dtype) {
+  const Config config(config_path);
+  const std::string type = config.string("model_type");
+  std::shared_ptr<CausalLM> model;
+  if (type == "gpt2") {
+    model = std::make_shared<Gpt2LMHead>(config);
+  } else if (type == "llama" || type == "mistral" || type == "qwen2") {
+    model = std::make_shared<LlamaForCausalLM>(config);
+  } else {
+    throw FormatError(config.path() + ": model_type '" + type + "' is not supported (supported: gpt2, llama)");
+  }
+  model->to(dtype);
+  return model;
+}
+
+void load_hf_weights(CausalLM& model, const std::string& checkpoint_path) {
+  const io::Checkpoint checkpoint = io::Checkpoint::open(checkpoint_path);
+  const bool gpt2 = model.info().model_type == "gpt2";
+  std::set<std::string> unused;
+  for (const auto& n : checkpoint.names()) unused.insert(n);
+  std::vector<std::string> missing, misshapen;
+  std::vector<std::pair<at::Tensor, std::string>> plan;  // parameter, checkpoint name
+  std::set<const void*> seen;
+  for (const auto& item : model.named_parameters()) {
+    const std::string& name = item.key();
+    const at::Tensor& param = item.value();
+    if (!seen.insert(param.unsafeGetTensorImpl()).second) continue;  // a tied weight, loaded once
+    std::string source;
+    // Original GPT-2 checkpoints omit the "transformer." prefix.
+    for (const std::string& candidate : {name, name.substr(name.find('.') + 1)}) {
+      if (checkpoint.contains(candidate)) {
+        source = candidate;
+        break;
+      }
+    }
+    if (source.empty()) {
+      if (name == "lm_head.weight" && model.info().tie_word_embeddings) continue;
+      missing.push_back(name);
+      continue;
+    }
+    unused.erase(source);
+    auto shape = checkpoint.entry(source).shape;
+    if (gpt2 && is_conv1d_weight(name) && shape.size() == 2) std::swap(shape[0], shape[1]);
+    if (shape != param.sizes().vec()) {
+      std::ostringstream msg;
+      msg << source << " is " << at::IntArrayRef(checkpoint.entry(source).shape) << ", the model expects " << param.sizes();
+      misshapen.push_back(msg.str());
+      continue;
+    }
+    plan.emplace_back(param, source);
+  }
+  // Buffers some checkpoints carry: GPT-2's attention masks, rotary inverse frequencies.
+  for (auto it = unused.begin(); it != unused.end();) {
+    const std::string& n = *it;
+    const bool buffer = n.find("attn.bias") != std::string::npos || n.find("attn.masked_bias") != std::string::npos ||
+                        n.find("rotary_emb.inv_freq") != std::string::npos;
+    it = buffer ? unused.erase(it) : std::next(it);
+  }
+  if (!missing.empty() || !misshapen.empty() || !unused.empty()) {
+    std::ostringstream msg;
+    msg << checkpoint_path << ": the checkpoint does not fit the " << model.info().model_type << " model";
+    auto list = [&](const char* what, const auto& items) {
+      if (items.empty()) return;
+      msg << "; " << items.size() << " " << what << ":";
+      size_t shown = 0;
+      for (const auto& i : items) {
+        if (shown++ == 8) {
+          msg << " ...";
+          break;
+        }
+        msg << " '" << i << "'";
+      }
+    };
+    list("missing", missing);
+    list("misshapen", misshapen);
+    list("unexpected", unused);
+    msg << " (hint: is config.json the checkpoint's own?)";
+    throw FormatError(msg.str());
+  }
+  at::NoGradGuard no_grad;
+  for (auto& [param, source] : plan) {
+    at::Tensor value = checkpoint.tensor(source);
+    if (gpt2 && is_conv1d_weight(source)) value = value.t();
+    param.copy_(value);
+  }
+}
+
+std::shared_ptr<CausalLM> load_pretrained(const std::string& folder, at::ScalarType dtype) {
+  auto model = build_model(folder, dtype);
+  load_hf_weights(*model, folder);
+  return model;
+}
+
+std::vector<int64_t> generate_greedy(CausalLM& model, const std::vector<int64_t>& prompt, const GenerateOptions& options) {
+  TORCH_CHECK(!prompt.empty(), "generate_greedy: the prompt is empty");
+  const std::vector<int64_t> stops = options.stop_token_ids.empty() ? model.info().eos_token_ids : options.stop_token_ids;
+  at::NoGradGuard no_grad;
+  const bool was_training = model.is_training();
+  model.eval();
+  KVCache cache;
+  const auto device = model.parameters().front().device();
+  at::Tensor input = at::tensor(prompt, at::TensorOptions(at::kLong)).unsqueeze(0).to(device);
+  std::vector<int64_t> out;
+  for (int64_t step = 0; step < options.max_new_tokens; ++step) {
+    const at::Tensor logits = model.forward(input, &cache);
+    const int64_t next = logits.select(1, logits.size(1) - 1).argmax(-1).item<int64_t>();
+    out.push_back(next);
+    if (std::find(stops.begin(), stops.end(), next) != stops.end()) break;
+    input = at::full({1, 1}, next, at::TensorOptions(at::kLong).device(device));
+  }
+  model.train(was_training);
+  return out;
+}
+
+}  // namespace tiedlora::models
