@@ -18,24 +18,31 @@ if(NOT TIEDLORA_CUDA STREQUAL "OFF")
   endif()
 endif()
 
+# LibTorch's CMake sets CMAKE_CUDA_ARCHITECTURES to OFF (it passes its own -gencode flags instead), so the
+# architectures of our kernels are a variable of their own, set on the target.
+set(TIEDLORA_CUDA_ARCHITECTURES "80;90a" CACHE STRING "CUDA architectures of tiedlora's kernels (90a: Hopper's wgmma)")
+
 file(GLOB TIEDLORA_KERNEL_SOURCES CONFIGURE_DEPENDS "${PROJECT_SOURCE_DIR}/kernels/*.cu")
 if(TIEDLORA_WITH_CUDA)
-  if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
-    set(CMAKE_CUDA_ARCHITECTURES 80 90a)
-  endif()
   enable_language(CUDA)
   # LibTorch's CMake appends -gencode flags for every architecture it supports (sm_50 and up, which nvcc 13
-  # no longer accepts) to CMAKE_CUDA_FLAGS; our kernels are built for CMAKE_CUDA_ARCHITECTURES only.
+  # no longer accepts) to CMAKE_CUDA_FLAGS; our kernels are built for TIEDLORA_CUDA_ARCHITECTURES only.
   string(REGEX REPLACE "-gencode[ =]arch=[^ ]+" "" CMAKE_CUDA_FLAGS "${CMAKE_CUDA_FLAGS}")
+  # Every target that links the kernels (libtiedlora, the CUDA benchmark) uses LibTorch's shared CUDA runtime,
+  # not a second, static copy.
+  set(CMAKE_CUDA_RUNTIME_LIBRARY Shared)
   set(CMAKE_CUDA_STANDARD 17)
   set(CMAKE_CUDA_STANDARD_REQUIRED ON)
   find_package(CUDAToolkit REQUIRED)
   add_library(tiedlora_kernels STATIC ${TIEDLORA_KERNEL_SOURCES})
   target_include_directories(tiedlora_kernels PUBLIC ${PROJECT_SOURCE_DIR}/kernels)
-  set_target_properties(tiedlora_kernels PROPERTIES POSITION_INDEPENDENT_CODE ON CUDA_SEPARABLE_COMPILATION OFF)
+  set_target_properties(tiedlora_kernels PROPERTIES POSITION_INDEPENDENT_CODE ON CUDA_SEPARABLE_COMPILATION OFF
+    CUDA_ARCHITECTURES "${TIEDLORA_CUDA_ARCHITECTURES}")
+  # The cuBLASLt path (kernels/lora_gemm.cu) is the reference and fallback of the fused kernels.
+  target_link_libraries(tiedlora_kernels PUBLIC CUDA::cudart CUDA::cublasLt)
   target_compile_options(tiedlora_kernels PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -lineinfo>)
   file(GLOB TIEDLORA_DISPATCH_SOURCES CONFIGURE_DEPENDS "${PROJECT_SOURCE_DIR}/src/cuda/*_dispatch.cpp")
-  message(STATUS "tiedlora: CUDA kernels ON (nvcc ${CMAKE_CUDA_COMPILER_VERSION}, architectures ${CMAKE_CUDA_ARCHITECTURES})")
+  message(STATUS "tiedlora: CUDA kernels ON (nvcc ${CMAKE_CUDA_COMPILER_VERSION}, architectures ${TIEDLORA_CUDA_ARCHITECTURES})")
 else()
   set(TIEDLORA_DISPATCH_SOURCES "${PROJECT_SOURCE_DIR}/src/cuda/dispatch_stub.cpp")
   message(STATUS "tiedlora: CUDA kernels OFF")

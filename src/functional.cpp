@@ -1,10 +1,16 @@
 // functional.cpp: lora_linear() and its autograd Function (the formulas of method.md), merged_weight().
-// The CPU path (and, until the fused kernels land, the CUDA path) runs on ATen ops in fp32.
+// The CPU path, and by default the CUDA path, runs on ATen ops in fp32. With set_cuda_kernels_enabled(true)
+// (experimental until the GPU checks of docs/cuda.md pass) CUDA tensors go through src/cuda/dispatch.h.
 #include "tiedlora/functional.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "cuda/dispatch.h"
 #include "tiedlora/error.h"
 
 namespace tiedlora::functional {
@@ -26,6 +32,67 @@ at::Tensor effective_b_as(const at::Tensor& b, const at::Tensor& u, const at::Te
   return out;
 }
 
+// ---- the switch to tiedlora's CUDA kernels -------------------------------------------------------------
+
+std::atomic<bool>& cuda_kernels_switch() {
+  static std::atomic<bool> enabled{[] {
+    const char* value = std::getenv("TIEDLORA_CUDA_KERNELS");
+    return value != nullptr && std::strcmp(value, "1") == 0;
+  }()};
+  return enabled;
+}
+
+bool kernel_dtype_ok(const at::Tensor& t) {
+  if (!t.defined()) return true;
+  const auto type = t.scalar_type();
+  return type == at::kFloat || type == at::kBFloat16 || type == at::kHalf;
+}
+
+// Whether this call takes the CUDA kernels: switched on, built with CUDA, CUDA tensors, and dtypes the
+// kernels take (activations and W in one of fp32/bf16/fp16; the small factors are converted per call).
+bool use_cuda_kernels(const at::Tensor& x, const at::Tensor& adapter_x, const at::Tensor& weight,
+                      const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b, const at::Tensor& u,
+                      const at::Tensor& v) {
+  if (!TIEDLORA_WITH_CUDA || !cuda_kernels_switch().load(std::memory_order_relaxed) || !x.is_cuda()) return false;
+  const auto type = x.scalar_type();
+  if (!kernel_dtype_ok(x) || weight.scalar_type() != type) return false;
+  if (adapter_x.defined() && adapter_x.scalar_type() != type) return false;
+  return kernel_dtype_ok(bias) && kernel_dtype_ok(a) && kernel_dtype_ok(b) && kernel_dtype_ok(u) && kernel_dtype_ok(v);
+}
+
+// `t` (2-D) itself when the kernels can read it in place (unit column stride, row stride >= row length),
+// else a contiguous copy.
+at::Tensor row_strided(const at::Tensor& t) {
+  const bool unit_columns = t.size(1) <= 1 || t.stride(1) == 1;
+  const bool rows_apart = t.size(0) <= 1 || t.stride(0) >= t.size(1);
+  return unit_columns && rows_apart ? t : t.contiguous();
+}
+
+// dB, du, dv from dB_eff (method.md), each rounded once to its parameter's dtype; shared by both paths.
+void factor_grads(const at::Tensor& db_eff, const at::Tensor& b, const at::Tensor& u, const at::Tensor& v,
+                  double scale, at::ScalarType type, bool need_b, bool need_u, bool need_v, at::Tensor& grad_b,
+                  at::Tensor& grad_u, at::Tensor& grad_v) {
+  const at::Tensor u_row = u.defined() ? as(u, type).unsqueeze(0) : at::Tensor();
+  const at::Tensor v_col = v.defined() ? as(v, type).unsqueeze(1) : at::Tensor();
+  if (need_b) {
+    at::Tensor db = db_eff * scale;
+    if (u_row.defined()) db.mul_(u_row);
+    if (v_col.defined()) db.mul_(v_col);
+    grad_b = rounded(db, b.scalar_type());
+  }
+  const at::Tensor b_c = as(b, type);
+  if (need_u) {  // du_j = s sum_i v_i B_ij dB_eff_ij
+    at::Tensor t = db_eff * b_c;
+    if (v_col.defined()) t.mul_(v_col);
+    grad_u = rounded(t.sum(0).mul_(scale), u.scalar_type());
+  }
+  if (need_v) {  // dv_i = s sum_j B_ij u_j dB_eff_ij
+    at::Tensor t = db_eff * b_c;
+    if (u_row.defined()) t.mul_(u_row);
+    grad_v = rounded(t.sum(1).mul_(scale), v.scalar_type());
+  }
+}
+
 // Positions of the forward arguments; absent optional tensors are not autograd inputs, so the edge index
 // used by needs_input_grad() is computed per call and kept in saved_data["edges"].
 enum Input : size_t { kX, kAdapterX, kWeight, kBias, kA, kB, kU, kV, kInputs };
@@ -37,26 +104,40 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
                             const std::optional<at::Tensor>& v_opt, double scale) {
     const at::Tensor adapter_x = adapter_x_opt.value_or(at::Tensor()), bias = bias_opt.value_or(at::Tensor());
     const at::Tensor u = u_opt.value_or(at::Tensor()), v = v_opt.value_or(at::Tensor());
-    const auto type = compute_type(x.scalar_type());
-    const int64_t in = weight.size(1), out = weight.size(0);
-    const at::Tensor x2 = as(x.reshape({-1, in}), type);
-    const at::Tensor xa2 = adapter_x.defined() ? as(adapter_x.reshape({-1, in}), type) : x2;
-    const at::Tensor w = as(weight, type);
-    const at::Tensor h = xa2.mm(as(a, type).t());  // (M, r), kept for dB_eff in backward
-    at::Tensor y = bias.defined() ? at::addmm(as(bias, type), x2, w.t()) : x2.mm(w.t());
-    y.addmm_(h, effective_b_as(b, u, v, scale, type).t());  // one accumulator, rounded once below
-
     std::vector<int64_t> edges(kInputs, -1);
     int64_t next = 0;
     const at::Tensor* inputs[kInputs] = {&x, &adapter_x, &weight, &bias, &a, &b, &u, &v};
     for (size_t i = 0; i < kInputs; ++i) {
       if (inputs[i]->defined()) edges[i] = next++;
     }
-    ctx->save_for_backward({x, adapter_x, weight, a, b, u, v, h});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["edges"] = edges;
+    const int64_t in = weight.size(1), out = weight.size(0);
     auto out_shape = x.sizes().vec();
     out_shape.back() = out;
+
+    const bool kernels = use_cuda_kernels(x, adapter_x, weight, bias, a, b, u, v);
+    ctx->saved_data["cuda_kernels"] = kernels;
+    if (kernels) {  // cuBLASLt: y = x W^T + bias, then y += h B_eff^T in x's dtype; h kept in x's dtype
+      const auto dtype = x.scalar_type();
+      const at::Tensor x2 = row_strided(x.reshape({-1, in}));
+      const at::Tensor xa2 = adapter_x.defined() ? row_strided(adapter_x.reshape({-1, in})) : at::Tensor();
+      at::Tensor y = at::empty({x2.size(0), out}, x.options());
+      at::Tensor h = at::empty({x2.size(0), a.size(0)}, x.options());
+      cuda::lora_forward_out(y, h, x2, xa2, row_strided(weight), bias.defined() ? as(bias, dtype).contiguous() : bias,
+                             row_strided(as(a, dtype)), cuda::effective_b(b, u, v, scale, dtype));
+      ctx->save_for_backward({x, adapter_x, weight, a, b, u, v, h});
+      return y.reshape(out_shape);
+    }
+
+    const auto type = compute_type(x.scalar_type());
+    const at::Tensor x2 = as(x.reshape({-1, in}), type);
+    const at::Tensor xa2 = adapter_x.defined() ? as(adapter_x.reshape({-1, in}), type) : x2;
+    const at::Tensor w = as(weight, type);
+    const at::Tensor h = xa2.mm(as(a, type).t());  // (M, r), kept for dB_eff in backward
+    at::Tensor y = bias.defined() ? at::addmm(as(bias, type), x2, w.t()) : x2.mm(w.t());
+    y.addmm_(h, effective_b_as(b, u, v, scale, type).t());  // one accumulator, rounded once below
+    ctx->save_for_backward({x, adapter_x, weight, a, b, u, v, h});
     return rounded(y, x.scalar_type()).reshape(out_shape);
   }
 
@@ -72,6 +153,30 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     variable_list grads(9);
     const at::Tensor& grad_y = grad_outputs[0];
     if (!grad_y.defined()) return grads;
+    const bool need_b = needs(kB), need_u = needs(kU), need_v = needs(kV);
+
+    if (ctx->saved_data["cuda_kernels"].toBool()) {  // the forward pass took the kernels: h is in x's dtype
+      const auto dtype = x.scalar_type();
+      const at::Tensor dy = row_strided(as(grad_y, dtype).reshape({-1, out}));
+      const int64_t m = dy.size(0), r = a.size(0);
+      const at::Tensor x2 = row_strided(x.reshape({-1, in}));
+      const at::Tensor xa2 = adapter_x.defined() ? row_strided(adapter_x.reshape({-1, in})) : at::Tensor();
+      const at::TensorOptions fp32 = dy.options().dtype(at::kFloat);
+      const at::Tensor dx = needs(kX) ? at::empty({m, in}, dy.options()) : at::Tensor();
+      const at::Tensor dxa = adapter_x.defined() && needs(kAdapterX) ? at::empty({m, in}, dy.options()) : at::Tensor();
+      const at::Tensor da = needs(kA) ? at::empty({r, in}, fp32) : at::Tensor();
+      const at::Tensor db_eff = need_b || need_u || need_v ? at::empty({out, r}, fp32) : at::Tensor();
+      cuda::lora_backward_out(dx, dxa, da, db_eff, dy, x2, xa2, row_strided(weight), row_strided(as(a, dtype)),
+                              cuda::effective_b(b, u, v, scale, dtype), h);
+      if (dx.defined()) grads[kX] = dx.reshape(x.sizes());
+      if (dxa.defined()) grads[kAdapterX] = dxa.reshape(adapter_x.sizes());
+      if (needs(kBias)) grads[kBias] = rounded(at::sum(dy, {0}, /*keepdim=*/false, at::kFloat), weight.scalar_type());
+      if (da.defined()) grads[kA] = rounded(da, a.scalar_type());
+      if (db_eff.defined()) {
+        factor_grads(db_eff, b, u, v, scale, at::kFloat, need_b, need_u, need_v, grads[kB], grads[kU], grads[kV]);
+      }
+      return grads;
+    }
 
     const at::Tensor dy = as(grad_y.reshape({-1, out}), type);
     const at::Tensor a_c = as(a, type);
@@ -91,29 +196,9 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
       const at::Tensor xa2 = as((adapter_x.defined() ? adapter_x : x).reshape({-1, in}), type);
       grads[kA] = rounded(dh.t().mm(xa2), a.scalar_type());
     }
-    const bool need_b = needs(kB), need_u = needs(kU),
-               need_v = needs(kV);
     if (need_b || need_u || need_v) {
       const at::Tensor db_eff = dy.t().mm(h);  // (d_out, r)
-      const at::Tensor u_row = u.defined() ? as(u, type).unsqueeze(0) : at::Tensor();
-      const at::Tensor v_col = v.defined() ? as(v, type).unsqueeze(1) : at::Tensor();
-      if (need_b) {
-        at::Tensor db = db_eff * scale;
-        if (u_row.defined()) db.mul_(u_row);
-        if (v_col.defined()) db.mul_(v_col);
-        grads[kB] = rounded(db, b.scalar_type());
-      }
-      const at::Tensor b_c = as(b, type);
-      if (need_u) {  // du_j = s sum_i v_i B_ij dB_eff_ij
-        at::Tensor t = db_eff * b_c;
-        if (v_col.defined()) t.mul_(v_col);
-        grads[kU] = rounded(t.sum(0).mul_(scale), u.scalar_type());
-      }
-      if (need_v) {  // dv_i = s sum_j B_ij u_j dB_eff_ij
-        at::Tensor t = db_eff * b_c;
-        if (u_row.defined()) t.mul_(u_row);
-        grads[kV] = rounded(t.sum(1).mul_(scale), v.scalar_type());
-      }
+      factor_grads(db_eff, b, u, v, scale, type, need_b, need_u, need_v, grads[kB], grads[kU], grads[kV]);
     }
     return grads;  // W never gets a gradient (checked frozen in lora_linear); scale is not a tensor
   }
@@ -130,6 +215,10 @@ void check_same_device(const at::Tensor& t, const at::Tensor& weight, const char
 }
 
 }  // namespace
+
+void set_cuda_kernels_enabled(bool enabled) { cuda_kernels_switch().store(enabled); }
+
+bool cuda_kernels_enabled() { return cuda_kernels_switch().load(); }
 
 at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                        const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u,
@@ -184,12 +273,21 @@ at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& lora_a, con
               "merged_weight(", what, "): weight ", weight.sizes(), ", lora_a ", lora_a.sizes(), " and lora_b ",
               lora_b.sizes(), " do not fit W + B A");
   at::NoGradGuard no_grad;
+  const auto nonfinite = [&] {
+    return Error(std::string("merge of ") + what + " produced NaN or Inf (hint: the adapter or the base weight holds "
+                 "non-finite values, or the update overflows the weight's dtype)");
+  };
+  if (use_cuda_kernels(weight, {}, weight, {}, lora_a, lora_b, u, v) && lora_a.device() == weight.device()) {
+    // The merge kernel: fp32 product and sum, rounded once; it flags NaN/Inf in the rounded result.
+    at::Tensor merged = at::empty(weight.sizes(), weight.options());
+    const at::Tensor flag = cuda::merge_weight_out(merged, row_strided(weight), row_strided(as(lora_a, at::kFloat)),
+                                                   cuda::effective_b(lora_b, u, v, scale, at::kFloat));
+    if (flag.item<int>() != 0) throw nonfinite();
+    return merged;
+  }
   const auto type = compute_type(weight.scalar_type());
   at::Tensor merged = at::addmm(as(weight, type), effective_b_as(lora_b, u, v, scale, type), as(lora_a, type));
-  if (!at::isfinite(merged).all().item<bool>()) {
-    throw Error(std::string("merge of ") + what + " produced NaN or Inf (hint: the adapter or the base weight holds "
-                "non-finite values, or the update overflows the weight's dtype)");
-  }
+  if (!at::isfinite(merged).all().item<bool>()) throw nonfinite();
   return rounded(merged, weight.scalar_type());
 }
 

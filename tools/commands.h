@@ -16,6 +16,10 @@ Command add_params_command(CLI::App& app);
 Command add_merge_command(CLI::App& app);
 /// `tiedlora export-lora`: the per-layer LoRA equivalent of a Tied-LoRA adapter.
 Command add_export_command(CLI::App& app);
+/// `tiedlora generate`: greedy generation with a model and its tokenizer.
+Command add_generate_command(CLI::App& app);
+/// `tiedlora tokenize`: token ids of a text file.
+Command add_tokenize_command(CLI::App& app);
 /// `tiedlora inspect`: tensors, metadata and adapter config of a file or folder.
 Command add_inspect_command(CLI::App& app);
 

@@ -21,6 +21,8 @@ int main(int argc, char** argv) {
   add(tiedlora::tools::add_merge_command);
   add(tiedlora::tools::add_export_command);
   add(tiedlora::tools::add_inspect_command);
+  add(tiedlora::tools::add_generate_command);
+  add(tiedlora::tools::add_tokenize_command);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -25,6 +25,16 @@ at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const 
                        const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u,
                        const at::Tensor& v, double scale, const at::Tensor& adapter_input = {});
 
+/// Experimental: run CUDA tensors through tiedlora's own CUDA kernels (the cuBLASLt passes of
+/// kernels/lora_gemm.cu in lora_linear, the merge kernel of kernels/lora_merge.cu in merged_weight) instead
+/// of the ATen ops. Off by default until the GPU checks listed in docs/cuda.md have passed; the environment
+/// variable TIEDLORA_CUDA_KERNELS=1 switches it on from the start. Applies to fp32, bf16 and fp16 layers
+/// whose input and weight share a dtype; everything else (CPU tensors, double, mixed dtypes, a build without
+/// CUDA) keeps the ATen path. On the kernel path the adapter branch's h = x A^T and B_eff are rounded to
+/// the activation dtype between the matmuls (fp32 accumulation inside each), as PEFT does.
+void set_cuda_kernels_enabled(bool enabled);
+bool cuda_kernels_enabled();
+
 /// B_eff = s diag(v) B diag(u) in the compute dtype (fp32, or fp64 for double B), no autograd.
 at::Tensor effective_b(const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& v, double scale);
 

@@ -8,7 +8,8 @@
 // (leftmost-longest), the rest is pre-tokenized by hand-written equivalents of the tokenizers regexes with
 // Unicode classes measured on tokenizers itself, then merged with tokenizers' exact BPE algorithm.
 // decode() inverts the byte-level mapping, so decode(encode(text)) == text for any text whose bytes all
-// exist in the vocabulary. See docs/tokenizers.md for what is supported and how it is verified.
+// exist in the vocabulary. SentencePieceTokenizer wraps the system's libsentencepiece for Llama 2's
+// tokenizer.model (optional at build time). See docs/tokenizers.md for what is supported and how it is verified.
 #pragma once
 
 #include <cstdint>
@@ -135,8 +136,33 @@ class BpeTokenizer : public Tokenizer {
   std::shared_ptr<const Impl> impl_;  // immutable after construction; copies share it (and its cache)
 };
 
-/// A Hugging Face folder (tokenizer.json, else vocab.json + merges.txt; bos/eos names from
-/// tokenizer_config.json when present) or a .gguf file.
+/// SentencePiece (Llama 2's tokenizer.model) through the system's libsentencepiece. Ids are those of
+/// sentencepiece's own encoder (Python's SentencePieceProcessor.encode): control tokens written in the text
+/// (e.g. "<s>") are not matched, as in sentencepiece. add_special_tokens puts the BOS first, as Hugging
+/// Face's Llama tokenizer does; decode writes control tokens' text unless skip_special_tokens.
+/// Only in builds with libsentencepiece (sentencepiece_available()); elsewhere from_file throws.
+class SentencePieceTokenizer : public Tokenizer {
+ public:
+  static SentencePieceTokenizer from_file(const std::string& model_path);
+
+  std::vector<TokenId> encode(std::string_view text, bool add_special_tokens = false) const override;
+  std::string decode(const std::vector<TokenId>& ids, bool skip_special_tokens = false) const override;
+  std::size_t vocab_size() const override;
+  std::optional<TokenId> token_to_id(std::string_view token) const override;
+  const std::string& id_to_token(TokenId id) const override;
+  std::optional<TokenId> bos_id() const override;
+  std::optional<TokenId> eos_id() const override;
+
+ private:
+  struct Impl;
+  std::shared_ptr<const Impl> impl_;
+};
+
+/// Whether this build of tiedlora reads SentencePiece models (CMake option TIEDLORA_SENTENCEPIECE).
+bool sentencepiece_available();
+
+/// A Hugging Face folder (tokenizer.json, else vocab.json + merges.txt, else a SentencePiece tokenizer.model;
+/// bos/eos names from tokenizer_config.json when present), a tokenizer.json or .model file, or a .gguf file.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path);
 
 // ---- chat template --------------------------------------------------------------------------------------

@@ -4,25 +4,15 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/dispatch.h"
+#include "cuda/dispatch_common.h"
 #include "effective_b.cuh"
 
 namespace tiedlora::cuda {
-namespace {
-
-kernels::DType kernel_dtype(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return kernels::DType::f32;
-    case at::kBFloat16: return kernels::DType::bf16;
-    case at::kHalf: return kernels::DType::f16;
-    default: TORCH_CHECK(false, "tiedlora CUDA kernels take fp32, bf16 or fp16 tensors, got ", type);
-  }
-}
-
-}  // namespace
 
 bool available() { return at::cuda::is_available(); }
 
-at::Tensor effective_b(const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& v, double scale) {
+at::Tensor effective_b(const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& v, double scale,
+                       at::ScalarType out_type) {
   TORCH_CHECK(lora_b.is_cuda() && lora_b.dim() == 2, "cuda::effective_b: lora_b must be a 2-D CUDA tensor");
   const int64_t out = lora_b.size(0), r = lora_b.size(1);
   const at::Tensor b = lora_b.contiguous();
@@ -31,16 +21,17 @@ at::Tensor effective_b(const at::Tensor& lora_b, const at::Tensor& u, const at::
   TORCH_CHECK(!uu.defined() || (uu.is_cuda() && uu.numel() == r), "cuda::effective_b: u must be (r = ", r, ") on the GPU");
   TORCH_CHECK(!vv.defined() || (vv.is_cuda() && vv.numel() == out), "cuda::effective_b: v must be (d_out = ", out, ") on the GPU");
   c10::cuda::CUDAGuard guard(b.device());
-  at::Tensor result = at::empty({out, r}, b.options().dtype(at::kFloat));
+  at::Tensor result = at::empty({out, r}, b.options().dtype(out_type));
   kernels::EffectiveBParams params;
   params.b = b.data_ptr();
   params.u = uu.defined() ? uu.data_ptr() : nullptr;
   params.v = vv.defined() ? vv.data_ptr() : nullptr;
-  params.out = result.data_ptr<float>();
+  params.out = result.data_ptr();
   params.d_out = out;
   params.rank = r;
   params.scale = static_cast<float>(scale);
   params.dtype = kernel_dtype(b.scalar_type());
+  params.out_dtype = kernel_dtype(out_type);
   const cudaError_t status = kernels::launch_effective_b(params, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cudaSuccess, "cuda::effective_b: kernel launch failed: ", cudaGetErrorString(status));
   return result;

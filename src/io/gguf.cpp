@@ -379,8 +379,9 @@ class GgufParser {
              " (hint: the file needs a newer reader, or is corrupt)");
       }
       t.type = info->type;
-      if (n_dims > 0 && t.ne[0] % info->block_size != 0) {
-        fail("ne[0] = " + std::to_string(t.ne[0]) + " is not a multiple of the " + info->name + " block size " +
+      const uint64_t ne0 = n_dims > 0 ? t.ne[0] : 1;  // a 0-dimensional tensor holds one value
+      if (ne0 % info->block_size != 0) {
+        fail("ne[0] = " + std::to_string(ne0) + " is not a multiple of the " + info->name + " block size " +
              std::to_string(info->block_size));
       }
       if (numel / info->block_size > std::numeric_limits<uint64_t>::max() / info->type_size) {
@@ -829,6 +830,7 @@ void dequantize(GgmlType type, const uint8_t* data, uint64_t count, float* out) 
     throw Error("tiedlora::io::dequantize: " + std::to_string(count) + " values is not a multiple of the " + info->name +
                 " block size " + std::to_string(info->block_size));
   }
+  if (count == 0) return;  // `out` may be null then (an empty vector's data())
   const uint64_t blocks = count / info->block_size;
   switch (type) {
     case GgmlType::F32:

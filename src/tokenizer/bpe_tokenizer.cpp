@@ -308,19 +308,26 @@ void BpeTokenizer::Impl::split_added(int which, std::string_view text, std::size
     }
     std::size_t start = pos, stop = pos + len;
     const AddedToken& token = config.added_tokens[index];
-    auto space_before = [&](std::size_t p) {  // start of the whitespace run ending at p
-      td::DecodedText d;
-      td::decode_utf8(text.substr(done, p - done), &d);
-      std::size_t k = d.size();
-      while (k > 0 && (d.classes[k - 1] & td::kSpace)) --k;
-      return done + d.offsets[k];
+    // Whitespace next to the match, one character at a time (never more of the text than is swallowed).
+    auto space_before = [&](std::size_t p) {
+      while (p > done) {
+        std::size_t q = p - 1;
+        while (q > done && (static_cast<uint8_t>(text[q]) & 0xC0) == 0x80) --q;  // start of the previous character
+        td::DecodedText d;
+        td::decode_utf8(text.substr(q, p - q), &d);
+        if (d.size() != 1 || !(d.classes[0] & td::kSpace)) break;
+        p = q;
+      }
+      return p;
     };
     auto space_after = [&](std::size_t p) {
-      td::DecodedText d;
-      td::decode_utf8(text.substr(p), &d);
-      std::size_t k = 0;
-      while (k < d.size() && (d.classes[k] & td::kSpace)) ++k;
-      return p + d.offsets[k];
+      while (p < text.size()) {
+        td::DecodedText d;
+        td::decode_utf8(text.substr(p, std::min<std::size_t>(4, text.size() - p)), &d);
+        if (d.size() == 0 || !(d.classes[0] & td::kSpace)) break;
+        p += d.offsets[1];
+      }
+      return p;
     };
     if (token.lstrip) start = std::max(space_before(start), done);
     if (token.rstrip) stop = space_after(stop);

@@ -1,5 +1,5 @@
 // src/tokenizer/tokenizer_files.cpp: building BpeTokenizer from files: GPT-2's vocab.json + merges.txt, a
-// Hugging Face tokenizer.json, and load_tokenizer() choosing among them (and GGUF) for a path.
+// Hugging Face tokenizer.json, and load_tokenizer() choosing among them (and GGUF, SentencePiece) for a path.
 //
 // A tokenizer.json is accepted only when every part of its pipeline is one tiedlora reproduces exactly
 // (BPE model, byte-level pre-tokenizer with a known regex, no normalizer); anything else is refused with a
@@ -274,8 +274,12 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
   };
   if (util::is_regular_file(path) && ends_with(".gguf")) return std::make_unique<BpeTokenizer>(BpeTokenizer::from_gguf(path));
   if (util::is_regular_file(path) && ends_with("tokenizer.json")) return std::make_unique<BpeTokenizer>(BpeTokenizer::from_tokenizer_json(path));
+  if (util::is_regular_file(path) && ends_with(".model")) {
+    return std::make_unique<SentencePieceTokenizer>(SentencePieceTokenizer::from_file(path));
+  }
   if (!util::is_directory(path)) {
-    throw FormatError(path + ": not a .gguf file, a tokenizer.json or a folder (hint: pass a Hugging Face model folder)");
+    throw FormatError(path + ": not a .gguf file, a tokenizer.json, a SentencePiece .model or a folder (hint: pass a "
+                      "Hugging Face model folder)");
   }
   const std::string folder = path.back() == '/' ? path : path + "/";
   std::unique_ptr<BpeTokenizer> tokenizer;
@@ -284,10 +288,10 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
   } else if (util::is_regular_file(folder + "vocab.json") && util::is_regular_file(folder + "merges.txt")) {
     tokenizer = std::make_unique<BpeTokenizer>(BpeTokenizer::from_vocab_and_merges(folder + "vocab.json", folder + "merges.txt"));
   } else if (util::is_regular_file(folder + "tokenizer.model")) {
-    throw FormatError(folder + "tokenizer.model: SentencePiece tokenizers are not supported by this build "
-                      "(hint: a tokenizer.json for the same model loads)");
+    // The model file names its own bos/eos; tokenizer_config.json agrees for Llama 2.
+    return std::make_unique<SentencePieceTokenizer>(SentencePieceTokenizer::from_file(folder + "tokenizer.model"));
   } else {
-    throw FormatError(folder + ": no tokenizer.json, vocab.json + merges.txt found");
+    throw FormatError(folder + ": no tokenizer.json, vocab.json + merges.txt or tokenizer.model found");
   }
   // bos/eos names live in tokenizer_config.json, as strings or {"content": ...}.
   if (util::is_regular_file(folder + "tokenizer_config.json")) {

