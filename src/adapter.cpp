@@ -243,14 +243,10 @@ void write_adapter_folder(const std::string& folder, const AdapterConfig& config
   const std::string staged = util::make_temp_directory_beside(folder);
   try {
     io::save_safetensors(util::join_path(staged, kWeightsName), tensors, {{"format", "pt"}});
-    {
-      std::ofstream out(util::join_path(staged, kConfigName), std::ios::binary);
-      out << text;
-      if (!out.flush()) throw Error(util::join_path(staged, kConfigName) + ": write failed");
-    }
+    util::write_file_durably(util::join_path(staged, kConfigName), text);
     util::publish_directory(staged, folder, overwrite);
   } catch (...) {
-    util::remove_tree(staged);
+    util::remove_tree_quietly(staged);
     throw;
   }
 }
@@ -368,6 +364,10 @@ void save_adapter(const torch::nn::Module& model, const std::string& folder, con
 void load_adapter(torch::nn::Module& model, const std::string& folder) {
   const Adapter adapter = Adapter::read(folder);
   const AdapterConfig& c = adapter.config();
+  if (!adapted_layers(model).empty()) {
+    throw ConfigError(folder + ": the model already carries an adapter (on '" + adapted_layers(model).front().first +
+                      "'); load adapters into a model without one");
+  }
   // Check every layer against the model before anything changes.
   std::map<std::string, LinearShape> linear;
   std::map<std::string, std::string> other;
@@ -411,7 +411,7 @@ void load_adapter(torch::nn::Module& model, const std::string& folder) {
   }
   inject_adapters(model, options);  // all-or-nothing itself
   at::NoGradGuard no_grad;
-  for (const auto& [name, layer] : adapted_layers(model)) {
+  for (const auto& [name, layer] : adapted_layers(model)) {  // exactly the adapter's modules (checked above)
     const LayerFactors f = adapter.layer(name, linear.at(name));
     if (layer->adapter_kind() == AdapterKind::lora) {
       layer->lora_A().copy_(f.lora_A);

@@ -52,6 +52,11 @@ class Fields {
     if (!j_.at(key).is_boolean()) fail(key, "must be true or false");
     return j_.at(key).get<bool>();
   }
+  double probability_or(const char* key, double fallback) const {
+    const double p = number_or(key, fallback);
+    if (!(p >= 0.0 && p < 1.0)) fail(key, "must be in [0, 1), got " + std::to_string(p));
+    return p;
+  }
   double number_or(const char* key, double fallback) const {
     if (!has(key)) return fallback;
     if (!j_.at(key).is_number() || !std::isfinite(j_.at(key).get<double>())) fail(key, "must be a finite number");
@@ -133,7 +138,7 @@ AdapterConfig read_lora(const Fields& f) {
   read_common(f, c);
   c.alpha = f.number_or("lora_alpha", 8.0);  // PEFT's default
   c.use_rslora = f.bool_or("use_rslora", false);
-  c.dropout = f.number_or("lora_dropout", 0.0);
+  c.dropout = f.probability_or("lora_dropout", 0.0);
   c.rank_pattern = read_pattern<int64_t>(f, "rank_pattern");
   c.alpha_pattern = read_pattern<double>(f, "alpha_pattern");
   f.unsupported("use_dora", false, "DoRA (use_dora)");
@@ -153,7 +158,7 @@ AdapterConfig read_vera(const Fields& f) {
   c.method = AdapterMethod::parse("tied-uv");
   read_common(f, c);
   c.alpha = static_cast<double>(c.rank);  // VeRA has no scaling: s = 1
-  c.dropout = f.number_or("vera_dropout", 0.0);
+  c.dropout = f.probability_or("vera_dropout", 0.0);
   c.vera_save_projection = f.bool_or("save_projection", true);
   return c;
 }
@@ -171,7 +176,7 @@ AdapterConfig read_tiedlora(const Fields& f) {
   read_common(f, c);
   c.alpha = f.number_or("lora_alpha", static_cast<double>(c.rank));
   c.use_rslora = f.bool_or("use_rslora", false);
-  c.dropout = f.number_or("lora_dropout", 0.0);
+  c.dropout = f.probability_or("lora_dropout", 0.0);
   if (f.has("init_seed")) {
     const json& seed = f.raw().at("init_seed");
     if (!seed.is_number_unsigned()) f.fail("init_seed", "must be a non-negative integer or null");

@@ -112,6 +112,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     }
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["edges"] = edges;
+    ctx->saved_data["bias_type"] = bias.defined() ? bias.scalar_type() : weight.scalar_type();
     const int64_t in = weight.size(1), out = weight.size(0);
     auto out_shape = x.sizes().vec();
     out_shape.back() = out;
@@ -170,7 +171,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
                               cuda::effective_b(b, u, v, scale, dtype), h);
       if (dx.defined()) grads[kX] = dx.reshape(x.sizes());
       if (dxa.defined()) grads[kAdapterX] = dxa.reshape(adapter_x.sizes());
-      if (needs(kBias)) grads[kBias] = rounded(at::sum(dy, {0}, /*keepdim=*/false, at::kFloat), weight.scalar_type());
+      if (needs(kBias)) grads[kBias] = rounded(at::sum(dy, {0}, /*keepdim=*/false, at::kFloat), ctx->saved_data["bias_type"].toScalarType());
       if (da.defined()) grads[kA] = rounded(da, a.scalar_type());
       if (db_eff.defined()) {
         factor_grads(db_eff, b, u, v, scale, at::kFloat, need_b, need_u, need_v, grads[kB], grads[kU], grads[kV]);
@@ -191,7 +192,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     if (adapter_x.defined() && needs(kAdapterX)) {
       grads[kAdapterX] = rounded(dh.mm(a_c), adapter_x.scalar_type()).reshape(adapter_x.sizes());
     }
-    if (needs(kBias)) grads[kBias] = rounded(dy.sum(0), weight.scalar_type());
+    if (needs(kBias)) grads[kBias] = rounded(dy.sum(0), ctx->saved_data["bias_type"].toScalarType());
     if (needs(kA)) {
       const at::Tensor xa2 = as((adapter_x.defined() ? adapter_x : x).reshape({-1, in}), type);
       grads[kA] = rounded(dh.t().mm(xa2), a.scalar_type());
@@ -286,9 +287,11 @@ at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& lora_a, con
     return merged;
   }
   const auto type = compute_type(weight.scalar_type());
-  at::Tensor merged = at::addmm(as(weight, type), effective_b_as(lora_b, u, v, scale, type), as(lora_a, type));
+  const at::Tensor merged = rounded(
+      at::addmm(as(weight, type), effective_b_as(lora_b, u, v, scale, type), as(lora_a, type)), weight.scalar_type());
+  // Checked after the rounding: a sum that overflows fp16/bf16 only becomes Inf there.
   if (!at::isfinite(merged).all().item<bool>()) throw nonfinite();
-  return rounded(merged, weight.scalar_type());
+  return merged;
 }
 
 }  // namespace tiedlora::functional

@@ -143,6 +143,34 @@ InjectionReport inject_adapters(torch::nn::Module& root, const InjectOptions& op
     }
   }
 
+  // Registry keys and devices are checked here too, so nothing below can fail half-way.
+  {
+    std::map<std::string, std::string> owner_of_key;
+    auto claim = [&](const std::string& owner) {
+      const std::string key = registry_key(owner);
+      auto [it, inserted] = owner_of_key.emplace(key, owner);
+      if (!inserted) {
+        throw ConfigError("tie groups '" + it->second + "' and '" + owner + "' both map to the module name '" + key +
+                          "' (hint: rename one of them)");
+      }
+    };
+    for (const auto& group : groups) {
+      const Plan& first = plans.at(group.modules.front());
+      const auto device = first.in_place ? first.in_place->weight.device() : first.to_replace->weight.device();
+      for (const auto& name : group.modules) {
+        const Plan& plan = plans.at(name);
+        const auto d = plan.in_place ? plan.in_place->weight.device() : plan.to_replace->weight.device();
+        if (method.tied && d != device) {
+          throw ConfigError("tie group '" + group.name + "' spans devices: '" + group.modules.front() + "' is on " +
+                            device.str() + " but '" + name + "' is on " + d.str() +
+                            " (hint: layers sharing A and B must be on one device)");
+        }
+        if (!method.tied && !method.is_plain_lora()) claim(name);
+      }
+      if (method.tied) claim(group.name);
+    }
+  }
+
   // Freeze everything; adapters add their own trainable tensors.
   for (auto& p : root.parameters()) p.requires_grad_(false);
 

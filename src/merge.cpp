@@ -171,11 +171,13 @@ MergeReport merge_weights(const MergeOptions& options) {
         } else {
           w32.add_(delta);
         }
-        if (!at::isfinite(w32).all().item<bool>()) {
-          throw Error("merge of '" + spec.name + "' (layer '" + it->second + "') produced NaN or Inf (hint: the "
-                      "adapter or the base weight holds non-finite values); nothing was written");
-        }
         result = w32.to(out_type);
+        // Checked after rounding: a sum that overflows the output dtype (fp16, bf16) only becomes Inf there.
+        if (!at::isfinite(result).all().item<bool>()) {
+          throw Error("merge of '" + spec.name + "' (layer '" + it->second + "') produced NaN or Inf in " +
+                      c10::toString(out_type) + " (hint: the adapter or the base weight holds non-finite values, "
+                      "or W + dW overflows the output dtype); nothing was written");
+        }
         const double rounding = (result.to(compute) - w32).abs().max().item<double>();
         result = result.to(at::kCPU);
         report.merged.push_back(MergedTensor{spec.name, it->second, max_delta, rounding});
@@ -202,7 +204,7 @@ MergeReport merge_weights(const MergeOptions& options) {
     interrupt.check();
     util::publish_directory(staged, options.out, options.force);
   } catch (...) {
-    util::remove_tree(staged);
+    util::remove_tree_quietly(staged);
     throw;
   }
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -232,6 +232,7 @@ void LoraLinearImpl::tie_weight_(const at::Tensor& tied) {
   TORCH_CHECK(!merged(), "LoraLinear::tie_weight_: unmerge first");
   parameters_["weight"] = tied;
   weight = tied;
+  weight_tied_ = true;
 }
 
 const at::Tensor& LoraLinearImpl::lora_A() const { return factors_ ? factors_->lora_A : own_a_; }
@@ -258,9 +259,19 @@ at::Tensor LoraLinearImpl::forward(const at::Tensor& input) {
                                  adapter_input);
 }
 
+void LoraLinearImpl::set_adapter_enabled(bool enabled) {
+  if (!enabled) unmerge_();  // a merged weight would still carry the update
+  enabled_ = enabled;
+}
+
 void LoraLinearImpl::merge_() {
   TORCH_CHECK(kind_ != AdapterKind::none, "LoraLinear::merge_: the layer carries no adapter");
   if (merged()) return;
+  if (weight_tied_) {
+    throw ConfigError("LoraLinear::merge_: this layer's weight is tied to another module (e.g. a language-model "
+                      "head tied to the token embedding), which merging would change too (hint: keep the adapter "
+                      "unmerged, or untie the weights first)");
+  }
   at::NoGradGuard no_grad;
   at::Tensor merged_value =
       functional::merged_weight(weight, lora_A(), lora_B(), lora_u, lora_v, lora_.scale(), "LoraLinear weight");

@@ -101,6 +101,18 @@ TEST_P(EveryModel, TiedLoraInjectsByHuggingFaceNames) {
                                  std::map<std::string, torch::Tensor>{{"ids", ref.at("ids")}, {"logits", logits.contiguous()}});
 }
 
+TEST(Models, MergingATiedHeadIsRefusedAndLoadingOverAnAdapterToo) {
+  auto model = tiedlora::models::load_pretrained(models_dir() + "/gpt2");
+  ASSERT_TRUE(model->info().tie_word_embeddings);
+  tiedlora::inject_adapters(*model, tiedlora::InjectOptions().targets({"lm_head"}).method("lora"));
+  const auto embedding = model->named_parameters()["transformer.wte.weight"].detach().clone();
+  EXPECT_THROW(tiedlora::merge_adapters_(*model), tiedlora::ConfigError);
+  EXPECT_TRUE(torch::equal(model->named_parameters()["transformer.wte.weight"], embedding));
+  // The model carries an adapter: loading another one is refused before anything changes.
+  EXPECT_THROW(tiedlora::load_adapter(*model, models_dir() + "/gpt2_lora"), tiedlora::ConfigError);
+  EXPECT_EQ(tiedlora::adapted_layers(*model).size(), 1u);
+}
+
 INSTANTIATE_TEST_SUITE_P(Models, EveryModel, ::testing::Values("gpt2", "llama", "llama_tied"));
 
 TEST(Models, LoaderErrorsNameTheTensors) {

@@ -166,6 +166,26 @@ TEST(LoraLinear, DisabledAdapterGivesTheBaseLayer) {
   layer->set_adapter_enabled(true);
   EXPECT_TRUE(torch::equal(layer->forward(x), adapted));
   EXPECT_FALSE(torch::allclose(adapted, base->forward(x)));
+  // Disabling a merged adapter gives the original weight back, not the merged one.
+  const auto base_y = base->forward(x).detach();
+  layer->eval();
+  layer->merge_();
+  layer->set_adapter_enabled(false);
+  EXPECT_FALSE(layer->merged());
+  EXPECT_TRUE(torch::equal(layer->forward(x), base_y));
+}
+
+TEST(LoraLinear, MergeThatOverflowsHalfPrecisionIsRefused) {
+  auto layer = LoraLinear(random_linear(4, 4, torch::kHalf), LoraOptions(2));
+  {
+    torch::NoGradGuard no_grad;
+    layer->weight.fill_(60000.0);  // near fp16's largest value
+    layer->lora_A().fill_(100.0);
+    layer->lora_B().fill_(100.0);
+  }
+  const auto before = layer->weight.detach().clone();
+  EXPECT_THROW(layer->merge_(), tiedlora::Error);
+  EXPECT_TRUE(torch::equal(layer->weight, before));
 }
 
 TEST(LoraLinear, DropoutActsOnTheAdapterInputInTrainingOnly) {

@@ -39,9 +39,9 @@ int run_inspect(const std::string& path) {
   out["path"] = path;
   out["files"] = nlohmann::ordered_json::array();
   if (util::is_directory(path) && util::is_regular_file(util::join_path(path, "adapter_config.json"))) {
-    const std::string config = util::read_text_file(util::join_path(path, "adapter_config.json"));
-    out["adapter_config"] = nlohmann::ordered_json::parse(config);
-    const Adapter adapter = Adapter::read(path);  // validates config and tensors together
+    const Adapter adapter = Adapter::read(path);  // validates config and tensors together, naming the file
+    out["adapter_config"] =
+        nlohmann::ordered_json::parse(util::read_text_file(util::join_path(path, "adapter_config.json")));
     out["adapter_layers"] = adapter.modules().size();
     print_file(io::SafetensorsFile::open(util::join_path(path, "adapter_model.safetensors")), out);
   } else {

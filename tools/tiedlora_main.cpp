@@ -5,6 +5,8 @@
 #include <iostream>
 #include <map>
 
+#include <c10/util/Exception.h>
+
 #include "commands.h"
 
 int main(int argc, char** argv) {
@@ -30,6 +32,9 @@ int main(int argc, char** argv) {
   }
   try {
     for (auto* sub : app.get_subcommands()) return commands.at(sub)();
+  } catch (const c10::Error& e) {
+    std::cerr << "tiedlora: error: " << e.what_without_backtrace() << "\n";
+    return 1;
   } catch (const std::exception& e) {
     std::cerr << "tiedlora: error: " << e.what() << "\n";
     return 1;

@@ -49,6 +49,7 @@ struct MergeReport {
 /// input, computes W + dW in fp32 (GPT-2 Conv1D weights, fan_in_fan_out, get dW^T), refuses NaN/Inf,
 /// rounds once to the output dtype and writes. Output goes to a temporary folder beside `out`, renamed at
 /// the end; a failure (or SIGINT/SIGTERM) removes it, so no half-written output is ever left at `out`.
+/// It installs SIGINT/SIGTERM handlers for its duration: run one merge at a time per process.
 MergeReport merge_weights(const MergeOptions& options);
 
 }  // namespace tiedlora

@@ -105,8 +105,9 @@ struct LoraLinearOptions {
   TORCH_ARG(int64_t, in_features);
   TORCH_ARG(int64_t, out_features);
   TORCH_ARG(bool, bias) = true;
-  /// The LoRA adapter to create; nullopt builds a plain (drop-in) linear layer with no adapter.
-  TORCH_ARG(std::optional<LoraOptions>, lora) = LoraOptions();
+  /// The LoRA adapter to create with the layer; nullopt (the default) builds a plain linear layer with no
+  /// adapter, a drop-in torch::nn::Linear.
+  TORCH_ARG(std::optional<LoraOptions>, lora) = std::nullopt;
 };
 
 /// What a LoraLinear currently carries.
@@ -116,7 +117,8 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
  public:
   LoraLinearImpl(int64_t in_features, int64_t out_features)
       : LoraLinearImpl(LoraLinearOptions(in_features, out_features)) {}
-  /// A fresh layer (torch::nn::Linear's initialisation) with the adapter of `options.lora()`, if any.
+  /// A fresh layer (torch::nn::Linear's initialisation) with the adapter of `options.lora()`, if any;
+  /// LoraLinear(in, out) has none.
   explicit LoraLinearImpl(LoraLinearOptions options);
   /// A drop-in for torch::nn::Linear(options): no adapter until one is attached.
   explicit LoraLinearImpl(const torch::nn::LinearOptions& options);
@@ -156,12 +158,14 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
   /// token embedding; the tensor is shared, not copied.
   void tie_weight_(const at::Tensor& weight);
 
-  /// Off: the layer computes x W^T + bias only (the adapter stays attached).
-  void set_adapter_enabled(bool enabled) { enabled_ = enabled; }
+  /// Off: the layer computes x W^T + bias with the original W (the adapter stays attached; a merged
+  /// layer is unmerged first).
+  void set_adapter_enabled(bool enabled);
   bool adapter_enabled() const { return enabled_; }
 
   /// W <- round(W + B_eff A) computed in fp32; the original W is kept. A second call does nothing.
-  /// Throws (leaving W untouched) when the result would hold NaN or Inf.
+  /// Throws (leaving W untouched) when the result would hold NaN or Inf, and for a weight tied to another
+  /// module (tie_weight_), whose other user the merge would change too.
   void merge_();
   /// Restores the original W bit for bit. Does nothing when not merged.
   void unmerge_();
@@ -185,6 +189,7 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
   at::Tensor own_a_, own_b_;                      // plain LoRA's A and B, registered as lora_A / lora_B
   at::Tensor original_weight_;                    // defined while merged
   at::Tensor wrapped_weight_, wrapped_bias_;      // handed from a wrapped torch::nn::Linear to reset()
+  bool weight_tied_ = false;                      // the weight is shared with another module (tie_weight_)
 };
 TORCH_MODULE(LoraLinear);
 

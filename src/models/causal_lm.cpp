@@ -500,9 +500,18 @@ std::shared_ptr<CausalLM> load_gguf_model(const std::string& path, at::ScalarTyp
   }
   std::vector<std::string> missing;
   std::set<const void*> seen;
-  for (const auto& item : model->named_parameters()) {
+  const auto params = model->named_parameters();
+  for (const auto& item : params) {
     if (!seen.insert(item.value().unsafeGetTensorImpl()).second) continue;  // the tied head
     if (!source_of.count(item.key())) missing.push_back(item.key());
+  }
+  for (auto it = source_of.begin(); it != source_of.end();) {  // e.g. blk.N.* beyond block_count
+    if (params.contains(it->first)) {
+      ++it;
+    } else {
+      unexpected.push_back(it->second);
+      it = source_of.erase(it);
+    }
   }
   if (!missing.empty() || !unexpected.empty()) {
     std::string message = path + ": the GGUF does not fit a Llama model of its own metadata;";
@@ -511,7 +520,6 @@ std::shared_ptr<CausalLM> load_gguf_model(const std::string& path, at::ScalarTyp
     throw FormatError(message + " (hint: is it a Llama-architecture file written by llama.cpp's converter?)");
   }
   at::NoGradGuard no_grad;
-  const auto params = model->named_parameters();
   for (const auto& [hf, gguf] : source_of) {
     at::Tensor value = io::load_gguf_tensor(file, gguf, at::kFloat);
     // llama.cpp permutes Q and K rows for its RoPE; HF's rotate_half layout needs them back.
@@ -638,20 +646,26 @@ std::vector<int64_t> generate_greedy(CausalLM& model, const std::vector<int64_t>
   TORCH_CHECK(!prompt.empty(), "generate_greedy: the prompt is empty");
   const std::vector<int64_t> stops = options.stop_token_ids.empty() ? model.info().eos_token_ids : options.stop_token_ids;
   at::NoGradGuard no_grad;
-  const bool was_training = model.is_training();
+  // Restores the training mode however the loop ends.
+  struct ModeGuard {
+    CausalLM& model;
+    bool was_training;
+    ~ModeGuard() { model.train(was_training); }
+  } mode{model, model.is_training()};
   model.eval();
+  const int64_t limit = model.info().max_positions;
   KVCache cache;
   const auto device = model.parameters().front().device();
   at::Tensor input = at::tensor(prompt, at::TensorOptions(at::kLong)).unsqueeze(0).to(device);
   std::vector<int64_t> out;
   for (int64_t step = 0; step < options.max_new_tokens; ++step) {
+    if (limit > 0 && cache.length() + input.size(1) > limit) break;  // the model has no position beyond
     const at::Tensor logits = model.forward(input, &cache);
     const int64_t next = logits.select(1, logits.size(1) - 1).argmax(-1).item<int64_t>();
     out.push_back(next);
     if (std::find(stops.begin(), stops.end(), next) != stops.end()) break;
     input = at::full({1, 1}, next, at::TensorOptions(at::kLong).device(device));
   }
-  model.train(was_training);
   return out;
 }
 

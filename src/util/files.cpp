@@ -87,6 +87,30 @@ void remove_tree(const std::string& path) {
   }
 }
 
+void remove_tree_quietly(const std::string& path) noexcept {
+  try {
+    remove_tree(path);
+  } catch (...) {
+    // Cleanup is best effort: the caller is already reporting the error that matters.
+  }
+}
+
+void write_file_durably(const std::string& path, const std::string& text) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) throw Error(path + ": cannot create: " + errno_text());
+  size_t done = 0;
+  bool ok = true;
+  while (ok && done < text.size()) {
+    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    ok = n >= 0;
+    if (ok) done += static_cast<size_t>(n);
+  }
+  ok = ok && ::fsync(fd) == 0;
+  ok = (::close(fd) == 0) && ok;
+  if (!ok) throw Error(path + ": write failed: " + errno_text());
+}
+
 void copy_file(const std::string& from, const std::string& to) {
   const int in = ::open(from.c_str(), O_RDONLY | O_CLOEXEC);
   if (in < 0) throw Error(from + ": cannot open: " + errno_text());
@@ -116,7 +140,9 @@ void copy_file(const std::string& from, const std::string& to) {
   if (!ok) throw Error(to + ": copying " + from + " failed: " + errno_text());
 }
 
-void publish_directory(const std::string& staged, const std::string& destination, bool overwrite) {
+void publish_directory(const std::string& staged, const std::string& destination_in, bool overwrite) {
+  std::string destination = destination_in;
+  while (destination.size() > 1 && destination.back() == '/') destination.pop_back();  // "out/" is "out"
   std::string aside;
   if (path_exists(destination)) {
     if (!overwrite) {
@@ -133,7 +159,12 @@ void publish_directory(const std::string& staged, const std::string& destination
     if (!aside.empty()) ::rename(aside.c_str(), destination.c_str());
     throw Error(destination + ": cannot move " + staged + " into place: " + reason);
   }
-  if (!aside.empty()) remove_tree(aside);
+  const int dir = ::open(parent_path(destination).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir >= 0) {
+    ::fsync(dir);
+    ::close(dir);
+  }
+  if (!aside.empty()) remove_tree_quietly(aside);  // the new folder is in place; a leftover is only clutter
 }
 
 }  // namespace tiedlora::util

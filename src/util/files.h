@@ -22,10 +22,15 @@ std::string read_text_file(const std::string& path);
 std::string make_temp_directory_beside(const std::string& destination);
 /// Removes a file or a folder tree; missing paths are fine. Never follows symbolic links.
 void remove_tree(const std::string& path);
+/// remove_tree for cleanup paths: never throws (a failure to clean up must not hide the original error).
+void remove_tree_quietly(const std::string& path) noexcept;
+/// Writes `text` to `path` and fsyncs it; throws tiedlora::Error naming the file on failure.
+void write_file_durably(const std::string& path, const std::string& text);
 /// Copies a regular file byte for byte (the copy is fsynced).
 void copy_file(const std::string& from, const std::string& to);
 /// Moves the finished folder `staged` to `destination`. An existing destination is an error unless
-/// `overwrite`, in which case it is renamed aside first and removed after the move.
+/// `overwrite`, in which case it is renamed aside first and removed after the move (best effort). The
+/// parent folder is fsynced so the rename survives a crash.
 void publish_directory(const std::string& staged, const std::string& destination, bool overwrite);
 
 }  // namespace tiedlora::util

@@ -8,11 +8,12 @@
 
 #include "tiedlora/adapter_config.h"
 #include "tiedlora/error.h"
+#include "tiedlora/io/gguf.h"
 #include "tiedlora/io/safetensors_format.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size == 0) return 0;
-  const uint8_t parser = data[0] % 2;
+  const uint8_t parser = data[0] % 3;
   ++data;
   --size;
   try {
@@ -25,6 +26,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       }
       case 1:
         tiedlora::parse_adapter_config(std::string(reinterpret_cast<const char*>(data), size), "fuzz/adapter_config.json");
+        break;
+      case 2:
+        tiedlora::io::parse_gguf(data, size, "fuzz.gguf");
         break;
     }
   } catch (const tiedlora::Error&) {

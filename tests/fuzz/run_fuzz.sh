@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# run_fuzz.sh <source dir> <work dir> <seconds>: builds tests/fuzz/fuzz_parsers.cpp with clang's libFuzzer,
+# run_fuzz.sh <source dir> <work dir> <seconds> [GGUF seed folder]: builds tests/fuzz/fuzz_parsers.cpp with clang's libFuzzer,
 # AddressSanitizer and UndefinedBehaviorSanitizer, seeds a corpus from tests/data/malformed and valid
 # files, and fuzzes for a bounded time. Exit 0: nothing found; 1: a finding (the crashing input is kept in
 # the work dir); 77: no clang/libFuzzer on this machine (CTest reports the test as skipped).
 set -euo pipefail
-src="$1"; work="$2"; seconds="${3:-30}"
+src="$1"; work="$2"; seconds="${3:-30}"; gguf_seeds="${4:-}"
 clangxx="$(command -v clang++ || command -v clang++-14 || true)"
 if [ -z "$clangxx" ]; then echo "run_fuzz: clang++ not found, skipping"; exit 77; fi
 mkdir -p "$work/corpus"
@@ -12,10 +12,16 @@ fuzzer="$work/fuzz_parsers"
 "$clangxx" -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
   -I"$src/include" -I/usr/include \
   "$src/tests/fuzz/fuzz_parsers.cpp" "$src/src/io/safetensors_format.cpp" "$src/src/adapter_config.cpp" \
-  "$src/src/method.cpp" -o "$fuzzer" || { echo "run_fuzz: libFuzzer build failed, skipping"; exit 77; }
+  "$src/src/method.cpp" "$src/src/io/gguf.cpp" -o "$fuzzer" || { echo "run_fuzz: libFuzzer build failed, skipping"; exit 77; }
 # Seeds: parser byte + content. 0: safetensors headers, 1: adapter configs.
 for f in "$src"/tests/data/malformed/*.safetensors; do { printf '\x00'; cat "$f"; } > "$work/corpus/st-$(basename "$f")"; done
 for f in "$src"/tests/data/malformed/*.json; do { printf '\x01'; cat "$f"; } > "$work/corpus/cfg-$(basename "$f")"; done
+# GGUF seeds: the small files the GGUF reference made (every metadata type, alignments), if given.
+if [ -n "$gguf_seeds" ]; then
+  for f in "$gguf_seeds"/*.gguf; do
+    [ -f "$f" ] && [ "$(stat -c %s "$f")" -le 65536 ] && { printf '\x02'; cat "$f"; } > "$work/corpus/gguf-$(basename "$f")"
+  done
+fi
 printf '\x00' > "$work/corpus/st-valid"; python3 - "$work/corpus/st-valid" <<'PY'
 import json, struct, sys
 h = json.dumps({"__metadata__": {"format": "pt"}, "a": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, 12]},
@@ -27,4 +33,4 @@ printf '\x01{"peft_type": "TIEDLORA", "format_version": 1, "r": 4, "method": "ti
 printf '\x01{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "rank_pattern": {"q": 4}}' > "$work/corpus/cfg-valid-lora"
 cd "$work"
 export ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1
-"$fuzzer" -max_total_time="$seconds" -max_len=4096 -timeout=10 -print_final_stats=1 corpus
+"$fuzzer" -max_total_time="$seconds" -max_len=16384 -timeout=10 -print_final_stats=1 corpus
