@@ -2,6 +2,8 @@
 // logits in fp32 and bf16, greedy generation with the KV cache, PEFT LoRA adapters loaded by name giving
 // PEFT's logits, Tied-LoRA injected by Hugging Face names, and loader errors. It also writes a Tied-LoRA
 // adapter and the logits through it, which tests/models/check_tied_logits.py gives to PEFT.
+#include <fstream>
+
 #include <torch/torch.h>
 
 #include "test_support.h"
@@ -114,6 +116,11 @@ TEST(Models, MergingATiedHeadIsRefusedAndLoadingOverAnAdapterToo) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, EveryModel, ::testing::Values("gpt2", "llama", "llama_tied"));
+
+TEST(Models, ShardedCheckpointLoads) {
+  std::ifstream index(models_dir() + "/llama/model.safetensors.index.json");
+  EXPECT_TRUE(index.good()) << "the llama reference is meant to be sharded";
+}
 
 TEST(Models, LoaderErrorsNameTheTensors) {
   // A checkpoint for another config: every misshapen tensor is named, nothing is copied.

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Reference data for tests/test_models.cpp: tiny random GPT-2 and Llama checkpoints made with
-transformers (GQA on, rope_theta not default, tied and untied heads), random token ids, the logits
+transformers (GQA on, rope_theta not default, tied and untied heads, one of them sharded), random token ids, the logits
 transformers computes in fp32 and in bf16, its greedy continuation, and PEFT LoRA adapters with the
 logits PEFT computes through them. Writes into <out>/models/."""
 import argparse
@@ -39,7 +39,8 @@ def main():
     for name, model, targets in models():
         model.eval()
         folder = os.path.join(out, name)
-        model.save_pretrained(folder, safe_serialization=True)
+        # The untied Llama is saved in shards, so loading goes through model.safetensors.index.json too.
+        model.save_pretrained(folder, safe_serialization=True, max_shard_size="200KB" if name == "llama" else "5GB")
         ids = torch.randint(3, VOCAB, (2, 13), generator=g)
         prompt = torch.randint(3, VOCAB, (1, 5), generator=g)
         with torch.no_grad():
