@@ -170,27 +170,23 @@ Adapter Adapter::read(const std::string& folder) {
   for (const auto& [name, t] : adapter.tensors_) {
     if (!expected.count(name)) fail(name, "is not part of a " + std::string(c.type == AdapterType::vera ? "VeRA" : c.type == AdapterType::lora ? "LoRA" : "TIEDLORA") + " adapter of this config (unexpected tensor)");
   }
-  if (adapter.modules().empty()) throw FormatError(weights_path + ": the adapter holds no layer");
+  std::set<std::string> modules;
+  if (c.type == AdapterType::tiedlora) {
+    for (const auto& [module, key] : adapter.group_key_of_) modules.insert(module);
+  } else {
+    const std::string suffix = c.type == AdapterType::lora ? ".lora_A.weight" : ".vera_lambda_d";
+    for (const auto& [name, t] : adapter.tensors_) {
+      const std::string m = module_of(name, suffix);
+      if (!m.empty()) modules.insert(m);
+    }
+  }
+  adapter.modules_.assign(modules.begin(), modules.end());
+  if (adapter.modules_.empty()) throw FormatError(weights_path + ": the adapter holds no layer");
   return adapter;
 }
 
-std::vector<std::string> Adapter::modules() const {
-  std::set<std::string> out;
-  if (config_.type == AdapterType::tiedlora) {
-    for (const auto& [module, key] : group_key_of_) out.insert(module);
-  } else {
-    const std::string suffix = config_.type == AdapterType::lora ? ".lora_A.weight" : ".vera_lambda_d";
-    for (const auto& [name, t] : tensors_) {
-      const std::string m = module_of(name, suffix);
-      if (!m.empty()) out.insert(m);
-    }
-  }
-  return {out.begin(), out.end()};
-}
-
 bool Adapter::contains(const std::string& module) const {
-  const auto all = modules();
-  return std::binary_search(all.begin(), all.end(), module);
+  return std::binary_search(modules_.begin(), modules_.end(), module);
 }
 
 LayerFactors Adapter::layer(const std::string& module, LinearShape base) const {
@@ -243,7 +239,8 @@ void write_adapter_folder(const std::string& folder, const AdapterConfig& config
   const std::string staged = util::make_temp_directory_beside(folder);
   try {
     io::save_safetensors(util::join_path(staged, kWeightsName), tensors, {{"format", "pt"}});
-    util::write_file_durably(util::join_path(staged, kConfigName), text);
+    util::write_file_atomically(util::join_path(staged, kConfigName),
+                                [&](const util::ByteWriter& write) { write(text.data(), text.size()); });
     util::publish_directory(staged, folder, overwrite);
   } catch (...) {
     util::remove_tree_quietly(staged);

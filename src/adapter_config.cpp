@@ -8,34 +8,12 @@
 #include <nlohmann/json.hpp>
 
 #include "tiedlora/error.h"
+#include "util/text.h"
 
 namespace tiedlora {
 namespace {
 
 using nlohmann::json;
-
-// nlohmann keeps the last of duplicate keys silently; a config with two "r" entries is refused instead.
-json parse_strict(const std::string& text, const std::string& source) {
-  std::vector<std::set<std::string>> keys_at_depth;
-  json::parser_callback_t callback = [&](int depth, json::parse_event_t event, json& value) {
-    if (event == json::parse_event_t::object_start) {
-      keys_at_depth.emplace_back();
-    } else if (event == json::parse_event_t::object_end) {
-      if (!keys_at_depth.empty()) keys_at_depth.pop_back();
-    } else if (event == json::parse_event_t::key && !keys_at_depth.empty()) {
-      if (!keys_at_depth.back().insert(value.get<std::string>()).second) {
-        throw FormatError(source + ": key '" + value.get<std::string>() + "' appears twice (depth " +
-                          std::to_string(depth) + ")");
-      }
-    }
-    return true;
-  };
-  try {
-    return json::parse(text, callback);
-  } catch (const json::exception& e) {
-    throw FormatError(source + ": not valid JSON (" + e.what() + ")");
-  }
-}
 
 class Fields {
  public:
@@ -238,7 +216,7 @@ double AdapterConfig::scale_for(const std::string& module, int64_t layer_rank) c
 }
 
 AdapterConfig parse_adapter_config(const std::string& text, const std::string& source) {
-  const json j = parse_strict(text, source);
+  const json j = util::parse_json_strict(text, source);
   if (!j.is_object()) throw FormatError(source + ": adapter_config.json must be a JSON object");
   Fields f(j, source);
   if (!f.has("peft_type")) f.fail("peft_type", "is missing (hint: is this a PEFT or tiedlora adapter folder?)");

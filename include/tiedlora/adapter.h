@@ -44,7 +44,7 @@ class Adapter {
   const AdapterConfig& config() const { return config_; }
   const std::string& source() const { return source_; }
   /// The adapted modules, sorted.
-  std::vector<std::string> modules() const;
+  const std::vector<std::string>& modules() const { return modules_; }
   bool contains(const std::string& module) const;
   /// The factors of `module` applied to a base layer of `base` shape (VeRA slices its shared A/B to it).
   /// Throws tiedlora::FormatError when the adapter does not fit that shape (hint: wrong base model?).
@@ -60,6 +60,7 @@ class Adapter {
   std::string source_;
   std::map<std::string, at::Tensor> tensors_;
   std::map<std::string, std::string> group_key_of_;  // TIEDLORA: module -> group key
+  std::vector<std::string> modules_;                  // sorted; derived once from the tensors or groups
 };
 
 /// Writes an adapter folder atomically (a temporary folder beside `folder`, renamed at the end); refuses an

@@ -16,6 +16,7 @@
 #include <limits>
 
 #include "tiedlora/error.h"
+#include "util/text.h"
 
 namespace tiedlora::io {
 
@@ -76,21 +77,6 @@ bool is_signed_type(GgufType t) {
   return t == GgufType::INT8 || t == GgufType::INT16 || t == GgufType::INT32 || t == GgufType::INT64;
 }
 
-// A name for error messages: printable ASCII kept, everything else escaped, long names cut.
-std::string quote(const std::string& s) {
-  std::string out = "'";
-  for (std::size_t i = 0; i < s.size() && i < 200; ++i) {
-    const unsigned char c = s[i];
-    if (c >= 0x20 && c < 0x7f && c != '\'' && c != '\\') {
-      out += static_cast<char>(c);
-    } else {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", c);
-      out += buf;
-    }
-  }
-  return out + (s.size() > 200 ? "...'" : "'");
-}
 
 // Sign-extends or zero-extends the little-endian scalar bits of an integer type.
 int64_t signed_value(GgufType t, uint64_t bits) {
@@ -261,7 +247,7 @@ const std::vector<GgufValue>& GgufValue::as_arrays() const {
 std::string GgufValue::describe() const {
   switch (type_) {
     case GgufType::STRING:
-      return "STRING " + quote(string_);
+      return "STRING " + util::quote_for_message(string_);
     case GgufType::ARRAY:
       return "ARRAY [" + std::to_string(count_) + " x " + gguf_type_name(element_type_) + "]";
     case GgufType::BOOL:
@@ -304,7 +290,7 @@ class GgufParser {
     if (size_ < 4 || std::memcmp(data_, "GGUF", 4) != 0) {
       std::string magic;
       for (std::size_t i = 0; i < std::min<std::size_t>(4, size_); ++i) magic += static_cast<char>(data_[i]);
-      fail("not a GGUF file: it starts with " + quote(magic) + ", expected 'GGUF'" +
+      fail("not a GGUF file: it starts with " + util::quote_for_message(magic) + ", expected 'GGUF'" +
            (size_ < 4 ? " (the file is only " + std::to_string(size_) + " bytes)" : "") +
            " (hint: is it a safetensors, PyTorch or old GGML file?)");
     }
@@ -333,7 +319,7 @@ class GgufParser {
     for (uint64_t i = 0; i < kv_count; ++i) {
       const std::size_t entry_offset = pos_;
       std::string key = string("the key of metadata entry " + std::to_string(i));
-      context_ = "metadata " + quote(key);
+      context_ = "metadata " + util::quote_for_message(key);
       const uint32_t type = u32("its value type");
       GgufValue value = read_value(type, 0);
       if (out.metadata_index.count(key)) fail("duplicate key (at offset " + std::to_string(entry_offset) + ")");
@@ -355,7 +341,7 @@ class GgufParser {
     for (uint64_t i = 0; i < tensor_count; ++i) {
       GgufTensorInfo t;
       t.name = string("the name of tensor " + std::to_string(i));
-      context_ = "tensor " + quote(t.name);
+      context_ = "tensor " + util::quote_for_message(t.name);
       if (out.tensor_index.count(t.name)) fail("duplicate tensor name");
       const uint32_t n_dims = u32("its number of dimensions");
       if (n_dims > kMaxDims) fail("has " + std::to_string(n_dims) + " dimensions, ggml allows at most 4");
@@ -490,7 +476,7 @@ class GgufParser {
     std::vector<std::size_t> order;
     for (std::size_t i = 0; i < out.tensors.size(); ++i) {
       const GgufTensorInfo& t = out.tensors[i];
-      context_ = "tensor " + quote(t.name);
+      context_ = "tensor " + util::quote_for_message(t.name);
       if (t.offset % out.alignment != 0) {
         fail("data offset " + std::to_string(t.offset) + " is not a multiple of the alignment " +
              std::to_string(out.alignment) + " (hint: the file is corrupt)");
@@ -507,9 +493,9 @@ class GgufParser {
       const GgufTensorInfo& prev = out.tensors[order[k - 1]];
       const GgufTensorInfo& t = out.tensors[order[k]];
       if (t.offset < prev.offset + prev.nbytes) {
-        context_ = "tensor " + quote(t.name);
+        context_ = "tensor " + util::quote_for_message(t.name);
         fail("data [" + std::to_string(t.offset) + ", " + std::to_string(t.offset + t.nbytes) + ") overlaps tensor " +
-             quote(prev.name) + " [" + std::to_string(prev.offset) + ", " + std::to_string(prev.offset + prev.nbytes) +
+             util::quote_for_message(prev.name) + " [" + std::to_string(prev.offset) + ", " + std::to_string(prev.offset + prev.nbytes) +
              ") (hint: the file is corrupt)");
       }
     }
@@ -579,7 +565,7 @@ const GgufContents& GgufFile::contents() const { return mapping_->contents; }
 const GgufValue& GgufFile::value(const std::string& key) const {
   const GgufValue* v = contents().find(key);
   if (!v) {
-    throw FormatError(path() + ": metadata key " + quote(key) + " is missing (hint: is this a model of the expected "
+    throw FormatError(path() + ": metadata key " + util::quote_for_message(key) + " is missing (hint: is this a model of the expected "
                       "architecture, converted by a current llama.cpp?)");
   }
   return *v;
@@ -592,7 +578,7 @@ auto with_key(const GgufFile& file, const std::string& key, F&& get) -> decltype
   try {
     return get(v);
   } catch (const FormatError& e) {
-    throw FormatError(file.path() + ": metadata " + quote(key) + ": " + e.what());
+    throw FormatError(file.path() + ": metadata " + util::quote_for_message(key) + ": " + e.what());
   }
 }
 }  // namespace
@@ -635,8 +621,8 @@ const GgufTensorInfo& GgufFile::tensor(const std::string& name) const {
   const GgufTensorInfo* t = contents().find_tensor(name);
   if (!t) {
     std::string some;
-    for (std::size_t i = 0; i < tensors().size() && i < 5; ++i) some += (i ? ", " : "") + quote(tensors()[i].name);
-    throw FormatError(path() + ": tensor " + quote(name) + " does not exist (the file has " +
+    for (std::size_t i = 0; i < tensors().size() && i < 5; ++i) some += (i ? ", " : "") + util::quote_for_message(tensors()[i].name);
+    throw FormatError(path() + ": tensor " + util::quote_for_message(name) + " does not exist (the file has " +
                       std::to_string(tensors().size()) + " tensors: " + some + (tensors().size() > 5 ? ", ..." : "") +
                       ") (hint: maybe wrong model or architecture?)");
   }
@@ -652,7 +638,7 @@ void GgufFile::dequantize(const std::string& name, float* out) const {
   const GgufTensorInfo& t = tensor(name);
   const GgmlTypeInfo* info = ggml_type_info(static_cast<uint32_t>(t.type));
   if (!info->dequantizable) {
-    throw FormatError(path() + ": tensor " + quote(name) + " has type " + info->name +
+    throw FormatError(path() + ": tensor " + util::quote_for_message(name) + " has type " + info->name +
                       ", which tiedlora cannot dequantize (hint: supported are F32, F16, BF16, F64, Q4_0, Q4_1, "
                       "Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K; re-quantize the model with one of them)");
   }

@@ -23,6 +23,8 @@
 #include <sstream>
 
 #include "tiedlora/error.h"
+#include "util/files.h"
+#include "util/text.h"
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
               "safetensors data is little-endian: big-endian hosts need byte swapping");
@@ -33,56 +35,11 @@ namespace {
 
 std::string errno_text() { return std::strerror(errno); }
 
-// ---- paths, with POSIX calls only ----------------------------------------------------------------
-// std::filesystem is avoided on purpose: the LibTorch wheels export their own (GCC 13) copies of its
-// operations, which take precedence over the system libstdc++ and crash in some of them (remove_all
-// calls a weak symbol that GCC 12's libstdc++ lacks).
-
-bool stat_is(const std::string& path, mode_t type) {
-  struct stat st {};
-  return ::stat(path.c_str(), &st) == 0 && (st.st_mode & S_IFMT) == type;
-}
-bool is_directory(const std::string& path) { return stat_is(path, S_IFDIR); }
-bool is_regular_file(const std::string& path) { return stat_is(path, S_IFREG); }
-bool path_exists(const std::string& path) {
-  struct stat st {};
-  return ::stat(path.c_str(), &st) == 0;
-}
-// "a/b/c" -> "a/b"; "c" -> ""; "/c" -> "/".
-std::string parent_of(const std::string& path) {
-  const auto i = path.find_last_of('/');
-  if (i == std::string::npos) return "";
-  return i == 0 ? "/" : path.substr(0, i);
-}
 std::string file_name_of(const std::string& path) { return path.substr(path.find_last_of('/') + 1); }
-std::string join(const std::string& dir, const std::string& name) {
-  if (dir.empty()) return name;
-  return dir.back() == '/' ? dir + name : dir + "/" + name;
-}
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
-void make_directories(const std::string& path) {
-  for (std::size_t i = 1; i <= path.size(); ++i) {
-    if (i == path.size() || path[i] == '/') {
-      const std::string prefix = path.substr(0, i);
-      if (::mkdir(prefix.c_str(), 0755) != 0 && errno != EEXIST) {
-        throw Error(path + ": cannot create folder " + prefix + ": " + errno_text());
-      }
-    }
-  }
-  if (!is_directory(path)) throw Error(path + ": exists and is not a folder");
-}
-std::vector<std::string> list_directory(const std::string& path) {
-  std::vector<std::string> names;
-  DIR* dir = ::opendir(path.c_str());
-  if (dir == nullptr) return names;
-  while (const dirent* e = ::readdir(dir)) names.emplace_back(e->d_name);
-  ::closedir(dir);
-  return names;
-}
 
-std::string quote_name(const std::string& s) { return "'" + s + "'"; }
 
 // The order of the reference implementation's Dtype enum (safetensors 0.8.0: BOOL, F4, F6_E2M3, F6_E3M2,
 // U8, I8, F8_E5M2, F8_E4M3, F8_E8M0, I16, U16, F16, BF16, I32, U32, F32, C64, F64, I64, U64). The writer
@@ -123,48 +80,6 @@ int writer_rank(SafetensorsDtype d) {
   return -1;
 }
 
-// Writes a file atomically: `<path>.tmp.<pid>` beside the destination, fsync, rename, fsync the folder.
-// The temporary is removed if anything throws. `fill` receives a function writing bytes to the file.
-template <typename Fill>
-void write_atomically(const std::string& path, Fill&& fill) {
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw Error(tmp + ": cannot create: " + errno_text());
-  try {
-    auto write_bytes = [&](const void* data, std::size_t size) {
-      const char* p = static_cast<const char*>(data);
-      while (size > 0) {
-        ssize_t n = ::write(fd, p, std::min<std::size_t>(size, std::size_t{1} << 30));
-        if (n < 0) {
-          if (errno == EINTR) continue;
-          throw Error(tmp + ": write failed: " + errno_text());
-        }
-        p += n;
-        size -= static_cast<std::size_t>(n);
-      }
-    };
-    fill(write_bytes);
-    if (::fsync(fd) != 0) throw Error(tmp + ": fsync failed: " + errno_text());
-    int rc = ::close(fd);
-    fd = -1;
-    if (rc != 0) throw Error(tmp + ": close failed: " + errno_text());
-    if (::rename(tmp.c_str(), path.c_str()) != 0) {
-      throw Error(path + ": cannot rename " + tmp + " into place: " + errno_text());
-    }
-  } catch (...) {
-    if (fd >= 0) ::close(fd);
-    ::unlink(tmp.c_str());
-    throw;
-  }
-  // Make the rename itself durable; failure here does not undo the write, so it is not an error.
-  const std::string dir = parent_of(path);
-  int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
-  }
-}
-
 // Validates the names and computes the layout (order and offsets) the Python package would use: by dtype
 // rank descending, then by name bytes. Returns entries in file order.
 std::vector<TensorEntry> layout(const std::string& path, const std::vector<TensorSpec>& specs) {
@@ -173,7 +88,7 @@ std::vector<TensorEntry> layout(const std::string& path, const std::vector<Tenso
   sorted.reserve(specs.size());
   for (const auto& spec : specs) {
     if (!names.insert(spec.name).second) {
-      throw Error(path + ": tensor " + quote_name(spec.name) + " is given twice (names in a safetensors file are unique)");
+      throw Error(path + ": tensor " + util::quote_for_message(spec.name) + " is given twice (names in a safetensors file are unique)");
     }
     if (spec.name == "__metadata__") throw Error(path + ": \"__metadata__\" is reserved and cannot name a tensor");
     sorted.push_back(&spec);
@@ -204,16 +119,16 @@ std::vector<TensorSpec> specs_of(const std::string& path, const std::vector<std:
   std::vector<TensorSpec> specs;
   specs.reserve(tensors.size());
   for (const auto& [name, t] : tensors) {
-    if (!t.defined()) throw Error(path + ": tensor " + quote_name(name) + " is undefined");
+    if (!t.defined()) throw Error(path + ": tensor " + util::quote_for_message(name) + " is undefined");
     if (t.layout() != c10::kStrided) {
-      throw Error(path + ": tensor " + quote_name(name) +
+      throw Error(path + ": tensor " + util::quote_for_message(name) +
                   " is not a dense (strided) tensor; convert it with to_dense()");
     }
     SafetensorsDtype dtype;
     try {
       dtype = from_scalar_type(t.scalar_type());
     } catch (const Error& e) {
-      throw Error(path + ": tensor " + quote_name(name) + ": " + e.what());
+      throw Error(path + ": tensor " + util::quote_for_message(name) + ": " + e.what());
     }
     specs.push_back(TensorSpec{name, dtype, t.sizes().vec()});
   }
@@ -371,7 +286,7 @@ bool SafetensorsFile::contains(const std::string& name) const { return index_.co
 const TensorEntry& SafetensorsFile::entry(const std::string& name) const {
   auto it = index_.find(name);
   if (it == index_.end()) {
-    throw FormatError(path() + ": no tensor " + quote_name(name) + " (the file holds " + std::to_string(index_.size()) +
+    throw FormatError(path() + ": no tensor " + util::quote_for_message(name) + " (the file holds " + std::to_string(index_.size()) +
                       " tensors)");
   }
   return mapping_->header.tensors[it->second];
@@ -428,7 +343,7 @@ void write_safetensors_streaming(const std::string& path, const std::vector<Tens
   std::map<std::string, const TensorSpec*> spec_of;
   for (const auto& spec : specs) spec_of[spec.name] = &spec;
   const std::string header = serialize_safetensors_header(entries, metadata);
-  write_atomically(path, [&](const auto& write_bytes) {
+  util::write_file_atomically(path, [&](const util::ByteWriter& write_bytes) {
     uint8_t prefix[8];
     uint64_t n = header.size();
     for (int i = 0; i < 8; ++i) prefix[i] = static_cast<uint8_t>(n >> (8 * i));
@@ -439,7 +354,7 @@ void write_safetensors_streaming(const std::string& path, const std::vector<Tens
       const TensorSpec& spec = *spec_of.at(entry.name);
       at::Tensor t = produce(spec);
       if (!t.defined() || t.sizes().vec() != spec.shape || from_scalar_type(t.scalar_type()) != spec.dtype) {
-        throw Error(path + ": tensor " + quote_name(spec.name) + " was produced with " +
+        throw Error(path + ": tensor " + util::quote_for_message(spec.name) + " was produced with " +
                     (t.defined() ? std::string(c10::toString(t.scalar_type())) : "no data") +
                     " data of another shape or dtype than announced in the header");
       }
@@ -467,56 +382,16 @@ namespace {
 constexpr const char* kSingleName = "model.safetensors";
 constexpr const char* kIndexName = "model.safetensors.index.json";
 
-// Parses JSON, rejecting duplicate keys at any depth (nlohmann would silently keep the last one).
-nlohmann::json parse_json_strict(const std::string& text, const std::string& source) {
-  std::vector<std::set<std::string>> keys;
-  std::string duplicate;
-  nlohmann::json::parser_callback_t callback = [&](int, nlohmann::json::parse_event_t event, nlohmann::json& value) {
-    switch (event) {
-      case nlohmann::json::parse_event_t::object_start:
-        keys.emplace_back();
-        break;
-      case nlohmann::json::parse_event_t::object_end:
-        if (!keys.empty()) keys.pop_back();
-        break;
-      case nlohmann::json::parse_event_t::key:
-        if (!keys.empty() && !keys.back().insert(value.get<std::string>()).second && duplicate.empty()) {
-          duplicate = value.get<std::string>();
-        }
-        break;
-      default:
-        break;
-    }
-    return true;
-  };
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text, callback);
-  } catch (const nlohmann::json::exception& e) {
-    throw FormatError(source + ": not valid JSON: " + e.what());
-  }
-  if (!duplicate.empty()) throw FormatError(source + ": key " + quote_name(duplicate) + " appears twice");
-  return j;
-}
-
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(path + ": cannot open: " + errno_text());
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 }  // namespace
 
 Checkpoint Checkpoint::open(const std::string& path) {
   std::string source = path;
-  if (is_directory(path)) {
+  if (util::is_directory(path)) {
     // transformers' preference: a single model.safetensors first, then the index.
-    if (is_regular_file(join(path, kSingleName))) {
-      source = join(path, kSingleName);
-    } else if (is_regular_file(join(path, kIndexName))) {
-      source = join(path, kIndexName);
+    if (util::is_regular_file(util::join_path(path, kSingleName))) {
+      source = util::join_path(path, kSingleName);
+    } else if (util::is_regular_file(util::join_path(path, kIndexName))) {
+      source = util::join_path(path, kIndexName);
     } else {
       throw FormatError(path + ": folder holds neither " + kSingleName + " nor " + kIndexName +
                         " (hint: is this a Hugging Face checkpoint saved with safetensors?)");
@@ -530,7 +405,7 @@ Checkpoint Checkpoint::open(const std::string& path) {
     return ckpt;
   }
 
-  const nlohmann::json index = parse_json_strict(read_text(source), source);
+  const nlohmann::json index = util::parse_json_strict(util::read_text_file(source), source);
   if (!index.is_object()) throw FormatError(source + ": the index is not a JSON object");
   auto wm = index.find("weight_map");
   if (wm == index.end()) {
@@ -541,21 +416,21 @@ Checkpoint Checkpoint::open(const std::string& path) {
   std::map<std::string, std::size_t> file_index;
   for (const auto& [tensor, shard] : wm->items()) {
     if (!shard.is_string()) {
-      throw FormatError(source + ": tensor " + quote_name(tensor) + ": weight_map value is not a file name string");
+      throw FormatError(source + ": tensor " + util::quote_for_message(tensor) + ": weight_map value is not a file name string");
     }
     const std::string name = shard.get<std::string>();
     if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos) {
-      throw FormatError(source + ": tensor " + quote_name(tensor) + ": shard " + quote_name(name) +
+      throw FormatError(source + ": tensor " + util::quote_for_message(tensor) + ": shard " + util::quote_for_message(name) +
                         " is not a file name in the index's folder");
     }
     shard_of[tensor] = name;
     if (!file_index.count(name)) file_index.emplace(name, 0);
   }
-  const std::string folder = parent_of(source);
+  const std::string folder = util::parent_path(source);
   std::size_t i = 0;
   for (auto& [name, idx] : file_index) {
-    const std::string shard_path = join(folder, name);
-    if (!path_exists(shard_path)) {
+    const std::string shard_path = util::join_path(folder, name);
+    if (!util::path_exists(shard_path)) {
       std::string example;
       for (const auto& [t, s] : shard_of) {
         if (s == name) {
@@ -563,7 +438,7 @@ Checkpoint Checkpoint::open(const std::string& path) {
           break;
         }
       }
-      throw FormatError(source + ": shard " + quote_name(name) + " (listed for tensor " + quote_name(example) +
+      throw FormatError(source + ": shard " + util::quote_for_message(name) + " (listed for tensor " + util::quote_for_message(example) +
                         ") does not exist (hint: an incomplete download?)");
     }
     ckpt.files_.push_back(SafetensorsFile::open(shard_path));
@@ -576,23 +451,23 @@ Checkpoint Checkpoint::open(const std::string& path) {
     for (const auto& tensor : file.names()) {
       auto listed = shard_of.find(tensor);
       if (listed == shard_of.end()) {
-        throw FormatError(source + ": tensor " + quote_name(tensor) + " is in shard " + quote_name(shard_name) +
+        throw FormatError(source + ": tensor " + util::quote_for_message(tensor) + " is in shard " + util::quote_for_message(shard_name) +
                           " but missing from the index (hint: the index is stale or incomplete)");
       }
       if (auto [it, fresh] = ckpt.file_of_tensor_.emplace(tensor, f); !fresh) {
-        throw FormatError(source + ": tensor " + quote_name(tensor) + " is in two shards, " +
-                          quote_name(file_name_of(ckpt.files_[it->second].path())) + " and " + quote_name(shard_name));
+        throw FormatError(source + ": tensor " + util::quote_for_message(tensor) + " is in two shards, " +
+                          util::quote_for_message(file_name_of(ckpt.files_[it->second].path())) + " and " + util::quote_for_message(shard_name));
       }
       if (listed->second != shard_name) {
-        throw FormatError(source + ": tensor " + quote_name(tensor) + " is listed in shard " +
-                          quote_name(listed->second) + " but found in shard " + quote_name(shard_name) +
+        throw FormatError(source + ": tensor " + util::quote_for_message(tensor) + " is listed in shard " +
+                          util::quote_for_message(listed->second) + " but found in shard " + util::quote_for_message(shard_name) +
                           " (hint: the index is stale)");
       }
     }
   }
   for (const auto& [tensor, shard] : shard_of) {
     if (!ckpt.file_of_tensor_.count(tensor)) {
-      throw FormatError(source + ": tensor " + quote_name(tensor) + " is listed in shard " + quote_name(shard) +
+      throw FormatError(source + ": tensor " + util::quote_for_message(tensor) + " is listed in shard " + util::quote_for_message(shard) +
                         " but that shard does not hold it (hint: the index is stale or the shard is wrong)");
     }
   }
@@ -611,7 +486,7 @@ bool Checkpoint::contains(const std::string& name) const { return file_of_tensor
 const SafetensorsFile& Checkpoint::file_of(const std::string& name) const {
   auto it = file_of_tensor_.find(name);
   if (it == file_of_tensor_.end()) {
-    throw FormatError(source_ + ": no tensor " + quote_name(name) + " in the checkpoint (" +
+    throw FormatError(source_ + ": no tensor " + util::quote_for_message(name) + " in the checkpoint (" +
                       std::to_string(file_of_tensor_.size()) + " tensors)");
   }
   return files_[it->second];
@@ -635,7 +510,7 @@ std::vector<std::string> write_sharded_safetensors_streaming(const std::string& 
                                                              const std::map<std::string, std::string>& metadata) {
   // Validate everything (names) before touching the folder.
   layout(folder, specs);
-  make_directories(folder);
+  util::make_directories(folder);
 
   // huggingface_hub's split: in order, a shard closed when the next tensor would overflow it. (It puts a
   // tensor larger than the limit in a shard of its own ahead of the open one; here it simply closes it.)
@@ -655,30 +530,31 @@ std::vector<std::string> write_sharded_safetensors_streaming(const std::string& 
   std::vector<std::string> written;
   std::set<std::string> keep;
   if (shards.size() == 1) {
-    write_safetensors_streaming(join(folder, kSingleName), shards[0], produce, metadata);
+    write_safetensors_streaming(util::join_path(folder, kSingleName), shards[0], produce, metadata);
     written.push_back(kSingleName);
   } else {
     nlohmann::json weight_map = nlohmann::json::object();
     for (std::size_t i = 0; i < shards.size(); ++i) {
       char name[64];
       std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", i + 1, shards.size());
-      write_safetensors_streaming(join(folder, name), shards[i], produce, metadata);
+      write_safetensors_streaming(util::join_path(folder, name), shards[i], produce, metadata);
       for (const auto& spec : shards[i]) weight_map[spec.name] = name;
       written.push_back(name);
     }
     // transformers' layout: json.dumps(index, indent=2, sort_keys=True) + "\n" (ASCII-escaped).
     nlohmann::json index = {{"metadata", {{"total_size", total_size}}}, {"weight_map", weight_map}};
     const std::string text = index.dump(2, ' ', true) + "\n";
-    write_atomically(join(folder, kIndexName), [&](const auto& write_bytes) { write_bytes(text.data(), text.size()); });
+    util::write_file_atomically(util::join_path(folder, kIndexName),
+                                [&](const util::ByteWriter& write_bytes) { write_bytes(text.data(), text.size()); });
     written.push_back(kIndexName);
   }
   // Remove what a previous save left that would shadow or confuse this one.
   keep.insert(written.begin(), written.end());
   static const std::regex kShard(R"(model-\d{5}-of-\d{5}\.safetensors)");
-  for (const auto& name : list_directory(folder)) {
+  for (const auto& name : util::list_directory(folder)) {
     if (keep.count(name)) continue;
     if (name == kSingleName || name == kIndexName || std::regex_match(name, kShard)) {
-      ::unlink(join(folder, name).c_str());
+      ::unlink(util::join_path(folder, name).c_str());
     }
   }
   return written;

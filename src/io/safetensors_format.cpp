@@ -13,6 +13,7 @@
 #include <set>
 
 #include "tiedlora/error.h"
+#include "util/text.h"
 #include "tiedlora/io/safetensors_format.h"
 
 namespace tiedlora::io {
@@ -58,25 +59,6 @@ bool dtype_from_name(const std::string& name, SafetensorsDtype* out) {
   return false;
 }
 
-// A string for error messages: printable ASCII kept, anything else escaped, long strings cut.
-std::string quote_name(const std::string& s) {
-  std::string out = "'";
-  std::size_t n = 0;
-  for (unsigned char c : s) {
-    if (++n > 200) {
-      out += "...";
-      break;
-    }
-    if (c >= 0x20 && c < 0x7f && c != '\'' && c != '\\') {
-      out += static_cast<char>(c);
-    } else {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", c);
-      out += buf;
-    }
-  }
-  return out + "'";
-}
 
 std::string shape_string(const std::vector<int64_t>& shape) {
   std::string s = "[";
@@ -234,7 +216,7 @@ class HeaderHandler {
     switch (state_) {
       case State::kTopKey:
         if (!top_keys_.insert(k).second) {
-          fail((k == "__metadata__" ? std::string("__metadata__") : "tensor " + quote_name(k)) +
+          fail((k == "__metadata__" ? std::string("__metadata__") : "tensor " + util::quote_for_message(k)) +
                " appears twice in the header (hint: duplicate keys are ambiguous; the file is corrupt or "
                "written by a buggy tool)");
         }
@@ -243,7 +225,7 @@ class HeaderHandler {
         return true;
       case State::kMetaKey:
         if (!seen_.insert(k).second) {
-          fail("__metadata__ key " + quote_name(k) + " appears twice (hint: duplicate keys are ambiguous)");
+          fail("__metadata__ key " + util::quote_for_message(k) + " appears twice (hint: duplicate keys are ambiguous)");
         }
         key_in_object_ = std::move(k);
         state_ = State::kMetaValue;
@@ -270,7 +252,7 @@ class HeaderHandler {
       case State::kSkip:
         return true;
       default:
-        fail("unexpected key " + quote_name(k));
+        fail("unexpected key " + util::quote_for_message(k));
     }
   }
   bool end_object() {
@@ -311,7 +293,7 @@ class HeaderHandler {
  private:
   [[noreturn]] void fail(const std::string& what) { throw FormatError(source_ + ": " + what); }
 
-  std::string tensor() const { return "tensor " + quote_name(entry_.name) + ": "; }
+  std::string tensor() const { return "tensor " + util::quote_for_message(entry_.name) + ": "; }
 
   // A value of the wrong kind, reported with where it was found.
   bool scalar(const std::string& what) {
@@ -330,13 +312,13 @@ class HeaderHandler {
       case State::kOffsets:
         fail(tensor() + "data_offsets contains " + what + ", expected non-negative integers");
       case State::kMetaValue:
-        fail("__metadata__ value of key " + quote_name(key_in_object_) + " is " + what +
+        fail("__metadata__ value of key " + util::quote_for_message(key_in_object_) + " is " + what +
              ", expected a string (hint: safetensors metadata maps strings to strings)");
       case State::kTopValue:
         if (key_ == "__metadata__") {
           fail("__metadata__ is " + what + ", expected an object of strings");
         }
-        fail("tensor " + quote_name(key_) + ": entry is " + what +
+        fail("tensor " + util::quote_for_message(key_) + ": entry is " + what +
              ", expected an object {\"dtype\", \"shape\", \"data_offsets\"}");
       case State::kRoot:
         fail("header is " + what + ", expected a JSON object");
@@ -363,7 +345,7 @@ class HeaderHandler {
     }
     std::string known;
     for (const auto& d : kDtypes) known += std::string(known.empty() ? "" : " ") + d.name;
-    fail(tensor() + "unknown dtype " + quote_name(s) + " (expected one of " + known + ")");
+    fail(tensor() + "unknown dtype " + util::quote_for_message(s) + " (expected one of " + known + ")");
   }
 
   const std::string& source_;
@@ -416,7 +398,7 @@ bool valid_utf8(const std::string& s) {
 // serde_json's escaping: `"` and `\` escaped, \b \f \n \r \t short, other controls as \u00xx (lower-case
 // hex), everything else (DEL and non-ASCII included) written as is.
 void append_json_string(std::string& out, const std::string& s, const char* what) {
-  if (!valid_utf8(s)) throw Error("safetensors: " + std::string(what) + " " + quote_name(s) + " is not valid UTF-8");
+  if (!valid_utf8(s)) throw Error("safetensors: " + std::string(what) + " " + util::quote_for_message(s) + " is not valid UTF-8");
   out += '"';
   for (unsigned char c : s) {
     switch (c) {
@@ -504,7 +486,7 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, std::size_t ava
 
   // Each tensor's byte count must be what its dtype and shape need (overflow-checked).
   for (const TensorEntry& t : header.tensors) {
-    const std::string where = source + ": tensor " + quote_name(t.name) + ": ";
+    const std::string where = source + ": tensor " + util::quote_for_message(t.name) + ": ";
     if (t.end < t.begin) {
       throw FormatError(where + "data_offsets " + offsets_string(t.begin, t.end) +
                         " end before they begin (hint: was the file written by a buggy tool?)");
@@ -537,16 +519,16 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, std::size_t ava
   const TensorEntry* previous = nullptr;
   for (const TensorEntry& t : header.tensors) {
     const std::string where =
-        source + ": tensor " + quote_name(t.name) + ": data_offsets " + offsets_string(t.begin, t.end);
+        source + ": tensor " + util::quote_for_message(t.name) + ": data_offsets " + offsets_string(t.begin, t.end);
     if (t.begin < at) {
-      throw FormatError(where + " overlap tensor " + quote_name(previous->name) + " " +
+      throw FormatError(where + " overlap tensor " + util::quote_for_message(previous->name) + " " +
                         offsets_string(previous->begin, previous->end) +
                         " (hint: was the file written by a buggy tool?)");
     }
     if (t.begin > at) {
       throw FormatError(where + " leave a hole of " + std::to_string(t.begin - at) + " bytes after " +
                         (previous
-                             ? "tensor " + quote_name(previous->name) + " (which ends at " + std::to_string(at) + ")"
+                             ? "tensor " + util::quote_for_message(previous->name) + " (which ends at " + std::to_string(at) + ")"
                              : std::string("the start of the data buffer")) +
                         " (hint: was the file written by a buggy tool?)");
     }
@@ -560,7 +542,7 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, std::size_t ava
   if (at != buffer) {
     throw FormatError(
         source + ": " + std::to_string(buffer - at) + " unexpected bytes after the data of the last tensor" +
-        (previous ? " (" + quote_name(previous->name) + ", ending at " + std::to_string(at) + ")" : std::string()) +
+        (previous ? " (" + util::quote_for_message(previous->name) + ", ending at " + std::to_string(at) + ")" : std::string()) +
         "; the data buffer holds " + std::to_string(buffer) +
         " bytes (hint: the file was appended to or the header is stale)");
   }

@@ -102,6 +102,19 @@ class Config {
   json j_, generation_;
 };
 
+// The architecture-independent facts, from config.json (and generation_config.json for the token ids).
+ModelInfo info_from(const Config& c, std::string type, int64_t vocab, int64_t layers, bool tied_by_default) {
+  ModelInfo info;
+  info.model_type = std::move(type);
+  info.vocab_size = vocab;
+  info.num_layers = layers;
+  info.eos_token_ids = c.token_ids("eos_token_id");
+  const auto bos = c.token_ids("bos_token_id");
+  info.bos_token_id = bos.empty() ? -1 : bos[0];
+  info.tie_word_embeddings = c.flag_or("tie_word_embeddings", tied_by_default);
+  return info;
+}
+
 LoraLinear linear(int64_t in, int64_t out, bool bias) {
   return LoraLinear(torch::nn::LinearOptions(in, out).bias(bias));
 }
@@ -212,14 +225,8 @@ class Gpt2LMHead : public CausalLM {
               c.integer("n_head"), 0, c.number_or("layer_norm_epsilon", 1e-5)};
     sizes_.inner = c.integer_or("n_inner", 4 * sizes_.dim);
     if (sizes_.dim % sizes_.heads) throw FormatError(c.path() + ": n_embd is not a multiple of n_head");
-    info_.model_type = "gpt2";
-    info_.vocab_size = sizes_.vocab;
-    info_.num_layers = sizes_.layers;
+    info_ = info_from(c, "gpt2", sizes_.vocab, sizes_.layers, /*tied_by_default=*/true);
     info_.max_positions = sizes_.positions;
-    info_.eos_token_ids = c.token_ids("eos_token_id");
-    const auto bos = c.token_ids("bos_token_id");
-    info_.bos_token_id = bos.empty() ? -1 : bos[0];
-    info_.tie_word_embeddings = c.flag_or("tie_word_embeddings", true);
     info_.fan_in_fan_out = true;
     transformer_ = register_module("transformer", Gpt2Transformer(sizes_));
     lm_head_ = register_module("lm_head", linear(sizes_.dim, sizes_.vocab, false));
@@ -364,13 +371,7 @@ class LlamaForCausalLM : public CausalLM {
         s_.rope_theta = rope.at("rope_theta").get<double>();
       }
     }
-    info_.model_type = "llama";
-    info_.vocab_size = s_.vocab;
-    info_.num_layers = s_.layers;
-    info_.eos_token_ids = c.token_ids("eos_token_id");
-    const auto bos = c.token_ids("bos_token_id");
-    info_.bos_token_id = bos.empty() ? -1 : bos[0];
-    info_.tie_word_embeddings = c.flag_or("tie_word_embeddings", false);
+    info_ = info_from(c, "llama", s_.vocab, s_.layers, /*tied_by_default=*/false);
     model_ = register_module("model", LlamaBody(s_));
     lm_head_ = register_module("lm_head", linear(s_.dim, s_.vocab, false));
     if (info_.tie_word_embeddings) lm_head_->tie_weight_(model_->embed_tokens->weight);

@@ -95,20 +95,54 @@ void remove_tree_quietly(const std::string& path) noexcept {
   }
 }
 
-void write_file_durably(const std::string& path, const std::string& text) {
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw Error(path + ": cannot create: " + errno_text());
-  size_t done = 0;
-  bool ok = true;
-  while (ok && done < text.size()) {
-    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    ok = n >= 0;
-    if (ok) done += static_cast<size_t>(n);
+void make_directories(const std::string& path) {
+  for (std::size_t i = 1; i <= path.size(); ++i) {
+    if (i == path.size() || path[i] == '/') {
+      const std::string prefix = path.substr(0, i);
+      if (::mkdir(prefix.c_str(), 0755) != 0 && errno != EEXIST) {
+        throw Error(path + ": cannot create folder " + prefix + ": " + errno_text());
+      }
+    }
   }
-  ok = ok && ::fsync(fd) == 0;
-  ok = (::close(fd) == 0) && ok;
-  if (!ok) throw Error(path + ": write failed: " + errno_text());
+  if (!is_directory(path)) throw Error(path + ": exists and is not a folder");
+}
+
+void write_file_atomically(const std::string& path, const std::function<void(const ByteWriter&)>& fill) {
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) throw Error(tmp + ": cannot create: " + errno_text());
+  try {
+    const ByteWriter write_bytes = [&](const void* data, std::size_t size) {
+      const char* p = static_cast<const char*>(data);
+      while (size > 0) {
+        const ssize_t n = ::write(fd, p, std::min<std::size_t>(size, std::size_t{1} << 30));
+        if (n < 0) {
+          if (errno == EINTR) continue;
+          throw Error(tmp + ": write failed: " + errno_text());
+        }
+        p += n;
+        size -= static_cast<std::size_t>(n);
+      }
+    };
+    fill(write_bytes);
+    if (::fsync(fd) != 0) throw Error(tmp + ": fsync failed: " + errno_text());
+    const int rc = ::close(fd);
+    fd = -1;
+    if (rc != 0) throw Error(tmp + ": close failed: " + errno_text());
+    if (::rename(tmp.c_str(), path.c_str()) != 0) {
+      throw Error(path + ": cannot rename " + tmp + " into place: " + errno_text());
+    }
+  } catch (...) {
+    if (fd >= 0) ::close(fd);
+    ::unlink(tmp.c_str());
+    throw;
+  }
+  // Make the rename itself durable; failure here does not undo the write, so it is not an error.
+  const int dir = ::open(parent_path(path).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir >= 0) {
+    ::fsync(dir);
+    ::close(dir);
+  }
 }
 
 void copy_file(const std::string& from, const std::string& to) {

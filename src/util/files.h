@@ -3,6 +3,8 @@
 // ones, and some operations (remove_all on a non-empty folder) crash (docs/design.md).
 #pragma once
 
+#include <cstddef>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -22,10 +24,15 @@ std::string read_text_file(const std::string& path);
 std::string make_temp_directory_beside(const std::string& destination);
 /// Removes a file or a folder tree; missing paths are fine. Never follows symbolic links.
 void remove_tree(const std::string& path);
+/// Creates `path` and its missing parents; throws tiedlora::Error naming them when it cannot.
+void make_directories(const std::string& path);
+/// Writes a file atomically: `<path>.tmp.<pid>` beside the destination, fsync, rename, fsync the folder.
+/// `fill` receives a function that appends bytes; if anything throws, the temporary is removed and `path`
+/// is untouched.
+using ByteWriter = std::function<void(const void* data, std::size_t size)>;
+void write_file_atomically(const std::string& path, const std::function<void(const ByteWriter&)>& fill);
 /// remove_tree for cleanup paths: never throws (a failure to clean up must not hide the original error).
 void remove_tree_quietly(const std::string& path) noexcept;
-/// Writes `text` to `path` and fsyncs it; throws tiedlora::Error naming the file on failure.
-void write_file_durably(const std::string& path, const std::string& text);
 /// Copies a regular file byte for byte (the copy is fsynced).
 void copy_file(const std::string& from, const std::string& to);
 /// Moves the finished folder `staged` to `destination`. An existing destination is an error unless

@@ -2,17 +2,20 @@
 # run_fuzz.sh <source dir> <work dir> <seconds> [GGUF seed folder]: builds tests/fuzz/fuzz_parsers.cpp with clang's libFuzzer,
 # AddressSanitizer and UndefinedBehaviorSanitizer, seeds a corpus from tests/data/malformed and valid
 # files, and fuzzes for a bounded time. Exit 0: nothing found; 1: a finding (the crashing input is kept in
-# the work dir); 77: no clang/libFuzzer on this machine (CTest reports the test as skipped).
+# the work dir, or the build failed); 77: no clang/libFuzzer on this machine (CTest reports it skipped).
 set -euo pipefail
 src="$1"; work="$2"; seconds="${3:-30}"; gguf_seeds="${4:-}"
 clangxx="$(command -v clang++ || command -v clang++-14 || true)"
 if [ -z "$clangxx" ]; then echo "run_fuzz: clang++ not found, skipping"; exit 77; fi
 mkdir -p "$work/corpus"
 fuzzer="$work/fuzz_parsers"
+# Skip only when the toolchain lacks libFuzzer; a failing build of our sources is a failure.
+printf 'extern "C" int LLVMFuzzerTestOneInput(const unsigned char*, unsigned long) { return 0; }\n' > "$work/probe.cpp"
+"$clangxx" -fsanitize=fuzzer "$work/probe.cpp" -o "$work/probe" 2>/dev/null || { echo "run_fuzz: no libFuzzer runtime, skipping"; exit 77; }
 "$clangxx" -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-  -I"$src/include" -I/usr/include \
+  -I"$src/include" -I"$src/src" -I/usr/include \
   "$src/tests/fuzz/fuzz_parsers.cpp" "$src/src/io/safetensors_format.cpp" "$src/src/adapter_config.cpp" \
-  "$src/src/method.cpp" "$src/src/io/gguf.cpp" -o "$fuzzer" || { echo "run_fuzz: libFuzzer build failed, skipping"; exit 77; }
+  "$src/src/method.cpp" "$src/src/io/gguf.cpp" "$src/src/util/text.cpp" -o "$fuzzer"
 # Seeds: parser byte + content. 0: safetensors headers, 1: adapter configs.
 for f in "$src"/tests/data/malformed/*.safetensors; do { printf '\x00'; cat "$f"; } > "$work/corpus/st-$(basename "$f")"; done
 for f in "$src"/tests/data/malformed/*.json; do { printf '\x01'; cat "$f"; } > "$work/corpus/cfg-$(basename "$f")"; done

@@ -1,0 +1,19 @@
+// util/text.h: two text helpers the file readers share. Torch-free (the fuzz target links it).
+#pragma once
+
+#include <string>
+#include <string_view>
+
+#include <nlohmann/json.hpp>
+
+namespace tiedlora::util {
+
+/// A name for error messages: in single quotes, printable ASCII kept, every other byte escaped as \xNN,
+/// cut after 200 bytes. Untrusted names (from a file being parsed) go through this.
+std::string quote_for_message(std::string_view name);
+
+/// JSON parsing that refuses duplicate keys at any depth (nlohmann keeps the last one silently).
+/// Throws tiedlora::FormatError "<source>: not valid JSON (...)" or "<source>: key '<k>' appears twice".
+nlohmann::json parse_json_strict(const std::string& text, const std::string& source);
+
+}  // namespace tiedlora::util
