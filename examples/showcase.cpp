@@ -3,7 +3,7 @@
 // synthetic next-token task, merges the adapters into the weights, and shows that the merged model gives
 // the adapted model's outputs and that unmerging restores the original weights bit for bit.
 //
-// Run: scripts/demo   (or build/examples/tiedlora_showcase after scripts/bootstrap)
+// Run: scripts/demo --showcase   (or build/examples/tiedlora_showcase after scripts/bootstrap)
 #include <chrono>
 #include <cstdio>
 #include <iostream>

@@ -192,4 +192,14 @@ std::vector<ModuleGroup> select_modules(const std::vector<ModuleDescription>& mo
   return groups;
 }
 
+std::vector<std::string> split_pattern_list(const std::string& comma_separated) {
+  std::vector<std::string> out;
+  std::stringstream stream(comma_separated);
+  std::string item;
+  while (std::getline(stream, item, ',')) {
+    if (!item.empty()) out.push_back(item);
+  }
+  return out;
+}
+
 }  // namespace tiedlora

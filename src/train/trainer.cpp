@@ -1,0 +1,475 @@
+// trainer.cpp: the training loop, learning-rate schedule, checkpoints and exact resume (tiedlora/train.h).
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <random>
+#include <set>
+
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <nlohmann/json.hpp>
+#include <torch/nn/utils/clip_grad.h>
+#include <torch/optim/adamw.h>
+
+#include "tiedlora/error.h"
+#include "tiedlora/inject.h"
+#include "tiedlora/io/safetensors.h"
+#include "tiedlora/train.h"
+#include "util/files.h"
+#include "util/text.h"
+
+namespace tiedlora::train {
+
+using nlohmann::json;
+
+namespace {
+
+volatile std::sig_atomic_t g_stop_requested = 0;
+
+void on_stop_signal(int signal) {
+  if (g_stop_requested) {  // a second Ctrl-C: stop now, the default way
+    std::signal(signal, SIG_DFL);
+    std::raise(signal);
+    return;
+  }
+  g_stop_requested = 1;
+}
+
+constexpr const char* kStateFormat = "tiedlora-trainer-1";
+
+// The options that fix the sequence of data, learning rates and updates: a resumed run must share them.
+json trajectory_options(const TrainOptions& o) {
+  return {{"max_steps", o.max_steps},       {"batch_size", o.batch_size},     {"grad_accum", o.grad_accum},
+          {"max_length", o.max_length},     {"lr", o.lr},                     {"warmup_steps", o.warmup_steps},
+          {"min_lr_ratio", o.min_lr_ratio}, {"weight_decay", o.weight_decay}, {"beta1", o.beta1},
+          {"beta2", o.beta2},               {"eps", o.eps},                   {"max_grad_norm", o.max_grad_norm},
+          {"eval_every", o.eval_every},     {"patience", o.patience},         {"min_delta", o.min_delta},
+          {"seed", o.seed},                 {"autocast_bf16", o.autocast_bf16}};
+}
+
+std::string checkpoint_name(int64_t step) {
+  char name[32];
+  std::snprintf(name, sizeof name, "step-%08lld", static_cast<long long>(step));
+  return name;
+}
+
+}  // namespace
+
+double cosine_with_warmup(int64_t step, int64_t total, int64_t warmup, double peak, double min_ratio) {
+  TORCH_CHECK(total > 0 && step >= 0, "cosine_with_warmup: step ", step, " of ", total);
+  // Warmup counts the step being taken, so the first update is not wasted at lr 0.
+  if (step < warmup) return peak * static_cast<double>(step + 1) / static_cast<double>(warmup);
+  const double span = static_cast<double>(std::max<int64_t>(1, total - warmup));
+  const double progress = std::min(1.0, static_cast<double>(step - warmup) / span);
+  return peak * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + std::cos(M_PI * progress)));
+}
+
+at::Tensor completion_loss_sum(models::CausalLM& model, const Batch& batch) {
+  const auto device = model.parameters().front().device();
+  const at::Tensor ids = batch.input_ids.to(device);
+  const at::Tensor labels = batch.labels.to(device);
+  const at::Tensor hidden = model.hidden_states(ids);
+  const at::Tensor mask = labels.ne(-100);
+  // The head (vocab x dim) runs on the completion positions only.
+  const at::Tensor logits = model.logits(hidden.index({mask})).to(at::kFloat);
+  return at::cross_entropy_loss(logits, labels.masked_select(mask), {}, at::Reduction::Sum);
+}
+
+// ---- Trainer ------------------------------------------------------------------------------------------------
+
+struct Trainer::State {
+  models::CausalLM& model;
+  std::vector<TokenizedExample> train, validation;
+  TrainOptions options;
+  int64_t pad_id;
+  std::vector<std::pair<std::string, at::Tensor>> params;  // trainable, each tensor once
+  std::unique_ptr<torch::optim::AdamW> optimizer;
+  int64_t step = 0;  // optimizer steps done
+  int64_t best_step = 0, bad_evaluations = 0;
+  double best_validation_loss = 0;
+  std::vector<at::Tensor> best;  // the best adapter's values (undefined until a validation)
+  int64_t tokens = 0;
+  double train_seconds = 0;
+  // The permutation of the current epoch of the training stream.
+  int64_t cached_epoch = -1;
+  std::vector<int64_t> permutation;
+
+  State(models::CausalLM& m, std::vector<TokenizedExample> t, std::vector<TokenizedExample> v, TrainOptions o, int64_t pad)
+      : model(m), train(std::move(t)), validation(std::move(v)), options(std::move(o)), pad_id(pad) {}
+
+  const TokenizedExample& stream_example(int64_t position) {
+    const int64_t n = static_cast<int64_t>(train.size());
+    const int64_t epoch = position / n;
+    if (epoch != cached_epoch) {
+      permutation.resize(n);
+      for (int64_t i = 0; i < n; ++i) permutation[i] = i;
+      // Fisher-Yates with our own draws: std::shuffle's algorithm is not specified across libraries.
+      std::mt19937_64 rng(options.seed * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(epoch) + 1);
+      for (int64_t i = n - 1; i > 0; --i) std::swap(permutation[i], permutation[rng() % static_cast<uint64_t>(i + 1)]);
+      cached_epoch = epoch;
+    }
+    return train[permutation[position % n]];
+  }
+
+  std::string metrics_path() const {
+    return options.output_dir.empty() ? "" : util::join_path(options.output_dir, "metrics.jsonl");
+  }
+  void append_metrics(const json& line) const {
+    const std::string path = metrics_path();
+    if (path.empty()) return;
+    std::ofstream out(path, std::ios::app);
+    out << line.dump() << "\n";
+    if (!out) throw Error(path + ": cannot be written");
+  }
+  std::string checkpoint_dir() const { return util::join_path(options.output_dir, "checkpoints"); }
+  std::string write_checkpoint();
+  void load_checkpoint(const std::string& folder);
+};
+
+Trainer::Trainer(models::CausalLM& model, std::vector<TokenizedExample> train, std::vector<TokenizedExample> validation,
+                 TrainOptions options, int64_t pad_id)
+    : s_(std::make_unique<State>(model, std::move(train), std::move(validation), std::move(options), pad_id)) {
+  const TrainOptions& o = s_->options;
+  if (s_->train.empty()) throw ConfigError("Trainer: no training examples");
+  if (o.max_steps <= 0 || o.batch_size <= 0 || o.grad_accum <= 0) {
+    throw ConfigError("Trainer: max_steps, batch_size and grad_accum must be positive");
+  }
+  if (!(o.lr > 0) || !std::isfinite(o.lr)) throw ConfigError("Trainer: lr must be a positive number");
+  if (o.patience > 0 && (o.eval_every <= 0 || s_->validation.empty())) {
+    throw ConfigError("Trainer: early stopping (patience) needs validation data and eval_every > 0");
+  }
+  std::set<const void*> seen;
+  for (const auto& item : model.named_parameters()) {
+    if (item.value().requires_grad() && seen.insert(item.value().unsafeGetTensorImpl()).second) {
+      s_->params.emplace_back(item.key(), item.value());
+    }
+  }
+  if (s_->params.empty()) throw ConfigError("Trainer: the model has no trainable parameters (hint: inject adapters first)");
+  std::vector<at::Tensor> tensors;
+  for (const auto& p : s_->params) tensors.push_back(p.second);
+  s_->optimizer = std::make_unique<torch::optim::AdamW>(
+      tensors, torch::optim::AdamWOptions(o.lr).betas({o.beta1, o.beta2}).eps(o.eps).weight_decay(o.weight_decay));
+  if (!o.output_dir.empty()) util::make_directories(o.output_dir);
+}
+
+Trainer::~Trainer() = default;
+
+void Trainer::request_stop() { g_stop_requested = 1; }
+
+void Trainer::install_signal_handlers() {
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
+}
+
+std::string Trainer::latest_checkpoint(const std::string& output_dir) {
+  const std::string dir = util::join_path(output_dir, "checkpoints");
+  if (!util::is_directory(dir)) return "";
+  std::string latest;
+  for (const auto& name : util::list_directory(dir)) {  // sorted, and the names sort by step
+    if (name.rfind("step-", 0) == 0 && name.find(".tmp") == std::string::npos) latest = util::join_path(dir, name);
+  }
+  return latest;
+}
+
+std::string Trainer::State::write_checkpoint() {
+  const std::string folder = util::join_path(checkpoint_dir(), checkpoint_name(step));
+  util::make_directories(checkpoint_dir());
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  const auto& state = optimizer->state();
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto& [name, p] = params[i];
+    tensors.emplace_back("param." + name, p.detach().cpu());
+    auto it = state.find(p.unsafeGetTensorImpl());
+    if (it != state.end()) {
+      const auto& adam = static_cast<const torch::optim::AdamWParamState&>(*it->second);
+      tensors.emplace_back("exp_avg." + name, adam.exp_avg().cpu());
+      tensors.emplace_back("exp_avg_sq." + name, adam.exp_avg_sq().cpu());
+    }
+    if (!best.empty()) tensors.emplace_back("best." + name, best[i].cpu());
+  }
+  tensors.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
+  json meta = {{"format", kStateFormat},
+               {"step", step},
+               {"best_step", best_step},
+               {"best_validation_loss", best_validation_loss},
+               {"bad_evaluations", bad_evaluations},
+               {"tokens", tokens},
+               {"train_seconds", train_seconds},
+               {"train_examples", train.size()},
+               {"validation_examples", validation.size()},
+               {"options", trajectory_options(options)}};
+  const std::string staged = util::make_temp_directory_beside(folder);
+  try {
+    io::save_safetensors(util::join_path(staged, "state.safetensors"), tensors);
+    const std::string text = meta.dump(2) + "\n";
+    util::write_file_atomically(util::join_path(staged, "trainer_state.json"),
+                                [&](const util::ByteWriter& write) { write(text.data(), text.size()); });
+    util::publish_directory(staged, folder, /*overwrite=*/true);
+  } catch (...) {
+    util::remove_tree_quietly(staged);
+    throw;
+  }
+  // Keep the newest few.
+  std::vector<std::string> existing;
+  for (const auto& name : util::list_directory(checkpoint_dir())) {
+    if (name.rfind("step-", 0) == 0 && name.find(".tmp") == std::string::npos) existing.push_back(name);
+  }
+  const int64_t keep = std::max<int64_t>(1, options.keep_checkpoints);
+  for (int64_t i = 0; i + keep < static_cast<int64_t>(existing.size()); ++i) {
+    util::remove_tree_quietly(util::join_path(checkpoint_dir(), existing[i]));
+  }
+  return folder;
+}
+
+void Trainer::State::load_checkpoint(const std::string& folder) {
+  const std::string meta_path = util::join_path(folder, "trainer_state.json");
+  const std::string tensors_path = util::join_path(folder, "state.safetensors");
+  if (!util::is_regular_file(meta_path) || !util::is_regular_file(tensors_path)) {
+    throw FormatError(folder + ": not a checkpoint (trainer_state.json and state.safetensors expected)");
+  }
+  const json meta = util::parse_json_strict(util::read_text_file(meta_path), meta_path);
+  if (!meta.is_object() || meta.value("format", "") != kStateFormat) {
+    throw FormatError(meta_path + ": not a tiedlora trainer state (format '" + std::string(kStateFormat) + "' expected)");
+  }
+  const json expected = trajectory_options(options);
+  const json& saved = meta.at("options");
+  for (const auto& [key, value] : expected.items()) {
+    if (!saved.contains(key) || saved.at(key) != value) {
+      throw ConfigError(folder + ": the checkpoint was made with " + key + " = " +
+                        (saved.contains(key) ? saved.at(key).dump() : "(unset)") + ", this run has " + value.dump() +
+                        " (hint: resume with the original options; a different schedule would not continue exactly)");
+    }
+  }
+  if (meta.at("train_examples").get<size_t>() != train.size() ||
+      meta.at("validation_examples").get<size_t>() != validation.size()) {
+    throw ConfigError(folder + ": the checkpoint was made with other data (" + meta.at("train_examples").dump() +
+                      " training and " + meta.at("validation_examples").dump() + " validation examples)");
+  }
+  const auto file = io::SafetensorsFile::open(tensors_path);
+  // Check every tensor before changing anything.
+  for (const auto& [name, p] : params) {
+    for (const std::string prefix : {"param.", "exp_avg.", "exp_avg_sq."}) {
+      const std::string key = prefix + name;
+      if (!file.contains(key)) throw FormatError(tensors_path + ": missing '" + key + "' (hint: was the adapter configured the same way?)");
+      if (file.tensor(key).sizes() != p.sizes()) {
+        throw FormatError(tensors_path + ": '" + key + "' has another shape than the parameter (hint: same --rank and --method?)");
+      }
+    }
+  }
+  const int64_t saved_step = meta.at("step").get<int64_t>();
+  at::NoGradGuard no_grad;
+  auto& state = optimizer->state();
+  best.clear();
+  for (const auto& [name, p] : params) {
+    p.copy_(file.tensor("param." + name));
+    auto adam = std::make_unique<torch::optim::AdamWParamState>();
+    adam->step(saved_step);
+    adam->exp_avg(file.tensor("exp_avg." + name).to(p.device()).clone());
+    adam->exp_avg_sq(file.tensor("exp_avg_sq." + name).to(p.device()).clone());
+    state[p.unsafeGetTensorImpl()] = std::move(adam);
+    if (file.contains("best." + name)) best.push_back(file.tensor("best." + name).to(p.device()).clone());
+  }
+  if (!best.empty() && best.size() != params.size()) throw FormatError(tensors_path + ": the best adapter is incomplete");
+  at::Generator generator = at::detail::getDefaultCPUGenerator();  // shares the global generator
+  generator.set_state(file.tensor("rng.cpu").clone());
+  step = saved_step;
+  best_step = meta.at("best_step").get<int64_t>();
+  best_validation_loss = meta.at("best_validation_loss").get<double>();
+  bad_evaluations = meta.at("bad_evaluations").get<int64_t>();
+  tokens = meta.at("tokens").get<int64_t>();
+  train_seconds = meta.at("train_seconds").get<double>();
+  // The metrics file continues from the checkpoint: later lines belonged to the interrupted run.
+  const std::string path = metrics_path();
+  if (!path.empty() && util::is_regular_file(path)) {
+    std::ifstream in(path);
+    std::string line, kept;
+    while (std::getline(in, line)) {
+      json j = json::parse(line, nullptr, /*allow_exceptions=*/false);
+      if (j.is_object() && j.contains("step") && j.at("step").is_number_integer() && j.at("step").get<int64_t>() > step) break;
+      kept += line + "\n";
+    }
+    util::write_file_atomically(path, [&](const util::ByteWriter& write) { write(kept.data(), kept.size()); });
+  }
+}
+
+void Trainer::resume_from(const std::string& checkpoint) { s_->load_checkpoint(checkpoint); }
+
+double Trainer::validation_loss() {
+  State& s = *s_;
+  if (s.validation.empty()) throw ConfigError("Trainer: no validation data");
+  at::NoGradGuard no_grad;
+  const bool was_training = s.model.is_training();
+  s.model.eval();
+  double sum = 0;
+  int64_t count = 0;
+  for (size_t i = 0; i < s.validation.size(); i += s.options.batch_size) {
+    std::vector<const TokenizedExample*> items;
+    for (size_t j = i; j < std::min(s.validation.size(), i + s.options.batch_size); ++j) items.push_back(&s.validation[j]);
+    const Batch batch = make_batch(items, s.pad_id, s.options.max_length);
+    sum += completion_loss_sum(s.model, batch).item<double>();
+    count += batch.target_tokens;
+  }
+  s.model.train(was_training);
+  return sum / static_cast<double>(count);
+}
+
+TrainResult Trainer::run(const TrainCallbacks& callbacks) {
+  State& s = *s_;
+  const TrainOptions& o = s.options;
+  g_stop_requested = 0;
+  TrainResult result;
+  const bool cuda = s.params.front().second.is_cuda();
+  std::vector<at::Tensor> tensors;
+  for (const auto& p : s.params) tensors.push_back(p.second);
+  s.model.train();
+  auto finish = [&](TrainResult r) {
+    r.steps_done = s.step;
+    r.best_step = s.best_step;
+    r.best_validation_loss = s.best_validation_loss;
+    r.tokens = s.tokens;
+    r.train_seconds = s.train_seconds;
+    return r;
+  };
+  while (s.step < o.max_steps) {
+    const auto start = std::chrono::steady_clock::now();
+    std::vector<Batch> micro;
+    int64_t targets = 0;
+    for (int64_t m = 0; m < o.grad_accum; ++m) {
+      std::vector<const TokenizedExample*> items;
+      const int64_t first = (s.step * o.grad_accum + m) * o.batch_size;
+      for (int64_t k = 0; k < o.batch_size; ++k) items.push_back(&s.stream_example(first + k));
+      micro.push_back(make_batch(items, s.pad_id, o.max_length));
+      targets += micro.back().target_tokens;
+    }
+    s.optimizer->zero_grad();
+    double loss_sum = 0;
+    StepRecord record;
+    for (const Batch& batch : micro) {
+      at::Tensor loss;
+      if (o.autocast_bf16 && cuda) {
+        at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+        at::autocast::set_autocast_enabled(at::kCUDA, true);
+        try {
+          loss = completion_loss_sum(s.model, batch);
+        } catch (...) {
+          at::autocast::set_autocast_enabled(at::kCUDA, false);
+          throw;
+        }
+        at::autocast::set_autocast_enabled(at::kCUDA, false);
+        at::autocast::clear_cache();
+      } else {
+        loss = completion_loss_sum(s.model, batch);
+      }
+      // Every completion token of the accumulated batch weighs the same.
+      (loss / static_cast<double>(targets)).backward();
+      loss_sum += loss.item<double>();
+      record.tokens += batch.tokens;
+    }
+    record.loss = loss_sum / static_cast<double>(targets);
+    if (!std::isfinite(record.loss)) {
+      throw Error("training diverged at step " + std::to_string(s.step + 1) + ": the loss is " + std::to_string(record.loss) +
+                  " (hint: lower --lr or raise --warmup-steps)");
+    }
+    record.grad_norm = o.max_grad_norm > 0 ? torch::nn::utils::clip_grad_norm_(tensors, o.max_grad_norm)
+                                           : torch::nn::utils::clip_grad_norm_(tensors, INFINITY);
+    record.lr = cosine_with_warmup(s.step, o.max_steps, o.warmup_steps, o.lr, o.min_lr_ratio);
+    for (auto& group : s.optimizer->param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(record.lr);
+    s.optimizer->step();
+    ++s.step;
+    record.step = s.step;
+    record.target_tokens = targets;
+    record.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    s.tokens += record.tokens;
+    s.train_seconds += record.seconds;
+    s.append_metrics({{"step", record.step},
+                      {"loss", record.loss},
+                      {"lr", record.lr},
+                      {"grad_norm", record.grad_norm},
+                      {"tokens", record.tokens},
+                      {"target_tokens", record.target_tokens},
+                      {"seconds", record.seconds},
+                      {"tokens_per_second", record.tokens / record.seconds}});
+    if (callbacks.on_step) callbacks.on_step(record, finish(result));
+
+    if (o.eval_every > 0 && !s.validation.empty() && (s.step % o.eval_every == 0 || s.step == o.max_steps)) {
+      const double loss = validation_loss();
+      const bool improved = s.best_step == 0 || loss < s.best_validation_loss - o.min_delta;
+      if (improved) {
+        s.best_step = s.step;
+        s.best_validation_loss = loss;
+        s.bad_evaluations = 0;
+        s.best.clear();
+        for (const auto& p : s.params) s.best.push_back(p.second.detach().clone());
+      } else {
+        ++s.bad_evaluations;
+      }
+      s.append_metrics({{"step", s.step}, {"validation_loss", loss}, {"improved", improved}});
+      if (callbacks.on_validation) callbacks.on_validation(s.step, loss, improved);
+      if (o.patience > 0 && s.bad_evaluations >= o.patience) {
+        result.stopped_early = true;
+        break;
+      }
+    }
+    const bool stop = g_stop_requested || (o.stop_at_step > 0 && s.step == o.stop_at_step);
+    if (!o.output_dir.empty() && (stop || (o.checkpoint_every > 0 && s.step % o.checkpoint_every == 0))) {
+      result.last_checkpoint = s.write_checkpoint();
+    }
+    if (stop) {
+      result.interrupted = true;
+      return finish(result);
+    }
+  }
+  if (!o.output_dir.empty()) result.last_checkpoint = s.write_checkpoint();
+  // Early stopping's promise: the adapter of the best validation loss.
+  if (!s.best.empty()) {
+    at::NoGradGuard no_grad;
+    for (size_t i = 0; i < s.params.size(); ++i) s.params[i].second.copy_(s.best[i]);
+  }
+  s.model.eval();
+  return finish(result);
+}
+
+void prepare_output_dir(const std::string& dir, bool resume, bool overwrite) {
+  const std::string metrics = util::join_path(dir, "metrics.jsonl"), checkpoints = util::join_path(dir, "checkpoints");
+  const bool used = util::path_exists(metrics) || util::path_exists(checkpoints);
+  if (used && !resume) {
+    if (!overwrite) throw ConfigError(dir + ": holds an earlier run (hint: resume it, or overwrite to start over)");
+    for (const std::string name : {"metrics.jsonl", "checkpoints", "adapter", "merged", "loss.png", "summary.json",
+                                   "eval_before.json", "predictions_before.jsonl", "predictions_after.jsonl"}) {
+      util::remove_tree(util::join_path(dir, name));
+    }
+  }
+  util::make_directories(dir);
+}
+
+MergeReport merge_trained(const models::CausalLM& model, const std::string& model_path, const std::string& adapter_dir,
+                          const std::string& out) {
+  const bool gguf = model_path.size() > 5 && model_path.compare(model_path.size() - 5, 5, ".gguf") == 0;
+  MergeOptions merge;
+  merge.base = model_path;
+  merge.adapter = adapter_dir;
+  merge.out = out;
+  merge.force = true;
+  for (const auto& [name, layer] : adapted_layers(model)) {
+    if (layer->merged()) throw ConfigError("merge_trained: layer '" + name + "' is merged in memory (hint: unmerge it first)");
+  }
+  if (!gguf) return merge_weights(merge);
+  const std::string staged = util::make_temp_directory_beside(out + ".base");
+  try {
+    merge.base = util::join_path(staged, "model");
+    models::save_pretrained(model, merge.base);
+    MergeReport report = merge_weights(merge);
+    util::remove_tree(staged);
+    return report;
+  } catch (...) {
+    util::remove_tree_quietly(staged);
+    throw;
+  }
+}
+
+}  // namespace tiedlora::train

@@ -1,0 +1,319 @@
+// test_train.cpp: fine-tuning (tiedlora/train.h) on tiny random GPT-2 and Llama models: the schedule,
+// batches and their loss masks, exact resume (the same losses, bit for bit, as an uninterrupted run, with
+// adapter dropout on so the RNG state matters), a short fine-tune whose loss falls and whose adapter
+// round-trips through save/load, early stopping's restored adapter, batched greedy decoding against
+// one-prompt decoding, and save_pretrained against the Hugging Face loader.
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <random>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "test_support.h"
+#include "tiedlora/adapter.h"
+#include "tiedlora/chart.h"
+#include "tiedlora/error.h"
+#include "tiedlora/inject.h"
+#include "tiedlora/models/causal_lm.h"
+#include "tiedlora/train.h"
+
+namespace tt = tiedlora::train;
+using tiedlora::models::CausalLM;
+using nlohmann::json;
+
+namespace {
+
+std::string make_temp_dir() {
+  std::string pattern = (std::getenv("TMPDIR") ? std::string(std::getenv("TMPDIR")) : std::string("/tmp")) + "/tiedlora_train_XXXXXX";
+  if (!::mkdtemp(pattern.data())) throw std::runtime_error("mkdtemp failed");
+  return pattern;
+}
+
+constexpr int64_t kVocab = 61;
+
+std::string write_config(const std::string& dir, const std::string& type) {
+  json config = type == "gpt2" ? json{{"model_type", "gpt2"}, {"vocab_size", kVocab}, {"n_positions", 64}, {"n_embd", 32},
+                                      {"n_layer", 2}, {"n_head", 4}, {"eos_token_id", 1}}
+                               : json{{"model_type", "llama"}, {"vocab_size", kVocab}, {"hidden_size", 32},
+                                      {"intermediate_size", 64}, {"num_hidden_layers", 2}, {"num_attention_heads", 4},
+                                      {"num_key_value_heads", 2}, {"rms_norm_eps", 1e-5}, {"tie_word_embeddings", false},
+                                      {"eos_token_id", 1}};
+  std::ofstream(dir + "/config.json") << config.dump(2);
+  return dir + "/config.json";
+}
+
+// A fresh tiny model: same seed, same weights.
+std::shared_ptr<CausalLM> tiny_model(const std::string& dir, const std::string& type = "llama") {
+  torch::manual_seed(42);
+  return tiedlora::models::build_model(write_config(dir, type));
+}
+
+// A learnable task: the completion is a fixed marker token, the prompt's last token, then the end token 1.
+std::vector<tt::TokenizedExample> tiny_task(int count, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<tt::TokenizedExample> out;
+  for (int i = 0; i < count; ++i) {
+    tt::TokenizedExample e;
+    const int length = 4 + static_cast<int>(rng() % 6);
+    for (int j = 0; j < length; ++j) e.prompt.push_back(2 + static_cast<int64_t>(rng() % (kVocab - 2)));
+    e.completion = {7, e.prompt[length - 1], 1};
+    out.push_back(e);
+  }
+  return out;
+}
+
+void inject(CausalLM& model, const std::string& method, double dropout = 0.0) {
+  const bool gpt2 = model.info().model_type == "gpt2";
+  tiedlora::inject_adapters(model, tiedlora::InjectOptions()
+                                       .targets(gpt2 ? std::vector<std::string>{"c_attn", "c_fc"}
+                                                     : std::vector<std::string>{"q_proj", "v_proj", "up_proj", "down_proj"})
+                                       .method(method)
+                                       .lora(tiedlora::LoraOptions(4).dropout(dropout).seed(7)));
+}
+
+std::vector<json> read_metrics(const std::string& path) {
+  std::vector<json> out;
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) out.push_back(json::parse(line));
+  return out;
+}
+
+tt::TrainOptions small_options(const std::string& dir) {
+  tt::TrainOptions o;
+  o.max_steps = 8;
+  o.batch_size = 4;
+  o.grad_accum = 2;
+  o.lr = 1e-2;
+  o.warmup_steps = 2;
+  o.min_lr_ratio = 0.1;
+  o.weight_decay = 0.01;
+  o.eval_every = 2;
+  o.max_length = 16;
+  o.seed = 3;
+  o.output_dir = dir;
+  return o;
+}
+
+}  // namespace
+
+TEST(Schedule, WarmupThenCosine) {
+  // Warmup counts the current step: 1/4, 2/4, 3/4, 4/4 of the peak.
+  for (int s = 0; s < 4; ++s) EXPECT_DOUBLE_EQ(tt::cosine_with_warmup(s, 20, 4, 2.0), 2.0 * (s + 1) / 4);
+  EXPECT_DOUBLE_EQ(tt::cosine_with_warmup(4, 20, 4, 2.0), 2.0);                  // cosine starts at the peak
+  EXPECT_NEAR(tt::cosine_with_warmup(12, 20, 4, 2.0), 1.0, 1e-12);              // half way: half the peak
+  EXPECT_NEAR(tt::cosine_with_warmup(12, 20, 4, 2.0, 0.5), 1.5, 1e-12);         // floor at peak * min_ratio
+  EXPECT_NEAR(tt::cosine_with_warmup(20, 20, 4, 2.0, 0.1), 0.2, 1e-12);
+  double previous = 3.0;
+  for (int s = 4; s < 20; ++s) {
+    const double lr = tt::cosine_with_warmup(s, 20, 4, 2.0);
+    EXPECT_LT(lr, previous);
+    previous = lr;
+  }
+}
+
+TEST(Data, BatchMasksPromptAndPadding) {
+  tt::TokenizedExample a{{5, 6, 7}, {8, 9, 1}}, b{{5, 6, 7, 10, 11, 12}, {13, 1}};
+  const tt::Batch batch = tt::make_batch({&a, &b}, /*pad_id=*/0, /*max_length=*/64);
+  // Longest sequence: 8 tokens, so 7 inputs.
+  ASSERT_EQ(batch.input_ids.sizes(), (std::vector<int64_t>{2, 7}));
+  EXPECT_TRUE(torch::equal(batch.input_ids[0], torch::tensor({5, 6, 7, 8, 9, 0, 0})));
+  EXPECT_TRUE(torch::equal(batch.labels[0], torch::tensor({-100, -100, 8, 9, 1, -100, -100})));
+  EXPECT_TRUE(torch::equal(batch.input_ids[1], torch::tensor({5, 6, 7, 10, 11, 12, 13})));
+  EXPECT_TRUE(torch::equal(batch.labels[1], torch::tensor({-100, -100, -100, -100, -100, 13, 1})));
+  EXPECT_EQ(batch.target_tokens, 5);
+  EXPECT_EQ(batch.tokens, 5 + 7);
+}
+
+TEST(Data, LongPromptsLoseTheirStart) {
+  tt::TokenizedExample e{{20, 21, 22, 23, 24, 25}, {30, 1}};
+  const tt::Batch batch = tt::make_batch({&e}, 0, /*max_length=*/5);  // keeps 3 prompt tokens
+  EXPECT_TRUE(torch::equal(batch.input_ids[0], torch::tensor({23, 24, 25, 30})));
+  EXPECT_TRUE(torch::equal(batch.labels[0], torch::tensor({-100, -100, 30, 1})));
+  tt::TokenizedExample too_long{{1}, {2, 3, 4, 5, 6}};
+  EXPECT_THROW(tt::make_batch({&too_long}, 0, 5), tiedlora::ConfigError);
+}
+
+TEST(Data, JsonlErrorsNameFileAndLine) {
+  const std::string dir = make_temp_dir();
+  std::ofstream(dir + "/bad.jsonl") << "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\"}\n";
+  try {
+    tt::read_jsonl(dir + "/bad.jsonl");
+    FAIL() << "no error";
+  } catch (const tiedlora::FormatError& e) {
+    EXPECT_NE(std::string(e.what()).find("bad.jsonl:2: missing \"completion\""), std::string::npos) << e.what();
+  }
+  std::ofstream(dir + "/broken.jsonl") << "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \n";
+  EXPECT_THROW(tt::read_jsonl(dir + "/broken.jsonl"), tiedlora::FormatError);
+  std::ofstream(dir + "/good.jsonl") << "{\"prompt\": \"p\", \"completion\": \"c\", \"task\": \"qa\", \"id\": 3}\n\n";
+  const auto examples = tt::read_jsonl(dir + "/good.jsonl");
+  ASSERT_EQ(examples.size(), 1u);
+  EXPECT_EQ(examples[0].task, "qa");
+}
+
+TEST(Evaluation, SquadNormalisation) {
+  EXPECT_EQ(tt::normalize_answer("  The Albany."), "albany");
+  EXPECT_EQ(tt::normalize_answer("a harbor  survey!"), "harbor survey");
+  EXPECT_EQ(tt::normalize_answer("1,200"), "1200");
+  EXPECT_NE(tt::normalize_answer("12"), tt::normalize_answer("21"));
+}
+
+// The heart of --resume: stop after step 4 (checkpoint), continue in a fresh process-like setting (new
+// model, new trainer), and get the same numbers as one uninterrupted run.
+TEST(Trainer, ResumeContinuesExactly) {
+  const std::string root = make_temp_dir();
+  const auto train = tiny_task(40, 1), validation = tiny_task(8, 2);
+
+  auto whole_model = tiny_model(root);
+  inject(*whole_model, "tied-abuv", /*dropout=*/0.1);
+  tt::Trainer whole(*whole_model, train, validation, small_options(root + "/whole"), 0);
+  const tt::TrainResult whole_result = whole.run();
+  ASSERT_EQ(whole_result.steps_done, 8);
+
+  {
+    auto first_model = tiny_model(root);
+    inject(*first_model, "tied-abuv", 0.1);
+    auto options = small_options(root + "/split");
+    options.stop_at_step = 4;
+    tt::Trainer first(*first_model, train, validation, options, 0);
+    const tt::TrainResult stopped = first.run();
+    EXPECT_TRUE(stopped.interrupted);
+    EXPECT_EQ(stopped.steps_done, 4);
+  }
+  torch::manual_seed(999);  // the resumed run must not depend on the generator's state before resuming
+  auto second_model = tiny_model(root);
+  inject(*second_model, "tied-abuv", 0.1);
+  tt::Trainer second(*second_model, train, validation, small_options(root + "/split"), 0);
+  const std::string checkpoint = tt::Trainer::latest_checkpoint(root + "/split");
+  ASSERT_NE(checkpoint.find("step-00000004"), std::string::npos) << checkpoint;
+  second.resume_from(checkpoint);
+  const tt::TrainResult resumed = second.run();
+  EXPECT_EQ(resumed.steps_done, 8);
+  EXPECT_EQ(resumed.best_step, whole_result.best_step);
+
+  const auto a = read_metrics(root + "/whole/metrics.jsonl"), b = read_metrics(root + "/split/metrics.jsonl");
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    for (const char* key : {"step", "loss", "lr", "grad_norm", "tokens", "target_tokens", "validation_loss"}) {
+      if (a[i].contains(key)) EXPECT_EQ(a[i].at(key), b[i].at(key)) << "metrics line " << i + 1 << ", " << key;
+    }
+  }
+  const auto pa = tiedlora::trainable_parameters(*whole_model), pb = tiedlora::trainable_parameters(*second_model);
+  ASSERT_EQ(pa.size(), pb.size());
+  for (size_t i = 0; i < pa.size(); ++i) EXPECT_TRUE(torch::equal(pa[i], pb[i])) << "parameter " << i;
+
+  // A checkpoint refuses a run with another schedule.
+  auto other_model = tiny_model(root);
+  inject(*other_model, "tied-abuv", 0.1);
+  auto other_options = small_options(root + "/split");
+  other_options.lr = 5e-3;
+  tt::Trainer other(*other_model, train, validation, other_options, 0);
+  try {
+    other.resume_from(checkpoint);
+    FAIL() << "resumed with another lr";
+  } catch (const tiedlora::ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("lr"), std::string::npos) << e.what();
+  }
+}
+
+// A short fine-tune: the loss falls, the best adapter is the one kept, and the saved adapter gives the
+// same logits when loaded into a fresh copy of the base model.
+TEST(Trainer, ShortFineTuneLearnsAndTheAdapterRoundTrips) {
+  for (const std::string type : {"llama", "gpt2"}) {
+    SCOPED_TRACE(type);
+    const std::string root = make_temp_dir();
+    const auto train = tiny_task(64, 5), validation = tiny_task(16, 6);
+    auto model = tiny_model(root, type);
+    inject(*model, type == "gpt2" ? "lora" : "tied-abuv");
+    tt::TrainOptions options = small_options(root + "/run");
+    options.max_steps = 40;
+    options.eval_every = 5;
+    options.lr = 3e-2;
+    tt::Trainer trainer(*model, train, validation, options, 0);
+    const double before = trainer.validation_loss();
+    const tt::TrainResult result = trainer.run();
+    const double after = trainer.validation_loss();
+    EXPECT_EQ(after, result.best_validation_loss);  // the restored adapter is the best one
+    EXPECT_LT(after, 0.8 * before) << "validation loss " << before << " -> " << after;
+    const auto metrics = read_metrics(root + "/run/metrics.jsonl");
+    double first = 0, last = 0;
+    int steps = 0;
+    for (const auto& m : metrics) {
+      if (!m.contains("loss")) continue;
+      ++steps;
+      if (steps <= 5) first += m.at("loss").get<double>() / 5;
+      if (steps > 35) last += m.at("loss").get<double>() / 5;
+    }
+    EXPECT_EQ(steps, 40);
+    EXPECT_LT(last, 0.8 * first) << "train loss of the first 5 steps " << first << ", of the last 5 " << last;
+
+    tiedlora::SaveAdapterOptions save;
+    save.fan_in_fan_out = model->info().fan_in_fan_out;
+    tiedlora::save_adapter(*model, root + "/adapter", save);
+    auto reloaded = tiny_model(root, type);
+    tiedlora::load_adapter(*reloaded, root + "/adapter");
+    model->eval();
+    reloaded->eval();
+    torch::NoGradGuard no_grad;
+    const auto batch = tt::make_batch({&validation[0], &validation[1]}, 0, 16);
+    EXPECT_TRUE(torch::equal(model->forward(batch.input_ids), reloaded->forward(batch.input_ids)));
+
+    // The loss curve is a PNG.
+    tiedlora::chart::write_line_chart_png(root + "/loss.png", {{"train", {1, 2, 3}, {3, 2, 1.5}, false}}, {"t", "x", "y"});
+    std::ifstream png(root + "/loss.png", std::ios::binary);
+    char signature[8];
+    png.read(signature, 8);
+    EXPECT_EQ(std::string(signature, 8), std::string("\x89PNG\r\n\x1a\n", 8));
+  }
+}
+
+TEST(Generation, BatchedEqualsOnePromptAtATime) {
+  for (const std::string type : {"llama", "gpt2"}) {
+    SCOPED_TRACE(type);
+    const std::string root = make_temp_dir();
+    auto model = tiny_model(root, type);
+    // Sharpen the random model's logits so greedy choices are not near-ties.
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& p : model->parameters()) p.mul_(3.0);
+    }
+    std::vector<std::vector<int64_t>> prompts = {{5, 9, 13}, {7, 8, 9, 10, 11, 12, 13, 14, 15}, {20}, {33, 2, 40, 41, 3}};
+    tiedlora::models::GenerateOptions options;
+    options.max_new_tokens = 8;
+    options.stop_token_ids = {1};
+    const auto batched = tiedlora::models::generate_greedy_batch(*model, prompts, options);
+    ASSERT_EQ(batched.size(), prompts.size());
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      EXPECT_EQ(batched[i], tiedlora::models::generate_greedy(*model, prompts[i], options)) << "prompt " << i;
+    }
+    // Padding must not leak into the logits of a left-padded row.
+    tiedlora::models::KVCache cache;
+    cache.attention_mask = torch::tensor({0, 0, 1, 1, 1}, torch::kLong).to(torch::kBool).unsqueeze(0);
+    torch::NoGradGuard no_grad;
+    const auto padded = model->forward(torch::tensor({50, 51, 5, 9, 13}, torch::kLong).unsqueeze(0), &cache);
+    const auto alone = model->forward(torch::tensor({5, 9, 13}, torch::kLong).unsqueeze(0));
+    EXPECT_TRUE(tiedlora::testing::all_close(padded.narrow(1, 2, 3), alone, 1e-5, 1e-5, "left-padded logits"));
+  }
+}
+
+TEST(SavePretrained, RoundTripsThroughTheHuggingFaceLoader) {
+  for (const std::string type : {"llama", "gpt2"}) {
+    SCOPED_TRACE(type);
+    const std::string root = make_temp_dir();
+    auto model = tiny_model(root, type);
+    inject(*model, "lora");  // adapter tensors are not written
+    tiedlora::models::save_pretrained(*model, root + "/saved");
+    EXPECT_THROW(tiedlora::models::save_pretrained(*model, root + "/saved"), tiedlora::ConfigError);
+    torch::manual_seed(1);  // other random weights, then loaded
+    auto loaded = tiedlora::models::load_pretrained(root + "/saved");
+    for (const auto& item : loaded->named_parameters()) {
+      const auto* original = model->named_parameters().find(item.key());
+      ASSERT_NE(original, nullptr) << item.key();
+      EXPECT_TRUE(torch::equal(item.value(), *original)) << item.key();
+    }
+  }
+}
