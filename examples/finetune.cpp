@@ -110,12 +110,12 @@ class Progress {
 };
 
 void write_predictions(const std::string& path, const tt::ExactMatch& em) {
-  std::ofstream out(path);
+  std::string text;
   for (const auto& p : em.predictions) {
-    out << json{{"task", p.task}, {"prompt", p.prompt}, {"expected", p.expected}, {"generated", p.generated}, {"correct", p.correct}}.dump()
-        << "\n";
+    text += json{{"task", p.task}, {"prompt", p.prompt}, {"expected", p.expected}, {"generated", p.generated}, {"correct", p.correct}}.dump();
+    text += "\n";
   }
-  if (!out) throw tiedlora::Error(path + ": cannot be written");
+  tt::write_text_file(path, text);
 }
 
 json accuracy_json(const tt::ExactMatch& em) {
@@ -167,12 +167,6 @@ tt::ExactMatch evaluate(tiedlora::models::CausalLM& model, const tiedlora::Token
   return em;
 }
 
-void write_text(const std::string& path, const std::string& text) {
-  std::ofstream out(path);
-  out << text;
-  if (!out) throw tiedlora::Error(path + ": cannot be written");
-}
-
 int run(Args& args) {
   if (args.threads > 0) torch::set_num_threads(static_cast<int>(args.threads));
   if (args.cuda_kernels) tiedlora::functional::set_cuda_kernels_enabled(true);
@@ -184,9 +178,7 @@ int run(Args& args) {
     checkpoint = tt::Trainer::latest_checkpoint(args.output);
     if (checkpoint.empty()) throw tiedlora::ConfigError(args.output + ": no checkpoint to resume from (hint: run without --resume first)");
   }
-  tt::prepare_output_dir(args.output, resuming, args.overwrite);
-
-  // Model, tokenizer, data.
+  // Model, tokenizer, data (all checked before the output folder is touched).
   const torch::Device device(args.device);
   auto model = tiedlora::models::load_any(model_path, torch::kFloat);
   const auto tokenizer = tiedlora::load_tokenizer(model_path);
@@ -221,6 +213,12 @@ int run(Args& args) {
   const auto report = tiedlora::inject_adapters(
       *model, tiedlora::InjectOptions().targets(resolve_targets(args.targets, model->info().model_type)).method(args.method).lora(lora));
   model->to(device);  // after injection, so that the adapter moves too
+  // Whatever else shapes the run must match when it is resumed.
+  options.resume_key = json{{"model", model_path}, {"method", report.method.name()}, {"rank", args.rank}, {"alpha", lora.effective_alpha()},
+                            {"rslora", args.rslora}, {"dropout", args.dropout}, {"targets", args.targets}, {"chat", format.chat}}
+                           .dump();
+  auto train_tokens = read_tokenized(train_examples), validation_tokens = read_tokenized(validation_examples);
+  tt::prepare_output_dir(args.output, resuming, args.overwrite);
   std::printf("%s: %s, %lld layers; method %s, rank %lld: %lld trainable of %lld parameters (%.3f%%)\n", model_path.c_str(),
               model->info().model_type.c_str(), static_cast<long long>(model->info().num_layers), report.method.name().c_str(),
               static_cast<long long>(report.rank), static_cast<long long>(report.trainable_parameters),
@@ -234,22 +232,22 @@ int run(Args& args) {
   const std::string before_path = args.output + "/eval_before.json";
   if (args.eval_before && !test_examples.empty()) {
     if (resuming && std::ifstream(before_path).good()) {
-      summary["before"] = json::parse(std::ifstream(before_path));
+      summary["before"] = json::parse(std::ifstream(before_path), nullptr, /*allow_exceptions=*/false);
+      if (!summary["before"].is_object()) throw tiedlora::FormatError(before_path + ": not valid JSON (hint: delete it to evaluate again)");
     } else {
       const auto em = evaluate(*model, *tokenizer, test_examples, format, args, "before training");
       write_predictions(args.output + "/predictions_before.jsonl", em);
       summary["before"] = accuracy_json(em);
-      write_text(before_path, summary["before"].dump(2) + "\n");
+      tt::write_text_file(before_path, summary["before"].dump(2) + "\n");
     }
   }
 
   // Train.
-  tt::Trainer trainer(*model, read_tokenized(train_examples), read_tokenized(validation_examples), options, pad_id);
+  tt::Trainer trainer(*model, std::move(train_tokens), std::move(validation_tokens), options, pad_id);
   if (resuming) {
     trainer.resume_from(checkpoint);
     std::printf("resumed from %s\n", checkpoint.c_str());
   }
-  tt::Trainer::install_signal_handlers();
   const bool bar = args.progress == "on" || (args.progress == "auto" && ::isatty(STDERR_FILENO));
   Progress progress(bar, options.max_steps, std::max<int64_t>(1, args.log_every));
   tt::TrainCallbacks callbacks;
@@ -259,11 +257,22 @@ int run(Args& args) {
     std::snprintf(line, sizeof line, "step %lld: validation loss %.4f%s", static_cast<long long>(step), loss, improved ? " (best)" : "");
     progress.message(line);
   };
-  const tt::TrainResult result = trainer.run(callbacks);
+  tt::TrainResult result;
+  {
+    const tt::Trainer::StopSignals stop_signals;  // Ctrl-C checkpoints while training, interrupts afterwards
+    result = trainer.run(callbacks);
+  }
   progress.done();
-  tt::plot_loss_curves({{args.output + "/metrics.jsonl", ""}}, args.output + "/loss.png",
-                       report.method.name() + " rank " + std::to_string(args.rank));
+  auto plot = [&] {  // a plot that fails costs the picture, never the run
+    try {
+      tt::plot_loss_curves({{args.output + "/metrics.jsonl", ""}}, args.output + "/loss.png",
+                           report.method.name() + " rank " + std::to_string(args.rank));
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "tiedlora_finetune: warning: no loss curve: %s\n", e.what());
+    }
+  };
   if (result.interrupted) {
+    plot();
     std::printf("stopped after step %lld; checkpoint %s (continue with --resume)\n", static_cast<long long>(result.steps_done),
                 result.last_checkpoint.c_str());
     return 130;
@@ -282,6 +291,7 @@ int run(Args& args) {
   save.overwrite = true;
   tiedlora::save_adapter(*model, adapter_dir, save);
   std::printf("adapter saved to %s\n", adapter_dir.c_str());
+  plot();
 
   summary["model"] = model_path;
   summary["method"] = report.method.name();
@@ -338,7 +348,7 @@ int run(Args& args) {
     summary["merged_generations_compared"] = shown;
   }
   summary["wall_seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  write_text(args.output + "/summary.json", summary.dump(2) + "\n");
+  tt::write_text_file(args.output + "/summary.json", summary.dump(2) + "\n");
   if (summary.contains("before") && summary.contains("after")) {
     std::printf("held-out exact match: %.1f%% before, %.1f%% after (%lld test examples)\n",
                 100 * summary["before"]["exact_match"].get<double>(), 100 * summary["after"]["exact_match"].get<double>(),

@@ -218,6 +218,59 @@ TEST(Trainer, ResumeContinuesExactly) {
   } catch (const tiedlora::ConfigError& e) {
     EXPECT_NE(std::string(e.what()).find("lr"), std::string::npos) << e.what();
   }
+  // ... and other data of the same size.
+  auto changed = train;
+  changed[3].completion[0] = 8;
+  tt::Trainer other_data(*other_model, changed, validation, small_options(root + "/split"), 0);
+  try {
+    other_data.resume_from(checkpoint);
+    FAIL() << "resumed with other data";
+  } catch (const tiedlora::ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("other training or validation data"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Trainer, RefusesExamplesThatCannotFitBeforeTraining) {
+  const std::string root = make_temp_dir();
+  auto model = tiny_model(root);
+  inject(*model, "lora");
+  auto train = tiny_task(8, 1);
+  train[5].completion.assign(20, 3);
+  try {
+    tt::Trainer trainer(*model, train, {}, small_options(root + "/run"), 0);
+    FAIL() << "accepted a completion longer than max_length";
+  } catch (const tiedlora::ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("training example 6"), std::string::npos) << e.what();
+  }
+}
+
+// Early stopping: with an improvement threshold nothing can meet, the second evaluation exhausts patience 1;
+// the first evaluation's adapter comes back, and resuming the final checkpoint does not train on.
+TEST(Trainer, EarlyStoppingStaysStoppedOnResume) {
+  const std::string root = make_temp_dir();
+  const auto train = tiny_task(40, 1), validation = tiny_task(8, 2);
+  auto options = small_options(root + "/run");
+  options.max_steps = 30;
+  options.eval_every = 1;
+  options.patience = 1;
+  options.min_delta = 1e9;
+  auto model = tiny_model(root);
+  inject(*model, "lora");
+  tt::Trainer trainer(*model, train, validation, options, 0);
+  const tt::TrainResult result = trainer.run();
+  ASSERT_TRUE(result.stopped_early);
+  EXPECT_EQ(result.steps_done, 2);
+  EXPECT_EQ(result.best_step, 1);
+  EXPECT_EQ(trainer.validation_loss(), result.best_validation_loss);
+
+  auto again_model = tiny_model(root);
+  inject(*again_model, "lora");
+  tt::Trainer again(*again_model, train, validation, options, 0);
+  again.resume_from(tt::Trainer::latest_checkpoint(root + "/run"));
+  const tt::TrainResult resumed = again.run();
+  EXPECT_TRUE(resumed.stopped_early);
+  EXPECT_EQ(resumed.steps_done, result.steps_done);
+  EXPECT_EQ(again.validation_loss(), result.best_validation_loss);
 }
 
 // A short fine-tune: the loss falls, the best adapter is the one kept, and the saved adapter gives the

@@ -86,7 +86,8 @@ Batch make_batch(const std::vector<const TokenizedExample*>& examples, int64_t p
 // ---- recipe -------------------------------------------------------------------------------------------------
 
 /// The learning rate of optimizer step `step` (0-based) of `total`: linear warmup from peak/warmup over
-/// `warmup` steps, then cosine decay to peak * min_ratio at the last step.
+/// `warmup` steps, then cosine decay towards peak * min_ratio, which step == total would reach (the last
+/// step taken, total - 1, stays just above it).
 double cosine_with_warmup(int64_t step, int64_t total, int64_t warmup, double peak, double min_ratio = 0.0);
 
 struct TrainOptions {
@@ -109,6 +110,9 @@ struct TrainOptions {
   uint64_t seed = 0;
   std::string output_dir;        ///< checkpoints/ and metrics.jsonl go here; empty: none written
   bool autocast_bf16 = false;    ///< CUDA only: bf16 autocast for the forward pass
+  /// Anything else a resumed run must share, as text (the example puts the model, the adapter's method,
+  /// rank, alpha, dropout and targets, and the prompt format here); compared on resume like the options.
+  std::string resume_key;
 };
 
 /// One optimizer step's numbers (the JSONL metrics line, less timing).
@@ -139,12 +143,15 @@ struct TrainCallbacks {
 /// Trains the trainable parameters of `model` (tiedlora::trainable_parameters) on `train`.
 class Trainer {
  public:
+  /// Checks every example up front (a completion that does not fit max_length, an empty prompt): a
+  /// ConfigError names the set and the example's number (its line among the non-blank lines of the JSONL).
   Trainer(models::CausalLM& model, std::vector<TokenizedExample> train, std::vector<TokenizedExample> validation,
           TrainOptions options, int64_t pad_id);
   ~Trainer();
 
   /// Restores a checkpoint folder written by this class (the same trainable parameters, options that fix
-  /// the data order and schedule must match: refused with ConfigError naming the difference).
+  /// the data order and schedule, resume_key and data must match: refused with ConfigError naming the
+  /// difference). Checkpoints newer than the one restored belong to the abandoned run and are removed.
   void resume_from(const std::string& checkpoint);
   /// Newest checkpoint under `output_dir`/checkpoints, or "" when none.
   static std::string latest_checkpoint(const std::string& output_dir);
@@ -155,8 +162,20 @@ class Trainer {
 
   /// Asks a running Trainer to checkpoint and return after the current step; async-signal-safe.
   static void request_stop();
-  /// Installs SIGINT/SIGTERM handlers calling request_stop() (a second signal kills as usual).
-  static void install_signal_handlers();
+  /// Installs SIGINT/SIGTERM handlers calling request_stop() (a second signal kills as usual) for the
+  /// object's lifetime; the previous handlers come back when it is destroyed, so Ctrl-C after training
+  /// (evaluation, merging) interrupts as usual.
+  class StopSignals {
+   public:
+    StopSignals();
+    ~StopSignals();
+    StopSignals(const StopSignals&) = delete;
+    StopSignals& operator=(const StopSignals&) = delete;
+
+   private:
+    void (*previous_int_)(int);
+    void (*previous_term_)(int);
+  };
 
  private:
   struct State;
@@ -180,6 +199,10 @@ void prepare_output_dir(const std::string& dir, bool resume, bool overwrite);
 /// afterwards). `model` must not be merged in memory.
 MergeReport merge_trained(const models::CausalLM& model, const std::string& model_path, const std::string& adapter_dir,
                           const std::string& out);
+
+/// Writes `text` to `path` atomically (a temporary file beside it, renamed into place), for run outputs such
+/// as summaries and predictions: a crash never leaves half a file.
+void write_text_file(const std::string& path, const std::string& text);
 
 /// Loss curves from metrics.jsonl files written by the Trainer (or in its format: one JSON object per line
 /// with "step" and "loss" or "validation_loss"): each file's training loss as a line and, with

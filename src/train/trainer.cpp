@@ -49,7 +49,38 @@ json trajectory_options(const TrainOptions& o) {
           {"min_lr_ratio", o.min_lr_ratio}, {"weight_decay", o.weight_decay}, {"beta1", o.beta1},
           {"beta2", o.beta2},               {"eps", o.eps},                   {"max_grad_norm", o.max_grad_norm},
           {"eval_every", o.eval_every},     {"patience", o.patience},         {"min_delta", o.min_delta},
-          {"seed", o.seed},                 {"autocast_bf16", o.autocast_bf16}};
+          {"seed", o.seed},                 {"autocast_bf16", o.autocast_bf16},
+          {"resume_key", o.resume_key}};
+}
+
+// FNV-1a over the token ids of a data set: a resumed run must train on the same data, not only as much.
+uint64_t data_fingerprint(const std::vector<TokenizedExample>& examples) {
+  uint64_t h = 1469598103934665603ULL;
+  auto mix = [&](int64_t v) {
+    for (int i = 0; i < 8; ++i) {
+      h ^= static_cast<uint64_t>(v >> (8 * i)) & 0xFF;
+      h *= 1099511628211ULL;
+    }
+  };
+  for (const auto& e : examples) {
+    mix(static_cast<int64_t>(e.prompt.size()));
+    for (int64_t id : e.prompt) mix(id);
+    mix(static_cast<int64_t>(e.completion.size()));
+    for (int64_t id : e.completion) mix(id);
+  }
+  return h;
+}
+
+void check_examples(const std::vector<TokenizedExample>& examples, const char* set, int64_t max_length) {
+  for (size_t i = 0; i < examples.size(); ++i) {
+    const auto& e = examples[i];
+    if (e.prompt.empty()) throw ConfigError(std::string(set) + " example " + std::to_string(i + 1) + " has an empty prompt");
+    if (static_cast<int64_t>(e.completion.size()) + 1 > max_length) {
+      throw ConfigError(std::string(set) + " example " + std::to_string(i + 1) + " has a completion of " +
+                        std::to_string(e.completion.size()) + " tokens, more than max_length " + std::to_string(max_length) +
+                        " allows (hint: raise --max-length or shorten it)");
+    }
+  }
 }
 
 std::string checkpoint_name(int64_t step) {
@@ -91,6 +122,7 @@ struct Trainer::State {
   std::unique_ptr<torch::optim::AdamW> optimizer;
   int64_t step = 0;  // optimizer steps done
   int64_t best_step = 0, bad_evaluations = 0;
+  bool stopped_early = false;  // patience ran out: a resumed run must not train on
   double best_validation_loss = 0;
   std::vector<at::Tensor> best;  // the best adapter's values (undefined until a validation)
   int64_t tokens = 0;
@@ -143,6 +175,8 @@ Trainer::Trainer(models::CausalLM& model, std::vector<TokenizedExample> train, s
   if (o.patience > 0 && (o.eval_every <= 0 || s_->validation.empty())) {
     throw ConfigError("Trainer: early stopping (patience) needs validation data and eval_every > 0");
   }
+  check_examples(s_->train, "training", o.max_length);
+  check_examples(s_->validation, "validation", o.max_length);
   std::set<const void*> seen;
   for (const auto& item : model.named_parameters()) {
     if (item.value().requires_grad() && seen.insert(item.value().unsafeGetTensorImpl()).second) {
@@ -161,9 +195,12 @@ Trainer::~Trainer() = default;
 
 void Trainer::request_stop() { g_stop_requested = 1; }
 
-void Trainer::install_signal_handlers() {
-  std::signal(SIGINT, on_stop_signal);
-  std::signal(SIGTERM, on_stop_signal);
+Trainer::StopSignals::StopSignals()
+    : previous_int_(std::signal(SIGINT, on_stop_signal)), previous_term_(std::signal(SIGTERM, on_stop_signal)) {}
+
+Trainer::StopSignals::~StopSignals() {
+  std::signal(SIGINT, previous_int_ == SIG_ERR ? SIG_DFL : previous_int_);
+  std::signal(SIGTERM, previous_term_ == SIG_ERR ? SIG_DFL : previous_term_);
 }
 
 std::string Trainer::latest_checkpoint(const std::string& output_dir) {
@@ -198,6 +235,8 @@ std::string Trainer::State::write_checkpoint() {
                {"best_step", best_step},
                {"best_validation_loss", best_validation_loss},
                {"bad_evaluations", bad_evaluations},
+               {"stopped_early", stopped_early},
+               {"data_fingerprint", std::to_string(data_fingerprint(train)) + "-" + std::to_string(data_fingerprint(validation))},
                {"tokens", tokens},
                {"train_seconds", train_seconds},
                {"train_examples", train.size()},
@@ -221,7 +260,7 @@ std::string Trainer::State::write_checkpoint() {
   }
   const int64_t keep = std::max<int64_t>(1, options.keep_checkpoints);
   for (int64_t i = 0; i + keep < static_cast<int64_t>(existing.size()); ++i) {
-    util::remove_tree_quietly(util::join_path(checkpoint_dir(), existing[i]));
+    if (util::join_path(checkpoint_dir(), existing[i]) != folder) util::remove_tree_quietly(util::join_path(checkpoint_dir(), existing[i]));
   }
   return folder;
 }
@@ -236,22 +275,40 @@ void Trainer::State::load_checkpoint(const std::string& folder) {
   if (!meta.is_object() || meta.value("format", "") != kStateFormat) {
     throw FormatError(meta_path + ": not a tiedlora trainer state (format '" + std::string(kStateFormat) + "' expected)");
   }
+  int64_t saved_step = 0, saved_best_step = 0, saved_bad = 0, saved_tokens = 0;
+  double saved_best_loss = 0, saved_seconds = 0;
+  bool saved_stopped_early = false;
+  std::string saved_fingerprint;
+  json saved;
+  try {
+    saved = meta.at("options");
+    saved_step = meta.at("step").get<int64_t>();
+    saved_best_step = meta.at("best_step").get<int64_t>();
+    saved_best_loss = meta.at("best_validation_loss").get<double>();
+    saved_bad = meta.at("bad_evaluations").get<int64_t>();
+    saved_tokens = meta.at("tokens").get<int64_t>();
+    saved_seconds = meta.at("train_seconds").get<double>();
+    saved_stopped_early = meta.at("stopped_early").get<bool>();
+    saved_fingerprint = meta.at("data_fingerprint").get<std::string>();
+  } catch (const json::exception& e) {
+    throw FormatError(meta_path + ": missing or mistyped field (" + std::string(e.what()) + ")");
+  }
   const json expected = trajectory_options(options);
-  const json& saved = meta.at("options");
   for (const auto& [key, value] : expected.items()) {
     if (!saved.contains(key) || saved.at(key) != value) {
       throw ConfigError(folder + ": the checkpoint was made with " + key + " = " +
                         (saved.contains(key) ? saved.at(key).dump() : "(unset)") + ", this run has " + value.dump() +
-                        " (hint: resume with the original options; a different schedule would not continue exactly)");
+                        " (hint: resume with the original options; a different setting would not continue exactly)");
     }
   }
-  if (meta.at("train_examples").get<size_t>() != train.size() ||
-      meta.at("validation_examples").get<size_t>() != validation.size()) {
-    throw ConfigError(folder + ": the checkpoint was made with other data (" + meta.at("train_examples").dump() +
-                      " training and " + meta.at("validation_examples").dump() + " validation examples)");
+  const std::string fingerprint = std::to_string(data_fingerprint(train)) + "-" + std::to_string(data_fingerprint(validation));
+  if (saved_fingerprint != fingerprint) {
+    throw ConfigError(folder + ": the checkpoint was made with other training or validation data (hint: resume with "
+                      "the original files, tokenizer and prompt format)");
   }
   const auto file = io::SafetensorsFile::open(tensors_path);
   // Check every tensor before changing anything.
+  if (!file.contains("rng.cpu")) throw FormatError(tensors_path + ": missing 'rng.cpu'");
   for (const auto& [name, p] : params) {
     for (const std::string prefix : {"param.", "exp_avg.", "exp_avg_sq."}) {
       const std::string key = prefix + name;
@@ -261,7 +318,6 @@ void Trainer::State::load_checkpoint(const std::string& folder) {
       }
     }
   }
-  const int64_t saved_step = meta.at("step").get<int64_t>();
   at::NoGradGuard no_grad;
   auto& state = optimizer->state();
   best.clear();
@@ -278,11 +334,18 @@ void Trainer::State::load_checkpoint(const std::string& folder) {
   at::Generator generator = at::detail::getDefaultCPUGenerator();  // shares the global generator
   generator.set_state(file.tensor("rng.cpu").clone());
   step = saved_step;
-  best_step = meta.at("best_step").get<int64_t>();
-  best_validation_loss = meta.at("best_validation_loss").get<double>();
-  bad_evaluations = meta.at("bad_evaluations").get<int64_t>();
-  tokens = meta.at("tokens").get<int64_t>();
-  train_seconds = meta.at("train_seconds").get<double>();
+  best_step = saved_best_step;
+  best_validation_loss = saved_best_loss;
+  bad_evaluations = saved_bad;
+  tokens = saved_tokens;
+  train_seconds = saved_seconds;
+  stopped_early = saved_stopped_early;
+  // Newer checkpoints belong to the run being abandoned.
+  for (const auto& name : util::list_directory(checkpoint_dir())) {
+    if (name.rfind("step-", 0) == 0 && name.find(".tmp") == std::string::npos && name > checkpoint_name(step)) {
+      util::remove_tree(util::join_path(checkpoint_dir(), name));
+    }
+  }
   // The metrics file continues from the checkpoint: later lines belonged to the interrupted run.
   const std::string path = metrics_path();
   if (!path.empty() && util::is_regular_file(path)) {
@@ -290,7 +353,8 @@ void Trainer::State::load_checkpoint(const std::string& folder) {
     std::string line, kept;
     while (std::getline(in, line)) {
       json j = json::parse(line, nullptr, /*allow_exceptions=*/false);
-      if (j.is_object() && j.contains("step") && j.at("step").is_number_integer() && j.at("step").get<int64_t>() > step) break;
+      if (!j.is_object() || !j.contains("step") || !j.at("step").is_number_integer()) continue;  // a torn line
+      if (j.at("step").get<int64_t>() > step) break;
       kept += line + "\n";
     }
     util::write_file_atomically(path, [&](const util::ByteWriter& write) { write(kept.data(), kept.size()); });
@@ -303,7 +367,11 @@ double Trainer::validation_loss() {
   State& s = *s_;
   if (s.validation.empty()) throw ConfigError("Trainer: no validation data");
   at::NoGradGuard no_grad;
-  const bool was_training = s.model.is_training();
+  struct ModeGuard {  // the training mode comes back even when a batch throws
+    models::CausalLM& model;
+    bool was_training;
+    ~ModeGuard() { model.train(was_training); }
+  } mode{s.model, s.model.is_training()};
   s.model.eval();
   double sum = 0;
   int64_t count = 0;
@@ -314,7 +382,6 @@ double Trainer::validation_loss() {
     sum += completion_loss_sum(s.model, batch).item<double>();
     count += batch.target_tokens;
   }
-  s.model.train(was_training);
   return sum / static_cast<double>(count);
 }
 
@@ -335,7 +402,8 @@ TrainResult Trainer::run(const TrainCallbacks& callbacks) {
     r.train_seconds = s.train_seconds;
     return r;
   };
-  while (s.step < o.max_steps) {
+  result.stopped_early = s.stopped_early;
+  while (!s.stopped_early && s.step < o.max_steps) {
     const auto start = std::chrono::steady_clock::now();
     std::vector<Batch> micro;
     int64_t targets = 0;
@@ -377,6 +445,10 @@ TrainResult Trainer::run(const TrainCallbacks& callbacks) {
     }
     record.grad_norm = o.max_grad_norm > 0 ? torch::nn::utils::clip_grad_norm_(tensors, o.max_grad_norm)
                                            : torch::nn::utils::clip_grad_norm_(tensors, INFINITY);
+    if (!std::isfinite(record.grad_norm)) {
+      throw Error("training diverged at step " + std::to_string(s.step + 1) + ": the gradient norm is " +
+                  std::to_string(record.grad_norm) + " (nothing was updated; hint: lower --lr)");
+    }
     record.lr = cosine_with_warmup(s.step, o.max_steps, o.warmup_steps, o.lr, o.min_lr_ratio);
     for (auto& group : s.optimizer->param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(record.lr);
     s.optimizer->step();
@@ -411,7 +483,7 @@ TrainResult Trainer::run(const TrainCallbacks& callbacks) {
       s.append_metrics({{"step", s.step}, {"validation_loss", loss}, {"improved", improved}});
       if (callbacks.on_validation) callbacks.on_validation(s.step, loss, improved);
       if (o.patience > 0 && s.bad_evaluations >= o.patience) {
-        result.stopped_early = true;
+        s.stopped_early = result.stopped_early = true;
         break;
       }
     }
@@ -445,6 +517,10 @@ void prepare_output_dir(const std::string& dir, bool resume, bool overwrite) {
     }
   }
   util::make_directories(dir);
+}
+
+void write_text_file(const std::string& path, const std::string& text) {
+  util::write_file_atomically(path, [&](const util::ByteWriter& write) { write(text.data(), text.size()); });
 }
 
 MergeReport merge_trained(const models::CausalLM& model, const std::string& model_path, const std::string& adapter_dir,

@@ -280,12 +280,16 @@ void write_line_chart_png(const std::string& path, const std::vector<Series>& se
   const int left = 90, right = options.width - 20, top = 45, bottom = options.height - 55;
   auto px = [&](double x) { return left + static_cast<int>(std::lround((x - x0) / (x1 - x0) * (right - left))); };
   auto py = [&](double y) { return bottom - static_cast<int>(std::lround((y - y0) / (y1 - y0) * (bottom - top))); };
-  for (double y = y0; y <= y1 + ystep * 1e-6; y += ystep) {
+  // Ticks by index: adding the step to a running value could stall on a span of a few ulps.
+  const int yticks = static_cast<int>(std::lround((y1 - y0) / ystep)), xticks = static_cast<int>(std::lround((x1 - x0) / xstep));
+  for (int i = 0; i <= std::min(yticks, 100); ++i) {
+    const double y = y0 + i * ystep;
     c.line(left, py(y), right, py(y), kGrid);
     const std::string label = tick_label(y, ystep);
     c.text(left - 8 - Canvas::text_width(label, 1), py(y) - 3, label, kBlack);
   }
-  for (double x = x0; x <= x1 + xstep * 1e-6; x += xstep) {
+  for (int i = 0; i <= std::min(xticks, 100); ++i) {
+    const double x = x0 + i * xstep;
     c.line(px(x), top, px(x), bottom, kGrid);
     const std::string label = tick_label(x, xstep);
     c.text(px(x) - Canvas::text_width(label, 1) / 2, bottom + 8, label, kBlack);
