@@ -74,7 +74,7 @@ std::string format_duration(double seconds) {
 class Progress {
  public:
   Progress(bool bar, int64_t total, int64_t log_every) : bar_(bar), total_(total), log_every_(log_every) {}
-  void step(const tt::StepRecord& r, const tt::TrainResult& so_far) {
+  void step(const tt::StepRecord& r) {
     ++steps_here_;
     seconds_here_ += r.seconds;
     tokens_here_ += r.tokens;
@@ -91,7 +91,6 @@ class Progress {
       std::printf("%s\n", line);
       std::fflush(stdout);
     }
-    (void)so_far;
   }
   void message(const std::string& text) {
     if (bar_) std::fprintf(stderr, "\r\033[K");
@@ -108,6 +107,10 @@ class Progress {
   int64_t steps_here_ = 0, tokens_here_ = 0;
   double seconds_here_ = 0;
 };
+
+bool use_progress_bar(const Args& args) {
+  return args.progress == "on" || (args.progress == "auto" && ::isatty(STDERR_FILENO));
+}
 
 void write_predictions(const std::string& path, const tt::ExactMatch& em) {
   std::string text;
@@ -155,7 +158,7 @@ std::string accuracy_line(const tt::ExactMatch& em) {
 tt::ExactMatch evaluate(tiedlora::models::CausalLM& model, const tiedlora::Tokenizer& tokenizer,
                         const std::vector<tt::Example>& test, const tt::PromptFormat& format, const Args& args,
                         const char* label) {
-  const bool bar = args.progress == "on" || (args.progress == "auto" && ::isatty(STDERR_FILENO));
+  const bool bar = use_progress_bar(args);
   const auto start = std::chrono::steady_clock::now();
   auto em = tt::exact_match(model, tokenizer, test, format, args.max_new_tokens, args.eval_batch_size, [&](size_t done, size_t total) {
     if (bar) std::fprintf(stderr, "\r%s: %zu/%zu\033[K", label, done, total);
@@ -248,10 +251,9 @@ int run(Args& args) {
     trainer.resume_from(checkpoint);
     std::printf("resumed from %s\n", checkpoint.c_str());
   }
-  const bool bar = args.progress == "on" || (args.progress == "auto" && ::isatty(STDERR_FILENO));
-  Progress progress(bar, options.max_steps, std::max<int64_t>(1, args.log_every));
+  Progress progress(use_progress_bar(args), options.max_steps, std::max<int64_t>(1, args.log_every));
   tt::TrainCallbacks callbacks;
-  callbacks.on_step = [&](const tt::StepRecord& r, const tt::TrainResult& so_far) { progress.step(r, so_far); };
+  callbacks.on_step = [&](const tt::StepRecord& r) { progress.step(r); };
   callbacks.on_validation = [&](int64_t step, double loss, bool improved) {
     char line[128];
     std::snprintf(line, sizeof line, "step %lld: validation loss %.4f%s", static_cast<long long>(step), loss, improved ? " (best)" : "");
@@ -329,8 +331,7 @@ int run(Args& args) {
     int64_t identical = 0, shown = 0;
     for (const auto& e : test_examples) {
       if (shown >= args.generations) break;
-      const auto ids = tokenizer->encode(tt::prompt_text(e, format), !format.chat);
-      const std::vector<int64_t> prompt(ids.begin(), ids.end());
+      const std::vector<int64_t> prompt = tt::prompt_ids(*tokenizer, e, format);
       const auto a = tiedlora::models::generate_greedy(*model, prompt, gen);
       const auto m = tiedlora::models::generate_greedy(*merged, prompt, gen);
       const std::string adapted_text = tokenizer->decode({a.begin(), a.end()}, true);

@@ -68,6 +68,8 @@ struct TokenizedExample {
 
 /// The prompt text (template applied, ready for generation) of `example`.
 std::string prompt_text(const Example& example, const PromptFormat& format);
+/// Its token ids, as training and generation see them (a plain prompt gets what the tokenizer adds, a BOS).
+std::vector<int64_t> prompt_ids(const Tokenizer& tokenizer, const Example& example, const PromptFormat& format);
 TokenizedExample tokenize(const Tokenizer& tokenizer, const Example& example, const PromptFormat& format);
 
 /// A padded batch: input_ids (batch, T) and labels (batch, T) with -100 where no loss is taken (prompt,
@@ -136,7 +138,7 @@ struct TrainResult {
 
 /// Called after each step and each validation (for progress bars); may be empty.
 struct TrainCallbacks {
-  std::function<void(const StepRecord&, const TrainResult&)> on_step;
+  std::function<void(const StepRecord&)> on_step;
   std::function<void(int64_t step, double validation_loss, bool improved)> on_validation;
 };
 

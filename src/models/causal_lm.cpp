@@ -5,6 +5,7 @@
 #include <glob.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <map>
 #include <set>
@@ -127,8 +128,11 @@ at::Tensor causal_mask(int64_t tokens, int64_t past, const at::TensorOptions& op
   return cols <= rows;  // bool, true = attend
 }
 
-// Positions (batch, t) of the last t of `mask`'s columns: real tokens counted from 0, padding at 0.
-at::Tensor positions_from_mask(const at::Tensor& mask, int64_t past, int64_t t) {
+// Positions of the t tokens that follow `past` cached ones: (1, t) past..past+t-1, or (batch, t) from the
+// cache's attention mask, where real tokens count from 0 and padding sits at 0.
+at::Tensor token_positions(const at::Tensor& ids, const KVCache* cache, int64_t past, int64_t t) {
+  if (!cache || !cache->attention_mask.defined()) return at::arange(past, past + t, ids.options().dtype(at::kLong)).unsqueeze(0);
+  const at::Tensor& mask = cache->attention_mask;
   TORCH_CHECK(mask.dim() == 2 && mask.size(1) == past + t, "KVCache::attention_mask must be (batch, ", past + t,
               "), got ", mask.sizes());
   return (mask.to(at::kLong).cumsum(1) - 1).clamp_min(0).narrow(1, past, t);
@@ -255,9 +259,7 @@ class Gpt2LMHead : public CausalLM {
   at::Tensor hidden_states(const at::Tensor& ids, KVCache* cache) override {
     const int64_t past = cache ? cache->length() : 0, t = ids.size(1);
     TORCH_CHECK(past + t <= sizes_.positions, "GPT-2: ", past + t, " positions exceed n_positions = ", sizes_.positions);
-    at::Tensor positions = at::arange(past, past + t, ids.options().dtype(at::kLong)).unsqueeze(0);
-    if (cache && cache->attention_mask.defined()) positions = positions_from_mask(cache->attention_mask, past, t);
-    auto x = transformer_->wte(ids) + transformer_->wpe(positions);
+    auto x = transformer_->wte(ids) + transformer_->wpe(token_positions(ids, cache, past, t));
     for (size_t i = 0; i < transformer_->h->size(); ++i) {
       x = transformer_->h->ptr<Gpt2BlockImpl>(i)->forward(x, cache, i);
     }
@@ -405,12 +407,8 @@ class LlamaForCausalLM : public CausalLM {
     const auto inv_freq =
         1.0 / at::pow(s_.rope_theta, at::arange(0, s_.head_dim, 2, ids.options().dtype(at::kLong)).to(at::kFloat) /
                                          static_cast<double>(s_.head_dim));
-    at::Tensor freqs;
-    if (cache && cache->attention_mask.defined()) {  // per-row positions: (batch, 1, t, head_dim)
-      freqs = (positions_from_mask(cache->attention_mask, past, t).to(at::kFloat).unsqueeze(-1) * inv_freq).unsqueeze(1);
-    } else {
-      freqs = at::outer(at::arange(past, past + t, ids.options().dtype(at::kLong)).to(at::kFloat), inv_freq);
-    }
+    // (1 or batch, 1, t, head_dim / 2): broadcast over the heads of q and k.
+    const auto freqs = (token_positions(ids, cache, past, t).to(at::kFloat).unsqueeze(-1) * inv_freq).unsqueeze(1);
     const auto emb = at::cat({freqs, freqs}, -1);
     const auto cos = emb.cos().to(x.scalar_type()), sin = emb.sin().to(x.scalar_type());
     for (size_t i = 0; i < model_->layers->size(); ++i) {
@@ -643,9 +641,12 @@ std::shared_ptr<CausalLM> load_pretrained(const std::string& folder, at::ScalarT
   return model;
 }
 
+bool is_gguf_path(const std::string& path) {
+  return path.size() > 5 && path.compare(path.size() - 5, 5, ".gguf") == 0;
+}
+
 std::shared_ptr<CausalLM> load_any(const std::string& path, at::ScalarType dtype) {
-  const bool gguf = path.size() > 5 && path.compare(path.size() - 5, 5, ".gguf") == 0;
-  return gguf ? load_gguf_model(path, dtype) : load_pretrained(path, dtype);
+  return is_gguf_path(path) ? load_gguf_model(path, dtype) : load_pretrained(path, dtype);
 }
 
 namespace {
@@ -725,8 +726,7 @@ std::string resolve_model(const std::string& model) {
 }
 
 std::string chat_template_of(const std::string& model) {
-  const bool gguf = model.size() > 5 && model.compare(model.size() - 5, 5, ".gguf") == 0;
-  if (gguf) {
+  if (is_gguf_path(model)) {
     const io::GgufFile file = io::GgufFile::open(model);
     return file.has_key("tokenizer.chat_template") ? file.get_string("tokenizer.chat_template") : "";
   }
@@ -738,21 +738,6 @@ std::string chat_template_of(const std::string& model) {
              : "";
 }
 
-namespace {
-
-// Eval mode for decoding; the caller's training mode comes back however decoding ends.
-class EvalModeGuard {
- public:
-  explicit EvalModeGuard(CausalLM& model) : model_(model), was_training_(model.is_training()) { model.eval(); }
-  ~EvalModeGuard() { model_.train(was_training_); }
-
- private:
-  CausalLM& model_;
-  bool was_training_;
-};
-
-}  // namespace
-
 std::vector<std::vector<int64_t>> generate_greedy_batch(CausalLM& model, const std::vector<std::vector<int64_t>>& prompts,
                                                         const GenerateOptions& options) {
   if (prompts.empty()) return {};
@@ -761,10 +746,11 @@ std::vector<std::vector<int64_t>> generate_greedy_batch(CausalLM& model, const s
   const EvalModeGuard eval_mode(model);
   const auto device = model.parameters().front().device();
   const int64_t n = static_cast<int64_t>(prompts.size());
-  size_t longest = 0;
+  size_t longest = 0, shortest = SIZE_MAX;
   for (const auto& p : prompts) {
     TORCH_CHECK(!p.empty(), "generate_greedy_batch: prompt ", &p - prompts.data(), " is empty");
     longest = std::max(longest, p.size());
+    shortest = std::min(shortest, p.size());
   }
   // Left padding (with token 0, never attended) puts every prompt's last token in the last column.
   at::Tensor ids = at::zeros({n, static_cast<int64_t>(longest)}, at::kLong);
@@ -776,7 +762,8 @@ std::vector<std::vector<int64_t>> generate_greedy_batch(CausalLM& model, const s
     mask[i].narrow(0, offset, static_cast<int64_t>(p.size())).fill_(true);
   }
   KVCache cache;
-  cache.attention_mask = mask.to(device);
+  const bool padded = shortest < longest;  // without padding, no mask: each row runs exactly as alone
+  if (padded) cache.attention_mask = mask.to(device);
   at::Tensor input = ids.to(device);
   std::vector<std::vector<int64_t>> out(n);
   std::vector<bool> done(n, false);
@@ -796,30 +783,14 @@ std::vector<std::vector<int64_t>> generate_greedy_batch(CausalLM& model, const s
       }
     }
     input = next.unsqueeze(1).to(device);
-    cache.attention_mask = at::cat({cache.attention_mask, at::ones({n, 1}, cache.attention_mask.options())}, 1);
+    if (padded) cache.attention_mask = at::cat({cache.attention_mask, at::ones({n, 1}, cache.attention_mask.options())}, 1);
   }
   return out;
 }
 
 std::vector<int64_t> generate_greedy(CausalLM& model, const std::vector<int64_t>& prompt, const GenerateOptions& options) {
   TORCH_CHECK(!prompt.empty(), "generate_greedy: the prompt is empty");
-  const std::vector<int64_t> stops = options.stop_token_ids.empty() ? model.info().eos_token_ids : options.stop_token_ids;
-  at::NoGradGuard no_grad;
-  const EvalModeGuard eval_mode(model);
-  const int64_t limit = model.info().max_positions;
-  KVCache cache;
-  const auto device = model.parameters().front().device();
-  at::Tensor input = at::tensor(prompt, at::TensorOptions(at::kLong)).unsqueeze(0).to(device);
-  std::vector<int64_t> out;
-  for (int64_t step = 0; step < options.max_new_tokens; ++step) {
-    if (limit > 0 && cache.length() + input.size(1) > limit) break;  // the model has no position beyond
-    const at::Tensor logits = model.forward(input, &cache);
-    const int64_t next = logits.select(1, logits.size(1) - 1).argmax(-1).item<int64_t>();
-    out.push_back(next);
-    if (std::find(stops.begin(), stops.end(), next) != stops.end()) break;
-    input = at::full({1, 1}, next, at::TensorOptions(at::kLong).device(device));
-  }
-  return out;
+  return generate_greedy_batch(model, {prompt}, options).front();
 }
 
 }  // namespace tiedlora::models

@@ -86,10 +86,15 @@ std::string prompt_text(const Example& example, const PromptFormat& format) {
   return apply_chatml_template(messages, /*add_generation_prompt=*/true, format.default_system_prompt);
 }
 
+std::vector<int64_t> prompt_ids(const Tokenizer& tokenizer, const Example& example, const PromptFormat& format) {
+  // Special tokens of the template are in the text; a plain prompt gets what the tokenizer adds (a BOS).
+  const auto ids = tokenizer.encode(prompt_text(example, format), /*add_special_tokens=*/!format.chat);
+  return {ids.begin(), ids.end()};
+}
+
 TokenizedExample tokenize(const Tokenizer& tokenizer, const Example& example, const PromptFormat& format) {
   TokenizedExample out;
-  // Special tokens of the template are in the text; a plain prompt gets what the tokenizer adds (a BOS).
-  out.prompt = tokenizer.encode(prompt_text(example, format), /*add_special_tokens=*/!format.chat);
+  out.prompt = prompt_ids(tokenizer, example, format);
   out.completion = tokenizer.encode(example.completion, /*add_special_tokens=*/false);
   out.completion.push_back(format.end_token);
   return out;
@@ -163,10 +168,7 @@ ExactMatch exact_match(models::CausalLM& model, const Tokenizer& tokenizer, cons
   for (size_t first = 0; first < examples.size(); first += static_cast<size_t>(std::max<int64_t>(1, batch_size))) {
     const size_t last = std::min(examples.size(), first + static_cast<size_t>(std::max<int64_t>(1, batch_size)));
     std::vector<std::vector<int64_t>> prompts;
-    for (size_t i = first; i < last; ++i) {
-      const auto ids = tokenizer.encode(prompt_text(examples[i], format), /*add_special_tokens=*/!format.chat);
-      prompts.emplace_back(ids.begin(), ids.end());
-    }
+    for (size_t i = first; i < last; ++i) prompts.push_back(prompt_ids(tokenizer, examples[i], format));
     const auto generated = models::generate_greedy_batch(model, prompts, options);
     for (size_t i = first; i < last; ++i) {
       const Example& e = examples[i];

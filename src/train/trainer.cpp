@@ -89,6 +89,37 @@ std::string checkpoint_name(int64_t step) {
   return name;
 }
 
+// The finished checkpoints in `dir` (not the temporary folders of one being written), oldest first: the
+// names sort by step.
+std::vector<std::string> checkpoint_names(const std::string& dir) {
+  std::vector<std::string> names;
+  if (!util::is_directory(dir)) return names;
+  for (const auto& name : util::list_directory(dir)) {
+    if (name.rfind("step-", 0) == 0 && name.find(".tmp") == std::string::npos) names.push_back(name);
+  }
+  return names;
+}
+
+// bf16 autocast on CUDA for one forward pass, switched off again however the pass ends.
+class CudaBf16Autocast {
+ public:
+  explicit CudaBf16Autocast(bool on) : on_(on) {
+    if (!on_) return;
+    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+    at::autocast::set_autocast_enabled(at::kCUDA, true);
+  }
+  ~CudaBf16Autocast() {
+    if (!on_) return;
+    at::autocast::set_autocast_enabled(at::kCUDA, false);
+    at::autocast::clear_cache();
+  }
+  CudaBf16Autocast(const CudaBf16Autocast&) = delete;
+  CudaBf16Autocast& operator=(const CudaBf16Autocast&) = delete;
+
+ private:
+  bool on_;
+};
+
 }  // namespace
 
 double cosine_with_warmup(int64_t step, int64_t total, int64_t warmup, double peak, double min_ratio) {
@@ -205,12 +236,8 @@ Trainer::StopSignals::~StopSignals() {
 
 std::string Trainer::latest_checkpoint(const std::string& output_dir) {
   const std::string dir = util::join_path(output_dir, "checkpoints");
-  if (!util::is_directory(dir)) return "";
-  std::string latest;
-  for (const auto& name : util::list_directory(dir)) {  // sorted, and the names sort by step
-    if (name.rfind("step-", 0) == 0 && name.find(".tmp") == std::string::npos) latest = util::join_path(dir, name);
-  }
-  return latest;
+  const auto names = checkpoint_names(dir);
+  return names.empty() ? "" : util::join_path(dir, names.back());
 }
 
 std::string Trainer::State::write_checkpoint() {
@@ -254,10 +281,7 @@ std::string Trainer::State::write_checkpoint() {
     throw;
   }
   // Keep the newest few.
-  std::vector<std::string> existing;
-  for (const auto& name : util::list_directory(checkpoint_dir())) {
-    if (name.rfind("step-", 0) == 0 && name.find(".tmp") == std::string::npos) existing.push_back(name);
-  }
+  const std::vector<std::string> existing = checkpoint_names(checkpoint_dir());
   const int64_t keep = std::max<int64_t>(1, options.keep_checkpoints);
   for (int64_t i = 0; i + keep < static_cast<int64_t>(existing.size()); ++i) {
     if (util::join_path(checkpoint_dir(), existing[i]) != folder) util::remove_tree_quietly(util::join_path(checkpoint_dir(), existing[i]));
@@ -341,10 +365,8 @@ void Trainer::State::load_checkpoint(const std::string& folder) {
   train_seconds = saved_seconds;
   stopped_early = saved_stopped_early;
   // Newer checkpoints belong to the run being abandoned.
-  for (const auto& name : util::list_directory(checkpoint_dir())) {
-    if (name.rfind("step-", 0) == 0 && name.find(".tmp") == std::string::npos && name > checkpoint_name(step)) {
-      util::remove_tree(util::join_path(checkpoint_dir(), name));
-    }
+  for (const auto& name : checkpoint_names(checkpoint_dir())) {
+    if (name > checkpoint_name(step)) util::remove_tree(util::join_path(checkpoint_dir(), name));
   }
   // The metrics file continues from the checkpoint: later lines belonged to the interrupted run.
   const std::string path = metrics_path();
@@ -367,12 +389,7 @@ double Trainer::validation_loss() {
   State& s = *s_;
   if (s.validation.empty()) throw ConfigError("Trainer: no validation data");
   at::NoGradGuard no_grad;
-  struct ModeGuard {  // the training mode comes back even when a batch throws
-    models::CausalLM& model;
-    bool was_training;
-    ~ModeGuard() { model.train(was_training); }
-  } mode{s.model, s.model.is_training()};
-  s.model.eval();
+  const models::EvalModeGuard eval_mode(s.model);  // the training mode comes back even when a batch throws
   double sum = 0;
   int64_t count = 0;
   for (size_t i = 0; i < s.validation.size(); i += s.options.batch_size) {
@@ -419,18 +436,8 @@ TrainResult Trainer::run(const TrainCallbacks& callbacks) {
     StepRecord record;
     for (const Batch& batch : micro) {
       at::Tensor loss;
-      if (o.autocast_bf16 && cuda) {
-        at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-        at::autocast::set_autocast_enabled(at::kCUDA, true);
-        try {
-          loss = completion_loss_sum(s.model, batch);
-        } catch (...) {
-          at::autocast::set_autocast_enabled(at::kCUDA, false);
-          throw;
-        }
-        at::autocast::set_autocast_enabled(at::kCUDA, false);
-        at::autocast::clear_cache();
-      } else {
+      {
+        const CudaBf16Autocast autocast(o.autocast_bf16 && cuda);
         loss = completion_loss_sum(s.model, batch);
       }
       // Every completion token of the accumulated batch weighs the same.
@@ -466,7 +473,7 @@ TrainResult Trainer::run(const TrainCallbacks& callbacks) {
                       {"target_tokens", record.target_tokens},
                       {"seconds", record.seconds},
                       {"tokens_per_second", record.tokens / record.seconds}});
-    if (callbacks.on_step) callbacks.on_step(record, finish(result));
+    if (callbacks.on_step) callbacks.on_step(record);
 
     if (o.eval_every > 0 && !s.validation.empty() && (s.step % o.eval_every == 0 || s.step == o.max_steps)) {
       const double loss = validation_loss();
@@ -525,7 +532,6 @@ void write_text_file(const std::string& path, const std::string& text) {
 
 MergeReport merge_trained(const models::CausalLM& model, const std::string& model_path, const std::string& adapter_dir,
                           const std::string& out) {
-  const bool gguf = model_path.size() > 5 && model_path.compare(model_path.size() - 5, 5, ".gguf") == 0;
   MergeOptions merge;
   merge.base = model_path;
   merge.adapter = adapter_dir;
@@ -534,7 +540,7 @@ MergeReport merge_trained(const models::CausalLM& model, const std::string& mode
   for (const auto& [name, layer] : adapted_layers(model)) {
     if (layer->merged()) throw ConfigError("merge_trained: layer '" + name + "' is merged in memory (hint: unmerge it first)");
   }
-  if (!gguf) return merge_weights(merge);
+  if (!models::is_gguf_path(model_path)) return merge_weights(merge);
   const std::string staged = util::make_temp_directory_beside(out + ".base");
   try {
     merge.base = util::join_path(staged, "model");

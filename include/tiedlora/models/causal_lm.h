@@ -79,6 +79,9 @@ std::shared_ptr<CausalLM> load_pretrained(const std::string& folder, at::ScalarT
 /// RoPE layout. Throws tiedlora::FormatError naming the file and tensor when it does not fit.
 std::shared_ptr<CausalLM> load_gguf_model(const std::string& path, at::ScalarType dtype = at::kFloat);
 
+/// Whether `path` names a GGUF file (by its extension), as load_any decides.
+bool is_gguf_path(const std::string& path);
+
 /// build_model for a folder or load_gguf_model for a .gguf file.
 std::shared_ptr<CausalLM> load_any(const std::string& path, at::ScalarType dtype = at::kFloat);
 
@@ -103,18 +106,33 @@ std::string resolve_model(const std::string& model);
 /// tokenizer_config.json of a folder; "" when there is none.
 std::string chat_template_of(const std::string& model_path);
 
+/// Puts `model` in eval mode for its lifetime and gives back the training mode it found, however the scope
+/// ends (decoding, validation inside a training loop).
+class EvalModeGuard {
+ public:
+  explicit EvalModeGuard(torch::nn::Module& model) : model_(model), was_training_(model.is_training()) { model.eval(); }
+  ~EvalModeGuard() { model_.train(was_training_); }
+  EvalModeGuard(const EvalModeGuard&) = delete;
+  EvalModeGuard& operator=(const EvalModeGuard&) = delete;
+
+ private:
+  torch::nn::Module& model_;
+  bool was_training_;
+};
+
 struct GenerateOptions {
   int64_t max_new_tokens = 32;
   std::vector<int64_t> stop_token_ids;  ///< empty: the model's eos tokens
 };
 
-/// Greedy decoding with a KV cache: the prompt's continuation (without the prompt), stopping after a stop
+/// Greedy decoding with a KV cache (generate_greedy_batch of one prompt): the prompt's continuation (without the prompt), stopping after a stop
 /// token (included) or max_new_tokens.
 std::vector<int64_t> generate_greedy(CausalLM& model, const std::vector<int64_t>& prompt, const GenerateOptions& options = {});
 
-/// generate_greedy for many prompts at once: left-padded into one batch with an attention mask, decoded
-/// together until every row has stopped. The tokens equal generate_greedy's up to the float rounding of
-/// the batched matmuls (a near-tie between two logits can break differently).
+/// Greedy decoding of many prompts at once, until every row has stopped. Prompts of unequal length are
+/// left-padded with an attention mask; the tokens then equal one-prompt decoding's up to the float rounding
+/// of the batched matmuls (a near-tie between two logits can break differently). Prompts of one length
+/// need no mask and run exactly as alone.
 std::vector<std::vector<int64_t>> generate_greedy_batch(CausalLM& model, const std::vector<std::vector<int64_t>>& prompts,
                                                         const GenerateOptions& options = {});
 
