@@ -5,7 +5,7 @@
 // Run: build/bench/bench_merge [scratch folder, default /tmp/tiedlora_bench_merge] [GB, default 1.2]
 // It writes a base checkpoint (two shards) and a rank-16 LoRA adapter on every projection, runs the
 // tool as a child process (wait4 gives its peak RSS), and prints a Markdown table. A child running
-// `tiedlora inspect` on the adapter gives the baseline RSS of the tool with LibTorch loaded.
+// `tiedlora inspect --header-only` on the adapter gives the baseline RSS of the tool with LibTorch loaded.
 #include <fcntl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -93,7 +93,7 @@ int main(int argc, char** argv) {
   }
   tiedlora::write_adapter_folder(adapter, config, adapter_tensors);
 
-  const ChildResult baseline = run_child({cli, "inspect", adapter});
+  const ChildResult baseline = run_child({cli, "inspect", "--header-only", adapter});
   const ChildResult merge = run_child({cli, "merge-weights", "--base", base, "--adapter", adapter, "--out", out, "--quiet"});
   if (baseline.status != 0 || merge.status != 0) {
     std::fprintf(stderr, "bench_merge: a child failed (inspect %d, merge %d)\n", baseline.status, merge.status);

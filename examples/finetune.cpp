@@ -207,6 +207,7 @@ int run(Args& args) {
     options.max_steps = std::max<int64_t>(1, (args.epochs * static_cast<int64_t>(train_examples.size()) + per_step - 1) / per_step);
   }
   if (args.warmup_ratio >= 0) options.warmup_steps = std::lround(args.warmup_ratio * options.max_steps);
+  options.validate();  // before the output folder exists: a bad option leaves nothing behind
 
   // Adapter.
   torch::manual_seed(options.seed);

@@ -42,14 +42,25 @@ std::string module_of(const std::string& name, const std::string& suffix) {
 
 }  // namespace
 
-at::Tensor LayerFactors::delta() const {
+at::ScalarType LayerFactors::compute_type() const {
+  return lora_B.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void LayerFactors::delta_into(at::Tensor& out) const {
   const at::Tensor b_eff = functional::effective_b(lora_B, u, v, scale);
-  return b_eff.mm(lora_A.to(b_eff.scalar_type()));
+  TORCH_CHECK(b_eff.scalar_type() == compute_type(), "LayerFactors: unexpected compute dtype");
+  at::mm_out(out, b_eff, lora_A.to(b_eff.scalar_type()));
+}
+
+at::Tensor LayerFactors::delta() const {
+  at::Tensor out = at::empty({lora_B.size(0), lora_A.size(1)}, lora_B.options().dtype(compute_type()));
+  delta_into(out);
+  return out;
 }
 
 // ---- reading ------------------------------------------------------------------------------------------
 
-Adapter Adapter::read(const std::string& folder) {
+Adapter Adapter::read(const std::string& folder, const ReadOptions& options) {
   Adapter adapter;
   adapter.source_ = folder;
   const std::string config_path = util::join_path(folder, kConfigName);
@@ -70,6 +81,14 @@ Adapter Adapter::read(const std::string& folder) {
     if (!at::isFloatingType(t.scalar_type())) {
       throw FormatError(weights_path + ": tensor '" + name + "' is " + c10::toString(t.scalar_type()) +
                         "; adapter tensors must be floating point");
+    }
+    if (!options.allow_non_finite) {
+      const int64_t bad = t.numel() - at::isfinite(t).sum().item<int64_t>();
+      if (bad > 0) {
+        throw FormatError(weights_path + ": tensor '" + name + "' holds " + std::to_string(bad) +
+                          " NaN or Inf value(s) (hint: the adapter comes from a diverged or broken run; "
+                          "`tiedlora inspect` counts them per tensor)");
+      }
     }
     adapter.tensors_[name] = t;
   }
@@ -182,6 +201,15 @@ Adapter Adapter::read(const std::string& folder) {
   }
   adapter.modules_.assign(modules.begin(), modules.end());
   if (adapter.modules_.empty()) throw FormatError(weights_path + ": the adapter holds no layer");
+  // The config's target_modules must select every layer the weights hold (PEFT would not create the
+  // layer, so its weights would be ignored there while merge-weights applied them).
+  for (const auto& module : adapter.modules_) {
+    if (!c.targets(module)) {
+      throw FormatError(config_path + ": target_modules " + c.target_modules_text() + " does not select layer '" +
+                        module + "', whose weights are in " + weights_path +
+                        " (hint: adapter_config.json and the weights disagree)");
+    }
+  }
   return adapter;
 }
 
@@ -236,19 +264,19 @@ void write_adapter_folder(const std::string& folder, const AdapterConfig& config
     throw Error(folder + ": already exists (hint: choose another folder or allow overwriting)");
   }
   const std::string text = adapter_config_json(config);
-  const std::string staged = util::make_temp_directory_beside(folder);
-  try {
-    io::save_safetensors(util::join_path(staged, kWeightsName), tensors, {{"format", "pt"}});
-    util::write_file_atomically(util::join_path(staged, kConfigName),
-                                [&](const util::ByteWriter& write) { write(text.data(), text.size()); });
-    util::publish_directory(staged, folder, overwrite);
-  } catch (...) {
-    util::remove_tree_quietly(staged);
-    throw;
-  }
+  util::StagedDirectory staged(folder);
+  for (const auto& note : staged.notes()) TORCH_WARN("tiedlora: ", note);
+  io::save_safetensors(util::join_path(staged.path(), kWeightsName), tensors, {{"format", "pt"}});
+  util::write_file_atomically(util::join_path(staged.path(), kConfigName),
+                              [&](const util::ByteWriter& write) { write(text.data(), text.size()); });
+  staged.publish(overwrite);
 }
 
 void export_lora(const Adapter& adapter, const std::string& out_folder, bool overwrite) {
+  util::check_output_apart_from_inputs("the output folder", out_folder, {{"adapter folder", adapter.source()}});
+  if (util::path_exists(out_folder) && !overwrite) {
+    throw Error(out_folder + ": already exists (hint: choose another output folder or pass --force)");
+  }
   const AdapterConfig& in = adapter.config();
   if (in.type == AdapterType::vera) {
     throw ConfigError(adapter.source() + ": export-lora needs a LoRA or TIEDLORA adapter; VeRA layers take their "
@@ -301,6 +329,7 @@ std::optional<LinearShape> Adapter::stored_shape(const std::string& module) cons
 void save_adapter(const torch::nn::Module& model, const std::string& folder, const SaveAdapterOptions& options) {
   const auto layers = adapted_layers(model);
   if (layers.empty()) throw ConfigError("save_adapter: the model carries no adapter (hint: call inject_adapters first)");
+  trainable_parameters(model);  // refuses tied factors that no module registers (they never trained)
   const LoraLinearImpl& first = *layers.front().second;
   const AdapterMethod method = first.method();
   const LoraOptions& lora = first.lora_options();

@@ -4,10 +4,12 @@
 #include <cmath>
 #include <regex>
 #include <set>
+#include <stdexcept>
 
 #include <nlohmann/json.hpp>
 
 #include "tiedlora/error.h"
+#include "util/python_regex.h"
 #include "util/text.h"
 
 namespace tiedlora {
@@ -52,7 +54,16 @@ class Fields {
     std::vector<std::string> out;
     if (!has(key)) return out;
     const json& v = j_.at(key);
-    if (v.is_string()) return {"re:" + v.get<std::string>()};  // PEFT: a string is a full-match regex
+    if (v.is_string()) {  // PEFT: a string is a full-match regex (Python's dialect)
+      try {
+        util::compile_python_fullmatch(v.get<std::string>());
+      } catch (const std::invalid_argument& e) {
+        fail(key, "= " + util::quote_for_message(v.get<std::string>()) + " cannot be matched exactly: " + e.what() +
+                      " (hint: tiedlora translates Python regular expressions into std::regex and refuses what it "
+                      "cannot translate exactly; list the module names instead)");
+      }
+      return {"re:" + v.get<std::string>()};
+    }
     if (!v.is_array()) fail(key, "must be a list of module names or a regex string");
     for (const auto& item : v) {
       if (!item.is_string()) fail(key, "must hold strings only");
@@ -91,25 +102,37 @@ void read_common(const Fields& f, AdapterConfig& c) {
   f.unsupported("layers_to_transform", nullptr, "layers_to_transform in a saved adapter");
 }
 
+// rank_pattern / alpha_pattern in the file's order (PEFT takes the first key that matches, in the order of
+// the dict json.load made, which is the file's), each key checked to be a pattern tiedlora runs exactly.
 template <typename T>
-std::vector<std::pair<std::string, T>> read_pattern(const Fields& f, const char* key) {
+std::vector<std::pair<std::string, T>> read_pattern(const Fields& f, const nlohmann::ordered_json& in_file_order,
+                                                    const char* key) {
   std::vector<std::pair<std::string, T>> out;
   if (!f.has(key)) return out;
-  const json& v = f.raw().at(key);
+  const nlohmann::ordered_json& v = in_file_order.at(key);
   if (!v.is_object()) f.fail(key, "must be an object of pattern -> value");
   for (const auto& [pattern, value] : v.items()) {
+    try {
+      util::compile_peft_key_pattern(pattern);
+    } catch (const std::invalid_argument& e) {
+      f.fail(key, "key " + util::quote_for_message(pattern) + " cannot be matched exactly: " + e.what() +
+                      " (hint: PEFT reads these keys as Python regular expressions; tiedlora translates them into "
+                      "std::regex and refuses what it cannot translate exactly, rather than apply another scale)");
+    }
     if constexpr (std::is_same_v<T, int64_t>) {
       if (!value.is_number_integer() || value.template get<int64_t>() <= 0) f.fail(key, "values must be positive integers");
       out.emplace_back(pattern, value.template get<int64_t>());
     } else {
-      if (!value.is_number()) f.fail(key, "values must be numbers");
+      if (!value.is_number() || !std::isfinite(value.template get<double>())) {
+        f.fail(key, "values must be finite numbers, got " + value.dump() + " for key " + util::quote_for_message(pattern));
+      }
       out.emplace_back(pattern, value.template get<double>());
     }
   }
   return out;
 }
 
-AdapterConfig read_lora(const Fields& f) {
+AdapterConfig read_lora(const Fields& f, const nlohmann::ordered_json& in_file_order) {
   AdapterConfig c;
   c.type = AdapterType::lora;
   c.method = AdapterMethod::lora();
@@ -117,8 +140,8 @@ AdapterConfig read_lora(const Fields& f) {
   c.alpha = f.number_or("lora_alpha", 8.0);  // PEFT's default
   c.use_rslora = f.bool_or("use_rslora", false);
   c.dropout = f.probability_or("lora_dropout", 0.0);
-  c.rank_pattern = read_pattern<int64_t>(f, "rank_pattern");
-  c.alpha_pattern = read_pattern<double>(f, "alpha_pattern");
+  c.rank_pattern = read_pattern<int64_t>(f, in_file_order, "rank_pattern");
+  c.alpha_pattern = read_pattern<double>(f, in_file_order, "alpha_pattern");
   f.unsupported("use_dora", false, "DoRA (use_dora)");
   f.unsupported("lora_bias", false, "lora_bias");
   f.unsupported("layer_replication", nullptr, "layer_replication");
@@ -196,12 +219,56 @@ json number(double value) {
 
 }  // namespace
 
-bool peft_pattern_matches(const std::string& module, const std::string& pattern) {
-  try {
-    return std::regex_match(module, std::regex("(.*\\.)?(" + pattern + ")"));
-  } catch (const std::regex_error&) {
-    return module == pattern;
+namespace {
+
+// The translation is exact for module names of printable ASCII (Python's \w, \s and '.' see code points,
+// std::regex bytes); other names are refused rather than matched differently.
+void check_matchable(const std::string& module) {
+  for (unsigned char c : module) {
+    if (c < 0x20 || c > 0x7e) {
+      throw FormatError("module name " + util::quote_for_message(module) +
+                        " holds characters other than printable ASCII, which tiedlora cannot match against "
+                        "adapter_config.json patterns exactly");
+    }
   }
+}
+
+}  // namespace
+
+bool peft_pattern_matches(const std::string& module, const std::string& pattern) {
+  check_matchable(module);
+  try {
+    return std::regex_match(module, util::compile_peft_key_pattern(pattern));
+  } catch (const std::invalid_argument& e) {
+    throw FormatError("pattern " + util::quote_for_message(pattern) + " cannot be matched exactly: " + e.what());
+  }
+}
+
+std::string AdapterConfig::target_modules_text() const {
+  if (target_modules.size() == 1 && target_modules.front().rfind("re:", 0) == 0) {
+    return util::quote_for_message(target_modules.front().substr(3));
+  }
+  std::string text = "[";
+  for (std::size_t i = 0; i < target_modules.size(); ++i) text += (i ? ", " : "") + util::quote_for_message(target_modules[i]);
+  return text + "]";
+}
+
+bool AdapterConfig::targets(const std::string& module) const {
+  if (target_modules.empty()) return true;  // no list to check against
+  check_matchable(module);
+  for (const auto& target : target_modules) {
+    if (target.rfind("re:", 0) == 0) {  // a string in the file: re.fullmatch(target_modules, key)
+      if (std::regex_match(module, util::compile_python_fullmatch(target.substr(3)))) return true;
+      continue;
+    }
+    // A list: the name itself or a dot-separated suffix (PEFT's check_target_module_exists).
+    if (module == target || (module.size() > target.size() && module.compare(module.size() - target.size(),
+                                                                             target.size(), target) == 0 &&
+                             module[module.size() - target.size() - 1] == '.')) {
+      return true;
+    }
+  }
+  return false;
 }
 
 double AdapterConfig::scale_for(const std::string& module, int64_t layer_rank) const {
@@ -219,9 +286,10 @@ AdapterConfig parse_adapter_config(const std::string& text, const std::string& s
   const json j = util::parse_json_strict(text, source);
   if (!j.is_object()) throw FormatError(source + ": adapter_config.json must be a JSON object");
   Fields f(j, source);
+  const auto in_file_order = nlohmann::ordered_json::parse(text);  // valid: parse_json_strict accepted it
   if (!f.has("peft_type")) f.fail("peft_type", "is missing (hint: is this a PEFT or tiedlora adapter folder?)");
   const std::string type = f.string_or("peft_type", "");
-  if (type == "LORA") return read_lora(f);
+  if (type == "LORA") return read_lora(f, in_file_order);
   if (type == "VERA") return read_vera(f);
   if (type == "TIEDLORA") return read_tiedlora(f);
   f.fail("peft_type", "= \"" + type + "\" is not supported (tiedlora reads LORA, VERA and TIEDLORA adapters)");

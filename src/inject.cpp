@@ -87,6 +87,18 @@ InjectionReport inject_adapters(torch::nn::Module& root, const InjectOptions& op
     throw ConfigError("the model already carries tiedlora adapters (it has a '" + std::string(kGroupsName) +
                       "' module); inject into a fresh model");
   }
+  // A model carries one adapter configuration (what save_adapter writes and load_adapter reads); more
+  // layers may join it, but another method, rank or scale is refused now rather than at save time.
+  for (const auto& [name, layer] : adapted_layers(root)) {
+    const LoraOptions& have = layer->lora_options();
+    if (!(layer->method() == method) || have.rank() != options.lora().rank() ||
+        have.effective_alpha() != options.lora().effective_alpha() || have.use_rslora() != options.lora().use_rslora()) {
+      throw ConfigError("the model already carries a " + layer->method().name() + " adapter of rank " +
+                        std::to_string(have.rank()) + " (on '" + name + "'), and one model carries one adapter "
+                        "configuration, so " + method.name() + " at rank " + std::to_string(options.lora().rank()) +
+                        " cannot be added (hint: inject with the same method, rank and alpha, or into a fresh model)");
+    }
+  }
 
   // Describe the tree for selection. The named_modules() dictionary holds references to every module, so
   // it lives only inside this block: the reference counts checked below must not include it.
@@ -195,6 +207,7 @@ InjectionReport inject_adapters(torch::nn::Module& root, const InjectOptions& op
                                                    options_for(options.lora(), owner))
                                 .name(owner));
     factors->to(device);
+    factors->set_owned(true);  // registered below under tiedlora_groups, so the layers only refer to it
     const std::string key = registry_key(owner);
     if (registry->contains(key)) throw ConfigError("two tie groups map to the registry key '" + key + "'");
     registry->update({{key, factors.ptr()}});
@@ -240,11 +253,39 @@ InjectionReport inject_adapters(torch::nn::Module& root, const InjectOptions& op
 
 std::vector<at::Tensor> trainable_parameters(const torch::nn::Module& module) {
   std::vector<at::Tensor> out;
-  std::unordered_set<const void*> seen;
+  std::unordered_set<const void*> seen, registered;
   for (const auto& p : module.parameters()) {
+    registered.insert(p.unsafeGetTensorImpl());
     if (p.requires_grad() && seen.insert(p.unsafeGetTensorImpl()).second) out.push_back(p);
   }
+  // Shared factors that no module of this tree registers would silently never train: refuse.
+  for (const auto& [name, layer] : adapted_layers(module)) {
+    if (layer->adapter_kind() == AdapterKind::tied && !registered.count(layer->lora_A().unsafeGetTensorImpl())) {
+      throw ConfigError("layer '" + name + "' uses Tied-LoRA factors that no module of this model registers, so "
+                        "they would not train (hint: keep the layer that owns them, the first one attached, in "
+                        "the model, or inject with inject_adapters())");
+    }
+  }
   return out;
+}
+
+void merge_and_unload_(torch::nn::Module& module) {
+  // Merge every layer before removing any adapter, so that a refusal (NaN, a tied weight) leaves the
+  // model as it was.
+  auto layers = adapted_layers(module);
+  try {
+    for (auto& [name, layer] : layers) {
+      if (layer->adapter_enabled()) layer->merge_();
+    }
+  } catch (...) {
+    for (auto& [name, layer] : layers) layer->unmerge_();
+    throw;
+  }
+  for (auto& [name, layer] : layers) {
+    if (layer->adapter_enabled()) layer->merge_and_detach_();
+    else layer->detach_adapter();
+  }
+  if (child_of(module, kGroupsName)) module.unregister_module(kGroupsName);
 }
 
 std::vector<std::pair<std::string, LoraLinear>> adapted_layers(const torch::nn::Module& module) {

@@ -3,6 +3,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <csignal>
 #include <map>
 #include <regex>
@@ -21,7 +22,7 @@ namespace {
 std::atomic<int> g_interrupted{0};
 extern "C" void on_interrupt(int signal) { g_interrupted = signal; }
 
-// Installs SIGINT/SIGTERM handlers for the duration of a merge so that an interrupted merge removes its
+// Installs SIGINT/SIGTERM/SIGHUP handlers for the duration of a merge so that an interrupted merge removes its
 // temporary folder; the previous handlers come back afterwards.
 class InterruptGuard {
  public:
@@ -29,10 +30,12 @@ class InterruptGuard {
     g_interrupted = 0;
     old_int_ = std::signal(SIGINT, on_interrupt);
     old_term_ = std::signal(SIGTERM, on_interrupt);
+    old_hup_ = std::signal(SIGHUP, on_interrupt);  // a closed terminal ends the merge as cleanly as Ctrl-C
   }
   ~InterruptGuard() {
     std::signal(SIGINT, old_int_);
     std::signal(SIGTERM, old_term_);
+    std::signal(SIGHUP, old_hup_);
   }
   void check() const {
     if (g_interrupted) throw Error("merge interrupted by signal " + std::to_string(g_interrupted.load()));
@@ -41,7 +44,34 @@ class InterruptGuard {
  private:
   void (*old_int_)(int) = nullptr;
   void (*old_term_)(int) = nullptr;
+  void (*old_hup_)(int) = nullptr;
 };
+
+// Work tensors reused from one tensor to the next. Allocating and freeing tens of MB per tensor made
+// glibc raise its mmap threshold and keep the freed blocks in the heap, so the merge's RSS grew with the
+// model (bench_merge: 30x the largest tensor); reused buffers keep it at a few times the largest tensor.
+enum ScratchSlot { kConverted, kWeight, kDelta, kRounded, kSlots };
+class Scratch {
+ public:
+  at::Tensor take(ScratchSlot slot, at::IntArrayRef shape, at::ScalarType dtype, at::Device device) {
+    at::Tensor& t = slots_[slot];
+    if (!t.defined() || t.scalar_type() != dtype || t.device() != device) {
+      t = at::empty({0}, at::TensorOptions().dtype(dtype).device(device));
+    }
+    t.resize_(shape);  // keeps the storage when it is large enough
+    return t;
+  }
+
+ private:
+  at::Tensor slots_[kSlots];
+};
+
+// NaN or Inf anywhere, without a tensor of flags: an fp64 sum of finite fp32/bf16/fp16 values is finite.
+bool all_finite(const at::Tensor& t) {
+  if (!at::isFloatingType(t.scalar_type())) return true;
+  if (t.scalar_type() == at::kDouble) return at::isfinite(t).all().item<bool>();
+  return std::isfinite(t.sum(at::kDouble).item<double>());
+}
 
 bool is_float_dtype(io::SafetensorsDtype d) {
   using D = io::SafetensorsDtype;
@@ -78,6 +108,15 @@ double MergeReport::max_rounding_error() const {
 MergeReport merge_weights(const MergeOptions& options) {
   const auto start = std::chrono::steady_clock::now();
   if (options.out.empty()) throw ConfigError("merge-weights: no output folder given");
+  util::check_output_apart_from_inputs("merge-weights: --out", options.out,
+                                       {{"base model", options.base}, {"adapter folder", options.adapter}});
+  // Temporary folders of killed earlier runs first: one may hold the previous output, moved back here.
+  MergeReport report;
+  report.stale_temporaries = util::clean_stale_temporaries(options.out);
+  for (const auto& note : report.stale_temporaries) {
+    if (options.on_notice) options.on_notice(note);
+    else TORCH_WARN("tiedlora: ", note);
+  }
   if (util::path_exists(options.out) && !options.force) {
     throw Error(options.out + ": already exists (hint: choose another output folder or pass --force)");
   }
@@ -117,7 +156,30 @@ MergeReport merge_weights(const MergeOptions& options) {
       throw FormatError(options.base + ": tensor '" + name + "' is " + io::dtype_name(entry.dtype) +
                         "; only floating-point weights can be merged");
     }
+    if (module_of_tensor.count(name)) {
+      throw FormatError(options.adapter + ": layers '" + module_of_tensor.at(name) + "' and '" + module +
+                        "' both map to the base tensor '" + name + "' (hint: the adapter names one layer twice, "
+                        "with and without the model prefix)");
+    }
     module_of_tensor[name] = module;
+  }
+  // The other way round: a base layer that target_modules selects must have weights in the adapter
+  // (PEFT would add an adapter there and find none to load).
+  for (const auto& file : base.files()) {
+    for (const auto& entry : file.header().tensors) {
+      const std::string suffix = ".weight";
+      if (entry.shape.size() != 2 || !is_float_dtype(entry.dtype) || module_of_tensor.count(entry.name) ||
+          entry.name.size() <= suffix.size() ||
+          entry.name.compare(entry.name.size() - suffix.size(), suffix.size(), suffix) != 0) {
+        continue;
+      }
+      const std::string module = entry.name.substr(0, entry.name.size() - suffix.size());
+      if (!adapter.config().target_modules.empty() && adapter.config().targets(module)) {
+        throw FormatError(options.adapter + ": target_modules " + adapter.config().target_modules_text() +
+                          " selects the base layer '" + module + "' but the adapter holds no weights for it "
+                          "(hint: adapter_config.json and the weights disagree, or maybe wrong base model?)");
+      }
+    }
   }
 
   // Output specs in the input's order (file by file, by data offset).
@@ -132,12 +194,13 @@ MergeReport merge_weights(const MergeOptions& options) {
     }
   }
 
-  MergeReport report;
   report.largest_tensor_bytes = largest;
   InterruptGuard interrupt;
-  const std::string staged = util::make_temp_directory_beside(options.out);
-  try {
+  util::StagedDirectory staging(options.out);
+  const std::string& staged = staging.path();
+  {
     size_t done = 0;
+    Scratch scratch;
     std::string previous;  // written by now: its input pages can go
     auto produce = [&](const io::TensorSpec& spec) -> at::Tensor {
       interrupt.check();
@@ -150,36 +213,37 @@ MergeReport merge_weights(const MergeOptions& options) {
       at::Tensor result;
       auto it = module_of_tensor.find(spec.name);
       if (it == module_of_tensor.end()) {
-        result = w.to(out_type);
-        if (at::isFloatingType(out_type) && !at::isfinite(result).all().item<bool>()) {
+        result = w.scalar_type() == out_type ? w : scratch.take(kConverted, w.sizes(), out_type, at::kCPU).copy_(w);
+        if (at::isFloatingType(out_type) && !all_finite(result)) {
           throw FormatError(options.base + ": tensor '" + spec.name + "' holds NaN or Inf");
         }
       } else {
         // W + dW in fp32 (fp64 for double weights), one rounding to the output dtype.
         const auto compute = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-        const at::Tensor w32 = w.to(device, compute, /*non_blocking=*/false, /*copy=*/true);
+        at::Tensor w32 = scratch.take(kWeight, w.sizes(), compute, device).copy_(w);
         const LinearShape shape = transposed ? LinearShape{w.size(0), w.size(1)} : LinearShape{w.size(1), w.size(0)};
         LayerFactors f = adapter.layer(it->second, shape);
         f.lora_A = f.lora_A.to(device);
         f.lora_B = f.lora_B.to(device);
         if (f.u.defined()) f.u = f.u.to(device);
         if (f.v.defined()) f.v = f.v.to(device);
-        const at::Tensor delta = f.delta().to(compute);
-        const double max_delta = delta.abs().max().item<double>();
-        if (transposed) {
-          w32.add_(delta.t());
-        } else {
-          w32.add_(delta);
-        }
-        result = w32.to(out_type);
+        at::Tensor delta = scratch.take(kDelta, {shape.out_features, shape.in_features}, f.compute_type(), device);
+        f.delta_into(delta);
+        const double max_delta = std::max(delta.max().item<double>(), -delta.min().item<double>());
+        w32.add_(transposed ? delta.t() : delta);
+        result = out_type == compute ? w32 : scratch.take(kRounded, w.sizes(), out_type, device).copy_(w32);
         // Checked after rounding: a sum that overflows the output dtype (fp16, bf16) only becomes Inf there.
-        if (!at::isfinite(result).all().item<bool>()) {
+        if (!all_finite(result)) {
           throw Error("merge of '" + spec.name + "' (layer '" + it->second + "') produced NaN or Inf in " +
                       c10::toString(out_type) + " (hint: the adapter or the base weight holds non-finite values, "
                       "or W + dW overflows the output dtype); nothing was written");
         }
-        const double rounding = (result.to(compute) - w32).abs().max().item<double>();
-        result = result.to(at::kCPU);
+        double rounding = 0;
+        if (out_type != compute) {
+          at::Tensor error = scratch.take(kDelta, w.sizes(), compute, device).copy_(result);
+          rounding = error.sub_(w32).abs_().max().item<double>();
+        }
+        if (!result.is_cpu()) result = result.to(at::kCPU);
         report.merged.push_back(MergedTensor{spec.name, it->second, max_delta, rounding});
       }
       report.bytes_written += spec.nbytes();
@@ -202,10 +266,7 @@ MergeReport merge_weights(const MergeOptions& options) {
       }
     }
     interrupt.check();
-    util::publish_directory(staged, options.out, options.force);
-  } catch (...) {
-    util::remove_tree_quietly(staged);
-    throw;
+    staging.publish(options.force);
   }
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return report;

@@ -80,6 +80,10 @@ void LoraOptions::validate() const {
 TiedLoraFactorsImpl::TiedLoraFactorsImpl(TiedLoraFactorsOptions options_) : options(std::move(options_)) {
   options.lora().validate();
   options.method().validate();
+  if (options.method().is_plain_lora()) {
+    throw ConfigError("TiedLoraFactors: method 'lora' has no shared factors (hint: plain LoRA layers own their A "
+                      "and B: use LoraLinear(base, LoraOptions(r)), or a tied method such as 'tied-abuv')");
+  }
   TORCH_CHECK(options.in_features() > 0 && options.out_features() > 0,
               "TiedLoraFactors: in_features and out_features must be positive, got ", options.in_features(), " and ",
               options.out_features());
@@ -211,6 +215,12 @@ void LoraLinearImpl::attach_tied(TiedLoraFactors factors) {
   lora_ = factors->options.lora();
   method_ = factors->options.method();
   factors_ = factors.ptr();
+  if (!factors->owned()) {
+    // Nobody registers these factors yet: this layer does, so that they train, save and move with it.
+    register_module("tied_factors", factors);
+    factors->set_owned(true);
+    owns_factors_ = true;
+  }
   kind_ = AdapterKind::tied;
   freeze_base();
   register_adapter_tensors();
@@ -222,8 +232,19 @@ void LoraLinearImpl::detach_adapter() {
     if (parameters_.contains(name)) parameters_.erase(name);
   }
   own_a_ = own_b_ = lora_u = lora_v = at::Tensor();
+  if (owns_factors_) {
+    unregister_module("tied_factors");
+    factors_->set_owned(false);  // layers still sharing them are refused by trainable_parameters()
+    owns_factors_ = false;
+  }
   factors_.reset();
   kind_ = AdapterKind::none;
+}
+
+void LoraLinearImpl::merge_and_detach_() {
+  merge_();
+  original_weight_ = at::Tensor();  // the merged weight stays; detach_adapter() then has nothing to unmerge
+  detach_adapter();
 }
 
 void LoraLinearImpl::tie_weight_(const at::Tensor& tied) {

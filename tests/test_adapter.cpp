@@ -5,6 +5,9 @@
 #include <sys/stat.h>
 
 #include <fstream>
+#include <limits>
+
+#include <nlohmann/json.hpp>
 
 #include <torch/torch.h>
 
@@ -70,6 +73,27 @@ void randomize(torch::nn::Module& model) {
   torch::NoGradGuard no_grad;
   for (auto& p : model.parameters()) {
     if (p.requires_grad()) p.normal_(0.5, 0.3);
+  }
+}
+
+// A copy of `good`, broken by `break_it`, must be refused by load_adapter with `expected` and the folder
+// in the message, and leave the model without an adapter.
+struct BrokenFolder {
+  std::string name;
+  std::function<void(const std::string&)> break_it;
+  std::string expected;
+};
+
+void expect_each_refused(const std::string& good, const std::string& prefix, const std::vector<BrokenFolder>& cases) {
+  for (const auto& c : cases) {
+    const std::string dir = scratch(prefix + c.name);
+    copy_folder(good, dir);
+    c.break_it(dir);
+    auto model = tree_from_config(ref("llama_base/config.json"));
+    const auto message = error_of([&] { tiedlora::load_adapter(*model, dir); });
+    EXPECT_NE(message.find(c.expected), std::string::npos) << c.name << ": " << message;
+    EXPECT_NE(message.find(dir), std::string::npos) << c.name << " does not name the folder: " << message;
+    EXPECT_TRUE(tiedlora::adapted_layers(*model).empty()) << c.name;
   }
 }
 
@@ -202,11 +226,6 @@ TEST(Adapter, WrongBaseModelIsRefusedAndTheModelIsUnchanged) {
 
 // Malformed adapter folders, each made from a good one with one defect, and the words its error must hold.
 TEST(Adapter, MalformedFoldersGetClearErrors) {
-  struct Case {
-    std::string name;
-    std::function<void(const std::string&)> break_it;
-    std::string expected;
-  };
   const std::string good = ref("llama_lora");
   const std::string config = tiedlora::util::read_text_file(good + "/adapter_config.json");
   auto replace = [](std::string text, const std::string& from, const std::string& to) {
@@ -223,7 +242,7 @@ TEST(Adapter, MalformedFoldersGetClearErrors) {
     tensors[name] = t;
     tiedlora::io::save_safetensors(dir + "/adapter_model.safetensors", tensors);
   };
-  const std::vector<Case> cases = {
+  const std::vector<BrokenFolder> cases = {
       {"bad_json", [&](const std::string& d) { write_text(d + "/adapter_config.json", "{\"r\": 8,"); }, "not valid JSON"},
       {"not_object", [&](const std::string& d) { write_text(d + "/adapter_config.json", "[1, 2]"); }, "must be a JSON object"},
       {"no_type", [&](const std::string& d) { write_text(d + "/adapter_config.json", "{\"r\": 8}"); }, "field 'peft_type' is missing"},
@@ -246,16 +265,44 @@ TEST(Adapter, MalformedFoldersGetClearErrors) {
       {"no_weights", [&](const std::string& d) { ::unlink((d + "/adapter_model.safetensors").c_str()); }, "missing adapter_model.safetensors"},
       {"truncated_weights", [&](const std::string& d) { ::truncate((d + "/adapter_model.safetensors").c_str(), 100); }, "adapter_model.safetensors"},
   };
-  for (const auto& c : cases) {
-    const std::string dir = scratch("malformed_" + c.name);
-    copy_folder(good, dir);
-    c.break_it(dir);
-    auto model = tree_from_config(ref("llama_base/config.json"));
-    const auto message = error_of([&] { tiedlora::load_adapter(*model, dir); });
-    EXPECT_NE(message.find(c.expected), std::string::npos) << c.name << ": " << message;
-    EXPECT_NE(message.find(dir), std::string::npos) << c.name << " does not name the folder: " << message;
-    EXPECT_TRUE(tiedlora::adapted_layers(*model).empty()) << c.name;
-  }
+  expect_each_refused(good, "malformed_", cases);
+}
+
+TEST(Adapter, NonFiniteValuesTargetModulesAndPatternsAreCheckedAtLoad) {
+  const std::string good = ref("llama_lora");
+  auto edit_config = [](const std::string& dir, const std::function<void(nlohmann::json&)>& edit) {
+    auto j = nlohmann::json::parse(tiedlora::util::read_text_file(dir + "/adapter_config.json"));
+    edit(j);
+    write_text(dir + "/adapter_config.json", j.dump(2));
+  };
+  const std::string b_name = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight";
+  const std::vector<BrokenFolder> cases = {
+      {"nan", [&](const std::string& d) {
+         auto tensors = tiedlora::io::load_safetensors(d + "/adapter_model.safetensors");
+         tensors[b_name] = tensors.at(b_name).clone();
+         tensors[b_name][0][0] = std::numeric_limits<float>::quiet_NaN();
+         tensors[b_name][1][0] = std::numeric_limits<float>::infinity();
+         tiedlora::io::save_safetensors(d + "/adapter_model.safetensors", tensors);
+       }, "tensor '" + b_name + "' holds 2 NaN or Inf"},
+      {"other_targets", [&](const std::string& d) { edit_config(d, [](auto& j) { j["target_modules"] = {"x_proj"}; }); },
+       "target_modules ['x_proj'] does not select layer 'model.layers.0.mlp.down_proj'"},
+      {"target_regex", [&](const std::string& d) {
+         edit_config(d, [](auto& j) { j["target_modules"] = R"(.*\.(q|v)_proj)"; });
+       }, "does not select layer 'model.layers.0.mlp.down_proj'"},
+      {"python_only_pattern", [&](const std::string& d) {
+         edit_config(d, [](auto& j) { j["alpha_pattern"] = {{"(?<=layers\\.0\\.)q_proj", 4}}; });
+       }, "lookbehind"},
+  };
+  expect_each_refused(good, "checked_", cases);
+  // An explicit option reads a non-finite adapter (for inspection).
+  tiedlora::Adapter::ReadOptions allow;
+  allow.allow_non_finite = true;
+  EXPECT_NO_THROW(tiedlora::Adapter::read(tiedlora::testing::reference_dir() + "/adapter_scratch/checked_nan", allow));
+  // The regex target_modules that selects exactly the adapted layers passes.
+  const std::string regex_ok = scratch("checked_regex_ok");
+  copy_folder(good, regex_ok);
+  edit_config(regex_ok, [](auto& j) { j["target_modules"] = R"(model\.layers\.\d+\.(self_attn\.(q|v)_proj|mlp\.down_proj))"; });
+  EXPECT_EQ(tiedlora::Adapter::read(regex_ok).modules().size(), 6u);
 }
 
 TEST(Adapter, PatternsAndVeraExportAreRefusedWhereUnsupported) {

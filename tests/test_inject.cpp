@@ -268,3 +268,26 @@ TEST(Inject, SeededInjectionIsReproducibleAndLayersDiffer) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(Inject, ASecondInjectionWithAnotherConfigurationIsRefusedUpFront) {
+  TinyLm model;
+  tiedlora::inject_adapters(*model, InjectOptions().targets({"q_proj"}).method("lora").lora(LoraOptions(4)));
+  const auto message = error_of([&] {
+    tiedlora::inject_adapters(*model, InjectOptions().targets({"v_proj"}).method("lora").lora(LoraOptions(8)));
+  });
+  EXPECT_NE(message.find("one adapter configuration"), std::string::npos) << message;
+  EXPECT_NE(message.find("rank 4"), std::string::npos) << message;
+  EXPECT_EQ(tiedlora::adapted_layers(*model).size(), static_cast<size_t>(kLayers)) << "the refusal changed the model";
+  // The same configuration may extend the adapter to more layers: it still saves as one adapter.
+  tiedlora::inject_adapters(*model, InjectOptions().targets({"v_proj"}).method("lora").lora(LoraOptions(4)));
+  EXPECT_EQ(tiedlora::adapted_layers(*model).size(), static_cast<size_t>(2 * kLayers));
+  // A tied injection after a LoRA one is another method: refused as well.
+  const auto tied = error_of([&] {
+    tiedlora::inject_adapters(*model, InjectOptions().targets({"o_proj"}).method("tied-abuv").lora(LoraOptions(4)));
+  });
+  EXPECT_NE(tied.find("one adapter configuration"), std::string::npos) << tied;
+}
+
+}  // namespace

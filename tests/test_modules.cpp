@@ -4,6 +4,7 @@
 
 #include "test_support.h"
 #include "tiedlora/error.h"
+#include "tiedlora/inject.h"
 #include "tiedlora/modules.h"
 
 namespace {
@@ -265,9 +266,97 @@ TEST(TiedLoraFactors, LayersOfOneGroupShareAAndB) {
   auto l2 = LoraLinear(random_linear(8, 6), factors);
   EXPECT_EQ(l1->lora_A().data_ptr(), l2->lora_A().data_ptr());
   EXPECT_NE(l1->lora_u.data_ptr(), l2->lora_u.data_ptr());
-  // The layers do not register the shared tensors: only u and v are theirs.
-  EXPECT_EQ(l1->named_parameters().keys(), (std::vector<std::string>{"weight", "bias", "lora_u", "lora_v"}));
+  // The first layer registers the shared tensors (nobody else did); the second only refers to them.
+  EXPECT_EQ(l1->named_parameters().keys(), (std::vector<std::string>{"weight", "bias", "lora_u", "lora_v",
+                                                                     "tied_factors.lora_A", "tied_factors.lora_B"}));
+  EXPECT_EQ(l2->named_parameters().keys(), (std::vector<std::string>{"weight", "bias", "lora_u", "lora_v"}));
   EXPECT_THROW(LoraLinear(random_linear(8, 5), factors), c10::Error);  // shape mismatch
+}
+
+// The README's standalone recipe: factors handed to two layers that nobody registered train with them.
+struct PairImpl : torch::nn::Module {
+  explicit PairImpl(const TiedLoraFactors& shared)
+      : q(register_module("q", LoraLinear(random_linear(8, 6), shared))),
+        k(register_module("k", LoraLinear(random_linear(8, 6), shared))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return q(x) * k(x); }
+  LoraLinear q, k;
+};
+TORCH_MODULE(Pair);
+
+TEST(TiedLoraFactors, StandaloneFactorsTrainSaveAndMoveWithTheModel) {
+  torch::manual_seed(3);
+  TiedLoraFactors factors(TiedLoraFactorsOptions(8, 6, AdapterMethod::parse("tied-abuv"), LoraOptions(2)));
+  Pair pair(factors);
+  const auto params = tiedlora::trainable_parameters(*pair);
+  auto holds = [&](const torch::Tensor& t) {
+    return std::any_of(params.begin(), params.end(), [&](const torch::Tensor& p) { return p.is_same(t); });
+  };
+  EXPECT_EQ(params.size(), 6u);  // A, B, and u, v of each layer
+  EXPECT_TRUE(holds(factors->lora_A));
+  EXPECT_TRUE(holds(factors->lora_B));
+  // Each shared tensor once in parameters(), as optimizers over model->parameters() need.
+  int a_count = 0;
+  for (const auto& p : pair->parameters()) a_count += p.is_same(factors->lora_A);
+  EXPECT_EQ(a_count, 1);
+  const auto a_before = factors->lora_A.detach().clone();
+  torch::optim::AdamW opt(params, 1e-2);
+  for (int step = 0; step < 2; ++step) {
+    opt.zero_grad();
+    pair->forward(torch::randn({5, 8})).sum().backward();
+    opt.step();
+  }
+  EXPECT_FALSE(torch::equal(factors->lora_A, a_before)) << "the shared A did not train";
+  pair->to(torch::kDouble);  // moves the shared factors with the layers
+  EXPECT_EQ(factors->lora_A.scalar_type(), torch::kDouble);
+  EXPECT_EQ(pair->q->lora_A().scalar_type(), torch::kDouble);
+}
+
+TEST(TiedLoraFactors, FactorsNobodyRegistersAreRefusedNotSilentlyFrozen) {
+  TiedLoraFactors factors(TiedLoraFactorsOptions(8, 6, AdapterMethod::parse("tied-ab"), LoraOptions(2)));
+  auto owner = LoraLinear(random_linear(8, 6), factors);
+  auto other = LoraLinear(random_linear(8, 6), factors);
+  owner->detach_adapter();  // the owner lets go: `other` would now train nothing
+  torch::nn::Sequential model(other);
+  try {
+    tiedlora::trainable_parameters(*model);
+    FAIL() << "no error";
+  } catch (const tiedlora::ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("no module of this model registers"), std::string::npos) << e.what();
+  }
+}
+
+TEST(TiedLoraFactors, MethodLoraIsRefused) {
+  try {
+    TiedLoraFactors factors(TiedLoraFactorsOptions(8, 6, AdapterMethod::lora(), LoraOptions(2)));
+    FAIL() << "no error";
+  } catch (const tiedlora::ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("LoraLinear(base, LoraOptions"), std::string::npos) << e.what();
+  }
+}
+
+TEST(LoraLinear, MergeAndUnloadKeepsTheMergedWeightAndDropsTheAdapter) {
+  for (const std::string method : {"lora", "tied-abuv"}) {
+    torch::manual_seed(5);
+    auto layer = make_layer(method, random_linear(8, 6));
+    randomize_adapter(layer);
+    torch::nn::Sequential model(layer);
+    const auto x = torch::randn({4, 8});
+    torch::NoGradGuard no_grad;
+    model->eval();
+    const auto adapted = model->forward(x);
+    tiedlora::merge_adapters_(*model);
+    const auto merged_weight = layer->weight.clone();
+    tiedlora::unmerge_adapters_(*model);
+    tiedlora::merge_and_unload_(*model);
+    EXPECT_FALSE(layer->has_adapter()) << method;
+    EXPECT_FALSE(layer->merged()) << method;  // no copy of the original weight is kept
+    EXPECT_TRUE(torch::equal(layer->weight, merged_weight)) << method;
+    EXPECT_TRUE(all_close(model->forward(x), adapted, 1e-5, 1e-5, "merged and unloaded")) << method;
+    EXPECT_TRUE(tiedlora::trainable_parameters(*model).empty()) << method;
+    for (const auto& item : model->named_parameters()) {
+      EXPECT_EQ(item.key().find("lora"), std::string::npos) << method << ": " << item.key();
+    }
+  }
 }
 
 }  // namespace

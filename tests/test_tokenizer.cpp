@@ -369,3 +369,35 @@ TEST(Tokenizer, ConfigWithMissingMergeTokenIsRefused) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(Tokenizer, AnEmptyVocabularyIsRefusedAtLoad) {
+  expect_refused([](json& j) {
+    j["model"]["vocab"] = json::object();
+    j["model"]["merges"] = json::array();
+  }, "the vocabulary is empty");
+}
+
+TEST(Tokenizer, LongJsonInMessagesIsCutBetweenTokensNotInsideAWord) {
+  // A pre-tokenizer long enough to be cut: its message must end at a JSON boundary and say so.
+  json pre = {{"type", "Sequence"}, {"pretokenizers", json::array()}};
+  for (int i = 0; i < 12; ++i) pre["pretokenizers"].push_back({{"type", "Punctuation"}, {"behavior", "Isolated"}});
+  json j = json::parse(read_file(reference("gpt2_tokenizer.json")));
+  j["pre_tokenizer"] = pre;
+  const std::string path = reference("refused_long_tokenizer.json");
+  std::ofstream(path) << j.dump();
+  try {
+    BpeTokenizer::from_tokenizer_json(path);
+    ADD_FAILURE() << "accepted";
+  } catch (const tiedlora::FormatError& e) {
+    const std::string what = e.what();
+    const auto cut = what.find(" ...");
+    ASSERT_NE(cut, std::string::npos) << what;
+    const char before = what[cut - 1];
+    EXPECT_TRUE(before == ',' || before == ' ') << "cut inside a token: " << what;
+    EXPECT_EQ(what.find("Isolat "), std::string::npos) << what;
+  }
+}
+
+}  // namespace

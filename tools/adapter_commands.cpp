@@ -1,6 +1,8 @@
 // adapter_commands.cpp: `tiedlora export-lora` and `tiedlora inspect`.
 #include <iostream>
 
+#include <ATen/ATen.h>
+
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
@@ -25,30 +27,56 @@ int run_export(const ExportArgs& args) {
   return 0;
 }
 
-void print_file(const io::SafetensorsFile& file, nlohmann::ordered_json& out) {
-  nlohmann::ordered_json tensors = nlohmann::ordered_json::array();
-  for (const auto& e : file.header().tensors) {
-    tensors.push_back({{"name", e.name}, {"dtype", io::dtype_name(e.dtype)}, {"shape", e.shape},
-                       {"bytes", e.end - e.begin}});
-  }
-  out["files"].push_back({{"path", file.path()}, {"metadata", file.metadata()}, {"tensors", tensors}});
+// One tensor's NaN / Inf count, read from the mapping and its pages released after (a large checkpoint is
+// scanned one tensor at a time).
+int64_t non_finite_count(const io::SafetensorsFile& file, const std::string& name) {
+  const at::Tensor t = file.tensor(name);
+  const int64_t bad = at::isFloatingType(t.scalar_type()) ? t.numel() - at::isfinite(t).sum().item<int64_t>() : 0;
+  file.release_pages(name);
+  return bad;
 }
 
-int run_inspect(const std::string& path) {
+int64_t print_file(const io::SafetensorsFile& file, bool scan, nlohmann::ordered_json& out) {
+  nlohmann::ordered_json tensors = nlohmann::ordered_json::array();
+  int64_t total_bad = 0;
+  for (const auto& e : file.header().tensors) {
+    nlohmann::ordered_json entry = {{"name", e.name}, {"dtype", io::dtype_name(e.dtype)}, {"shape", e.shape},
+                                    {"bytes", e.end - e.begin}};
+    if (scan) {
+      entry["non_finite"] = non_finite_count(file, e.name);
+      total_bad += entry["non_finite"].get<int64_t>();
+    }
+    tensors.push_back(entry);
+  }
+  out["files"].push_back({{"path", file.path()}, {"metadata", file.metadata()}, {"tensors", tensors}});
+  return total_bad;
+}
+
+int run_inspect(const std::string& path, bool header_only) {
   nlohmann::ordered_json out;
   out["path"] = path;
   out["files"] = nlohmann::ordered_json::array();
+  int64_t bad = 0;
   if (util::is_directory(path) && util::is_regular_file(util::join_path(path, "adapter_config.json"))) {
-    const Adapter adapter = Adapter::read(path);  // validates config and tensors together, naming the file
+    // Validates config and tensors together, naming the file; NaN/Inf are counted below, not refused.
+    Adapter::ReadOptions read;
+    read.allow_non_finite = true;
+    const Adapter adapter = Adapter::read(path, read);
     out["adapter_config"] =
         nlohmann::ordered_json::parse(util::read_text_file(util::join_path(path, "adapter_config.json")));
     out["adapter_layers"] = adapter.modules().size();
-    print_file(io::SafetensorsFile::open(util::join_path(path, "adapter_model.safetensors")), out);
+    bad += print_file(io::SafetensorsFile::open(util::join_path(path, "adapter_model.safetensors")), !header_only, out);
   } else {
     const io::Checkpoint checkpoint = io::Checkpoint::open(path);
-    for (const auto& file : checkpoint.files()) print_file(file, out);
+    for (const auto& file : checkpoint.files()) bad += print_file(file, !header_only, out);
   }
+  if (!header_only) out["non_finite"] = bad;
   std::cout << out.dump(2) << "\n";
+  if (bad > 0) {
+    std::cerr << "tiedlora: warning: " << path << " holds " << bad
+              << " NaN or Inf value(s); see \"non_finite\" per tensor (merge-weights, export-lora and "
+                 "generate refuse it)\n";
+  }
   return 0;
 }
 
@@ -66,10 +94,13 @@ Command add_export_command(CLI::App& app) {
 
 Command add_inspect_command(CLI::App& app) {
   auto path = std::make_shared<std::string>();
+  auto header_only = std::make_shared<bool>(false);
   CLI::App* cmd = app.add_subcommand(
-      "inspect", "List the tensors (dtype, shape), metadata and adapter config of a file or folder, as JSON");
+      "inspect", "List the tensors (dtype, shape, NaN/Inf count), metadata and adapter config of a file or folder, "
+                 "as JSON");
   cmd->add_option("path", *path, "A .safetensors file, a Hugging Face folder, or an adapter folder")->required();
-  return [path] { return run_inspect(*path); };
+  cmd->add_flag("--header-only", *header_only, "Read only the headers: skip counting NaN/Inf values (fast on large files)");
+  return [path, header_only] { return run_inspect(*path, *header_only); };
 }
 
 }  // namespace tiedlora::tools

@@ -53,6 +53,7 @@ int run_merge(MergeArgs& args) {
   else if (args.dtype != "keep") throw std::invalid_argument("--dtype must be keep, bf16, f16 or f32");
   args.options.max_shard_bytes = parse_size(args.max_shard_size);
   if (!args.quiet && ::isatty(STDERR_FILENO)) args.options.on_progress = draw_progress;
+  args.options.on_notice = [](const std::string& note) { std::fprintf(stderr, "tiedlora: %s\n", note.c_str()); };
   const MergeReport report = merge_weights(args.options);
   std::printf("merged %zu layers into %s (%zu tensors written)\n", report.merged.size(), args.options.out.c_str(),
               report.tensors_written);

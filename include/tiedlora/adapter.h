@@ -30,16 +30,25 @@ struct LayerFactors {
   at::Tensor v;       ///< (d_out) or undefined
   double scale = 1.0;
 
-  /// dW (d_out x d_in) computed in fp32 (fp64 if the factors are double).
+  /// dW (d_out x d_in) computed in compute_type(): fp32 (fp64 if the factors are double).
   at::Tensor delta() const;
+  /// The same into `out` (d_out x d_in, compute_type(), on the factors' device), reusing its memory.
+  void delta_into(at::Tensor& out) const;
+  at::ScalarType compute_type() const;
 };
 
 /// An adapter folder read without a model: its config and its tensors (memory-mapped).
 class Adapter {
  public:
-  /// Reads and validates `folder` (config, tensor names, shapes, ranks); throws tiedlora::FormatError
-  /// naming the folder, file and tensor, with a hint.
-  static Adapter read(const std::string& folder);
+  struct ReadOptions {
+    /// Accept tensors holding NaN or Inf (for inspection); by default they are refused, naming the tensor.
+    bool allow_non_finite = false;
+  };
+  /// Reads and validates `folder` (config, tensor names, shapes, ranks, target_modules against the layers
+  /// the tensors hold, finite values); throws tiedlora::FormatError naming the folder, file and tensor,
+  /// with a hint.
+  static Adapter read(const std::string& folder, const ReadOptions& options);
+  static Adapter read(const std::string& folder) { return read(folder, ReadOptions{}); }
 
   const AdapterConfig& config() const { return config_; }
   const std::string& source() const { return source_; }

@@ -37,7 +37,8 @@ struct AdapterConfig {
   std::string base_model_name_or_path;
   std::optional<uint64_t> init_seed;  ///< TIEDLORA: the seed the adapter was initialised with
   std::vector<AdapterGroup> groups;   ///< TIEDLORA only
-  /// LORA: per-module rank / alpha overrides (PEFT's rank_pattern / alpha_pattern, pattern -> value).
+  /// LORA: per-module rank / alpha overrides (PEFT's rank_pattern / alpha_pattern, pattern -> value), in
+  /// the file's order: the first key that matches a module wins, as in PEFT.
   std::vector<std::pair<std::string, int64_t>> rank_pattern;
   std::vector<std::pair<std::string, double>> alpha_pattern;
   bool vera_save_projection = true;   ///< VERA: the shared A/B are in the file
@@ -45,6 +46,12 @@ struct AdapterConfig {
 
   /// The scale of module `module` whose A has `rank` rows (LORA honours rank/alpha patterns).
   double scale_for(const std::string& module, int64_t rank) const;
+  /// Whether target_modules selects `module` (PEFT's check_target_module_exists: a list entry equals the
+  /// name or a dot-separated suffix of it; a string is a full-match Python regex). True when the list is
+  /// empty.
+  bool targets(const std::string& module) const;
+  /// target_modules as written in the file, for messages.
+  std::string target_modules_text() const;
 };
 
 /// Parses adapter_config.json text. `source` names the file in messages. Throws tiedlora::FormatError for
@@ -57,7 +64,9 @@ AdapterConfig parse_adapter_config(const std::string& text, const std::string& s
 std::string adapter_config_json(const AdapterConfig& config);
 
 /// PEFT's pattern rule for rank_pattern / alpha_pattern keys: `module` ends with the pattern at a dot
-/// boundary, the pattern read as a regular expression (re.match(rf"(.*\.)?({pattern})$", module)).
+/// boundary, the pattern read as a Python regular expression (re.match(rf"(.*\.)?({pattern})$", module)).
+/// Patterns are translated exactly into std::regex (util/python_regex.h) or refused: parse_adapter_config
+/// refuses a file with such a key, and this function throws tiedlora::FormatError naming the pattern.
 bool peft_pattern_matches(const std::string& module, const std::string& pattern);
 
 }  // namespace tiedlora

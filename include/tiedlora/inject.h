@@ -70,7 +70,9 @@ struct InjectionReport {
 /// selection problems and when a layer cannot be adapted; the tree is unchanged when it throws.
 InjectionReport inject_adapters(torch::nn::Module& root, const InjectOptions& options);
 
-/// The parameters of `module` that require grad, each tensor once (shared factors included once).
+/// The parameters of `module` that require grad, each tensor once (shared factors included once). Throws
+/// tiedlora::ConfigError when a tied layer's factors are registered by no module of `module` (they would
+/// silently not train).
 std::vector<at::Tensor> trainable_parameters(const torch::nn::Module& module);
 
 /// Every adapted layer of `module`, by name.
@@ -78,6 +80,11 @@ std::vector<std::pair<std::string, LoraLinear>> adapted_layers(const torch::nn::
 
 /// merge_() / unmerge_() on every adapted layer of `module`.
 void merge_adapters_(torch::nn::Module& module);
+/// PEFT's merge_and_unload(), in place: every enabled adapter is merged into its weight (fp32, rounded
+/// once) and every adapter removed, with the `tiedlora_groups` registry; the layers become plain linear
+/// layers and no copy of the original weights is kept (so there is no unmerge). Nothing changes when a
+/// layer refuses to merge (NaN or Inf, a weight tied to another module).
+void merge_and_unload_(torch::nn::Module& module);
 void unmerge_adapters_(torch::nn::Module& module);
 
 }  // namespace tiedlora

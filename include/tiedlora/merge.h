@@ -23,6 +23,8 @@ struct MergeOptions {
   uint64_t max_shard_bytes = uint64_t{5} << 30;
   /// Called after each tensor is written (index from 1, count, bytes written so far), for progress bars.
   std::function<void(size_t, size_t, uint64_t)> on_progress;
+  /// Called with one line per stale temporary folder removed or restored; unset: a LibTorch warning.
+  std::function<void(const std::string&)> on_notice;
 };
 
 struct MergedTensor {
@@ -39,6 +41,8 @@ struct MergeReport {
   uint64_t bytes_written = 0;
   uint64_t largest_tensor_bytes = 0;
   std::vector<std::string> files_written;  ///< weight files, index, and copied non-weight files
+  /// Temporary folders of dead earlier runs for the same output, removed (or restored) first; one line each.
+  std::vector<std::string> stale_temporaries;
   double seconds = 0;
   double max_abs_delta() const;
   double max_rounding_error() const;
@@ -48,8 +52,10 @@ struct MergeReport {
 /// the checkpoint's tensor names and shapes, output folder), then streams each tensor from the memory-mapped
 /// input, computes W + dW in fp32 (GPT-2 Conv1D weights, fan_in_fan_out, get dW^T), refuses NaN/Inf,
 /// rounds once to the output dtype and writes. Output goes to a temporary folder beside `out`, renamed at
-/// the end; a failure (or SIGINT/SIGTERM) removes it, so no half-written output is ever left at `out`.
-/// It installs SIGINT/SIGTERM handlers for its duration: run one merge at a time per process.
+/// the end; a failure (or SIGINT/SIGTERM/SIGHUP) removes it, so no half-written output is ever left at
+/// `out`, and temporary folders that killed runs left for the same `out` are removed first. `out` must not
+/// be, contain or lie inside `base` or `adapter` (refused before anything is touched). It installs
+/// SIGINT/SIGTERM/SIGHUP handlers for its duration: run one merge at a time per process.
 MergeReport merge_weights(const MergeOptions& options);
 
 }  // namespace tiedlora

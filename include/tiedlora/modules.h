@@ -76,9 +76,10 @@ struct TiedLoraFactorsOptions {
   TORCH_ARG(std::string, name) = "";
 };
 
-/// The A and B shared by a tie group. Register it once in your model (inject_adapters() registers it
-/// under the root as `tiedlora_groups.<group>`); the layers keep plain references to it, so each shared
-/// parameter appears once in parameters() and once in every optimizer.
+/// The A and B shared by a tie group. Exactly one module registers it, so each shared parameter appears
+/// once in parameters(), in every optimizer and in to(device): inject_adapters() registers it under the
+/// root as `tiedlora_groups.<group>`; otherwise the first layer attached to it registers it as its child
+/// `tied_factors`, and later layers keep plain references. Do not register it yourself as well.
 class TiedLoraFactorsImpl : public torch::nn::Cloneable<TiedLoraFactorsImpl> {
  public:
   TiedLoraFactorsImpl(int64_t in_features, int64_t out_features, AdapterMethod method = AdapterMethod::parse("tied-abuv"),
@@ -91,9 +92,17 @@ class TiedLoraFactorsImpl : public torch::nn::Cloneable<TiedLoraFactorsImpl> {
   void reset_parameters();
   void pretty_print(std::ostream& stream) const override;
 
+  /// Whether a module registers these factors (see the class comment).
+  bool owned() const { return owned_; }
+  /// Records that a module registers (true) or no longer registers (false) these factors.
+  void set_owned(bool owned) { owned_ = owned; }
+
   TiedLoraFactorsOptions options;
   at::Tensor lora_A;  ///< (r, d_in); requires grad when the method trains A
   at::Tensor lora_B;  ///< (d_out, r); requires grad when the method trains B
+
+ private:
+  bool owned_ = false;
 };
 TORCH_MODULE(TiedLoraFactors);
 
@@ -142,6 +151,9 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
   void attach_tied(TiedLoraFactors factors);
   /// Removes the adapter (unmerging first); the weight stays frozen.
   void detach_adapter();
+  /// Merges the adapter into the weight for good and removes it (PEFT's merge_and_unload for one layer):
+  /// the layer becomes a plain linear layer whose weight is W + dW, rounded once; no copy of W is kept.
+  void merge_and_detach_();
 
   AdapterKind adapter_kind() const { return kind_; }
   bool has_adapter() const { return kind_ != AdapterKind::none; }
@@ -185,7 +197,8 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
   AdapterMethod method_ = AdapterMethod::lora();
   LoraOptions lora_;
   bool enabled_ = true;
-  std::shared_ptr<TiedLoraFactorsImpl> factors_;  // not registered: the tie group's owner registers it
+  std::shared_ptr<TiedLoraFactorsImpl> factors_;  // registered here only when this layer owns them
+  bool owns_factors_ = false;                     // registered as the child "tied_factors"
   at::Tensor own_a_, own_b_;                      // plain LoRA's A and B, registered as lora_A / lora_B
   at::Tensor original_weight_;                    // defined while merged
   at::Tensor wrapped_weight_, wrapped_bias_;      // handed from a wrapped torch::nn::Linear to reset()

@@ -115,6 +115,10 @@ struct TrainOptions {
   /// Anything else a resumed run must share, as text (the example puts the model, the adapter's method,
   /// rank, alpha, dropout and targets, and the prompt format here); compared on resume like the options.
   std::string resume_key;
+
+  /// Throws tiedlora::ConfigError naming the first option out of range. The Trainer calls it; programs
+  /// call it before they create an output folder, so a typo leaves nothing behind.
+  void validate() const;
 };
 
 /// One optimizer step's numbers (the JSONL metrics line, less timing).
@@ -164,7 +168,7 @@ class Trainer {
 
   /// Asks a running Trainer to checkpoint and return after the current step; async-signal-safe.
   static void request_stop();
-  /// Installs SIGINT/SIGTERM handlers calling request_stop() (a second signal kills as usual) for the
+  /// Installs SIGINT/SIGTERM/SIGHUP handlers calling request_stop() (a second signal kills as usual) for the
   /// object's lifetime; the previous handlers come back when it is destroyed, so Ctrl-C after training
   /// (evaluation, merging) interrupts as usual.
   class StopSignals {
@@ -177,6 +181,7 @@ class Trainer {
    private:
     void (*previous_int_)(int);
     void (*previous_term_)(int);
+    void (*previous_hup_)(int);
   };
 
  private:

@@ -680,17 +680,13 @@ void save_pretrained(const CausalLM& model, const std::string& folder, std::opti
     if (gpt2 && is_conv1d_weight(name)) value = value.t();
     tensors.emplace_back(name, value.contiguous());
   }
-  const std::string staged = util::make_temp_directory_beside(folder);
-  try {
-    const std::string config = info.config_json + "\n";
-    util::write_file_atomically(util::join_path(staged, "config.json"),
-                                [&](const util::ByteWriter& write) { write(config.data(), config.size()); });
-    io::save_sharded_safetensors(staged, tensors, max_shard_bytes, {{"format", "pt"}});
-    util::publish_directory(staged, folder, overwrite);
-  } catch (...) {
-    util::remove_tree_quietly(staged);
-    throw;
-  }
+  util::StagedDirectory staged(folder);
+  for (const auto& note : staged.notes()) TORCH_WARN("tiedlora: ", note);
+  const std::string config = info.config_json + "\n";
+  util::write_file_atomically(util::join_path(staged.path(), "config.json"),
+                              [&](const util::ByteWriter& write) { write(config.data(), config.size()); });
+  io::save_sharded_safetensors(staged.path(), tensors, max_shard_bytes, {{"format", "pt"}});
+  staged.publish(overwrite);
 }
 
 std::string find_smollm2_gguf() {

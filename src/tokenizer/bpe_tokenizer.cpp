@@ -202,6 +202,9 @@ struct BpeTokenizer::Impl {
 };
 
 BpeTokenizer::Impl::Impl(BpeTokenizerConfig c) : config(std::move(c)) {
+  if (std::all_of(config.vocab.begin(), config.vocab.end(), [](const std::string& t) { return t.empty(); })) {
+    fail("the vocabulary is empty (hint: the tokenizer file is incomplete; every text would encode to nothing)");
+  }
   const auto& alphabet = byte_alphabet();
   std::size_t size = config.vocab.size();
   for (const auto& t : config.added_tokens) {

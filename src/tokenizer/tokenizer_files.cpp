@@ -12,6 +12,7 @@
 #include "tiedlora/tokenizer.h"
 #include "tokenizer/pre_tokenize.h"
 #include "util/files.h"
+#include "util/text.h"
 
 namespace tiedlora {
 
@@ -121,11 +122,11 @@ PipelineChoice choose_pre_tokenizer(const json& pre, const std::string& path) {
           // Split(GPT-2) then ByteLevel without regex cuts exactly as ByteLevel with its regex.
           return {PreTokenizer::kGpt2, prefix};
         }
-        throw FormatError(where + ": the Split regex '" + regex.substr(0, 300) + "' is not one tiedlora knows" + hint);
+        throw FormatError(where + ": the Split regex '" + util::excerpt_for_message(regex, 300) + "' is not one tiedlora knows" + hint);
       }
     }
   }
-  throw FormatError(where + ": " + pre.dump().substr(0, 300) + " is not supported" + hint);
+  throw FormatError(where + ": " + util::excerpt_for_message(pre.dump(), 300) + " is not supported" + hint);
 }
 
 // TemplateProcessing's single-sequence template: special tokens before and after $A.
@@ -213,12 +214,12 @@ BpeTokenizer BpeTokenizer::from_tokenizer_json(const std::string& path) {
     }
     const json& normalizer = root.value("normalizer", json());
     if (!normalizer.is_null() && !(type_of(normalizer) == "Sequence" && normalizer.value("normalizers", json::array()).empty())) {
-      throw FormatError(path + ": normalizer " + normalizer.dump().substr(0, 200) +
+      throw FormatError(path + ": normalizer " + util::excerpt_for_message(normalizer.dump(), 200) +
                         " is not supported (hint: byte-level BPE tokenizers have none)");
     }
     const json& decoder = root.value("decoder", json());
     if (type_of(decoder) != "ByteLevel") {
-      throw FormatError(path + ": decoder " + decoder.dump().substr(0, 200) + " is not supported, expected ByteLevel");
+      throw FormatError(path + ": decoder " + util::excerpt_for_message(decoder.dump(), 200) + " is not supported, expected ByteLevel");
     }
     const auto choice = choose_pre_tokenizer(root.value("pre_tokenizer", json()), path);
     config.pre_tokenizer = choice.pre_tokenizer;
@@ -245,7 +246,7 @@ BpeTokenizer BpeTokenizer::from_tokenizer_json(const std::string& path) {
       } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {
         config.merges.emplace_back(m[0].get<std::string>(), m[1].get<std::string>());
       } else {
-        throw FormatError(where + ": expected \"left right\" or [\"left\", \"right\"], got " + m.dump().substr(0, 200));
+        throw FormatError(where + ": expected \"left right\" or [\"left\", \"right\"], got " + util::excerpt_for_message(m.dump(), 200));
       }
     }
     for (const auto& t : root.value("added_tokens", json::array())) {

@@ -199,11 +199,8 @@ Trainer::Trainer(models::CausalLM& model, std::vector<TokenizedExample> train, s
     : s_(std::make_unique<State>(model, std::move(train), std::move(validation), std::move(options), pad_id)) {
   const TrainOptions& o = s_->options;
   if (s_->train.empty()) throw ConfigError("Trainer: no training examples");
-  if (o.max_steps <= 0 || o.batch_size <= 0 || o.grad_accum <= 0) {
-    throw ConfigError("Trainer: max_steps, batch_size and grad_accum must be positive");
-  }
-  if (!(o.lr > 0) || !std::isfinite(o.lr)) throw ConfigError("Trainer: lr must be a positive number");
-  if (o.patience > 0 && (o.eval_every <= 0 || s_->validation.empty())) {
+  o.validate();
+  if (o.patience > 0 && s_->validation.empty()) {
     throw ConfigError("Trainer: early stopping (patience) needs validation data and eval_every > 0");
   }
   check_examples(s_->train, "training", o.max_length);
@@ -222,16 +219,50 @@ Trainer::Trainer(models::CausalLM& model, std::vector<TokenizedExample> train, s
   if (!o.output_dir.empty()) util::make_directories(o.output_dir);
 }
 
+void TrainOptions::validate() const {
+  auto positive = [](const char* name, double value) {
+    if (!(value > 0) || !std::isfinite(value)) {
+      throw ConfigError(std::string("train options: ") + name + " must be a positive number, got " + std::to_string(value));
+    }
+  };
+  auto in_unit = [](const char* name, double value, bool one_allowed) {
+    if (!(value >= 0 && (one_allowed ? value <= 1 : value < 1))) {
+      throw ConfigError(std::string("train options: ") + name + " must be in [0, 1" + (one_allowed ? "]" : ")") +
+                        ", got " + std::to_string(value));
+    }
+  };
+  positive("max_steps", static_cast<double>(max_steps));
+  positive("batch_size", static_cast<double>(batch_size));
+  positive("grad_accum", static_cast<double>(grad_accum));
+  positive("max_length", static_cast<double>(max_length));
+  positive("lr", lr);
+  positive("eps", eps);
+  in_unit("min_lr_ratio", min_lr_ratio, true);
+  in_unit("beta1", beta1, false);
+  in_unit("beta2", beta2, false);
+  if (warmup_steps < 0) throw ConfigError("train options: warmup_steps must not be negative");
+  if (!(weight_decay >= 0) || !std::isfinite(weight_decay)) {
+    throw ConfigError("train options: weight_decay must be a non-negative number");
+  }
+  if (!std::isfinite(max_grad_norm)) throw ConfigError("train options: max_grad_norm must be finite");
+  if (patience > 0 && eval_every <= 0) {
+    throw ConfigError("train options: early stopping (patience) needs eval_every > 0 and validation data");
+  }
+}
+
 Trainer::~Trainer() = default;
 
 void Trainer::request_stop() { g_stop_requested = 1; }
 
 Trainer::StopSignals::StopSignals()
-    : previous_int_(std::signal(SIGINT, on_stop_signal)), previous_term_(std::signal(SIGTERM, on_stop_signal)) {}
+    : previous_int_(std::signal(SIGINT, on_stop_signal)),
+      previous_term_(std::signal(SIGTERM, on_stop_signal)),
+      previous_hup_(std::signal(SIGHUP, on_stop_signal)) {}
 
 Trainer::StopSignals::~StopSignals() {
   std::signal(SIGINT, previous_int_ == SIG_ERR ? SIG_DFL : previous_int_);
   std::signal(SIGTERM, previous_term_ == SIG_ERR ? SIG_DFL : previous_term_);
+  std::signal(SIGHUP, previous_hup_ == SIG_ERR ? SIG_DFL : previous_hup_);
 }
 
 std::string Trainer::latest_checkpoint(const std::string& output_dir) {
@@ -269,16 +300,14 @@ std::string Trainer::State::write_checkpoint() {
                {"train_examples", train.size()},
                {"validation_examples", validation.size()},
                {"options", trajectory_options(options)}};
-  const std::string staged = util::make_temp_directory_beside(folder);
-  try {
-    io::save_safetensors(util::join_path(staged, "state.safetensors"), tensors);
+  {
+    util::StagedDirectory staged(folder);
+    for (const auto& note : staged.notes()) TORCH_WARN("tiedlora: ", note);
+    io::save_safetensors(util::join_path(staged.path(), "state.safetensors"), tensors);
     const std::string text = meta.dump(2) + "\n";
-    util::write_file_atomically(util::join_path(staged, "trainer_state.json"),
+    util::write_file_atomically(util::join_path(staged.path(), "trainer_state.json"),
                                 [&](const util::ByteWriter& write) { write(text.data(), text.size()); });
-    util::publish_directory(staged, folder, /*overwrite=*/true);
-  } catch (...) {
-    util::remove_tree_quietly(staged);
-    throw;
+    staged.publish(/*overwrite=*/true);
   }
   // Keep the newest few.
   const std::vector<std::string> existing = checkpoint_names(checkpoint_dir());
@@ -541,17 +570,10 @@ MergeReport merge_trained(const models::CausalLM& model, const std::string& mode
     if (layer->merged()) throw ConfigError("merge_trained: layer '" + name + "' is merged in memory (hint: unmerge it first)");
   }
   if (!models::is_gguf_path(model_path)) return merge_weights(merge);
-  const std::string staged = util::make_temp_directory_beside(out + ".base");
-  try {
-    merge.base = util::join_path(staged, "model");
-    models::save_pretrained(model, merge.base);
-    MergeReport report = merge_weights(merge);
-    util::remove_tree(staged);
-    return report;
-  } catch (...) {
-    util::remove_tree_quietly(staged);
-    throw;
-  }
+  util::StagedDirectory staged(out + ".base");  // removed on return: the HF copy of the GGUF base is scratch
+  merge.base = util::join_path(staged.path(), "model");
+  models::save_pretrained(model, merge.base);
+  return merge_weights(merge);
 }
 
 }  // namespace tiedlora::train

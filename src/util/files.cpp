@@ -4,11 +4,15 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <ftw.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <climits>
+#include <random>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -69,14 +73,155 @@ std::string read_text_file(const std::string& path) {
   return out.str();
 }
 
+namespace {
+
+std::string trimmed(std::string path) {
+  while (path.size() > 1 && path.back() == '/') path.pop_back();
+  return path;
+}
+
+std::string host_name() {
+  char buffer[256] = {};
+  if (::gethostname(buffer, sizeof buffer - 1) != 0 || !buffer[0]) return "host";
+  std::string name = buffer;
+  for (char& c : name) {
+    if (c == '/' || c == '-') c = '_';  // '-' separates the fields of the temporary name
+  }
+  return name;
+}
+
+std::string base_name(const std::string& path) {
+  const auto slash = path.find_last_of('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+}  // namespace
+
 std::string make_temp_directory_beside(const std::string& destination) {
-  std::string pattern = destination;
-  while (pattern.size() > 1 && pattern.back() == '/') pattern.pop_back();
-  pattern += ".tmp-XXXXXX";
-  std::vector<char> buffer(pattern.begin(), pattern.end());
-  buffer.push_back('\0');
-  if (!::mkdtemp(buffer.data())) throw Error(pattern + ": cannot create a temporary folder: " + errno_text());
-  return buffer.data();
+  static std::atomic<unsigned> counter{0};
+  const std::string prefix = trimmed(destination) + ".tmp-" + host_name() + "-" + std::to_string(::getpid()) + "-";
+  std::random_device random;
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    const std::string path = prefix + std::to_string(random() % 1000000u) + std::to_string(counter++);
+    // mkdir, not mkdtemp: mkdtemp's mode is 0700 whatever the umask.
+    if (::mkdir(path.c_str(), 0777) == 0) return path;
+    if (errno != EEXIST) throw Error(path + ": cannot create a temporary folder: " + errno_text());
+  }
+  throw Error(prefix + "*: cannot create a temporary folder: every name tried exists");
+}
+
+std::vector<std::string> clean_stale_temporaries(const std::string& destination_in) {
+  const std::string destination = trimmed(destination_in);
+  const std::string folder = parent_path(destination);
+  const std::string name = base_name(destination);
+  const std::string host = host_name();
+  std::vector<std::string> notes;
+  std::vector<std::string> entries;
+  try {
+    entries = list_directory(folder);
+  } catch (const Error&) {
+    return notes;  // no parent folder yet: nothing was left there
+  }
+  for (const auto& entry : entries) {
+    bool old = false;
+    std::string rest;
+    for (const std::string& kind : {std::string(".tmp-"), std::string(".old.tmp-")}) {
+      const std::string prefix = name + kind + host + "-";
+      if (entry.rfind(prefix, 0) == 0) {
+        rest = entry.substr(prefix.size());
+        old = kind == ".old.tmp-";
+      }
+    }
+    const auto dash = rest.find('-');
+    if (rest.empty() || dash == std::string::npos || dash == 0) continue;
+    const std::string pid_text = rest.substr(0, dash);
+    if (pid_text.find_first_not_of("0123456789") != std::string::npos || pid_text.size() > 9) continue;
+    const pid_t pid = static_cast<pid_t>(std::stol(pid_text));
+    if (pid == ::getpid() || ::kill(pid, 0) == 0 || errno != ESRCH) continue;  // alive, or not ours to judge
+    const std::string path = join_path(folder, entry);
+    if (!is_directory(path)) continue;
+    if (old && !path_exists(destination)) {
+      // Killed between moving the old destination aside and moving the new one in: put the old one back.
+      if (::rename(path.c_str(), destination.c_str()) == 0) {
+        notes.push_back("restored " + destination + " from " + path + " (left by process " + pid_text +
+                        ", which no longer runs)");
+      }
+      continue;
+    }
+    remove_tree_quietly(path);
+    if (!path_exists(path)) {
+      notes.push_back("removed " + path + " (a temporary folder left by process " + pid_text +
+                      ", which no longer runs)");
+    }
+  }
+  return notes;
+}
+
+StagedDirectory::StagedDirectory(std::string destination)
+    : destination_(trimmed(std::move(destination))), notes_(clean_stale_temporaries(destination_)) {
+  path_ = make_temp_directory_beside(destination_);
+}
+
+StagedDirectory::~StagedDirectory() {
+  if (!published_) remove_tree_quietly(path_);
+}
+
+void StagedDirectory::publish(bool overwrite) {
+  publish_directory(path_, destination_, overwrite);
+  published_ = true;
+}
+
+std::string resolve_path(const std::string& path) {
+  std::string absolute = path;
+  if (absolute.empty() || absolute[0] != '/') {
+    char cwd[4096];
+    if (!::getcwd(cwd, sizeof cwd)) throw Error("cannot read the current folder: " + errno_text());
+    absolute = join_path(cwd, path);
+  }
+  // Split, then resolve the longest existing prefix with realpath and append the rest lexically.
+  std::vector<std::string> parts;
+  for (std::size_t start = 0; start <= absolute.size();) {
+    const std::size_t end = std::min(absolute.find('/', start), absolute.size());
+    const std::string part = absolute.substr(start, end - start);
+    if (part == "..") {
+      if (!parts.empty()) parts.pop_back();
+    } else if (!part.empty() && part != ".") {
+      parts.push_back(part);
+    }
+    start = end + 1;
+  }
+  for (std::size_t keep = parts.size() + 1; keep-- > 0;) {
+    std::string prefix = "/";
+    for (std::size_t i = 0; i < keep; ++i) prefix = join_path(prefix, parts[i]);
+    char resolved[PATH_MAX];
+    if (::realpath(prefix.c_str(), resolved)) {
+      std::string out = resolved;
+      for (std::size_t i = keep; i < parts.size(); ++i) out = join_path(out, parts[i]);
+      return out;
+    }
+  }
+  return absolute;
+}
+
+void check_output_apart_from_inputs(const std::string& output_label, const std::string& output,
+                                    const std::vector<std::pair<std::string, std::string>>& inputs) {
+  const std::string out = resolve_path(output);
+  auto inside = [](const std::string& inner, const std::string& outer) {
+    return outer == "/" || (inner.size() > outer.size() && inner.compare(0, outer.size(), outer) == 0 &&
+                            inner[outer.size()] == '/');
+  };
+  for (const auto& [label, input] : inputs) {
+    if (input.empty()) continue;
+    const std::string in = resolve_path(input);
+    std::string relation;
+    if (out == in) relation = "is";
+    else if (inside(in, out)) relation = "contains";
+    else if (inside(out, in)) relation = "lies inside";
+    if (relation.empty()) continue;
+    throw ConfigError(output_label + " " + output + " " + relation + " the " + label + " " + input +
+                      (relation == "lies inside" ? "" : "; writing it would destroy that input") +
+                      " (hint: choose an output folder outside every input)");
+  }
 }
 
 void remove_tree(const std::string& path) {
@@ -108,7 +253,8 @@ void make_directories(const std::string& path) {
 }
 
 void write_file_atomically(const std::string& path, const std::function<void(const ByteWriter&)>& fill) {
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  static std::atomic<unsigned> counter{0};  // unique per call, so two threads writing one path do not collide
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter++);
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) throw Error(tmp + ": cannot create: " + errno_text());
   try {

@@ -1,11 +1,12 @@
 // util/files.h: the few file-system operations tiedlora needs, on POSIX calls. std::filesystem is avoided
-// on purpose: LibTorch's wheel exports GCC 13 std::filesystem symbols that shadow the system's GCC 12
-// ones, and some operations (remove_all on a non-empty folder) crash (docs/design.md).
+// on purpose: LibTorch's wheel exports its own std::filesystem symbols, which programs linked against it
+// bind to (README "Known problems"; docs/design.md).
 #pragma once
 
 #include <cstddef>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace tiedlora::util {
@@ -20,13 +21,46 @@ std::string parent_path(const std::string& path);
 std::vector<std::string> list_directory(const std::string& folder);
 /// The whole file; throws tiedlora::FormatError naming it when it cannot be read.
 std::string read_text_file(const std::string& path);
-/// Creates a fresh, uniquely named folder beside `destination` ("<destination>.tmp-XXXXXX").
+/// Creates a fresh, uniquely named folder beside `destination`:
+/// "<destination>.tmp-<host>-<pid>-<random>", with the mode mkdir(1) would give (0777 less the umask), so
+/// the folder it becomes when renamed into place is readable as the user's umask says.
 std::string make_temp_directory_beside(const std::string& destination);
+/// Temporary folders that processes of this host left beside `destination` when they died (SIGKILL, a
+/// crash, power loss), found by the name make_temp_directory_beside gives: a folder whose process is gone
+/// is removed, and an old destination moved aside by publish_directory is moved back when `destination`
+/// is missing. Returns one line per folder handled, for the caller to report.
+std::vector<std::string> clean_stale_temporaries(const std::string& destination);
+
+/// A folder written in full before it appears at `destination`: the constructor cleans stale temporaries
+/// (notes()) and creates the temporary folder (path()); publish() renames it into place; if publish() is
+/// never reached, the destructor removes it.
+class StagedDirectory {
+ public:
+  explicit StagedDirectory(std::string destination);
+  ~StagedDirectory();
+  StagedDirectory(const StagedDirectory&) = delete;
+  StagedDirectory& operator=(const StagedDirectory&) = delete;
+  const std::string& path() const { return path_; }
+  void publish(bool overwrite);
+  const std::vector<std::string>& notes() const { return notes_; }
+
+ private:
+  std::string destination_, path_;
+  std::vector<std::string> notes_;
+  bool published_ = false;
+};
+
+/// The absolute path with symbolic links of its existing part resolved and "." / ".." removed.
+std::string resolve_path(const std::string& path);
+/// Refuses (tiedlora::ConfigError, naming both) an output path that equals, contains or lies inside one
+/// of the inputs (label, path): writing it, or replacing it with --force, would destroy an input.
+void check_output_apart_from_inputs(const std::string& output_label, const std::string& output,
+                                    const std::vector<std::pair<std::string, std::string>>& inputs);
 /// Removes a file or a folder tree; missing paths are fine. Never follows symbolic links.
 void remove_tree(const std::string& path);
 /// Creates `path` and its missing parents; throws tiedlora::Error naming them when it cannot.
 void make_directories(const std::string& path);
-/// Writes a file atomically: `<path>.tmp.<pid>` beside the destination, fsync, rename, fsync the folder.
+/// Writes a file atomically: `<path>.tmp.<pid>.<n>` beside the destination, fsync, rename, fsync the folder.
 /// `fill` receives a function that appends bytes; if anything throws, the temporary is removed and `path`
 /// is untouched.
 using ByteWriter = std::function<void(const void* data, std::size_t size)>;

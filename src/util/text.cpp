@@ -23,6 +23,14 @@ std::string quote_for_message(std::string_view name) {
   return out + (name.size() > 200 ? "...'" : "'");
 }
 
+std::string excerpt_for_message(const std::string& text, std::size_t limit) {
+  if (text.size() <= limit) return text;
+  std::size_t cut = text.find_last_of(", ", limit);
+  if (cut == std::string::npos || cut < limit / 2) cut = limit;  // no boundary nearby: cut where it is
+  else cut += 1;                                                 // keep the ',' itself
+  return text.substr(0, cut) + " ...";
+}
+
 nlohmann::json parse_json_strict(const std::string& text, const std::string& source) {
   std::vector<std::set<std::string>> keys;  // one set per open object
   std::string duplicate;

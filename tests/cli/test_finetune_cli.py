@@ -166,6 +166,19 @@ class Finetune(unittest.TestCase):
         run = finetune(*COMMON, "--train", data("train"), "--output", os.path.join(ARGS.work, "m"), "--method", "tied-xyz")
         self.assertEqual(run.returncode, 1)
         self.assertIn("tied-xyz", run.stderr)
+        # An option out of range is refused before the output folder exists.
+        for option, value in [("--lr", "0"), ("--min-lr-ratio", "2")]:
+            out = os.path.join(ARGS.work, "bad_option_run")
+            shutil.rmtree(out, ignore_errors=True)
+            args = list(COMMON)
+            if option in args:
+                args[args.index(option) + 1] = value
+            else:
+                args += [option, value]
+            run = finetune(*args, "--train", data("train"), "--output", out)
+            self.assertEqual(run.returncode, 1, f"{option} {value}")
+            self.assertIn(option[2:].replace("-", "_"), run.stderr)
+            self.assertFalse(os.path.exists(out), f"{option} {value} left {out} behind")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
-# run_consumer_test.cmake: installs the built tiedlora into a scratch prefix, then configures, builds and
-# runs tests/consumer against it through find_package(tiedlora) — the path a user's project takes.
-foreach(var BUILD_DIR WORK_DIR CONSUMER_SOURCE TORCH_DIR GENERATOR)
+# run_consumer_test.cmake: installs the built tiedlora into a scratch prefix, copies the prefix elsewhere
+# and removes the original (a package must not depend on where it was built or installed), checks that
+# the package files name no path of the build machine's LibTorch, then configures, builds and runs
+# tests/consumer against the copy through find_package(tiedlora), the path a user's project takes. The
+# consumer also compiles and runs every complete C++ program of the README.
+foreach(var BUILD_DIR WORK_DIR CONSUMER_SOURCE TORCH_DIR GENERATOR README)
   if(NOT DEFINED ${var})
     message(FATAL_ERROR "run_consumer_test.cmake: ${var} is not set")
   endif()
 endforeach()
 set(prefix "${WORK_DIR}/prefix")
-file(REMOVE_RECURSE "${prefix}" "${WORK_DIR}/build")
+set(moved "${WORK_DIR}/moved-prefix")
+file(REMOVE_RECURSE "${prefix}" "${moved}" "${WORK_DIR}/build")
 function(run)
   execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc)
   if(NOT rc EQUAL 0)
@@ -14,11 +18,43 @@ function(run)
   endif()
 endfunction()
 run("${CMAKE_COMMAND}" --install "${BUILD_DIR}" --prefix "${prefix}")
+file(COPY "${prefix}/" DESTINATION "${moved}")
+file(REMOVE_RECURSE "${prefix}")
+
+# The package's CMake files must not name the build's LibTorch or build tree: the consumer's own
+# find_package(Torch) provides LibTorch.
+get_filename_component(torch_prefix "${TORCH_DIR}/../../.." ABSOLUTE)
+file(GLOB package_files "${moved}/lib/cmake/tiedlora/*.cmake")
+foreach(f IN LISTS package_files)
+  file(READ "${f}" text)
+  foreach(forbidden "${torch_prefix}" "${BUILD_DIR}" "libc10" "libnvrtc")
+    string(FIND "${text}" "${forbidden}" at)
+    if(NOT at EQUAL -1)
+      message(FATAL_ERROR "${f} names '${forbidden}': the installed package is tied to the build machine")
+    endif()
+  endforeach()
+endforeach()
+
 set(launcher "")
 if(CXX_LAUNCHER)
   set(launcher "-DCMAKE_CXX_COMPILER_LAUNCHER=${CXX_LAUNCHER}")
 endif()
 run("${CMAKE_COMMAND}" -S "${CONSUMER_SOURCE}" -B "${WORK_DIR}/build" -G "${GENERATOR}"
-    "-Dtiedlora_DIR=${prefix}/lib/cmake/tiedlora" "-DTorch_DIR=${TORCH_DIR}" -DCMAKE_BUILD_TYPE=Release ${launcher})
+    "-Dtiedlora_DIR=${moved}/lib/cmake/tiedlora" "-DTorch_DIR=${TORCH_DIR}" "-DREADME=${README}"
+    -DCMAKE_BUILD_TYPE=Release ${launcher})
 run("${CMAKE_COMMAND}" --build "${WORK_DIR}/build")
-run("${WORK_DIR}/build/consumer")
+run("${WORK_DIR}/build/consumer" "${WORK_DIR}/scratch")
+file(GLOB snippets "${WORK_DIR}/build/readme_program_*")
+list(LENGTH snippets count)
+if(count LESS 2)
+  message(FATAL_ERROR "expected at least 2 complete C++ programs in ${README}, found ${count}")
+endif()
+foreach(program IN LISTS snippets)
+  if(NOT program MATCHES "\\.cpp$")
+    message(STATUS "running ${program}")
+    execute_process(COMMAND "${program}" WORKING_DIRECTORY "${WORK_DIR}" RESULT_VARIABLE rc)
+    if(NOT rc EQUAL 0)
+      message(FATAL_ERROR "README program ${program} failed (${rc})")
+    endif()
+  endif()
+endforeach()

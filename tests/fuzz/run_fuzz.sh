@@ -15,7 +15,7 @@ printf 'extern "C" int LLVMFuzzerTestOneInput(const unsigned char*, unsigned lon
 "$clangxx" -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
   -I"$src/include" -I"$src/src" -I/usr/include \
   "$src/tests/fuzz/fuzz_parsers.cpp" "$src/src/io/safetensors_format.cpp" "$src/src/adapter_config.cpp" \
-  "$src/src/method.cpp" "$src/src/io/gguf.cpp" "$src/src/util/text.cpp" -o "$fuzzer"
+  "$src/src/method.cpp" "$src/src/io/gguf.cpp" "$src/src/util/text.cpp" "$src/src/util/python_regex.cpp" -o "$fuzzer"
 # Seeds: parser byte + content. 0: safetensors headers, 1: adapter configs.
 for f in "$src"/tests/data/malformed/*.safetensors; do { printf '\x00'; cat "$f"; } > "$work/corpus/st-$(basename "$f")"; done
 for f in "$src"/tests/data/malformed/*.json; do { printf '\x01'; cat "$f"; } > "$work/corpus/cfg-$(basename "$f")"; done
@@ -34,6 +34,7 @@ open(sys.argv[1], "ab").write(struct.pack("<Q", len(h)) + h + bytes(16))
 PY
 printf '\x01{"peft_type": "TIEDLORA", "format_version": 1, "r": 4, "method": "tied-abuv", "tie_groups": [{"name": "g", "key": "g", "modules": ["a.b"]}]}' > "$work/corpus/cfg-valid-tied"
 printf '\x01{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "rank_pattern": {"q": 4}}' > "$work/corpus/cfg-valid-lora"
+printf '\x01{"peft_type": "LORA", "r": 8, "target_modules": "model\\\\.layers\\\\.\\\\d+\\\\.(q|v)_proj", "alpha_pattern": {"(?P<x>layers\\\\.[0-3]\\\\.)?q_proj": 4, "[^]a-]{2,}_proj": 2}}' > "$work/corpus/cfg-valid-patterns"
 cd "$work"
 export ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1
 "$fuzzer" -max_total_time="$seconds" -max_len=16384 -timeout=10 -print_final_stats=1 corpus

@@ -32,6 +32,8 @@ def ref(name):
 
 def work(name):
     path = os.path.join(ARGS.work, name)
+    if os.path.islink(path):
+        os.unlink(path)
     shutil.rmtree(path, ignore_errors=True)
     return path
 
@@ -85,7 +87,8 @@ class MergeAgainstPeft(unittest.TestCase):
 
     def test_fp32_lora_gpt2_conv1d_llama_sharded_patterns_and_vera(self):
         cases = [("gpt2_base", "gpt2_lora"), ("llama_base", "llama_lora"),
-                 ("llama_base", "llama_lora_rank_pattern"), ("llama_base", "llama_vera")]
+                 ("llama_base", "llama_lora_rank_pattern"), ("llama_base", "llama_lora_python_patterns"),
+                 ("llama_base", "llama_vera")]
         for base, adapter in cases:
             with self.subTest(adapter=adapter):
                 out = work(adapter + "_merged")
@@ -230,10 +233,248 @@ class MergeBehaviour(unittest.TestCase):
         self.assertEqual(run.returncode, 1)
 
 
+def copy_of(name, label):
+    path = work(label)
+    shutil.copytree(ref(name), path)
+    return path
+
+
+def tree_digest(path):
+    """File names and contents below `path`, to show an input was not touched."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            full = os.path.join(root, f)
+            out[os.path.relpath(full, path)] = open(full, "rb").read()
+    return out
+
+
+def dead_pid():
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def save_adapter_tensors(folder, tensors):
+    from safetensors.torch import save_file
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+
+
+class OutputsAndInputs(unittest.TestCase):
+    """--force never destroys an input; outputs follow the umask; killed runs leave nothing for good."""
+
+    def test_out_that_is_contains_or_lies_inside_an_input_is_refused_before_anything_is_touched(self):
+        base = copy_of("llama_base", "guard_base")
+        adapter = copy_of("llama_lora", "guard_adapter")
+        holder = work("guard_holder")
+        os.makedirs(holder)
+        shutil.copytree(ref("llama_lora"), os.path.join(holder, "adapter"))
+        before = {p: tree_digest(p) for p in (base, adapter, holder)}
+        cases = [
+            (["merge-weights", "--base", base, "--adapter", adapter, "--out", base, "--force"], " is the base model"),
+            (["merge-weights", "--base", base, "--adapter", adapter, "--out", adapter + "/", "--force"], " is the adapter folder"),
+            (["merge-weights", "--base", base, "--adapter", os.path.join(holder, "adapter"), "--out", holder, "--force"],
+             "contains the adapter folder"),
+            (["merge-weights", "--base", base, "--adapter", adapter, "--out", os.path.join(base, "merged"), "--force"],
+             "lies inside the base model"),
+            (["merge-weights", "--base", os.path.join(base, "..", os.path.basename(base)), "--adapter", adapter, "--out",
+              base + "/./", "--force"], " is the base model"),
+            (["export-lora", "--adapter", adapter, "--out", adapter, "--force"], " is the adapter folder"),
+            (["export-lora", "--adapter", os.path.join(holder, "adapter"), "--out", holder, "--force"], "contains the adapter folder"),
+        ]
+        for argv, expected in cases:
+            with self.subTest(argv=" ".join(argv[:1] + argv[-3:])):
+                run = tiedlora(*argv, check=False)
+                self.assertEqual(run.returncode, 1, run.stdout + run.stderr)
+                self.assertIn(expected, run.stderr)
+                self.assertIn("hint", run.stderr)
+                for path, digest in before.items():
+                    self.assertEqual(tree_digest(path), digest, f"{path} was changed")
+        # A symbolic link to an input is the input.
+        link = work("guard_link")
+        os.symlink(base, link)
+        run = tiedlora("merge-weights", "--base", base, "--adapter", adapter, "--out", link, "--force", check=False)
+        self.assertEqual(run.returncode, 1)
+        self.assertIn("is the base model", run.stderr)
+        self.assertEqual(tree_digest(base), before[base])
+
+    def test_output_folders_follow_the_umask(self):
+        for umask, folder_mode in [(0o022, 0o755), (0o027, 0o750), (0o002, 0o775)]:
+            with self.subTest(umask=oct(umask)):
+                out = work(f"umask_{umask:o}")
+                exported = work(f"umask_export_{umask:o}")
+                for argv in (["merge-weights", "--base", ref("llama_base"), "--adapter", ref("llama_lora"), "--out", out,
+                              "--quiet"], ["export-lora", "--adapter", ref("cpp_llama_tied"), "--out", exported]):
+                    run = subprocess.run([ARGS.tiedlora, *argv], capture_output=True, text=True, timeout=300,
+                                         preexec_fn=lambda: os.umask(umask))
+                    self.assertEqual(run.returncode, 0, run.stderr)
+                for folder in (out, exported):
+                    self.assertEqual(os.stat(folder).st_mode & 0o777, folder_mode, folder)
+                    for name in os.listdir(folder):
+                        self.assertEqual(os.stat(os.path.join(folder, name)).st_mode & 0o777, 0o644 & ~umask, name)
+
+    def test_stale_temporaries_of_dead_processes_are_removed_and_live_ones_kept(self):
+        import socket
+        host = socket.gethostname().replace("/", "_").replace("-", "_")
+        out = work("stale_out")
+        dead = f"{out}.tmp-{host}-{dead_pid()}-42"
+        live = f"{out}.tmp-{host}-{os.getpid()}-43"
+        other_host = f"{out}.tmp-otherhost-{dead_pid()}-44"
+        for folder in (dead, live, other_host):
+            shutil.rmtree(folder, ignore_errors=True)
+            os.makedirs(folder)
+            with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+                f.write(b"\0" * 4096)
+        run = tiedlora("merge-weights", "--base", ref("llama_base"), "--adapter", ref("llama_lora"), "--out", out, "--quiet")
+        self.assertFalse(os.path.exists(dead))
+        self.assertIn(f"removed {dead}", run.stderr)
+        self.assertTrue(os.path.exists(live), "a temporary folder of a running process was removed")
+        self.assertTrue(os.path.exists(other_host), "a folder of another host's process was removed")
+        shutil.rmtree(live)
+        shutil.rmtree(other_host)
+        # Killed between moving the old output aside and moving the new one in: the old output comes back.
+        aside = f"{out}.old.tmp-{host}-{dead_pid()}-45"
+        os.rename(out, aside)
+        run = tiedlora("merge-weights", "--base", ref("llama_base"), "--adapter", ref("llama_lora"), "--out", out,
+                       "--quiet", check=False)
+        self.assertEqual(run.returncode, 1)
+        self.assertIn(f"restored {out}", run.stderr)
+        self.assertIn("already exists", run.stderr)
+        self.assertTrue(os.path.exists(os.path.join(out, "config.json")))
+        self.assertFalse(os.path.exists(aside))
+
+    def test_sighup_and_sigterm_remove_the_temporary_folder(self):
+        import signal
+        import time
+        base, adapter = large_checkpoint()
+        for sig in (signal.SIGHUP, signal.SIGTERM):
+            with self.subTest(signal=sig.name):
+                out = work(f"killed_{sig.name}")
+                child = subprocess.Popen([ARGS.tiedlora, "merge-weights", "--base", base, "--adapter", adapter, "--out",
+                                          out, "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                deadline = time.time() + 120
+                while not glob.glob(out + ".tmp-*") and child.poll() is None and time.time() < deadline:
+                    time.sleep(0.01)
+                self.assertIsNone(child.poll(), "the merge ended before its temporary folder was seen")
+                child.send_signal(sig)
+                _, err = child.communicate(timeout=120)
+                self.assertEqual(child.returncode, 1, err)
+                self.assertIn("interrupted by signal", err)
+                self.assertFalse(os.path.exists(out))
+                self.assertEqual(glob.glob(out + ".tmp-*"), [])
+
+
+LARGE = {}
+
+
+def large_checkpoint():
+    """A generated 24 x (4096 x 1792) fp32 checkpoint (705 MB) and a rank-16 LoRA on every tensor."""
+    if LARGE:
+        return LARGE["base"], LARGE["adapter"]
+    from safetensors.torch import save_file
+    base, adapter = work("large_base"), work("large_adapter")
+    os.makedirs(base)
+    os.makedirs(adapter)
+    g = torch.Generator().manual_seed(1)
+    save_file({f"model.layers.{i}.proj.weight": torch.randn(4096, 1792, generator=g) for i in range(24)},
+              os.path.join(base, "model.safetensors"), metadata={"format": "pt"})
+    json.dump({"model_type": "llama"}, open(os.path.join(base, "config.json"), "w"))
+    tensors = {}
+    for i in range(24):
+        p = f"base_model.model.model.layers.{i}.proj"
+        tensors[p + ".lora_A.weight"] = torch.randn(16, 1792, generator=g) * 0.02
+        tensors[p + ".lora_B.weight"] = torch.randn(4096, 16, generator=g) * 0.02
+    save_adapter_tensors(adapter, tensors)
+    json.dump({"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": ["proj"]},
+              open(os.path.join(adapter, "adapter_config.json"), "w"))
+    LARGE.update(base=base, adapter=adapter)
+    return base, adapter
+
+
+def peak_rss_mb(argv):
+    """The tool's peak RSS (wait4), measured by tests/merge/peak_rss: a child forked from this Python
+    process would count this process's memory from before its exec."""
+    run = subprocess.run([ARGS.peak_rss, ARGS.tiedlora, *argv], capture_output=True, text=True, timeout=600)
+    if run.returncode != 0:
+        raise AssertionError(f"tiedlora {' '.join(argv)} failed: {run.stderr}")
+    return int(run.stdout.strip().splitlines()[-1]) / 1024.0
+
+
+class MergeMemory(unittest.TestCase):
+    def test_peak_rss_stays_a_few_times_the_largest_tensor(self):
+        base, adapter = large_checkpoint()
+        largest_mb = 4096 * 1792 * 4 / 2 ** 20
+        idle = peak_rss_mb(["inspect", "--header-only", adapter])
+        out = work("large_merged")
+        peak = peak_rss_mb(["merge-weights", "--base", base, "--adapter", adapter, "--out", out, "--quiet"])
+        self.assertGreater(idle, 50, "the idle tool's RSS looks wrong (LibTorch alone is larger)")
+        shutil.rmtree(out)
+        ratio = (peak - idle) / largest_mb
+        print(f"merge peak RSS {peak:.0f} MB, idle tool {idle:.0f} MB, (peak - idle) / largest tensor = {ratio:.1f}")
+        self.assertLessEqual(ratio, 4.0, f"the merge holds {ratio:.1f}x the largest tensor above the idle tool")
+
+
+class AdapterChecks(unittest.TestCase):
+    """target_modules against the tensors both ways, one non-finite policy, messages naming the way out."""
+
+    def test_target_modules_must_select_the_adapter_layers_and_only_them(self):
+        adapter = copy_of("llama_lora", "targets_other")
+        config = json.load(open(os.path.join(adapter, "adapter_config.json")))
+        config["target_modules"] = ["x_proj"]
+        json.dump(config, open(os.path.join(adapter, "adapter_config.json"), "w"))
+        out = work("targets_other_merged")
+        run = tiedlora("merge-weights", "--base", ref("llama_base"), "--adapter", adapter, "--out", out, check=False)
+        self.assertEqual(run.returncode, 1)
+        self.assertIn("target_modules ['x_proj'] does not select layer", run.stderr)
+        self.assertFalse(os.path.exists(out))
+        # The other way: target_modules selects a base layer the adapter has no weights for.
+        adapter = copy_of("llama_lora", "targets_missing_layer")
+        tensors = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+        for suffix in ("lora_A.weight", "lora_B.weight"):
+            del tensors[f"base_model.model.model.layers.1.self_attn.v_proj.{suffix}"]
+        save_adapter_tensors(adapter, tensors)
+        run = tiedlora("merge-weights", "--base", ref("llama_base"), "--adapter", adapter, "--out", out, check=False)
+        self.assertEqual(run.returncode, 1)
+        self.assertIn("selects the base layer 'model.layers.1.self_attn.v_proj' but the adapter holds no weights",
+                      run.stderr)
+        self.assertFalse(os.path.exists(out))
+
+    def test_non_finite_adapters_are_refused_by_every_command_and_counted_by_inspect(self):
+        adapter = copy_of("cpp_llama_tied", "nan_tied")
+        tensors = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+        name = sorted(n for n in tensors if n.endswith(".lora_v"))[0]
+        tensors[name][0] = float("nan")
+        tensors[name][1] = float("inf")
+        save_adapter_tensors(adapter, tensors)
+        exported = work("nan_tied_exported")
+        run = tiedlora("export-lora", "--adapter", adapter, "--out", exported, check=False)
+        self.assertEqual(run.returncode, 1)
+        self.assertIn(f"tensor '{name}' holds 2 NaN or Inf", run.stderr)
+        self.assertFalse(os.path.exists(exported))
+        run = tiedlora("inspect", adapter)
+        report = json.loads(run.stdout)
+        self.assertEqual(report["non_finite"], 2)
+        counts = {t["name"]: t["non_finite"] for f in report["files"] for t in f["tensors"]}
+        self.assertEqual(counts[name], 2)
+        self.assertEqual(sum(counts.values()), 2)
+        self.assertIn("NaN or Inf", run.stderr)
+        self.assertNotIn("non_finite", json.loads(tiedlora("inspect", "--header-only", adapter).stdout))
+
+    def test_export_into_an_existing_folder_names_force(self):
+        out = work("export_exists")
+        tiedlora("export-lora", "--adapter", ref("cpp_llama_tied"), "--out", out)
+        run = tiedlora("export-lora", "--adapter", ref("cpp_llama_tied"), "--out", out, check=False)
+        self.assertEqual(run.returncode, 1)
+        self.assertIn("already exists", run.stderr)
+        self.assertIn("--force", run.stderr)
+        tiedlora("export-lora", "--adapter", ref("cpp_llama_tied"), "--out", out, "--force")
+
+
 def main():
     global ARGS
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiedlora", required=True)
+    parser.add_argument("--peak-rss", required=True)
     parser.add_argument("--reference", required=True)
     parser.add_argument("--work", required=True)
     ARGS, rest = parser.parse_known_args()

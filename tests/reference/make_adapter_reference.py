@@ -9,12 +9,15 @@ Writes into <out>/adapters/:
   gpt2_lora/           PEFT LoRA on c_attn, attn.c_proj, mlp.c_fc (fan_in_fan_out), random non-zero B
   llama_lora/          PEFT LoRA on q_proj, v_proj, down_proj, rsLoRA, random non-zero B
   llama_lora_rank_pattern/  PEFT LoRA with rank_pattern and alpha_pattern
+  llama_lora_python_patterns/  PEFT LoRA whose pattern keys use Python-only syntax ((?P<name>...)) and
+                       overlap in an unsorted order (first match wins, as PEFT reads the file)
   llama_vera/          PEFT VeRA on q_proj, v_proj (save_projection=True), random lambdas
   *_peft_merged/       PEFT merge_and_unload() of each, saved with save_pretrained
   llama_vera_deltas.safetensors  PEFT's per-layer VeRA delta (get_delta_weight), float32
   llama_lora_bf16_peft_merged/   PEFT merge of llama_lora into the bf16 base
 """
 import argparse
+import json
 import os
 
 import torch
@@ -89,6 +92,28 @@ def main():
     randomize_adapter(peft_pattern, g)
     peft_pattern.save_pretrained(os.path.join(out, "llama_lora_rank_pattern"))
     save_merged(peft_pattern, os.path.join(out, "llama_lora_rank_pattern_peft_merged"))
+
+    # Python-only regex syntax and overlapping alpha_pattern keys in an order that is not sorted: PEFT takes
+    # the first key that matches, in the order of the file it reads (PEFT itself writes keys sorted, so the
+    # file is rewritten in the intended order and the reference made from that file).
+    llama4 = LlamaForCausalLM.from_pretrained(os.path.join(out, "llama_base"))
+    alphas = {r"(?P<layer>layers\.1\.)self_attn\.q_proj": 2, r"self_attn\.(q|v)_proj": 5, "q_proj": 16}
+    python_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], alpha_pattern=alphas,
+                               rank_pattern={r"layers\.\d\.self_attn\.v_(?=proj)proj": 2})
+    peft_python = get_peft_model(llama4, python_config)
+    randomize_adapter(peft_python, g)
+    folder = os.path.join(out, "llama_lora_python_patterns")
+    peft_python.save_pretrained(folder)
+    config_path = os.path.join(folder, "adapter_config.json")
+    config = json.load(open(config_path))
+    config["alpha_pattern"] = alphas
+    json.dump(config, open(config_path, "w"), indent=2)  # no sort_keys: the file's order is the point
+    reloaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(os.path.join(out, "llama_base")), folder)
+    scales = {name: m.scaling["default"] for name, m in reloaded.named_modules()
+              if isinstance(getattr(m, "scaling", None), dict) and "default" in m.scaling}
+    # layers.0 q_proj: 5/4 (the second key, not q_proj's 16); layers.1 q_proj: 2/4; v_proj (r 2 from rank_pattern): 5/2
+    assert sorted(set(scales.values())) == [0.5, 1.25, 2.5], scales
+    save_merged(reloaded, os.path.join(out, "llama_lora_python_patterns_peft_merged"))
 
     llama3 = LlamaForCausalLM.from_pretrained(os.path.join(out, "llama_base"))
     peft_vera = get_peft_model(llama3, VeraConfig(r=4, target_modules=["q_proj", "v_proj"], save_projection=True,

@@ -58,6 +58,18 @@ config("config_tied_module_twice.json",
 config("config_tied_future_version.json",
        '{"peft_type": "TIEDLORA", "format_version": 2, "r": 8, "method": "tied-abuv"}', "format_version")
 config("config_vera_bias.json", '{"peft_type": "VERA", "r": 8, "bias": "all"}', "bias")
+# Patterns PEFT reads as Python regexes that std::regex cannot run with the same meaning: refused, never
+# matched as plain names (which would merge with another scale).
+config("config_alpha_pattern_lookbehind.json",
+       '{"peft_type": "LORA", "r": 8, "alpha_pattern": {"(?<=layers\\\\.0\\\\.)q_proj": 16}}', "cannot be matched exactly")
+config("config_rank_pattern_unbalanced.json", '{"peft_type": "LORA", "r": 8, "rank_pattern": {"q_proj(": 4}}',
+       "cannot be matched exactly")
+config("config_alpha_pattern_inline_flag.json", '{"peft_type": "LORA", "r": 8, "alpha_pattern": {"(?i)Q_PROJ": 4}}',
+       "cannot be matched exactly")
+config("config_alpha_pattern_nan.json", '{"peft_type": "LORA", "r": 8, "alpha_pattern": {"q_proj": NaN}}',
+       "not valid JSON")
+config("config_target_regex_lookbehind.json", '{"peft_type": "LORA", "r": 8, "target_modules": "(?<!k)_proj"}',
+       "cannot be matched exactly")
 with open("expected.json", "w") as f:
     json.dump(expected, f, indent=2, sort_keys=True)
     f.write("\n")
