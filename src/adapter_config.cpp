@@ -94,6 +94,7 @@ void read_common(const Fields& f, AdapterConfig& c) {
   c.rank = f.positive_int("r");
   c.fan_in_fan_out = f.bool_or("fan_in_fan_out", false);
   c.target_modules = f.modules("target_modules");
+  c.exclude_modules = f.modules("exclude_modules");
   c.base_model_name_or_path = f.string_or("base_model_name_or_path", "");
   c.peft_version = f.string_or("peft_version", "");
   const std::string bias = f.string_or("bias", "none");
@@ -253,22 +254,31 @@ std::string AdapterConfig::target_modules_text() const {
   return text + "]";
 }
 
-bool AdapterConfig::targets(const std::string& module) const {
-  if (target_modules.empty()) return true;  // no list to check against
-  check_matchable(module);
-  for (const auto& target : target_modules) {
-    if (target.rfind("re:", 0) == 0) {  // a string in the file: re.fullmatch(target_modules, key)
-      if (std::regex_match(module, util::compile_python_fullmatch(target.substr(3)))) return true;
+namespace {
+
+// PEFT's rule for target_modules and exclude_modules: a string (stored as "re:...") is a full-match regex,
+// a list entry matches the name itself or a dot-separated suffix of it.
+bool selected_by(const std::vector<std::string>& patterns, const std::string& module) {
+  for (const auto& pattern : patterns) {
+    if (pattern.rfind("re:", 0) == 0) {
+      check_matchable(module);
+      if (std::regex_match(module, util::compile_python_fullmatch(pattern.substr(3)))) return true;
       continue;
     }
-    // A list: the name itself or a dot-separated suffix (PEFT's check_target_module_exists).
-    if (module == target || (module.size() > target.size() && module.compare(module.size() - target.size(),
-                                                                             target.size(), target) == 0 &&
-                             module[module.size() - target.size() - 1] == '.')) {
+    if (module == pattern || (module.size() > pattern.size() &&
+                              module.compare(module.size() - pattern.size(), pattern.size(), pattern) == 0 &&
+                              module[module.size() - pattern.size() - 1] == '.')) {
       return true;
     }
   }
   return false;
+}
+
+}  // namespace
+
+bool AdapterConfig::targets(const std::string& module) const {
+  if (target_modules.empty()) return true;  // no list to check against
+  return selected_by(target_modules, module) && !selected_by(exclude_modules, module);
 }
 
 double AdapterConfig::scale_for(const std::string& module, int64_t layer_rank) const {

@@ -4,6 +4,7 @@
 #include <map>
 #include <set>
 #include <sstream>
+#include <unordered_map>
 #include <unordered_set>
 
 #include <ATen/ATen.h>
@@ -183,8 +184,21 @@ InjectionReport inject_adapters(torch::nn::Module& root, const InjectOptions& op
     }
   }
 
-  // Freeze everything; adapters add their own trainable tensors.
-  for (auto& p : root.parameters()) p.requires_grad_(false);
+  // Freeze everything but the adapters already in the model (a second injection of the same configuration
+  // extends the adapter; it must not freeze what the first one added); new adapters add their own tensors.
+  std::unordered_set<const void*> existing_adapter;
+  for (const auto& [name, layer] : adapted_layers(root)) {
+    for (const auto& item : layer->named_parameters(/*recurse=*/true)) {
+      if (item.key() != "weight" && item.key() != "bias") existing_adapter.insert(item.value().unsafeGetTensorImpl());
+    }
+    if (layer->adapter_kind() == AdapterKind::tied) {
+      existing_adapter.insert(layer->lora_A().unsafeGetTensorImpl());
+      existing_adapter.insert(layer->lora_B().unsafeGetTensorImpl());
+    }
+  }
+  for (auto& p : root.parameters()) {
+    if (!existing_adapter.count(p.unsafeGetTensorImpl())) p.requires_grad_(false);
+  }
 
   InjectionReport report;
   report.method = method;
@@ -253,10 +267,21 @@ InjectionReport inject_adapters(torch::nn::Module& root, const InjectOptions& op
 
 std::vector<at::Tensor> trainable_parameters(const torch::nn::Module& module) {
   std::vector<at::Tensor> out;
-  std::unordered_set<const void*> seen, registered;
-  for (const auto& p : module.parameters()) {
+  std::unordered_set<const void*> registered;
+  std::unordered_map<const void*, std::string> name_of_trainable;
+  for (const auto& item : module.named_parameters()) {
+    const at::Tensor& p = item.value();
     registered.insert(p.unsafeGetTensorImpl());
-    if (p.requires_grad() && seen.insert(p.unsafeGetTensorImpl()).second) out.push_back(p);
+    if (!p.requires_grad()) continue;
+    auto [it, first] = name_of_trainable.emplace(p.unsafeGetTensorImpl(), item.key());
+    if (first) {
+      out.push_back(p);
+      continue;
+    }
+    // LibTorch's parameters() does not de-duplicate, so an optimizer over it would step this tensor twice.
+    throw ConfigError("the trainable tensor '" + it->second + "' is registered a second time as '" + item.key() +
+                      "', so an optimizer over parameters() would update it twice per step (hint: do not register "
+                      "TiedLoraFactors yourself: the first layer attached to them, or inject_adapters(), does)");
   }
   // Shared factors that no module of this tree registers would silently never train: refuse.
   for (const auto& [name, layer] : adapted_layers(module)) {
@@ -273,12 +298,15 @@ void merge_and_unload_(torch::nn::Module& module) {
   // Merge every layer before removing any adapter, so that a refusal (NaN, a tied weight) leaves the
   // model as it was.
   auto layers = adapted_layers(module);
+  std::vector<LoraLinearImpl*> merged_here;
   try {
     for (auto& [name, layer] : layers) {
-      if (layer->adapter_enabled()) layer->merge_();
+      if (!layer->adapter_enabled() || layer->merged()) continue;
+      layer->merge_();
+      merged_here.push_back(layer.get());
     }
   } catch (...) {
-    for (auto& [name, layer] : layers) layer->unmerge_();
+    for (auto* layer : merged_here) layer->unmerge_();  // layers merged before this call stay merged
     throw;
   }
   for (auto& [name, layer] : layers) {

@@ -91,6 +91,7 @@ TiedLoraFactorsImpl::TiedLoraFactorsImpl(TiedLoraFactorsOptions options_) : opti
 }
 
 void TiedLoraFactorsImpl::reset() {
+  owned_ = false;  // a fresh (or cloned) pair of factors belongs to nobody yet
   const int64_t r = options.lora().rank();
   const auto type = at::TensorOptions(options.lora().dtype());
   lora_A = register_parameter("lora_A", at::empty({r, options.in_features()}, type), options.method().train_a);
@@ -143,6 +144,10 @@ LoraLinearImpl::LoraLinearImpl(const torch::nn::Linear& base, const LoraOptions&
 
 LoraLinearImpl::LoraLinearImpl(const torch::nn::Linear& base, TiedLoraFactors factors) : LoraLinearImpl(base) {
   attach_tied(std::move(factors));
+}
+
+LoraLinearImpl::~LoraLinearImpl() {
+  if (owns_factors_ && factors_) factors_->set_owned(false);
 }
 
 void LoraLinearImpl::reset() {

@@ -280,9 +280,15 @@ TEST(Inject, ASecondInjectionWithAnotherConfigurationIsRefusedUpFront) {
   EXPECT_NE(message.find("one adapter configuration"), std::string::npos) << message;
   EXPECT_NE(message.find("rank 4"), std::string::npos) << message;
   EXPECT_EQ(tiedlora::adapted_layers(*model).size(), static_cast<size_t>(kLayers)) << "the refusal changed the model";
-  // The same configuration may extend the adapter to more layers: it still saves as one adapter.
+  // The same configuration may extend the adapter to more layers: it still saves as one adapter, and the
+  // first injection's tensors stay trainable.
+  const auto before = tiedlora::trainable_parameters(*model).size();
   tiedlora::inject_adapters(*model, InjectOptions().targets({"v_proj"}).method("lora").lora(LoraOptions(4)));
   EXPECT_EQ(tiedlora::adapted_layers(*model).size(), static_cast<size_t>(2 * kLayers));
+  EXPECT_EQ(tiedlora::trainable_parameters(*model).size(), 2 * before);
+  for (const auto& [name, layer] : tiedlora::adapted_layers(*model)) {
+    EXPECT_TRUE(layer->lora_A().requires_grad() && layer->lora_B().requires_grad()) << name << " was frozen";
+  }
   // A tied injection after a LoRA one is another method: refused as well.
   const auto tied = error_of([&] {
     tiedlora::inject_adapters(*model, InjectOptions().targets({"o_proj"}).method("tied-abuv").lora(LoraOptions(4)));

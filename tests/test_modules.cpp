@@ -325,6 +325,27 @@ TEST(TiedLoraFactors, FactorsNobodyRegistersAreRefusedNotSilentlyFrozen) {
   }
 }
 
+TEST(TiedLoraFactors, OwnershipFollowsTheOwnerAndDoubleRegistrationIsRefused) {
+  TiedLoraFactors factors(TiedLoraFactorsOptions(8, 6, AdapterMethod::parse("tied-abuv"), LoraOptions(2)));
+  { Pair first(factors); }  // its layers are gone: the factors belong to nobody again
+  EXPECT_FALSE(factors->owned());
+  Pair second(factors);
+  int a_count = 0;
+  for (const auto& p : second->parameters()) a_count += p.is_same(factors->lora_A);
+  EXPECT_EQ(a_count, 1) << "the next layer attached must register the factors";
+  // The old recipe also registered the factors by hand: parameters() would list A twice. Refused.
+  struct Holder : torch::nn::Module {};
+  auto holder = std::make_shared<Holder>();
+  holder->register_module("pair", second.ptr());
+  holder->register_module("shared", factors.ptr());
+  try {
+    tiedlora::trainable_parameters(*holder);
+    FAIL() << "no error";
+  } catch (const tiedlora::ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("registered a second time"), std::string::npos) << e.what();
+  }
+}
+
 TEST(TiedLoraFactors, MethodLoraIsRefused) {
   try {
     TiedLoraFactors factors(TiedLoraFactorsOptions(8, 6, AdapterMethod::lora(), LoraOptions(2)));

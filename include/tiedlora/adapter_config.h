@@ -34,6 +34,7 @@ struct AdapterConfig {
   double dropout = 0.0;
   bool fan_in_fan_out = false;        ///< targets store W as (in, out) (GPT-2 Conv1D)
   std::vector<std::string> target_modules;
+  std::vector<std::string> exclude_modules;  ///< PEFT's exclude_modules (a list, or a "re:" regex)
   std::string base_model_name_or_path;
   std::optional<uint64_t> init_seed;  ///< TIEDLORA: the seed the adapter was initialised with
   std::vector<AdapterGroup> groups;   ///< TIEDLORA only
@@ -46,9 +47,9 @@ struct AdapterConfig {
 
   /// The scale of module `module` whose A has `rank` rows (LORA honours rank/alpha patterns).
   double scale_for(const std::string& module, int64_t rank) const;
-  /// Whether target_modules selects `module` (PEFT's check_target_module_exists: a list entry equals the
-  /// name or a dot-separated suffix of it; a string is a full-match Python regex). True when the list is
-  /// empty.
+  /// Whether target_modules selects `module` and exclude_modules does not (PEFT's
+  /// check_target_module_exists: a list entry equals the name or a dot-separated suffix of it; a string is
+  /// a full-match Python regex). True when target_modules is empty.
   bool targets(const std::string& module) const;
   /// target_modules as written in the file, for messages.
   std::string target_modules_text() const;

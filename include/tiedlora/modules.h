@@ -137,6 +137,8 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
   LoraLinearImpl(const torch::nn::Linear& base, const LoraOptions& lora);
   /// Wraps `base` with a tied adapter on the shared `factors`; u and v as the factors' method says.
   LoraLinearImpl(const torch::nn::Linear& base, TiedLoraFactors factors);
+  /// A layer that owns shared factors hands the ownership back, so the next layer attached registers them.
+  ~LoraLinearImpl() override;
 
   void reset() override;
   void pretty_print(std::ostream& stream) const override;

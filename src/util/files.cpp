@@ -97,9 +97,10 @@ std::string base_name(const std::string& path) {
 
 }  // namespace
 
-std::string make_temp_directory_beside(const std::string& destination) {
+std::string make_temp_directory_beside(const std::string& destination, const std::string& kind) {
   static std::atomic<unsigned> counter{0};
-  const std::string prefix = trimmed(destination) + ".tmp-" + host_name() + "-" + std::to_string(::getpid()) + "-";
+  const std::string prefix = trimmed(destination) + ".tmp-" + host_name() + "-" + std::to_string(::getpid()) + "-" +
+                             (kind.empty() ? "" : kind + "-");
   std::random_device random;
   for (int attempt = 0; attempt < 100; ++attempt) {
     const std::string path = prefix + std::to_string(random() % 1000000u) + std::to_string(counter++);
@@ -122,18 +123,13 @@ std::vector<std::string> clean_stale_temporaries(const std::string& destination_
   } catch (const Error&) {
     return notes;  // no parent folder yet: nothing was left there
   }
+  const std::string prefix = name + ".tmp-" + host + "-";
   for (const auto& entry : entries) {
-    bool old = false;
-    std::string rest;
-    for (const std::string& kind : {std::string(".tmp-"), std::string(".old.tmp-")}) {
-      const std::string prefix = name + kind + host + "-";
-      if (entry.rfind(prefix, 0) == 0) {
-        rest = entry.substr(prefix.size());
-        old = kind == ".old.tmp-";
-      }
-    }
+    if (entry.rfind(prefix, 0) != 0) continue;
+    const std::string rest = entry.substr(prefix.size());  // "<pid>-<n>" or "<pid>-old-<n>"
     const auto dash = rest.find('-');
-    if (rest.empty() || dash == std::string::npos || dash == 0) continue;
+    if (dash == std::string::npos || dash == 0) continue;
+    const bool old = rest.compare(dash + 1, 4, "old-") == 0;
     const std::string pid_text = rest.substr(0, dash);
     if (pid_text.find_first_not_of("0123456789") != std::string::npos || pid_text.size() > 9) continue;
     const pid_t pid = static_cast<pid_t>(std::stol(pid_text));
@@ -178,27 +174,30 @@ std::string resolve_path(const std::string& path) {
     if (!::getcwd(cwd, sizeof cwd)) throw Error("cannot read the current folder: " + errno_text());
     absolute = join_path(cwd, path);
   }
-  // Split, then resolve the longest existing prefix with realpath and append the rest lexically.
   std::vector<std::string> parts;
   for (std::size_t start = 0; start <= absolute.size();) {
     const std::size_t end = std::min(absolute.find('/', start), absolute.size());
-    const std::string part = absolute.substr(start, end - start);
-    if (part == "..") {
-      if (!parts.empty()) parts.pop_back();
-    } else if (!part.empty() && part != ".") {
-      parts.push_back(part);
-    }
+    if (end > start) parts.push_back(absolute.substr(start, end - start));
     start = end + 1;
   }
+  // realpath() of the longest prefix that exists, taken as written: the kernel applies ".." after following
+  // a symbolic link, so ".." must not be removed before the links are resolved. Only the part that does not
+  // exist yet is normalised by hand.
   for (std::size_t keep = parts.size() + 1; keep-- > 0;) {
     std::string prefix = "/";
     for (std::size_t i = 0; i < keep; ++i) prefix = join_path(prefix, parts[i]);
     char resolved[PATH_MAX];
-    if (::realpath(prefix.c_str(), resolved)) {
-      std::string out = resolved;
-      for (std::size_t i = keep; i < parts.size(); ++i) out = join_path(out, parts[i]);
-      return out;
+    if (!::realpath(prefix.c_str(), resolved)) continue;
+    std::string out = resolved;
+    for (std::size_t i = keep; i < parts.size(); ++i) {
+      if (parts[i] == ".") continue;
+      if (parts[i] == "..") {
+        out = parent_path(out);
+        continue;
+      }
+      out = join_path(out, parts[i]);
     }
+    return out;
   }
   return absolute;
 }
@@ -244,7 +243,7 @@ void make_directories(const std::string& path) {
   for (std::size_t i = 1; i <= path.size(); ++i) {
     if (i == path.size() || path[i] == '/') {
       const std::string prefix = path.substr(0, i);
-      if (::mkdir(prefix.c_str(), 0755) != 0 && errno != EEXIST) {
+      if (::mkdir(prefix.c_str(), 0777) != 0 && errno != EEXIST) {  // the umask decides, as mkdir -p
         throw Error(path + ": cannot create folder " + prefix + ": " + errno_text());
       }
     }
@@ -328,7 +327,7 @@ void publish_directory(const std::string& staged, const std::string& destination
     if (!overwrite) {
       throw Error(destination + ": already exists (hint: choose another output folder or pass --force)");
     }
-    aside = make_temp_directory_beside(destination + ".old");
+    aside = make_temp_directory_beside(destination, "old");
     ::rmdir(aside.c_str());
     if (::rename(destination.c_str(), aside.c_str()) != 0) {
       throw Error(destination + ": cannot move the old folder aside: " + errno_text());

@@ -22,9 +22,10 @@ std::vector<std::string> list_directory(const std::string& folder);
 /// The whole file; throws tiedlora::FormatError naming it when it cannot be read.
 std::string read_text_file(const std::string& path);
 /// Creates a fresh, uniquely named folder beside `destination`:
-/// "<destination>.tmp-<host>-<pid>-<random>", with the mode mkdir(1) would give (0777 less the umask), so
-/// the folder it becomes when renamed into place is readable as the user's umask says.
-std::string make_temp_directory_beside(const std::string& destination);
+/// "<destination>.tmp-<host>-<pid>-[<kind>-]<random>" (kind "old": an old destination moved aside), with
+/// the mode mkdir(1) would give (0777 less the umask), so the folder it becomes when renamed into place is
+/// readable as the user's umask says.
+std::string make_temp_directory_beside(const std::string& destination, const std::string& kind = "");
 /// Temporary folders that processes of this host left beside `destination` when they died (SIGKILL, a
 /// crash, power loss), found by the name make_temp_directory_beside gives: a folder whose process is gone
 /// is removed, and an old destination moved aside by publish_directory is moved back when `destination`

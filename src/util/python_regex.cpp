@@ -51,7 +51,8 @@ class Translator {
         if (depth_ == 0) refuse("unbalanced parenthesis", at);
         --depth_;
         out_ += ')';
-        last_ = lookahead_closing_.back() ? Last::nothing : Last::atom;  // Python cannot repeat a lookahead here
+        // A quantified lookahead ("(?=a)*") is valid Python but pointless: refused (not translated).
+        last_ = lookahead_closing_.back() ? Last::nothing : Last::atom;
         lookahead_closing_.pop_back();
         return;
       case '[': char_class(at); return;
@@ -132,7 +133,8 @@ class Translator {
       } else if (rest.rfind('#', 0) == 0) {
         const std::size_t close = p_.find(')', i_);
         if (close == std::string::npos) refuse("missing ), unterminated comment", at);
-        i_ = close + 1;  // a comment matches nothing and leaves the item before it repeatable
+        i_ = close + 1;  // a comment matches nothing and leaves the item before it repeatable,
+        if (last_ == Last::quantifier) last_ = Last::lazy_quantifier;  // but "a*(?#c)?" is a multiple repeat
         return;
       } else if (rest.rfind("<=", 0) == 0 || rest.rfind("<!", 0) == 0) {
         refuse("lookbehind (?<= / (?<! has no ECMAScript equivalent", at);

@@ -333,7 +333,7 @@ class OutputsAndInputs(unittest.TestCase):
         shutil.rmtree(live)
         shutil.rmtree(other_host)
         # Killed between moving the old output aside and moving the new one in: the old output comes back.
-        aside = f"{out}.old.tmp-{host}-{dead_pid()}-45"
+        aside = f"{out}.tmp-{host}-{dead_pid()}-old-45"
         os.rename(out, aside)
         run = tiedlora("merge-weights", "--base", ref("llama_base"), "--adapter", ref("llama_lora"), "--out", out,
                        "--quiet", check=False)
