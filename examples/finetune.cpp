@@ -10,6 +10,7 @@
 // optionally merge with merge-weights and show the merged model's generations beside the adapted one's.
 // Outputs under --output: adapter/, metrics.jsonl, loss.png, predictions_{before,after}.jsonl,
 // summary.json, checkpoints/, merged/ (--merge). See docs/finetuning.md.
+#include <optional>
 #include <unistd.h>
 
 #include <algorithm>
@@ -43,7 +44,7 @@ namespace tt = tiedlora::train;
 struct Args {
   std::string model, train, validation, test, output;
   std::string method = "tied-abuv", targets = "attention", chat = "auto", progress = "auto", device = "cpu";
-  std::string resume;
+  std::string resume, dtype = "f32";
   bool resume_latest = false, overwrite = false, merge = false, eval_before = false, bf16 = false, rslora = false;
   bool cuda_kernels = false;
   int64_t rank = 8;
@@ -172,7 +173,9 @@ tt::ExactMatch evaluate(tiedlora::models::CausalLM& model, const tiedlora::Token
 
 int run(Args& args) {
   if (args.threads > 0) torch::set_num_threads(static_cast<int>(args.threads));
-  if (args.cuda_kernels) tiedlora::functional::set_cuda_kernels_enabled(true);
+  // This thread runs the forward passes; backward follows whatever its forward chose.
+  std::optional<tiedlora::functional::BackendGuard> kernels;
+  if (args.cuda_kernels) kernels.emplace(tiedlora::functional::Backend::cuda_kernels);
   const std::string model_path = tiedlora::models::resolve_model(args.model);
   const auto start = std::chrono::steady_clock::now();
   const bool resuming = args.resume_latest || !args.resume.empty();
@@ -183,7 +186,9 @@ int run(Args& args) {
   }
   // Model, tokenizer, data (all checked before the output folder is touched).
   const torch::Device device(args.device);
-  auto model = tiedlora::models::load_any(model_path, torch::kFloat);
+  // The frozen model in its storage dtype (bf16 halves its memory); the adapter stays fp32 (LoraOptions).
+  const torch::ScalarType dtype = args.dtype == "bf16" ? torch::kBFloat16 : args.dtype == "f16" ? torch::kHalf : torch::kFloat;
+  auto model = tiedlora::models::load_any(model_path, dtype);
   const auto tokenizer = tiedlora::load_tokenizer(model_path);
   const std::optional<bool> use_chat =
       args.chat == "auto" ? std::nullopt : std::optional<bool>(args.chat == "on");
@@ -219,7 +224,8 @@ int run(Args& args) {
   model->to(device);  // after injection, so that the adapter moves too
   // Whatever else shapes the run must match when it is resumed.
   options.resume_key = json{{"model", model_path}, {"method", report.method.name()}, {"rank", args.rank}, {"alpha", lora.effective_alpha()},
-                            {"rslora", args.rslora}, {"dropout", args.dropout}, {"targets", args.targets}, {"chat", format.chat}}
+                            {"rslora", args.rslora}, {"dropout", args.dropout}, {"targets", args.targets}, {"chat", format.chat},
+                            {"dtype", args.dtype}}
                            .dump();
   auto train_tokens = read_tokenized(train_examples), validation_tokens = read_tokenized(validation_examples);
   tt::prepare_output_dir(args.output, resuming, args.overwrite);
@@ -418,9 +424,11 @@ int main(int argc, char** argv) {
   app.add_option("--chat", args.chat, "ChatML template: auto (when the model's template is ChatML), on, off")
       ->check(CLI::IsMember({"auto", "on", "off"}))->capture_default_str();
   app.add_option("--device", args.device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
+  app.add_option("--dtype", args.dtype, "Storage dtype of the frozen model: f32, bf16 or f16 (the adapter stays f32)")
+      ->check(CLI::IsMember({"f32", "bf16", "f16"}))->capture_default_str();
   app.add_flag("--bf16", args.bf16, "bf16 autocast for the forward pass (CUDA)");
   app.add_flag("--cuda-kernels", args.cuda_kernels, "Use tiedlora's CUDA LoRA kernels (experimental until checked on a GPU, "
-               "docs/cuda.md; same as TIEDLORA_CUDA_KERNELS=1)");
+               "docs/cuda.md)");
   app.add_option("--threads", args.threads, "CPU threads (0: LibTorch's default)");
   app.add_option("--progress", args.progress, "Progress bar: auto (on a terminal), on, off")
       ->check(CLI::IsMember({"auto", "on", "off"}))->capture_default_str();

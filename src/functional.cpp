@@ -1,13 +1,12 @@
-// functional.cpp: lora_linear() and its autograd Function (the formulas of method.md), merged_weight().
-// The CPU path, and by default the CUDA path, runs on ATen ops in fp32. With set_cuda_kernels_enabled(true)
-// (experimental until the GPU checks of docs/cuda.md pass) CUDA tensors go through src/cuda/dispatch.h.
+// functional.cpp: lora_linear() and its autograd Function (the formulas of docs/method.md), merged_weight().
+// The CPU path, and by default the CUDA path, runs on ATen ops under the precision contract of
+// functional.h. Inside a BackendGuard(Backend::cuda_kernels) (experimental until the GPU checks of
+// docs/cuda.md pass) CUDA tensors go through src/cuda/dispatch.h.
 #include "tiedlora/functional.h"
 
-#include <atomic>
-#include <cstdlib>
-#include <cstring>
-
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "cuda/dispatch.h"
@@ -32,15 +31,9 @@ at::Tensor effective_b_as(const at::Tensor& b, const at::Tensor& u, const at::Te
   return out;
 }
 
-// ---- the switch to tiedlora's CUDA kernels -------------------------------------------------------------
+// ---- the choice of tiedlora's CUDA kernels: per thread, scoped -------------------------------------------
 
-std::atomic<bool>& cuda_kernels_switch() {
-  static std::atomic<bool> enabled{[] {
-    const char* value = std::getenv("TIEDLORA_CUDA_KERNELS");
-    return value != nullptr && std::strcmp(value, "1") == 0;
-  }()};
-  return enabled;
-}
+thread_local Backend t_backend = Backend::aten;
 
 bool kernel_dtype_ok(const at::Tensor& t) {
   if (!t.defined()) return true;
@@ -53,7 +46,7 @@ bool kernel_dtype_ok(const at::Tensor& t) {
 bool use_cuda_kernels(const at::Tensor& x, const at::Tensor& adapter_x, const at::Tensor& weight,
                       const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b, const at::Tensor& u,
                       const at::Tensor& v) {
-  if (!TIEDLORA_WITH_CUDA || !cuda_kernels_switch().load(std::memory_order_relaxed) || !x.is_cuda()) return false;
+  if (!TIEDLORA_WITH_CUDA || t_backend != Backend::cuda_kernels || !x.is_cuda()) return false;
   const auto type = x.scalar_type();
   if (!kernel_dtype_ok(x) || weight.scalar_type() != type) return false;
   if (adapter_x.defined() && adapter_x.scalar_type() != type) return false;
@@ -131,18 +124,26 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
       return y.reshape(out_shape);
     }
 
+    // The frozen matmul in W's storage dtype (fp32 accumulation inside the GEMM); W is never converted,
+    // the activations are when they differ. The low-rank branch in fp32 (fp64 for double activations).
     const auto type = compute_type(x.scalar_type());
-    const at::Tensor x2 = as(x.reshape({-1, in}), type);
-    const at::Tensor xa2 = adapter_x.defined() ? as(adapter_x.reshape({-1, in}), type) : x2;
-    const at::Tensor w = as(weight, type);
+    const auto gemm = weight.scalar_type();
+    const at::Tensor x2 = x.reshape({-1, in});
+    const at::Tensor xa2 = as(adapter_x.defined() ? adapter_x.reshape({-1, in}) : x2, type);
     const at::Tensor h = xa2.mm(as(a, type).t());  // (M, r), kept for dB_eff in backward
-    at::Tensor y = bias.defined() ? at::addmm(as(bias, type), x2, w.t()) : x2.mm(w.t());
-    y.addmm_(h, effective_b_as(b, u, v, scale, type).t());  // one accumulator, rounded once below
+    const at::Tensor xg = as(x2, gemm);
+    at::Tensor y = bias.defined() ? at::addmm(as(bias, gemm), xg, weight.t()) : xg.mm(weight.t());
+    // fp32 weights: one accumulator, one rounding. bf16/fp16 weights: the GEMM's rounding of x W^T, then
+    // the update added in fp32 and rounded once more (PEFT rounds as often).
+    y = as(y, type);
+    y.addmm_(h, effective_b_as(b, u, v, scale, type).t());
     ctx->save_for_backward({x, adapter_x, weight, a, b, u, v, h});
     return rounded(y, x.scalar_type()).reshape(out_shape);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    // Dtypes are chosen here explicitly; autocast (if the caller's backward runs under it) must not recast.
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &adapter_x = saved[1], &weight = saved[2], &a = saved[3], &b = saved[4],
                      &u = saved[5], &v = saved[6], &h = saved[7];
@@ -179,14 +180,16 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
       return grads;
     }
 
-    const at::Tensor dy = as(grad_y.reshape({-1, out}), type);
+    const at::Tensor dy_act = grad_y.reshape({-1, out});
+    const at::Tensor dy = as(dy_act, type);
     const at::Tensor a_c = as(a, type);
     const at::Tensor b_eff = effective_b_as(b, u, v, scale, type);
     const at::Tensor dh = dy.mm(b_eff);  // (M, r)
 
     if (needs(kX)) {
-      at::Tensor dx = dy.mm(as(weight, type));
-      if (!adapter_x.defined()) dx.addmm_(dh, a_c);  // dX = dY W + dH A, one accumulator
+      // dY W in W's storage dtype (W never converted), then + dH A in fp32, rounded once to x's dtype.
+      at::Tensor dx = as(as(dy_act, weight.scalar_type()).mm(weight), type);
+      if (!adapter_x.defined()) dx.addmm_(dh, a_c);  // dX = dY W + dH A
       grads[kX] = rounded(dx, x.scalar_type()).reshape(x.sizes());
     }
     if (adapter_x.defined() && needs(kAdapterX)) {
@@ -217,9 +220,9 @@ void check_same_device(const at::Tensor& t, const at::Tensor& weight, const char
 
 }  // namespace
 
-void set_cuda_kernels_enabled(bool enabled) { cuda_kernels_switch().store(enabled); }
-
-bool cuda_kernels_enabled() { return cuda_kernels_switch().load(); }
+BackendGuard::BackendGuard(Backend backend) : previous_(t_backend) { t_backend = backend; }
+BackendGuard::~BackendGuard() { t_backend = previous_; }
+Backend current_backend() { return t_backend; }
 
 at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                        const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u,
@@ -259,8 +262,22 @@ at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const 
   if (v.defined()) check_same_device(v, weight, "v");
   if (adapter_input.defined()) check_same_device(adapter_input, weight, "adapter_input");
   auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
-  return LoraLinearFunction::apply(input, optional(adapter_input), weight, optional(bias), lora_a, lora_b,
-                                   optional(u), optional(v), scale);
+  // Autocast: the layer does what torch::nn::Linear does under the same autocast (PyTorch's
+  // custom_fwd(cast_inputs=...)): the input, the weight and the bias go to the autocast dtype (autocast's
+  // own cast, which copies only what is stored in another dtype), the function runs with autocast off, and
+  // returns the autocast dtype. The adapter factors keep their dtype (fp32), as PEFT keeps them.
+  const auto device_type = input.device().type();
+  const bool autocast = (device_type == at::kCPU || device_type == at::kCUDA) &&
+                        at::autocast::is_autocast_enabled(device_type) && input.scalar_type() != at::kDouble;
+  if (!autocast) {
+    return LoraLinearFunction::apply(input, optional(adapter_input), weight, optional(bias), lora_a, lora_b,
+                                     optional(u), optional(v), scale);
+  }
+  const auto dtype = at::autocast::get_autocast_dtype(device_type);
+  auto cast = [&](const at::Tensor& t) { return t.defined() ? as(t, dtype) : t; };
+  const at::Tensor x = cast(input), xa = cast(adapter_input), w = cast(weight), b0 = cast(bias);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  return LoraLinearFunction::apply(x, optional(xa), w, optional(b0), lora_a, lora_b, optional(u), optional(v), scale);
 }
 
 at::Tensor effective_b(const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& v, double scale) {

@@ -28,9 +28,15 @@ class InterruptGuard {
  public:
   InterruptGuard() {
     g_interrupted = 0;
-    old_int_ = std::signal(SIGINT, on_interrupt);
-    old_term_ = std::signal(SIGTERM, on_interrupt);
-    old_hup_ = std::signal(SIGHUP, on_interrupt);  // a closed terminal ends the merge as cleanly as Ctrl-C
+    old_int_ = install(SIGINT);
+    old_term_ = install(SIGTERM);
+    old_hup_ = install(SIGHUP);  // a closed terminal ends the merge as cleanly as Ctrl-C
+  }
+  // A signal the process ignores (SIGHUP under nohup, SIGINT in a background job) stays ignored.
+  static void (*install(int signal))(int) {
+    void (*previous)(int) = std::signal(signal, on_interrupt);
+    if (previous == SIG_IGN) std::signal(signal, SIG_IGN);
+    return previous;
   }
   ~InterruptGuard() {
     std::signal(SIGINT, old_int_);
@@ -66,11 +72,11 @@ class Scratch {
   at::Tensor slots_[kSlots];
 };
 
-// NaN or Inf anywhere, without a tensor of flags: an fp64 sum of finite fp32/bf16/fp16 values is finite.
+// NaN or Inf anywhere, without allocating: max and min propagate NaN and reach +-Inf (a sum in fp64
+// would first convert the whole tensor, a tensor of flags costs a byte per element).
 bool all_finite(const at::Tensor& t) {
-  if (!at::isFloatingType(t.scalar_type())) return true;
-  if (t.scalar_type() == at::kDouble) return at::isfinite(t).all().item<bool>();
-  return std::isfinite(t.sum(at::kDouble).item<double>());
+  if (!at::isFloatingType(t.scalar_type()) || t.numel() == 0) return true;
+  return std::isfinite(t.max().item<double>()) && std::isfinite(t.min().item<double>());
 }
 
 bool is_float_dtype(io::SafetensorsDtype d) {
@@ -231,7 +237,17 @@ MergeReport merge_weights(const MergeOptions& options) {
         f.delta_into(delta);
         const double max_delta = std::max(delta.max().item<double>(), -delta.min().item<double>());
         w32.add_(transposed ? delta.t() : delta);
-        result = out_type == compute ? w32 : scratch.take(kRounded, w.sizes(), out_type, device).copy_(w32);
+        if (device.is_cuda() && out_type == w.scalar_type() && out_type != at::kDouble) {
+          // The CUDA merge kernel: W in its storage dtype + B_eff A, fp32 product and sum, rounded once to
+          // the same dtype as the ATen sum above, which stays as the reference for the report.
+          functional::BackendGuard kernels(functional::Backend::cuda_kernels);
+          const at::Tensor w_device = w.to(device);
+          const at::Tensor merged = functional::merged_weight(transposed ? w_device.t() : w_device, f.lora_A, f.lora_B,
+                                                              f.u, f.v, f.scale, spec.name.c_str());
+          result = transposed ? merged.t() : merged;
+        } else {
+          result = out_type == compute ? w32 : scratch.take(kRounded, w.sizes(), out_type, device).copy_(w32);
+        }
         // Checked after rounding: a sum that overflows the output dtype (fp16, bf16) only becomes Inf there.
         if (!all_finite(result)) {
           throw Error("merge of '" + spec.name + "' (layer '" + it->second + "') produced NaN or Inf in " +
@@ -239,7 +255,7 @@ MergeReport merge_weights(const MergeOptions& options) {
                       "or W + dW overflows the output dtype); nothing was written");
         }
         double rounding = 0;
-        if (out_type != compute) {
+        if (!result.is_same(w32)) {
           at::Tensor error = scratch.take(kDelta, w.sizes(), compute, device).copy_(result);
           rounding = error.sub_(w32).abs_().max().item<double>();
         }

@@ -3,7 +3,13 @@
 // (eager ATen ops, PEFT style). Fresh random inputs per case, outputs poisoned with NaN before each run, odd
 // shapes (M = 1, 17, 4097; r = 1, 8, 24, 64), every gradient. Skipped, visibly, where tiedlora was built
 // without CUDA or no device is present; the switch and CPU-path checks at the end run everywhere.
+#include <thread>
+
+#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
+#if TIEDLORA_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
 
 #include <cmath>
 #include <limits>
@@ -14,6 +20,7 @@
 #include "test_support.h"
 #include "tiedlora/error.h"
 #include "tiedlora/functional.h"
+#include "tiedlora/modules.h"
 
 namespace {
 
@@ -25,13 +32,11 @@ namespace {
 
 namespace functional = tiedlora::functional;
 
-// Turns tiedlora's CUDA kernels on (or off) for one scope.
+// Turns tiedlora's CUDA kernels on (or off) for one scope, on this thread.
 struct KernelSwitch {
-  explicit KernelSwitch(bool on) : before(functional::cuda_kernels_enabled()) {
-    functional::set_cuda_kernels_enabled(on);
-  }
-  ~KernelSwitch() { functional::set_cuda_kernels_enabled(before); }
-  bool before;
+  explicit KernelSwitch(bool on)
+      : guard(on ? functional::Backend::cuda_kernels : functional::Backend::aten) {}
+  functional::BackendGuard guard;
 };
 
 const double kNaN = std::numeric_limits<double>::quiet_NaN();
@@ -461,30 +466,42 @@ TEST(CudaLoraLinear, AtenPathOnTheGpuMatchesTheCpu) {
   EXPECT_TRUE(tiedlora::testing::all_close(gpu.cpu(), cpu, 1e-4, 1e-4, "lora_linear on the GPU"));
 }
 
-TEST(CudaKernelSwitch, LeavesTheCpuPathBitForBit) {
+TEST(CudaKernelSwitch, TheChoiceIsPerThreadAndScoped) {
+  EXPECT_EQ(functional::current_backend(), functional::Backend::aten);
+  {
+    functional::BackendGuard kernels(functional::Backend::cuda_kernels);
+    EXPECT_EQ(functional::current_backend(), functional::Backend::cuda_kernels);
+    functional::Backend seen_elsewhere = functional::Backend::cuda_kernels;
+    std::thread other([&] { seen_elsewhere = functional::current_backend(); });
+    other.join();
+    EXPECT_EQ(seen_elsewhere, functional::Backend::aten) << "another thread saw this thread's choice";
+    {
+      functional::BackendGuard aten(functional::Backend::aten);
+      EXPECT_EQ(functional::current_backend(), functional::Backend::aten);
+    }
+    EXPECT_EQ(functional::current_backend(), functional::Backend::cuda_kernels);
+  }
+  EXPECT_EQ(functional::current_backend(), functional::Backend::aten);
+}
+
+TEST(CudaKernelSwitch, DoubleAndMixedDtypesKeepTheAtenPathBitForBit) {
+  SKIP_WITHOUT_GPU();
   torch::manual_seed(10);
-  auto x = torch::randn({5, 16}).requires_grad_(true);
-  auto w = torch::randn({12, 16}), bias = torch::randn({12});
-  auto a = torch::randn({4, 16}).requires_grad_(true), b = torch::randn({12, 4}).requires_grad_(true);
-  auto u = torch::randn({4}).requires_grad_(true), v = torch::randn({12}).requires_grad_(true);
-  const auto dy = torch::randn({5, 12});
-  auto run = [&](bool on) {
-    KernelSwitch kernels(on);
-    EXPECT_EQ(functional::cuda_kernels_enabled(), on);
-    for (auto* t : {&x, &a, &b, &u, &v}) t->mutable_grad() = torch::Tensor();
-    const auto y = functional::lora_linear(x, w, bias, a, b, u, v, 0.5);
-    y.backward(dy);
-    return std::vector<torch::Tensor>{
-        y.detach(),
-        x.grad(),
-        a.grad(),
-        b.grad(),
-        u.grad(),
-        v.grad(),
-        functional::merged_weight(w, a.detach(), b.detach(), u.detach(), v.detach(), 0.5)};
-  };
-  const auto off = run(false), on = run(true);
-  for (size_t i = 0; i < off.size(); ++i) EXPECT_TRUE(torch::equal(off[i], on[i])) << "output " << i;
+  for (const auto& [x_type, w_type] : {std::pair{torch::kDouble, torch::kDouble}, std::pair{torch::kFloat, torch::kBFloat16}}) {
+    auto x = torch::randn({5, 16}, torch::kCUDA).to(x_type).requires_grad_(true);
+    auto w = torch::randn({12, 16}, torch::kCUDA).to(w_type);
+    auto a = torch::randn({4, 16}, torch::kCUDA).requires_grad_(true), b = torch::randn({12, 4}, torch::kCUDA).requires_grad_(true);
+    const auto dy = torch::randn({5, 12}, torch::kCUDA).to(x_type);
+    auto run = [&](bool on) {
+      KernelSwitch kernels(on);
+      for (auto* t : {&x, &a, &b}) t->mutable_grad() = torch::Tensor();
+      const auto y = functional::lora_linear(x, w, {}, a, b, {}, {}, 0.5);
+      y.backward(dy);
+      return std::vector<torch::Tensor>{y.detach(), x.grad(), a.grad(), b.grad()};
+    };
+    const auto off = run(false), on = run(true);
+    for (size_t i = 0; i < off.size(); ++i) EXPECT_TRUE(torch::equal(off[i], on[i])) << "output " << i;
+  }
 }
 
 TEST(CudaDispatch, ReportsWhetherKernelsAreAvailable) {
@@ -502,5 +519,87 @@ TEST(CudaDispatch, ReportsWhetherKernelsAreAvailable) {
                  c10::Error);
   }
 }
+
+// ---- precision contract on the GPU -----------------------------------------------------------------------
+
+// CUDA autocast for one scope, restoring the previous state.
+class CudaAutocast {
+ public:
+  explicit CudaAutocast(torch::ScalarType dtype)
+      : was_enabled_(at::autocast::is_autocast_enabled(at::kCUDA)), previous_(at::autocast::get_autocast_dtype(at::kCUDA)) {
+    at::autocast::set_autocast_dtype(at::kCUDA, dtype);
+    at::autocast::set_autocast_enabled(at::kCUDA, true);
+  }
+  ~CudaAutocast() {
+    at::autocast::set_autocast_enabled(at::kCUDA, was_enabled_);
+    at::autocast::set_autocast_dtype(at::kCUDA, previous_);
+    at::autocast::clear_cache();
+  }
+
+ private:
+  bool was_enabled_;
+  torch::ScalarType previous_;
+};
+
+TEST(CudaAutocast, LoraLinearReturnsWhatTorchLinearReturnsOnBothBackends) {
+  SKIP_WITHOUT_GPU();
+  for (const bool kernels : {false, true}) {
+    for (const auto dtype : {torch::kBFloat16, torch::kHalf}) {
+      torch::manual_seed(31);
+      torch::nn::Linear plain(torch::nn::LinearOptions(96, 80));
+      plain->to(torch::kCUDA);
+      tiedlora::LoraLinear layer(torch::nn::Linear(torch::nn::LinearOptions(96, 80)), tiedlora::LoraOptions(8));
+      layer->to(torch::kCUDA);
+      {
+        torch::NoGradGuard no_grad;
+        layer->weight.copy_(plain->weight);
+        layer->bias.copy_(plain->bias);
+      }
+      const auto x = torch::randn({7, 96}, torch::kCUDA).requires_grad_(true);
+      KernelSwitch choice(kernels);
+      CudaAutocast autocast(dtype);
+      const auto expected = plain(x);
+      const auto y = layer(x);  // a fresh adapter: dW = 0
+      ASSERT_EQ(y.scalar_type(), dtype);
+      if (kernels) {  // cuBLASLt's GEMM may round differently from the cuBLAS call behind torch::nn::Linear
+        EXPECT_TRUE(tiedlora::testing::all_close(y.to(torch::kFloat), expected.to(torch::kFloat), 1e-2, 1e-2, "kernels under autocast"));
+      } else {
+        EXPECT_TRUE(torch::equal(y, expected)) << dtype << ": the ATen path differs from torch::nn::Linear";
+      }
+      y.to(torch::kFloat).sum().backward();
+      EXPECT_EQ(x.grad().scalar_type(), torch::kFloat);
+      EXPECT_TRUE(torch::isfinite(x.grad()).all().item<bool>());
+      EXPECT_TRUE(layer->lora_A().grad().defined() && layer->lora_A().grad().scalar_type() == torch::kFloat);
+    }
+  }
+}
+
+#if TIEDLORA_WITH_CUDA
+TEST(CudaPrecision, ABf16WeightIsNeverCopiedIntoFp32) {
+  SKIP_WITHOUT_GPU();
+  for (const bool kernels : {false, true}) {
+    torch::manual_seed(32);
+    tiedlora::LoraLinear layer(torch::nn::Linear(torch::nn::LinearOptions(4096, 4096)), tiedlora::LoraOptions(16));
+    layer->to(torch::kCUDA, torch::kBFloat16);
+    {
+      torch::NoGradGuard no_grad;
+      layer->lora_A().set_data(layer->lora_A().to(torch::kFloat));
+      layer->lora_B().set_data(torch::randn({4096, 16}, torch::kCUDA) * 0.1);
+    }
+    const auto x = torch::randn({8, 4096}, torch::kCUDA).to(torch::kBFloat16).requires_grad_(true);
+    KernelSwitch choice(kernels);
+    torch::cuda::synchronize();
+    c10::cuda::CUDACachingAllocator::resetPeakStats(0);
+    const auto before = c10::cuda::CUDACachingAllocator::getDeviceStats(0).allocated_bytes[0].current;
+    layer(x).sum().backward();
+    torch::cuda::synchronize();
+    const auto peak = c10::cuda::CUDACachingAllocator::getDeviceStats(0).allocated_bytes[0].peak - before;
+    const int64_t fp32_weight = 4096LL * 4096 * 4;  // 64 MiB; the bf16 weight itself is 32 MiB
+    EXPECT_LT(peak, fp32_weight / 4) << (kernels ? "kernels" : "ATen") << ": a weight-sized allocation happened";
+    std::cout << "[bf16 4096x4096 on the GPU, " << (kernels ? "kernels" : "ATen") << "] peak allocated in forward+backward: "
+              << peak << " bytes (an fp32 copy of W: " << fp32_weight << ")\n";
+  }
+}
+#endif
 
 }  // namespace

@@ -1,15 +1,19 @@
 // test_functional.cpp: functional::lora_linear against (1) autograd through plain ATen ops in float64 for
 // every freeze mask, (2) central finite differences, and (3) PEFT's LoRA layer (reference files made by
 // tests/reference/make_peft_lora_reference.py) in fp32 and bf16.
+#include <optional>
 #include <string>
 #include <vector>
 
+#include <ATen/autocast_mode.h>
+#include <c10/core/CPUAllocator.h>
 #include <torch/torch.h>
 
 #include "test_support.h"
 #include "tiedlora/functional.h"
 #include "tiedlora/io/safetensors.h"
 #include "tiedlora/method.h"
+#include "tiedlora/inject.h"
 #include "tiedlora/modules.h"
 
 namespace {
@@ -202,6 +206,25 @@ struct OurRun {
   torch::Tensor y, dx, da, db;
 };
 
+// CPU autocast for one scope, restoring the previous state (as torch.autocast does).
+class CpuAutocast {
+ public:
+  explicit CpuAutocast(torch::ScalarType dtype)
+      : was_enabled_(at::autocast::is_autocast_enabled(at::kCPU)), previous_(at::autocast::get_autocast_dtype(at::kCPU)) {
+    at::autocast::set_autocast_dtype(at::kCPU, dtype);
+    at::autocast::set_autocast_enabled(at::kCPU, true);
+  }
+  ~CpuAutocast() {
+    at::autocast::set_autocast_enabled(at::kCPU, was_enabled_);
+    at::autocast::set_autocast_dtype(at::kCPU, previous_);
+    at::autocast::clear_cache();
+  }
+
+ private:
+  bool was_enabled_;
+  torch::ScalarType previous_;
+};
+
 OurRun run_ours(const PeftCase& c) {
   const auto& w = c.t.at("weight");
   torch::nn::Linear base(torch::nn::LinearOptions(w.size(1), w.size(0)).bias(c.t.count("bias") > 0));
@@ -219,9 +242,25 @@ OurRun run_ours(const PeftCase& c) {
     layer->lora_B().copy_(c.t.at("lora_B"));
   }
   auto x = c.t.at("x").clone().requires_grad_(true);
+  std::optional<CpuAutocast> autocast;
+  if (c.meta.count("autocast") && c.meta.at("autocast") == "torch.bfloat16") autocast.emplace(torch::kBFloat16);
   auto y = layer->forward(x);
   y.backward(c.t.at("dy"));
   return {y.detach(), x.grad(), layer->lora_A().grad(), layer->lora_B().grad()};
+}
+
+// Ours against the float64 truth, never further than PEFT (max and mean), for y, dx, dA, dB.
+void expect_at_least_as_close_as_peft(const PeftCase& c, const OurRun& ours, const std::string& label) {
+  const std::vector<std::tuple<std::string, torch::Tensor, std::string>> outputs = {
+      {"y", ours.y, "y"}, {"dx", ours.dx, "dx"}, {"dA", ours.da, "dA"}, {"dB", ours.db, "dB"}};
+  for (const auto& [name, tensor, key] : outputs) {
+    const auto ours_err = tiedlora::testing::difference(tensor, c.t.at("truth_" + key));
+    const auto peft_err = tiedlora::testing::difference(c.t.at("peft_" + key), c.t.at("truth_" + key));
+    EXPECT_LE(ours_err.max_abs, peft_err.max_abs * 1.0001 + 1e-12) << label << " " << name;
+    EXPECT_LE(ours_err.mean_abs, peft_err.mean_abs * 1.0001 + 1e-12) << label << " " << name;
+    std::cout << "[" << label << " " << name << "] max |err| vs float64: ours " << ours_err.max_abs << ", PEFT "
+              << peft_err.max_abs << "; mean: ours " << ours_err.mean_abs << ", PEFT " << peft_err.mean_abs << "\n";
+  }
 }
 
 TEST(LoraLinearVsPeft, Float32MatchesPeft) {
@@ -256,6 +295,132 @@ TEST(LoraLinearVsPeft, Bfloat16IsAtLeastAsCloseToFloat64AsPeft) {
     EXPECT_TRUE(all_close(tensor, c.t.at("peft_" + key), 2 * ulp, 2 * ulp * ours_err.max_ref, name + " vs PEFT"));
     std::cout << "[bf16 " << name << "] max |err| vs float64: ours " << ours_err.max_abs << ", PEFT "
               << peft_err.max_abs << "; mean: ours " << ours_err.mean_abs << ", PEFT " << peft_err.mean_abs << "\n";
+  }
+}
+
+// ---- precision contract: autocast, storage dtypes --------------------------------------------------------
+
+TEST(LoraLinearVsPeft, CpuAutocastBf16IsAtLeastAsCloseToFloat64AsPeft) {
+  const PeftCase c = load_case("autocast_bf16");
+  ASSERT_EQ(c.meta.at("autocast"), "torch.bfloat16");
+  const OurRun ours = run_ours(c);
+  EXPECT_EQ(ours.y.scalar_type(), torch::kBFloat16);  // what torch::nn::Linear returns under the autocast
+  EXPECT_EQ(ours.dx.scalar_type(), torch::kFloat);    // the input's own dtype
+  EXPECT_EQ(ours.da.scalar_type(), torch::kFloat);
+  expect_at_least_as_close_as_peft(c, ours, "autocast bf16");
+}
+
+TEST(LoraLinearAutocast, ReturnsWhatTorchLinearReturnsUnderTheSameAutocast) {
+  for (const auto dtype : {torch::kBFloat16, torch::kHalf}) {
+    for (const std::string method : {"lora", "tied-abuv"}) {
+      torch::manual_seed(21);
+      torch::nn::Linear plain(torch::nn::LinearOptions(48, 40));
+      tiedlora::LoraLinear layer(torch::nn::Linear(torch::nn::LinearOptions(48, 40)), tiedlora::LoraOptions(4));
+      if (method != "lora") {
+        tiedlora::TiedLoraFactors factors(48, 40, AdapterMethod::parse(method), tiedlora::LoraOptions(4));
+        layer = tiedlora::LoraLinear(torch::nn::Linear(torch::nn::LinearOptions(48, 40)), factors);
+      }
+      {
+        torch::NoGradGuard no_grad;
+        layer->weight.copy_(plain->weight);
+        layer->bias.copy_(plain->bias);
+      }
+      const auto x = torch::randn({6, 48}).requires_grad_(true);
+      CpuAutocast autocast(dtype);
+      const auto expected = plain(x);
+      const auto y = layer(x);  // a fresh adapter: dW = 0
+      ASSERT_EQ(y.scalar_type(), dtype) << method;
+      EXPECT_TRUE(torch::equal(y, expected)) << method << " in " << dtype << ": the base path differs from torch::nn::Linear";
+      y.sum().backward();
+      EXPECT_EQ(x.grad().scalar_type(), torch::kFloat);
+      EXPECT_TRUE(torch::isfinite(x.grad()).all().item<bool>());
+      for (const auto& p : tiedlora::trainable_parameters(*layer)) {
+        ASSERT_TRUE(p.grad().defined()) << method;
+        EXPECT_EQ(p.grad().scalar_type(), torch::kFloat) << method;
+      }
+    }
+  }
+}
+
+TEST(LoraLinearAutocast, FactorGradientsAreExactOnTheAutocastInputs) {
+  // Under bf16 autocast the layer sees x, W and bias rounded to bf16; on those inputs every factor gradient
+  // (A, B, u, v) and dx must be the float64 ones to fp32 accuracy: the low-rank math runs in fp32.
+  torch::manual_seed(22);
+  const int64_t in = 40, out = 24, r = 4;
+  auto x = torch::randn({3, 5, in}).requires_grad_(true);
+  const auto w = torch::randn({out, in}) / std::sqrt(in), bias = torch::randn({out}) * 0.1;
+  auto a = (torch::randn({r, in}) / std::sqrt(in)).requires_grad_(true);
+  auto b = torch::randn({out, r}).requires_grad_(true), u = torch::randn({r}).requires_grad_(true);
+  auto v = torch::randn({out}).requires_grad_(true);
+  const auto dy = torch::randn({3, 5, out}).to(torch::kBFloat16);
+  {
+    CpuAutocast autocast(torch::kBFloat16);
+    const auto y = tiedlora::functional::lora_linear(x, w, bias, a, b, u, v, 0.5);
+    ASSERT_EQ(y.scalar_type(), torch::kBFloat16);
+    y.backward(dy);
+  }
+  auto d = [](const torch::Tensor& t) { return t.detach().to(torch::kDouble); };
+  auto rounded = [&](const torch::Tensor& t) { return t.detach().to(torch::kBFloat16).to(torch::kDouble); };
+  auto x64 = rounded(x).requires_grad_(true), a64 = d(a).requires_grad_(true), b64 = d(b).requires_grad_(true);
+  auto u64 = d(u).requires_grad_(true), v64 = d(v).requires_grad_(true);
+  const auto y64 = torch::matmul(x64, rounded(w).t()) + rounded(bias) +
+                   0.5 * torch::matmul(torch::matmul(x64, a64.t()) * u64, b64.t()) * v64;
+  y64.backward(dy.to(torch::kDouble));
+  EXPECT_TRUE(all_close(a.grad(), a64.grad(), 1e-4, 1e-5, "dA"));
+  EXPECT_TRUE(all_close(b.grad(), b64.grad(), 1e-4, 1e-5, "dB"));
+  EXPECT_TRUE(all_close(u.grad(), u64.grad(), 1e-4, 1e-5, "du"));
+  EXPECT_TRUE(all_close(v.grad(), v64.grad(), 1e-4, 1e-5, "dv"));
+  // dx: the base part dY W runs in bf16 (as in torch::nn::Linear), so bf16 accuracy.
+  EXPECT_TRUE(all_close(x.grad(), x64.grad(), 2e-2, 2e-2, "dx"));
+}
+
+// Counts what the CPU allocator hands out while it is installed (every CPU tensor goes through it).
+class CountingAllocator final : public c10::Allocator {
+ public:
+  explicit CountingAllocator(c10::Allocator* inner) : inner_(inner) {}
+  c10::DataPtr allocate(size_t n) override {
+    total += n;
+    largest = std::max<size_t>(largest, n);
+    return inner_->allocate(n);
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return inner_->raw_deleter(); }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
+  std::atomic<size_t> total{0}, largest{0};
+
+ private:
+  c10::Allocator* inner_;
+};
+
+TEST(LoraLinearPrecision, ABf16OrFp16WeightIsNeverCopiedIntoFp32) {
+  for (const auto dtype : {torch::kBFloat16, torch::kHalf}) {
+    torch::manual_seed(23);
+    const int64_t in = 1024, out = 1024;
+    tiedlora::LoraLinear layer(torch::nn::Linear(torch::nn::LinearOptions(in, out)), tiedlora::LoraOptions(8));
+    layer->to(dtype);  // the whole layer in `dtype`, then the adapter back to fp32 as PEFT keeps it
+    {
+      torch::NoGradGuard no_grad;
+      layer->lora_A().set_data(layer->lora_A().to(torch::kFloat));
+      layer->lora_B().set_data(torch::randn({out, 8}) * 0.1);
+    }
+    const auto x = torch::randn({4, in}).to(dtype).requires_grad_(true);
+    const size_t fp32_weight = static_cast<size_t>(in * out) * sizeof(float);
+    c10::Allocator* previous = c10::GetCPUAllocator();
+    CountingAllocator counting(previous);
+    c10::SetCPUAllocator(&counting, /*priority=*/100);
+    torch::Tensor y;
+    {
+      y = layer(x);
+      y.sum().backward();
+    }
+    c10::SetCPUAllocator(previous, /*priority=*/100);
+    EXPECT_EQ(y.scalar_type(), dtype);
+    EXPECT_TRUE(x.grad().defined() && layer->lora_A().grad().defined() && layer->lora_B().grad().defined());
+    // An fp32 copy of W (4 MiB) would be one allocation of that size; everything else here is activation-
+    // or adapter-sized.
+    EXPECT_LT(counting.largest.load(), fp32_weight / 4) << dtype << ": a weight-sized allocation happened";
+    EXPECT_LT(counting.total.load(), fp32_weight / 2) << dtype << ": " << counting.total.load() << " bytes allocated";
+    std::cout << "[" << dtype << " 1024x1024 layer, forward+backward of 4 rows] " << counting.total.load()
+              << " bytes allocated, largest " << counting.largest.load() << " (an fp32 copy of W: " << fp32_weight << ")\n";
   }
 }
 

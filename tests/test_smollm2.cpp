@@ -3,12 +3,15 @@
 // prompt match transformers loading the same GGUF, and greedy decoding gives the same 32 tokens
 // (tests/reference/make_smollm2_reference.py).
 #include <fstream>
+#include <set>
 
 #include <torch/torch.h>
 
 #include "test_support.h"
+#include "tiedlora/inject.h"
 #include "tiedlora/io/safetensors.h"
 #include "tiedlora/models/causal_lm.h"
+#include "tiedlora/train.h"
 
 namespace {
 
@@ -42,6 +45,49 @@ TEST(SmolLM2, GgufLogitsAndGreedyTokensMatchTransformers) {
   const auto expected = ref.at("generated");
   ASSERT_EQ(ours.size(), 32u);
   for (size_t i = 0; i < ours.size(); ++i) EXPECT_EQ(ours[i], expected[i].item<int64_t>()) << "token " << i;
+}
+
+TEST(SmolLM2, TrainsStoredInBf16WithAnFp32Adapter) {
+  std::string gguf;
+  std::ifstream(tiedlora::testing::reference_dir() + "/smollm2_gguf_path.txt") >> gguf;
+  ASSERT_FALSE(gguf.empty());
+  auto model = tiedlora::models::load_gguf_model(gguf, torch::kBFloat16);
+  int64_t base_bytes = 0;
+  std::set<const void*> seen;  // the tied head shares the embedding
+  for (const auto& p : model->parameters()) {
+    ASSERT_EQ(p.scalar_type(), torch::kBFloat16) << "the frozen model must be stored in bf16";
+    if (seen.insert(p.unsafeGetTensorImpl()).second) base_bytes += p.numel() * p.element_size();
+  }
+  EXPECT_LT(base_bytes, 300'000'000);  // 135M parameters in 2 bytes (fp32 would be 540 MB)
+  tiedlora::inject_adapters(*model, tiedlora::InjectOptions().targets({"all-linear"}).method("tied-abuv")
+                                        .lora(tiedlora::LoraOptions(8).seed(0)));
+  for (const auto& p : tiedlora::trainable_parameters(*model)) EXPECT_EQ(p.scalar_type(), torch::kFloat);
+  // Two short examples with a completion to learn, the same batch every step.
+  torch::manual_seed(0);
+  std::vector<tiedlora::train::TokenizedExample> examples;
+  for (int i = 0; i < 2; ++i) {
+    const auto ids = torch::randint(100, 20000, {24});
+    tiedlora::train::TokenizedExample e;
+    for (int t = 0; t < 16; ++t) e.prompt.push_back(ids[t].item<int64_t>());
+    for (int t = 16; t < 24; ++t) e.completion.push_back(ids[t].item<int64_t>());
+    examples.push_back(e);
+  }
+  tiedlora::train::TrainOptions options;
+  options.max_steps = 6;
+  options.batch_size = 2;
+  options.lr = 2e-2;
+  options.seed = 0;
+  tiedlora::train::Trainer trainer(*model, examples, {}, options, /*pad_id=*/0);
+  std::vector<double> losses;
+  tiedlora::train::TrainCallbacks callbacks;
+  callbacks.on_step = [&](const tiedlora::train::StepRecord& r) { losses.push_back(r.loss); };
+  trainer.run(callbacks);
+  ASSERT_EQ(losses.size(), 6u);
+  for (double l : losses) EXPECT_TRUE(std::isfinite(l));
+  std::cout << "[SmolLM2 bf16, tied-abuv r8 all-linear] losses:";
+  for (double l : losses) std::cout << " " << l;
+  std::cout << "\n";
+  EXPECT_LT(losses.back(), 0.7 * losses.front()) << "the bf16 model did not learn its batch";
 }
 
 }  // namespace

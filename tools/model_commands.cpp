@@ -35,7 +35,9 @@ struct GenerateArgs {
 int run_generate(const GenerateArgs& args) {
   const std::string path = resolve_model(args.model);
   if (args.max_new_tokens <= 0) throw std::invalid_argument("--max-new-tokens must be positive");
-  if (args.dtype != "f32" && args.dtype != "bf16") throw std::invalid_argument("--dtype must be f32 or bf16");
+  if (args.dtype != "f32" && args.dtype != "bf16" && args.dtype != "f16") {
+    throw std::invalid_argument("--dtype must be f32, bf16 or f16");
+  }
   const auto tokenizer = load_tokenizer(path);
   std::string text = args.prompt;
   if (args.chat) {
@@ -47,7 +49,7 @@ int run_generate(const GenerateArgs& args) {
     }
     text = apply_chatml_template({{"user", args.prompt}}, true, info.default_system_prompt);
   }
-  auto model = models::load_any(path, args.dtype == "bf16" ? at::kBFloat16 : at::kFloat);
+  auto model = models::load_any(path, args.dtype == "bf16" ? at::kBFloat16 : args.dtype == "f16" ? at::kHalf : at::kFloat);
   if (!args.adapter.empty()) load_adapter(*model, args.adapter);
   const std::vector<TokenId> prompt = tokenizer->encode(text, /*add_special_tokens=*/true);
   models::GenerateOptions options;
@@ -83,7 +85,7 @@ Command add_generate_command(CLI::App& app) {
   cmd->add_option("--prompt", args->prompt, "Prompt text")->required();
   cmd->add_flag("--chat", args->chat, "Wrap the prompt as a user message in the model's ChatML template");
   cmd->add_option("--max-new-tokens", args->max_new_tokens, "Most tokens to generate")->capture_default_str();
-  cmd->add_option("--dtype", args->dtype, "Weights and activations: f32 or bf16")->capture_default_str();
+  cmd->add_option("--dtype", args->dtype, "Weights and activations: f32, bf16 or f16")->capture_default_str();
   cmd->add_flag("--ids", args->print_ids, "Also print the prompt's and the generated token ids");
   return [args] { return run_generate(*args); };
 }

@@ -9,8 +9,20 @@
 // dB = s v_i u_j dB_eff, du = s sum_i v_i B_ij dB_eff_ij, dv = s sum_j B_ij u_j dB_eff_ij.
 // W never gets a gradient: it must be frozen (requires_grad false).
 //
-// Numerics: the computation runs in fp32 (fp64 for double inputs) whatever the storage dtypes, and each
-// output is rounded once to its dtype: y and dX to x's dtype, dA, dB, du, dv to their parameters' dtypes.
+// Precision contract (docs/design.md, "Numerics"), on every path (CPU and CUDA ATen, the CUDA kernels, the
+// merge):
+//   - the frozen W stays in its storage dtype (fp32, bf16, fp16) and is never converted per call: the
+//     base matmul runs in W's dtype with fp32 accumulation inside the GEMM (activations in another dtype
+//     are converted to it, not W);
+//   - the adapter factors keep their own dtype (fp32 by default, as PEFT keeps them); the low-rank branch
+//     h = x_a A^T, B_eff and their products run in fp32 (fp64 for double activations);
+//   - y and dX are returned in the activation dtype; fp32 layers round once, bf16/fp16 layers round the
+//     GEMM's x W^T once and the sum with the update once more (at most one extra rounding of y);
+//     dA, dB, du, dv are computed in fp32 and rounded once to their parameters' dtypes;
+//   - under autocast (CPU or CUDA, bf16 or fp16) the layer returns what torch::nn::Linear returns under
+//     the same autocast: input, W and bias go to the autocast dtype through autocast's own cast (a copy
+//     only of what is stored in another dtype; store the model in that dtype to avoid it), the function
+//     itself runs with autocast off, in forward and backward.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -25,15 +37,30 @@ at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const 
                        const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u,
                        const at::Tensor& v, double scale, const at::Tensor& adapter_input = {});
 
-/// Experimental: run CUDA tensors through tiedlora's own CUDA kernels (the cuBLASLt passes of
-/// kernels/lora_gemm.cu in lora_linear, the merge kernel of kernels/lora_merge.cu in merged_weight) instead
-/// of the ATen ops. Off by default until the GPU checks listed in docs/cuda.md have passed; the environment
-/// variable TIEDLORA_CUDA_KERNELS=1 switches it on from the start. Applies to fp32, bf16 and fp16 layers
-/// whose input and weight share a dtype; everything else (CPU tensors, double, mixed dtypes, a build without
-/// CUDA) keeps the ATen path. On the kernel path the adapter branch's h = x A^T and B_eff are rounded to
-/// the activation dtype between the matmuls (fp32 accumulation inside each), as PEFT does.
-void set_cuda_kernels_enabled(bool enabled);
-bool cuda_kernels_enabled();
+/// Which implementation runs lora_linear() and merged_weight() on CUDA tensors. `aten`: ATen ops (the
+/// default). `cuda_kernels`: tiedlora's own kernels (the cuBLASLt passes of kernels/lora_gemm.cu, the merge
+/// kernel of kernels/lora_merge.cu), experimental until the GPU checks listed in docs/cuda.md have passed.
+/// The kernels take fp32, bf16 and fp16 layers whose input and weight share a dtype; everything else (CPU
+/// tensors, double, mixed dtypes, a build without CUDA) keeps the ATen path. On the kernel path h = x A^T
+/// and B_eff are rounded to the activation dtype between the matmuls (fp32 accumulation inside each).
+enum class Backend { aten, cuda_kernels };
+
+/// Chooses the backend for the calling thread while it lives (the previous choice comes back after), so
+/// one thread can use the kernels while another stays on ATen. The choice is made at forward time and
+/// recorded in the autograd graph: backward takes the path its forward took, on whatever thread it runs.
+class BackendGuard {
+ public:
+  explicit BackendGuard(Backend backend);
+  ~BackendGuard();
+  BackendGuard(const BackendGuard&) = delete;
+  BackendGuard& operator=(const BackendGuard&) = delete;
+
+ private:
+  Backend previous_;
+};
+
+/// The calling thread's backend.
+Backend current_backend();
 
 /// B_eff = s diag(v) B diag(u) in the compute dtype (fp32, or fp64 for double B), no autograd.
 at::Tensor effective_b(const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& v, double scale);

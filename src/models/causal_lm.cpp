@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include <ATen/ATen.h>
+#include <c10/core/DefaultDtype.h>
 #include <nlohmann/json.hpp>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/embedding.h>
@@ -23,6 +24,7 @@
 #include "tiedlora/io/safetensors.h"
 #include "tiedlora/modules.h"
 #include "util/files.h"
+#include "util/text.h"
 
 namespace tiedlora::models {
 namespace {
@@ -438,8 +440,26 @@ bool is_conv1d_weight(const std::string& name) {
 
 }  // namespace
 
+// LibTorch's default dtype for the duration of a model's construction, so that its parameters are created
+// in the requested dtype (a bf16 model never exists in fp32 first, which would set the peak memory);
+// transformers' from_pretrained(torch_dtype=...) does the same.
+class DefaultDtypeGuard {
+ public:
+  explicit DefaultDtypeGuard(at::ScalarType dtype) : previous_(c10::get_default_dtype()) {
+    c10::set_default_dtype(c10::scalarTypeToTypeMeta(dtype));
+  }
+  ~DefaultDtypeGuard() { c10::set_default_dtype(previous_); }
+  DefaultDtypeGuard(const DefaultDtypeGuard&) = delete;
+  DefaultDtypeGuard& operator=(const DefaultDtypeGuard&) = delete;
+
+ private:
+  caffe2::TypeMeta previous_;
+};
+
 std::shared_ptr<CausalLM> build_model_from(const Config& config, at::ScalarType dtype) {
   const std::string type = config.string("model_type");
+  TORCH_CHECK(at::isFloatingType(dtype), "build_model: dtype must be floating point, got ", dtype);
+  const DefaultDtypeGuard default_dtype(dtype);
   std::shared_ptr<CausalLM> model;
   if (type == "gpt2") {
     model = std::make_shared<Gpt2LMHead>(config);
@@ -511,7 +531,9 @@ std::shared_ptr<CausalLM> load_gguf_model(const std::string& path, at::ScalarTyp
   config["tie_word_embeddings"] = !file.has_tensor("output.weight");
   if (file.has_key("tokenizer.ggml.bos_token_id")) config["bos_token_id"] = file.get_uint("tokenizer.ggml.bos_token_id");
   if (file.has_key("tokenizer.ggml.eos_token_id")) config["eos_token_id"] = file.get_uint("tokenizer.ggml.eos_token_id");
-  auto model = build_model_from(Config(config, path), at::kFloat);
+  // Built in the requested dtype: each tensor is dequantized to fp32 alone and converted as it is copied,
+  // so a bf16 load never holds an fp32 model.
+  auto model = build_model_from(Config(config, path), dtype);
 
   // Map every tensor first, so that a file that does not fit is refused before anything is copied.
   std::map<std::string, std::string> source_of;  // HF name -> GGUF name
@@ -559,7 +581,6 @@ std::shared_ptr<CausalLM> load_gguf_model(const std::string& path, at::ScalarTyp
     }
     param.copy_(value);
   }
-  model->to(dtype);
   return model;
 }
 
@@ -726,12 +747,17 @@ std::string chat_template_of(const std::string& model) {
     const io::GgufFile file = io::GgufFile::open(model);
     return file.has_key("tokenizer.chat_template") ? file.get_string("tokenizer.chat_template") : "";
   }
+  // transformers 5 (and 4.43+ by default) saves the template as its own file beside the tokenizer.
+  const std::string jinja = util::join_path(model, "chat_template.jinja");
+  if (util::is_regular_file(jinja)) return util::read_text_file(jinja);
   const std::string config = util::join_path(model, "tokenizer_config.json");
   if (!util::is_regular_file(config)) return "";
-  const auto j = json::parse(util::read_text_file(config), nullptr, false);
-  return j.is_object() && j.contains("chat_template") && j.at("chat_template").is_string()
-             ? j.at("chat_template").get<std::string>()
-             : "";
+  const auto j = util::parse_json_strict(util::read_text_file(config), config);  // malformed: FormatError
+  if (!j.is_object() || !j.contains("chat_template") || j.at("chat_template").is_null()) return "";
+  if (!j.at("chat_template").is_string()) {
+    throw FormatError(config + ": field 'chat_template' must be a string (hint: templates by name are not supported)");
+  }
+  return j.at("chat_template").get<std::string>();
 }
 
 std::vector<std::vector<int64_t>> generate_greedy_batch(CausalLM& model, const std::vector<std::vector<int64_t>>& prompts,

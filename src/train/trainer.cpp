@@ -40,6 +40,13 @@ void on_stop_signal(int signal) {
   g_stop_requested = 1;
 }
 
+// A signal the process ignores (SIGHUP under nohup, SIGINT in a background job) stays ignored.
+void (*install_stop_handler(int signal))(int) {
+  void (*previous)(int) = std::signal(signal, on_stop_signal);
+  if (previous == SIG_IGN) std::signal(signal, SIG_IGN);
+  return previous;
+}
+
 constexpr const char* kStateFormat = "tiedlora-trainer-1";
 
 // The options that fix the sequence of data, learning rates and updates: a resumed run must share them.
@@ -100,24 +107,31 @@ std::vector<std::string> checkpoint_names(const std::string& dir) {
   return names;
 }
 
-// bf16 autocast on CUDA for one forward pass, switched off again however the pass ends.
+// bf16 autocast on CUDA for one forward pass; the caller's autocast state (enabled flag, dtype, nesting
+// and its cast cache) comes back however the pass ends, as torch.autocast's __exit__ does.
 class CudaBf16Autocast {
  public:
   explicit CudaBf16Autocast(bool on) : on_(on) {
     if (!on_) return;
+    was_enabled_ = at::autocast::is_autocast_enabled(at::kCUDA);
+    previous_dtype_ = at::autocast::get_autocast_dtype(at::kCUDA);
     at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
     at::autocast::set_autocast_enabled(at::kCUDA, true);
+    at::autocast::increment_nesting();
   }
   ~CudaBf16Autocast() {
     if (!on_) return;
-    at::autocast::set_autocast_enabled(at::kCUDA, false);
-    at::autocast::clear_cache();
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(at::kCUDA, was_enabled_);
+    at::autocast::set_autocast_dtype(at::kCUDA, previous_dtype_);
   }
   CudaBf16Autocast(const CudaBf16Autocast&) = delete;
   CudaBf16Autocast& operator=(const CudaBf16Autocast&) = delete;
 
  private:
   bool on_;
+  bool was_enabled_ = false;
+  at::ScalarType previous_dtype_ = at::kBFloat16;
 };
 
 }  // namespace
@@ -255,9 +269,9 @@ Trainer::~Trainer() = default;
 void Trainer::request_stop() { g_stop_requested = 1; }
 
 Trainer::StopSignals::StopSignals()
-    : previous_int_(std::signal(SIGINT, on_stop_signal)),
-      previous_term_(std::signal(SIGTERM, on_stop_signal)),
-      previous_hup_(std::signal(SIGHUP, on_stop_signal)) {}
+    : previous_int_(install_stop_handler(SIGINT)),
+      previous_term_(install_stop_handler(SIGTERM)),
+      previous_hup_(install_stop_handler(SIGHUP)) {}
 
 Trainer::StopSignals::~StopSignals() {
   std::signal(SIGINT, previous_int_ == SIG_ERR ? SIG_DFL : previous_int_);
@@ -288,6 +302,11 @@ std::string Trainer::State::write_checkpoint() {
     if (!best.empty()) tensors.emplace_back("best." + name, best[i].cpu());
   }
   tensors.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
+  // Adapter dropout on a GPU draws from that device's generator: its state too, one per device.
+  for (size_t i = 0; at::hasCUDA() && i < at::getNumGPUs(); ++i) {
+    const at::Device gpu(at::kCUDA, static_cast<c10::DeviceIndex>(i));
+    tensors.emplace_back("rng.cuda." + std::to_string(i), at::globalContext().defaultGenerator(gpu).get_state());
+  }
   json meta = {{"format", kStateFormat},
                {"step", step},
                {"best_step", best_step},
@@ -386,6 +405,12 @@ void Trainer::State::load_checkpoint(const std::string& folder) {
   if (!best.empty() && best.size() != params.size()) throw FormatError(tensors_path + ": the best adapter is incomplete");
   at::Generator generator = at::detail::getDefaultCPUGenerator();  // shares the global generator
   generator.set_state(file.tensor("rng.cpu").clone());
+  for (size_t i = 0; at::hasCUDA() && i < at::getNumGPUs(); ++i) {
+    const std::string name = "rng.cuda." + std::to_string(i);
+    if (!file.contains(name)) continue;  // written on a machine without this GPU: its generator stays seeded
+    at::Generator gpu = at::globalContext().defaultGenerator(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(i)));
+    gpu.set_state(file.tensor(name).clone());
+  }
   step = saved_step;
   best_step = saved_best_step;
   best_validation_loss = saved_best_loss;

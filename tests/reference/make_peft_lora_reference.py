@@ -4,7 +4,8 @@
 For each case a tiny torch.nn.Linear model is wrapped by PEFT's LoraModel, its adapter weights are set to
 random values (B non-zero, so the update matters), and PEFT computes the output and the gradients of x, A
 and B for random x and dY. The float64 truth is computed from the same values with plain torch ops.
-Everything goes into <out>/peft_lora_<case>.safetensors for the C++ test to compare against.
+Everything goes into <out>/peft_lora_<case>.safetensors for the C++ test to compare against. The
+autocast case runs PEFT's forward inside torch.autocast("cpu", dtype=torch.bfloat16) on an fp32 model.
 """
 import argparse
 import json
@@ -15,10 +16,12 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 
 CASES = [
-    # name, dtype, rank, alpha, rslora, bias, in, out, leading dims
-    ("fp32", torch.float32, 8, 16.0, False, True, 48, 40, (3, 5)),
-    ("fp32_rslora", torch.float32, 4, 8.0, True, False, 32, 24, (7,)),
-    ("bf16", torch.bfloat16, 8, 16.0, False, True, 64, 56, (4, 9)),
+    # name, dtype, rank, alpha, rslora, bias, in, out, leading dims, autocast dtype (CPU autocast around
+    # PEFT's forward; the model stays in `dtype`)
+    ("fp32", torch.float32, 8, 16.0, False, True, 48, 40, (3, 5), None),
+    ("fp32_rslora", torch.float32, 4, 8.0, True, False, 32, 24, (7,), None),
+    ("bf16", torch.bfloat16, 8, 16.0, False, True, 64, 56, (4, 9), None),
+    ("autocast_bf16", torch.float32, 8, 16.0, False, True, 64, 56, (4, 9), torch.bfloat16),
 ]
 
 
@@ -31,7 +34,7 @@ class Tiny(torch.nn.Module):
         return self.proj(x)
 
 
-def make_case(name, dtype, rank, alpha, rslora, bias, d_in, d_out, lead, out_dir, seed):
+def make_case(name, dtype, rank, alpha, rslora, bias, d_in, d_out, lead, autocast, out_dir, seed):
     g = torch.Generator().manual_seed(seed)
     model = Tiny(d_in, d_out, bias)
     with torch.no_grad():
@@ -48,8 +51,13 @@ def make_case(name, dtype, rank, alpha, rslora, bias, d_in, d_out, lead, out_dir
         layer.lora_A["default"].weight.copy_(a)
         layer.lora_B["default"].weight.copy_(b)
     x = torch.randn(*lead, d_in, generator=g).to(dtype).requires_grad_(True)
-    dy = torch.randn(*lead, d_out, generator=g).to(dtype)
-    y = peft_model(x)
+    dy = torch.randn(*lead, d_out, generator=g).to(autocast or dtype)
+    if autocast:
+        with torch.autocast("cpu", dtype=autocast):
+            y = peft_model(x)
+        assert y.dtype == autocast, y.dtype
+    else:
+        y = peft_model(x)
     y.backward(dy)
 
     # float64 truth from the same (already rounded) values.
@@ -81,7 +89,8 @@ def make_case(name, dtype, rank, alpha, rslora, bias, d_in, d_out, lead, out_dir
     if bias:
         tensors["bias"] = layer.base_layer.bias.detach().contiguous()
     metadata = {"rank": str(rank), "alpha": repr(alpha), "use_rslora": json.dumps(rslora),
-                "dtype": str(dtype), "peft_scaling": repr(layer.scaling["default"])}
+                "dtype": str(dtype), "peft_scaling": repr(layer.scaling["default"]),
+                "autocast": str(autocast) if autocast else ""}
     assert abs(layer.scaling["default"] - scale) < 1e-12, (layer.scaling["default"], scale)
     save_file(tensors, os.path.join(out_dir, f"peft_lora_{name}.safetensors"), metadata=metadata)
 
