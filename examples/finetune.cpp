@@ -223,10 +223,10 @@ int run(Args& args) {
       *model, tiedlora::InjectOptions().targets(resolve_targets(args.targets, model->info().model_type)).method(args.method).lora(lora));
   model->to(device);  // after injection, so that the adapter moves too
   // Whatever else shapes the run must match when it is resumed.
-  options.resume_key = json{{"model", model_path}, {"method", report.method.name()}, {"rank", args.rank}, {"alpha", lora.effective_alpha()},
-                            {"rslora", args.rslora}, {"dropout", args.dropout}, {"targets", args.targets}, {"chat", format.chat},
-                            {"dtype", args.dtype}}
-                           .dump();
+  json resume_key{{"model", model_path}, {"method", report.method.name()}, {"rank", args.rank}, {"alpha", lora.effective_alpha()},
+                  {"rslora", args.rslora}, {"dropout", args.dropout}, {"targets", args.targets}, {"chat", format.chat}};
+  if (args.dtype != "f32") resume_key["dtype"] = args.dtype;  // absent for f32: runs made before --dtype resume
+  options.resume_key = resume_key.dump();
   auto train_tokens = read_tokenized(train_examples), validation_tokens = read_tokenized(validation_examples);
   tt::prepare_output_dir(args.output, resuming, args.overwrite);
   std::printf("%s: %s, %lld layers; method %s, rank %lld: %lld trainable of %lld parameters (%.3f%%)\n", model_path.c_str(),

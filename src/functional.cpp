@@ -252,6 +252,7 @@ at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const 
               "gradient (call weight.requires_grad_(false))");
   check_floating(input, "input");
   check_floating(weight, "weight");
+
   check_floating(lora_a, "lora_a");
   check_floating(lora_b, "lora_b");
   check_same_device(input, weight, "input");
@@ -267,14 +268,19 @@ at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const 
   // own cast, which copies only what is stored in another dtype), the function runs with autocast off, and
   // returns the autocast dtype. The adapter factors keep their dtype (fp32), as PEFT keeps them.
   const auto device_type = input.device().type();
-  const bool autocast = (device_type == at::kCPU || device_type == at::kCUDA) &&
-                        at::autocast::is_autocast_enabled(device_type) && input.scalar_type() != at::kDouble;
+  const bool autocast = (device_type == at::kCPU || device_type == at::kCUDA) && at::autocast::is_autocast_enabled(device_type);
   if (!autocast) {
+    const auto reduced = [](at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; };
+    TORCH_CHECK(!(reduced(input.scalar_type()) && reduced(weight.scalar_type()) && input.scalar_type() != weight.scalar_type()),
+                "lora_linear: input is ", input.scalar_type(), " but weight is ", weight.scalar_type(),
+                "; the frozen matmul runs in the weight's dtype, and converting one 16-bit format into the other can "
+                "overflow or lose precision (hint: load the model in the activations' dtype, or use autocast)");
     return LoraLinearFunction::apply(input, optional(adapter_input), weight, optional(bias), lora_a, lora_b,
                                      optional(u), optional(v), scale);
   }
+  // As autocast itself: only fp32/fp16/bf16 tensors are cast (a double layer stays double).
   const auto dtype = at::autocast::get_autocast_dtype(device_type);
-  auto cast = [&](const at::Tensor& t) { return t.defined() ? as(t, dtype) : t; };
+  auto cast = [&](const at::Tensor& t) { return t.defined() && t.scalar_type() != at::kDouble ? as(t, dtype) : t; };
   const at::Tensor x = cast(input), xa = cast(adapter_input), w = cast(weight), b0 = cast(bias);
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   return LoraLinearFunction::apply(x, optional(xa), w, optional(b0), lora_a, lora_b, optional(u), optional(v), scale);

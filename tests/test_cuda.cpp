@@ -19,8 +19,12 @@
 #include "cuda/dispatch.h"
 #include "test_support.h"
 #include "tiedlora/error.h"
+#include "tiedlora/adapter.h"
 #include "tiedlora/functional.h"
+#include "tiedlora/io/safetensors.h"
+#include "tiedlora/merge.h"
 #include "tiedlora/modules.h"
+#include "util/files.h"
 
 namespace {
 
@@ -522,23 +526,9 @@ TEST(CudaDispatch, ReportsWhetherKernelsAreAvailable) {
 
 // ---- precision contract on the GPU -----------------------------------------------------------------------
 
-// CUDA autocast for one scope, restoring the previous state.
-class CudaAutocast {
- public:
-  explicit CudaAutocast(torch::ScalarType dtype)
-      : was_enabled_(at::autocast::is_autocast_enabled(at::kCUDA)), previous_(at::autocast::get_autocast_dtype(at::kCUDA)) {
-    at::autocast::set_autocast_dtype(at::kCUDA, dtype);
-    at::autocast::set_autocast_enabled(at::kCUDA, true);
-  }
-  ~CudaAutocast() {
-    at::autocast::set_autocast_enabled(at::kCUDA, was_enabled_);
-    at::autocast::set_autocast_dtype(at::kCUDA, previous_);
-    at::autocast::clear_cache();
-  }
-
- private:
-  bool was_enabled_;
-  torch::ScalarType previous_;
+// CUDA autocast for one scope.
+struct CudaAutocastScope : tiedlora::testing::ScopedAutocast {
+  explicit CudaAutocastScope(torch::ScalarType dtype) : ScopedAutocast(at::kCUDA, dtype) {}
 };
 
 TEST(CudaAutocast, LoraLinearReturnsWhatTorchLinearReturnsOnBothBackends) {
@@ -557,7 +547,7 @@ TEST(CudaAutocast, LoraLinearReturnsWhatTorchLinearReturnsOnBothBackends) {
       }
       const auto x = torch::randn({7, 96}, torch::kCUDA).requires_grad_(true);
       KernelSwitch choice(kernels);
-      CudaAutocast autocast(dtype);
+      CudaAutocastScope autocast(dtype);
       const auto expected = plain(x);
       const auto y = layer(x);  // a fresh adapter: dW = 0
       ASSERT_EQ(y.scalar_type(), dtype);
@@ -574,29 +564,75 @@ TEST(CudaAutocast, LoraLinearReturnsWhatTorchLinearReturnsOnBothBackends) {
   }
 }
 
+TEST(CudaMerge, MergeWeightsOnTheGpuEqualsTheCpuMerge) {
+  SKIP_WITHOUT_GPU();
+  // A bf16 and an fp32 checkpoint (one Conv1D-style transposed adapter too), merged on both devices: the GPU
+  // takes the merge kernel (same dtype in and out), the CPU merge is the reference, within one rounding.
+  const std::string dir = "cuda_merge_check";
+  tiedlora::util::remove_tree(dir);
+  tiedlora::util::make_directories(dir);
+  for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    for (const bool transposed : {false, true}) {
+      torch::manual_seed(33);
+      const std::string tag = std::string(transposed ? "t_" : "") + (dtype == torch::kFloat ? "f32" : "bf16");
+      const std::string base = dir + "/base_" + tag, adapter = dir + "/adapter_" + tag;
+      tiedlora::util::make_directories(base);
+      const auto w = (transposed ? torch::randn({96, 80}) : torch::randn({80, 96})).to(dtype);
+      const std::vector<std::pair<std::string, torch::Tensor>> weights = {{"model.layers.0.proj.weight", w}};
+      tiedlora::io::save_safetensors(base + "/model.safetensors", weights, {{"format", "pt"}});
+      tiedlora::AdapterConfig config;
+      config.rank = 8;
+      config.alpha = 16;
+      config.fan_in_fan_out = transposed;
+      config.target_modules = {"proj"};
+      tiedlora::write_adapter_folder(adapter, config, {{"base_model.model.model.layers.0.proj.lora_A.weight", torch::randn({8, 96})},
+                                                       {"base_model.model.model.layers.0.proj.lora_B.weight", torch::randn({80, 8})}});
+      torch::Tensor merged[2];
+      for (const bool gpu : {false, true}) {
+        tiedlora::MergeOptions options;
+        options.base = base;
+        options.adapter = adapter;
+        options.out = dir + "/merged_" + tag + (gpu ? "_gpu" : "_cpu");
+        options.device = gpu ? "cuda" : "cpu";
+        tiedlora::merge_weights(options);
+        merged[gpu] = tiedlora::io::load_safetensors(options.out + "/model.safetensors").at("model.layers.0.proj.weight");
+      }
+      ASSERT_EQ(merged[1].scalar_type(), dtype);
+      const double ulp = dtype == torch::kFloat ? std::ldexp(1.0, -23) : std::ldexp(1.0, -7);
+      const double scale = merged[0].to(torch::kFloat).abs().max().item<double>();
+      EXPECT_TRUE(tiedlora::testing::all_close(merged[1].to(torch::kFloat), merged[0].to(torch::kFloat), 2 * ulp,
+                                               2 * ulp * scale, "merge-weights --device cuda vs cpu, " + tag));
+    }
+  }
+  tiedlora::util::remove_tree(dir);
+}
+
 #if TIEDLORA_WITH_CUDA
 TEST(CudaPrecision, ABf16WeightIsNeverCopiedIntoFp32) {
   SKIP_WITHOUT_GPU();
   for (const bool kernels : {false, true}) {
     torch::manual_seed(32);
-    tiedlora::LoraLinear layer(torch::nn::Linear(torch::nn::LinearOptions(4096, 4096)), tiedlora::LoraOptions(16));
+    const int64_t d = 8192;  // W: 128 MiB in bf16; an fp32 copy would be 256 MiB
+    tiedlora::LoraLinear layer(torch::nn::Linear(torch::nn::LinearOptions(d, d)), tiedlora::LoraOptions(16));
     layer->to(torch::kCUDA, torch::kBFloat16);
     {
       torch::NoGradGuard no_grad;
       layer->lora_A().set_data(layer->lora_A().to(torch::kFloat));
-      layer->lora_B().set_data(torch::randn({4096, 16}, torch::kCUDA) * 0.1);
+      layer->lora_B().set_data(torch::randn({d, 16}, torch::kCUDA) * 0.1);
     }
-    const auto x = torch::randn({8, 4096}, torch::kCUDA).to(torch::kBFloat16).requires_grad_(true);
+    const auto x = torch::randn({8, d}, torch::kCUDA).to(torch::kBFloat16).requires_grad_(true);
     KernelSwitch choice(kernels);
+    layer(x).sum().backward();  // warm-up: cuBLAS handles and workspaces
     torch::cuda::synchronize();
     c10::cuda::CUDACachingAllocator::resetPeakStats(0);
     const auto before = c10::cuda::CUDACachingAllocator::getDeviceStats(0).allocated_bytes[0].current;
     layer(x).sum().backward();
     torch::cuda::synchronize();
     const auto peak = c10::cuda::CUDACachingAllocator::getDeviceStats(0).allocated_bytes[0].peak - before;
-    const int64_t fp32_weight = 4096LL * 4096 * 4;  // 64 MiB; the bf16 weight itself is 32 MiB
+    const int64_t fp32_weight = d * d * 4;
+    // Activations are a few hundred KiB; the cuBLASLt path also takes a 32 MiB workspace per call.
     EXPECT_LT(peak, fp32_weight / 4) << (kernels ? "kernels" : "ATen") << ": a weight-sized allocation happened";
-    std::cout << "[bf16 4096x4096 on the GPU, " << (kernels ? "kernels" : "ATen") << "] peak allocated in forward+backward: "
+    std::cout << "[bf16 8192x8192 on the GPU, " << (kernels ? "kernels" : "ATen") << "] peak allocated in forward+backward: "
               << peak << " bytes (an fp32 copy of W: " << fp32_weight << ")\n";
   }
 }

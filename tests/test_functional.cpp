@@ -206,23 +206,9 @@ struct OurRun {
   torch::Tensor y, dx, da, db;
 };
 
-// CPU autocast for one scope, restoring the previous state (as torch.autocast does).
-class CpuAutocast {
- public:
-  explicit CpuAutocast(torch::ScalarType dtype)
-      : was_enabled_(at::autocast::is_autocast_enabled(at::kCPU)), previous_(at::autocast::get_autocast_dtype(at::kCPU)) {
-    at::autocast::set_autocast_dtype(at::kCPU, dtype);
-    at::autocast::set_autocast_enabled(at::kCPU, true);
-  }
-  ~CpuAutocast() {
-    at::autocast::set_autocast_enabled(at::kCPU, was_enabled_);
-    at::autocast::set_autocast_dtype(at::kCPU, previous_);
-    at::autocast::clear_cache();
-  }
-
- private:
-  bool was_enabled_;
-  torch::ScalarType previous_;
+// CPU autocast for one scope.
+struct CpuAutocast : tiedlora::testing::ScopedAutocast {
+  explicit CpuAutocast(torch::ScalarType dtype) : ScopedAutocast(at::kCPU, dtype) {}
 };
 
 OurRun run_ours(const PeftCase& c) {
@@ -390,6 +376,19 @@ class CountingAllocator final : public c10::Allocator {
  private:
   c10::Allocator* inner_;
 };
+
+TEST(LoraLinearPrecision, MixedSixteenBitDtypesAreRefusedOutsideAutocast) {
+  const auto w = torch::randn({6, 8}).to(torch::kHalf), a = torch::randn({2, 8}), b = torch::randn({6, 2});
+  const auto x = torch::randn({3, 8}).to(torch::kBFloat16);
+  try {
+    tiedlora::functional::lora_linear(x, w, {}, a, b, {}, {}, 1.0);
+    FAIL() << "bf16 activations with an fp16 weight were accepted";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("input is BFloat16 but weight is Half"), std::string::npos) << e.what();
+  }
+  CpuAutocast autocast(torch::kBFloat16);  // under autocast both become bf16: accepted
+  EXPECT_EQ(tiedlora::functional::lora_linear(x, w, {}, a, b, {}, {}, 1.0).scalar_type(), torch::kBFloat16);
+}
 
 TEST(LoraLinearPrecision, ABf16OrFp16WeightIsNeverCopiedIntoFp32) {
   for (const auto dtype : {torch::kBFloat16, torch::kHalf}) {

@@ -6,6 +6,7 @@
 #include <string>
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <gtest/gtest.h>
 
 namespace tiedlora::testing {
@@ -44,5 +45,29 @@ inline ::testing::AssertionResult all_close(const at::Tensor& a, const at::Tenso
                                        << b64.flatten()[at_index].item<double>() << " (rtol " << rtol << ", atol "
                                        << atol << ", max |diff| " << difference(a, b).max_abs << ")";
 }
+
+/// Autocast on `device` (CPU or CUDA) in `dtype` for one scope; the previous state comes back after, as
+/// torch.autocast's __exit__ does.
+class ScopedAutocast {
+ public:
+  ScopedAutocast(at::DeviceType device, at::ScalarType dtype)
+      : device_(device), was_enabled_(at::autocast::is_autocast_enabled(device)),
+        previous_(at::autocast::get_autocast_dtype(device)) {
+    at::autocast::set_autocast_dtype(device, dtype);
+    at::autocast::set_autocast_enabled(device, true);
+  }
+  ~ScopedAutocast() {
+    at::autocast::set_autocast_enabled(device_, was_enabled_);
+    at::autocast::set_autocast_dtype(device_, previous_);
+    at::autocast::clear_cache();
+  }
+  ScopedAutocast(const ScopedAutocast&) = delete;
+  ScopedAutocast& operator=(const ScopedAutocast&) = delete;
+
+ private:
+  at::DeviceType device_;
+  bool was_enabled_;
+  at::ScalarType previous_;
+};
 
 }  // namespace tiedlora::testing

@@ -9,13 +9,16 @@
 // dB = s v_i u_j dB_eff, du = s sum_i v_i B_ij dB_eff_ij, dv = s sum_j B_ij u_j dB_eff_ij.
 // W never gets a gradient: it must be frozen (requires_grad false).
 //
-// Precision contract (docs/design.md, "Numerics"), on every path (CPU and CUDA ATen, the CUDA kernels, the
-// merge):
+// Precision contract (docs/design.md, "Numerics"), on every path (CPU and CUDA ATen, the CUDA kernels; the
+// merges, which run once, compute W + dW in fp32 and round once):
 //   - the frozen W stays in its storage dtype (fp32, bf16, fp16) and is never converted per call: the
 //     base matmul runs in W's dtype with fp32 accumulation inside the GEMM (activations in another dtype
 //     are converted to it, not W);
-//   - the adapter factors keep their own dtype (fp32 by default, as PEFT keeps them); the low-rank branch
-//     h = x_a A^T, B_eff and their products run in fp32 (fp64 for double activations);
+//   - the adapter factors keep their own dtype (fp32 by default, as PEFT keeps them); on the ATen path the
+//     low-rank branch h = x_a A^T, B_eff and their products run in fp32 (fp64 for double activations); the
+//     CUDA kernels take one operand dtype per GEMM, so there h and B_eff are rounded to the activation dtype
+//     (fp32 accumulation inside each GEMM; see Backend below);
+//   - bf16 activations with an fp16 weight (or the reverse) are refused outside autocast;
 //   - y and dX are returned in the activation dtype; fp32 layers round once, bf16/fp16 layers round the
 //     GEMM's x W^T once and the sum with the update once more (at most one extra rounding of y);
 //     dA, dB, du, dv are computed in fp32 and rounded once to their parameters' dtypes;

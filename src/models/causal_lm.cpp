@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <map>
+#include <mutex>
 #include <set>
 #include <sstream>
 
@@ -443,9 +444,11 @@ bool is_conv1d_weight(const std::string& name) {
 // LibTorch's default dtype for the duration of a model's construction, so that its parameters are created
 // in the requested dtype (a bf16 model never exists in fp32 first, which would set the peak memory);
 // transformers' from_pretrained(torch_dtype=...) does the same.
+// Model constructions are serialised, so that two of them in different dtypes cannot interleave their
+// save/restore and leave the process default changed for good.
 class DefaultDtypeGuard {
  public:
-  explicit DefaultDtypeGuard(at::ScalarType dtype) : previous_(c10::get_default_dtype()) {
+  explicit DefaultDtypeGuard(at::ScalarType dtype) : lock_(mutex()), previous_(c10::get_default_dtype()) {
     c10::set_default_dtype(c10::scalarTypeToTypeMeta(dtype));
   }
   ~DefaultDtypeGuard() { c10::set_default_dtype(previous_); }
@@ -453,6 +456,11 @@ class DefaultDtypeGuard {
   DefaultDtypeGuard& operator=(const DefaultDtypeGuard&) = delete;
 
  private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  std::lock_guard<std::mutex> lock_;
   caffe2::TypeMeta previous_;
 };
 
@@ -754,10 +762,18 @@ std::string chat_template_of(const std::string& model) {
   if (!util::is_regular_file(config)) return "";
   const auto j = util::parse_json_strict(util::read_text_file(config), config);  // malformed: FormatError
   if (!j.is_object() || !j.contains("chat_template") || j.at("chat_template").is_null()) return "";
-  if (!j.at("chat_template").is_string()) {
-    throw FormatError(config + ": field 'chat_template' must be a string (hint: templates by name are not supported)");
+  const auto& value = j.at("chat_template");
+  if (value.is_string()) return value.get<std::string>();
+  if (value.is_array()) {  // named templates (older transformers): the one named "default", if any
+    for (const auto& entry : value) {
+      if (entry.is_object() && entry.value("name", "") == "default" && entry.contains("template") &&
+          entry.at("template").is_string()) {
+        return entry.at("template").get<std::string>();
+      }
+    }
+    return "";
   }
-  return j.at("chat_template").get<std::string>();
+  throw FormatError(config + ": field 'chat_template' must be a string or a list of named templates");
 }
 
 std::vector<std::vector<int64_t>> generate_greedy_batch(CausalLM& model, const std::vector<std::vector<int64_t>>& prompts,
