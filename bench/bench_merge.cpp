@@ -4,10 +4,9 @@
 //
 // Run: build/bench/bench_merge [scratch folder, default /tmp/tiedlora_bench_merge] [GB, default 1.2]
 // It writes a base checkpoint (two shards) and a rank-16 LoRA adapter on every projection, runs the
-// tool as a child process (wait4 gives its peak RSS), and prints a Markdown table. A child running
+// tool under peak_rss (wait4 of a small parent gives its peak RSS), and prints a Markdown table. A run of
 // `tiedlora inspect --header-only` on the adapter gives the baseline RSS of the tool with LibTorch loaded.
 #include <fcntl.h>
-#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -32,23 +31,29 @@ struct ChildResult {
   double peak_rss_mb = 0;
 };
 
-ChildResult run_child(const std::vector<std::string>& argv) {
+// Runs `argv` under peak_rss (bench/peak_rss.cpp): a child forked from this process would count this
+// process's own memory (LibTorch, the generated checkpoint) as its peak, from before its exec.
+ChildResult run_child(const std::vector<std::string>& argv, const std::string& output) {
+  std::vector<std::string> command = {TIEDLORA_PEAK_RSS_PATH};
+  command.insert(command.end(), argv.begin(), argv.end());
   std::vector<char*> args;
-  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  for (const auto& a : command) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
   const auto start = std::chrono::steady_clock::now();
   const pid_t pid = ::fork();
   if (pid == 0) {
-    const int devnull = ::open("/dev/null", O_WRONLY);
-    ::dup2(devnull, STDOUT_FILENO);
+    const int out = ::open(output.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ::dup2(out, STDOUT_FILENO);
     ::execv(args[0], args.data());
     ::_exit(127);
   }
   ChildResult result;
-  struct rusage usage {};
-  ::wait4(pid, &result.status, 0, &usage);
+  ::waitpid(pid, &result.status, 0);
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  result.peak_rss_mb = usage.ru_maxrss / 1024.0;  // ru_maxrss is in KiB on Linux
+  std::ifstream in(output);
+  std::string line, last;
+  while (std::getline(in, line)) last = line;
+  result.peak_rss_mb = last.empty() ? 0 : std::stod(last) / 1024.0;  // peak_rss prints KiB
   return result;
 }
 
@@ -93,8 +98,9 @@ int main(int argc, char** argv) {
   }
   tiedlora::write_adapter_folder(adapter, config, adapter_tensors);
 
-  const ChildResult baseline = run_child({cli, "inspect", "--header-only", adapter});
-  const ChildResult merge = run_child({cli, "merge-weights", "--base", base, "--adapter", adapter, "--out", out, "--quiet"});
+  const ChildResult baseline = run_child({cli, "inspect", "--header-only", adapter}, dir + "/inspect.out");
+  const ChildResult merge =
+      run_child({cli, "merge-weights", "--base", base, "--adapter", adapter, "--out", out, "--quiet"}, dir + "/merge.out");
   if (baseline.status != 0 || merge.status != 0) {
     std::fprintf(stderr, "bench_merge: a child failed (inspect %d, merge %d)\n", baseline.status, merge.status);
     return 1;

@@ -30,6 +30,7 @@
 #include "tiedlora/error.h"
 #include "tiedlora/functional.h"
 #include "tiedlora/inject.h"
+#include "tiedlora/io/safetensors.h"
 #include "tiedlora/merge.h"
 #include "tiedlora/module_selection.h"
 #include "tiedlora/models/causal_lm.h"
@@ -187,8 +188,7 @@ int run(Args& args) {
   // Model, tokenizer, data (all checked before the output folder is touched).
   const torch::Device device(args.device);
   // The frozen model in its storage dtype (bf16 halves its memory); the adapter stays fp32 (LoraOptions).
-  const torch::ScalarType dtype = args.dtype == "bf16" ? torch::kBFloat16 : args.dtype == "f16" ? torch::kHalf : torch::kFloat;
-  auto model = tiedlora::models::load_any(model_path, dtype);
+  auto model = tiedlora::models::load_any(model_path, tiedlora::io::float_dtype_from_name(args.dtype, "--dtype"));
   const auto tokenizer = tiedlora::load_tokenizer(model_path);
   const std::optional<bool> use_chat =
       args.chat == "auto" ? std::nullopt : std::optional<bool>(args.chat == "on");

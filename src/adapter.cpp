@@ -83,7 +83,7 @@ Adapter Adapter::read(const std::string& folder, const ReadOptions& options) {
                         "; adapter tensors must be floating point");
     }
     if (!options.allow_non_finite) {
-      const int64_t bad = t.numel() - at::isfinite(t).sum().item<int64_t>();
+      const int64_t bad = functional::count_non_finite(t);
       if (bad > 0) {
         throw FormatError(weights_path + ": tensor '" + name + "' holds " + std::to_string(bad) +
                           " NaN or Inf value(s) (hint: the adapter comes from a diverged or broken run; "
@@ -265,7 +265,6 @@ void write_adapter_folder(const std::string& folder, const AdapterConfig& config
   }
   const std::string text = adapter_config_json(config);
   util::StagedDirectory staged(folder);
-  for (const auto& note : staged.notes()) TORCH_WARN("tiedlora: ", note);
   io::save_safetensors(util::join_path(staged.path(), kWeightsName), tensors, {{"format", "pt"}});
   util::write_file_atomically(util::join_path(staged.path(), kConfigName),
                               [&](const util::ByteWriter& write) { write(text.data(), text.size()); });
@@ -335,8 +334,7 @@ void save_adapter(const torch::nn::Module& model, const std::string& folder, con
   const LoraOptions& lora = first.lora_options();
   for (const auto& [name, layer] : layers) {
     const LoraOptions& o = layer->lora_options();
-    if (!(layer->method() == method) || o.rank() != lora.rank() || o.effective_alpha() != lora.effective_alpha() ||
-        o.use_rslora() != lora.use_rslora()) {
+    if (!layer->same_configuration(method, lora)) {
       throw ConfigError("save_adapter: layer '" + name + "' (" + layer->method().name() + ", rank " +
                         std::to_string(o.rank()) + ") differs from '" + layers.front().first + "' (" + method.name() +
                         ", rank " + std::to_string(lora.rank()) + "); one adapter file holds one configuration");

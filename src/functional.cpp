@@ -252,7 +252,6 @@ at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const 
               "gradient (call weight.requires_grad_(false))");
   check_floating(input, "input");
   check_floating(weight, "weight");
-
   check_floating(lora_a, "lora_a");
   check_floating(lora_b, "lora_b");
   check_same_device(input, weight, "input");
@@ -284,6 +283,11 @@ at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const 
   const at::Tensor x = cast(input), xa = cast(adapter_input), w = cast(weight), b0 = cast(bias);
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   return LoraLinearFunction::apply(x, optional(xa), w, optional(b0), lora_a, lora_b, optional(u), optional(v), scale);
+}
+
+int64_t count_non_finite(const at::Tensor& t) {
+  if (!at::isFloatingType(t.scalar_type())) return 0;
+  return t.numel() - at::isfinite(t).sum().item<int64_t>();
 }
 
 at::Tensor effective_b(const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& v, double scale) {

@@ -91,11 +91,9 @@ InjectionReport inject_adapters(torch::nn::Module& root, const InjectOptions& op
   // A model carries one adapter configuration (what save_adapter writes and load_adapter reads); more
   // layers may join it, but another method, rank or scale is refused now rather than at save time.
   for (const auto& [name, layer] : adapted_layers(root)) {
-    const LoraOptions& have = layer->lora_options();
-    if (!(layer->method() == method) || have.rank() != options.lora().rank() ||
-        have.effective_alpha() != options.lora().effective_alpha() || have.use_rslora() != options.lora().use_rslora()) {
+    if (!layer->same_configuration(method, options.lora())) {
       throw ConfigError("the model already carries a " + layer->method().name() + " adapter of rank " +
-                        std::to_string(have.rank()) + " (on '" + name + "'), and one model carries one adapter "
+                        std::to_string(layer->lora_options().rank()) + " (on '" + name + "'), and one model carries one adapter "
                         "configuration, so " + method.name() + " at rank " + std::to_string(options.lora().rank()) +
                         " cannot be added (hint: inject with the same method, rank and alpha, or into a fresh model)");
     }
@@ -188,12 +186,8 @@ InjectionReport inject_adapters(torch::nn::Module& root, const InjectOptions& op
   // extends the adapter; it must not freeze what the first one added); new adapters add their own tensors.
   std::unordered_set<const void*> existing_adapter;
   for (const auto& [name, layer] : adapted_layers(root)) {
-    for (const auto& item : layer->named_parameters(/*recurse=*/true)) {
-      if (item.key() != "weight" && item.key() != "bias") existing_adapter.insert(item.value().unsafeGetTensorImpl());
-    }
-    if (layer->adapter_kind() == AdapterKind::tied) {
-      existing_adapter.insert(layer->lora_A().unsafeGetTensorImpl());
-      existing_adapter.insert(layer->lora_B().unsafeGetTensorImpl());
+    for (const at::Tensor* t : {&layer->lora_A(), &layer->lora_B(), &layer->lora_u, &layer->lora_v}) {
+      if (t->defined()) existing_adapter.insert(t->unsafeGetTensorImpl());
     }
   }
   for (auto& p : root.parameters()) {

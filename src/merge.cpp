@@ -15,6 +15,7 @@
 #include "tiedlora/functional.h"
 #include "tiedlora/io/safetensors.h"
 #include "util/files.h"
+#include "util/signals.h"
 
 namespace tiedlora {
 namespace {
@@ -28,15 +29,9 @@ class InterruptGuard {
  public:
   InterruptGuard() {
     g_interrupted = 0;
-    old_int_ = install(SIGINT);
-    old_term_ = install(SIGTERM);
-    old_hup_ = install(SIGHUP);  // a closed terminal ends the merge as cleanly as Ctrl-C
-  }
-  // A signal the process ignores (SIGHUP under nohup, SIGINT in a background job) stays ignored.
-  static void (*install(int signal))(int) {
-    void (*previous)(int) = std::signal(signal, on_interrupt);
-    if (previous == SIG_IGN) std::signal(signal, SIG_IGN);
-    return previous;
+    old_int_ = util::install_unless_ignored(SIGINT, on_interrupt);
+    old_term_ = util::install_unless_ignored(SIGTERM, on_interrupt);
+    old_hup_ = util::install_unless_ignored(SIGHUP, on_interrupt);  // a closed terminal: as Ctrl-C
   }
   ~InterruptGuard() {
     std::signal(SIGINT, old_int_);
@@ -204,86 +199,84 @@ MergeReport merge_weights(const MergeOptions& options) {
   InterruptGuard interrupt;
   util::StagedDirectory staging(options.out);
   const std::string& staged = staging.path();
-  {
-    size_t done = 0;
-    Scratch scratch;
-    std::string previous;  // written by now: its input pages can go
-    auto produce = [&](const io::TensorSpec& spec) -> at::Tensor {
-      interrupt.check();
-      if (!previous.empty()) base.file_of(previous).release_pages(previous);
-      previous = spec.name;
-      const auto& entry = base.entry(spec.name);
-      report.bytes_read += entry.end - entry.begin;
-      const at::ScalarType out_type = io::to_scalar_type(spec.dtype);
-      at::Tensor w = base.tensor(spec.name);
-      at::Tensor result;
-      auto it = module_of_tensor.find(spec.name);
-      if (it == module_of_tensor.end()) {
-        result = w.scalar_type() == out_type ? w : scratch.take(kConverted, w.sizes(), out_type, at::kCPU).copy_(w);
-        if (at::isFloatingType(out_type) && !all_finite(result)) {
-          throw FormatError(options.base + ": tensor '" + spec.name + "' holds NaN or Inf");
-        }
-      } else {
-        // W + dW in fp32 (fp64 for double weights), one rounding to the output dtype.
-        const auto compute = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-        at::Tensor w32 = scratch.take(kWeight, w.sizes(), compute, device).copy_(w);
-        const LinearShape shape = transposed ? LinearShape{w.size(0), w.size(1)} : LinearShape{w.size(1), w.size(0)};
-        LayerFactors f = adapter.layer(it->second, shape);
-        f.lora_A = f.lora_A.to(device);
-        f.lora_B = f.lora_B.to(device);
-        if (f.u.defined()) f.u = f.u.to(device);
-        if (f.v.defined()) f.v = f.v.to(device);
-        at::Tensor delta = scratch.take(kDelta, {shape.out_features, shape.in_features}, f.compute_type(), device);
-        f.delta_into(delta);
-        const double max_delta = std::max(delta.max().item<double>(), -delta.min().item<double>());
-        w32.add_(transposed ? delta.t() : delta);
-        if (device.is_cuda() && out_type == w.scalar_type() && out_type != at::kDouble) {
-          // The CUDA merge kernel: W in its storage dtype + B_eff A, fp32 product and sum, rounded once to
-          // the same dtype as the ATen sum above, which stays as the reference for the report.
-          functional::BackendGuard kernels(functional::Backend::cuda_kernels);
-          const at::Tensor w_device = w.to(device);
-          const at::Tensor merged = functional::merged_weight(transposed ? w_device.t() : w_device, f.lora_A, f.lora_B,
-                                                              f.u, f.v, f.scale, spec.name.c_str());
-          result = transposed ? merged.t() : merged;
-        } else {
-          result = out_type == compute ? w32 : scratch.take(kRounded, w.sizes(), out_type, device).copy_(w32);
-        }
-        // Checked after rounding: a sum that overflows the output dtype (fp16, bf16) only becomes Inf there.
-        if (!all_finite(result)) {
-          throw Error("merge of '" + spec.name + "' (layer '" + it->second + "') produced NaN or Inf in " +
-                      c10::toString(out_type) + " (hint: the adapter or the base weight holds non-finite values, "
-                      "or W + dW overflows the output dtype); nothing was written");
-        }
-        double rounding = 0;
-        if (!result.is_same(w32)) {
-          at::Tensor error = scratch.take(kDelta, w.sizes(), compute, device).copy_(result);
-          rounding = error.sub_(w32).abs_().max().item<double>();
-        }
-        if (!result.is_cpu()) result = result.to(at::kCPU);
-        report.merged.push_back(MergedTensor{spec.name, it->second, max_delta, rounding});
-      }
-      report.bytes_written += spec.nbytes();
-      ++done;
-      if (options.on_progress) options.on_progress(done, specs.size(), report.bytes_written);
-      return result;
-    };
-    const std::map<std::string, std::string> metadata = {{"format", "pt"}};
-    const auto weights = io::write_sharded_safetensors_streaming(staged, specs, produce, options.max_shard_bytes, metadata);
-    report.files_written = weights;
-    report.tensors_written = done;
-    // The rest of a Hugging Face folder (config, tokenizer, generation config) travels unchanged.
-    if (util::is_directory(options.base)) {
-      static const std::regex kWeightFile(R"(.*\.safetensors|model\.safetensors\.index\.json|.*\.bin|.*\.bin\.index\.json)");
-      for (const auto& name : util::list_directory(options.base)) {
-        const std::string from = util::join_path(options.base, name);
-        if (!util::is_regular_file(from) || std::regex_match(name, kWeightFile)) continue;
-        util::copy_file(from, util::join_path(staged, name));
-        report.files_written.push_back(name);
-      }
-    }
+  size_t done = 0;
+  Scratch scratch;
+  std::string previous;  // written by now: its input pages can go
+  auto produce = [&](const io::TensorSpec& spec) -> at::Tensor {
     interrupt.check();
-    staging.publish(options.force);
+    if (!previous.empty()) base.file_of(previous).release_pages(previous);
+    previous = spec.name;
+    const auto& entry = base.entry(spec.name);
+    report.bytes_read += entry.end - entry.begin;
+    const at::ScalarType out_type = io::to_scalar_type(spec.dtype);
+    at::Tensor w = base.tensor(spec.name);
+    at::Tensor result;
+    auto it = module_of_tensor.find(spec.name);
+    if (it == module_of_tensor.end()) {
+      result = w.scalar_type() == out_type ? w : scratch.take(kConverted, w.sizes(), out_type, at::kCPU).copy_(w);
+      if (at::isFloatingType(out_type) && !all_finite(result)) {
+        throw FormatError(options.base + ": tensor '" + spec.name + "' holds NaN or Inf");
+      }
+    } else {
+      // W + dW in fp32 (fp64 for double weights), one rounding to the output dtype.
+      const auto compute = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+      at::Tensor w32 = scratch.take(kWeight, w.sizes(), compute, device).copy_(w);
+      const LinearShape shape = transposed ? LinearShape{w.size(0), w.size(1)} : LinearShape{w.size(1), w.size(0)};
+      LayerFactors f = adapter.layer(it->second, shape);
+      f.lora_A = f.lora_A.to(device);
+      f.lora_B = f.lora_B.to(device);
+      if (f.u.defined()) f.u = f.u.to(device);
+      if (f.v.defined()) f.v = f.v.to(device);
+      at::Tensor delta = scratch.take(kDelta, {shape.out_features, shape.in_features}, f.compute_type(), device);
+      f.delta_into(delta);
+      const double max_delta = std::max(delta.max().item<double>(), -delta.min().item<double>());
+      w32.add_(transposed ? delta.t() : delta);
+      if (device.is_cuda() && out_type == w.scalar_type() && out_type != at::kDouble) {
+        // The CUDA merge kernel: W in its storage dtype + B_eff A, fp32 product and sum, rounded once to
+        // the same dtype as the ATen sum above, which stays as the reference for the report.
+        functional::BackendGuard kernels(functional::Backend::cuda_kernels);
+        const at::Tensor w_device = w.to(device);
+        const at::Tensor merged = functional::merged_weight(transposed ? w_device.t() : w_device, f.lora_A, f.lora_B,
+                                                            f.u, f.v, f.scale, spec.name.c_str());
+        result = transposed ? merged.t() : merged;
+      } else {
+        result = out_type == compute ? w32 : scratch.take(kRounded, w.sizes(), out_type, device).copy_(w32);
+      }
+      // Checked after rounding: a sum that overflows the output dtype (fp16, bf16) only becomes Inf there.
+      if (!all_finite(result)) {
+        throw Error("merge of '" + spec.name + "' (layer '" + it->second + "') produced NaN or Inf in " +
+                    c10::toString(out_type) + " (hint: the adapter or the base weight holds non-finite values, "
+                    "or W + dW overflows the output dtype); nothing was written");
+      }
+      double rounding = 0;
+      if (!result.is_same(w32)) {
+        at::Tensor error = scratch.take(kDelta, w.sizes(), compute, device).copy_(result);
+        rounding = error.sub_(w32).abs_().max().item<double>();
+      }
+      if (!result.is_cpu()) result = result.to(at::kCPU);
+      report.merged.push_back(MergedTensor{spec.name, it->second, max_delta, rounding});
+    }
+    report.bytes_written += spec.nbytes();
+    ++done;
+    if (options.on_progress) options.on_progress(done, specs.size(), report.bytes_written);
+    return result;
+  };
+  const std::map<std::string, std::string> metadata = {{"format", "pt"}};
+  const auto weights = io::write_sharded_safetensors_streaming(staged, specs, produce, options.max_shard_bytes, metadata);
+  report.files_written = weights;
+  report.tensors_written = done;
+  // The rest of a Hugging Face folder (config, tokenizer, generation config) travels unchanged.
+  if (util::is_directory(options.base)) {
+    static const std::regex kWeightFile(R"(.*\.safetensors|model\.safetensors\.index\.json|.*\.bin|.*\.bin\.index\.json)");
+    for (const auto& name : util::list_directory(options.base)) {
+      const std::string from = util::join_path(options.base, name);
+      if (!util::is_regular_file(from) || std::regex_match(name, kWeightFile)) continue;
+      util::copy_file(from, util::join_path(staged, name));
+      report.files_written.push_back(name);
+    }
   }
+  interrupt.check();
+  staging.publish(options.force);
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return report;
 }

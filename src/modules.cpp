@@ -246,6 +246,11 @@ void LoraLinearImpl::detach_adapter() {
   kind_ = AdapterKind::none;
 }
 
+bool LoraLinearImpl::same_configuration(const AdapterMethod& method, const LoraOptions& lora) const {
+  return method_ == method && lora_.rank() == lora.rank() && lora_.effective_alpha() == lora.effective_alpha() &&
+         lora_.use_rslora() == lora.use_rslora();
+}
+
 void LoraLinearImpl::merge_and_detach_() {
   merge_();
   original_weight_ = at::Tensor();  // the merged weight stays; detach_adapter() then has nothing to unmerge

@@ -1,13 +1,13 @@
 // adapter_commands.cpp: `tiedlora export-lora` and `tiedlora inspect`.
 #include <iostream>
 
-#include <ATen/ATen.h>
 
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
 #include "tiedlora/adapter.h"
 #include "tiedlora/error.h"
+#include "tiedlora/functional.h"
 #include "tiedlora/io/safetensors.h"
 #include "util/files.h"
 
@@ -30,8 +30,7 @@ int run_export(const ExportArgs& args) {
 // One tensor's NaN / Inf count, read from the mapping and its pages released after (a large checkpoint is
 // scanned one tensor at a time).
 int64_t non_finite_count(const io::SafetensorsFile& file, const std::string& name) {
-  const at::Tensor t = file.tensor(name);
-  const int64_t bad = at::isFloatingType(t.scalar_type()) ? t.numel() - at::isfinite(t).sum().item<int64_t>() : 0;
+  const int64_t bad = functional::count_non_finite(file.tensor(name));
   file.release_pages(name);
   return bad;
 }
@@ -43,8 +42,9 @@ int64_t print_file(const io::SafetensorsFile& file, bool scan, nlohmann::ordered
     nlohmann::ordered_json entry = {{"name", e.name}, {"dtype", io::dtype_name(e.dtype)}, {"shape", e.shape},
                                     {"bytes", e.end - e.begin}};
     if (scan) {
-      entry["non_finite"] = non_finite_count(file, e.name);
-      total_bad += entry["non_finite"].get<int64_t>();
+      const int64_t bad = non_finite_count(file, e.name);
+      entry["non_finite"] = bad;
+      total_bad += bad;
     }
     tensors.push_back(entry);
   }

@@ -5,6 +5,7 @@
 #include <iostream>
 
 #include "commands.h"
+#include "tiedlora/io/safetensors.h"
 #include "tiedlora/merge.h"
 
 namespace tiedlora::tools {
@@ -47,10 +48,7 @@ void draw_progress(size_t done, size_t total, uint64_t bytes) {
 }
 
 int run_merge(MergeArgs& args) {
-  if (args.dtype == "bf16") args.options.dtype = at::kBFloat16;
-  else if (args.dtype == "f16") args.options.dtype = at::kHalf;
-  else if (args.dtype == "f32") args.options.dtype = at::kFloat;
-  else if (args.dtype != "keep") throw std::invalid_argument("--dtype must be keep, bf16, f16 or f32");
+  if (args.dtype != "keep") args.options.dtype = io::float_dtype_from_name(args.dtype, "--dtype (or keep)");
   args.options.max_shard_bytes = parse_size(args.max_shard_size);
   if (!args.quiet && ::isatty(STDERR_FILENO)) args.options.on_progress = draw_progress;
   args.options.on_notice = [](const std::string& note) { std::fprintf(stderr, "tiedlora: %s\n", note.c_str()); };

@@ -10,6 +10,7 @@
 #include "tiedlora/adapter.h"
 #include "tiedlora/error.h"
 #include "tiedlora/io/gguf.h"
+#include "tiedlora/io/safetensors.h"
 #include "tiedlora/models/causal_lm.h"
 #include "tiedlora/tokenizer.h"
 #include "util/files.h"
@@ -35,9 +36,7 @@ struct GenerateArgs {
 int run_generate(const GenerateArgs& args) {
   const std::string path = resolve_model(args.model);
   if (args.max_new_tokens <= 0) throw std::invalid_argument("--max-new-tokens must be positive");
-  if (args.dtype != "f32" && args.dtype != "bf16" && args.dtype != "f16") {
-    throw std::invalid_argument("--dtype must be f32, bf16 or f16");
-  }
+  const at::ScalarType dtype = io::float_dtype_from_name(args.dtype, "--dtype");
   const auto tokenizer = load_tokenizer(path);
   std::string text = args.prompt;
   if (args.chat) {
@@ -49,7 +48,7 @@ int run_generate(const GenerateArgs& args) {
     }
     text = apply_chatml_template({{"user", args.prompt}}, true, info.default_system_prompt);
   }
-  auto model = models::load_any(path, args.dtype == "bf16" ? at::kBFloat16 : args.dtype == "f16" ? at::kHalf : at::kFloat);
+  auto model = models::load_any(path, dtype);
   if (!args.adapter.empty()) load_adapter(*model, args.adapter);
   const std::vector<TokenId> prompt = tokenizer->encode(text, /*add_special_tokens=*/true);
   models::GenerateOptions options;

@@ -65,6 +65,10 @@ class BackendGuard {
 /// The calling thread's backend.
 Backend current_backend();
 
+/// The number of NaN and Inf entries of `t` (0 for non-floating tensors): the adapter loader refuses
+/// tensors that have any, `tiedlora inspect` reports them.
+int64_t count_non_finite(const at::Tensor& t);
+
 /// B_eff = s diag(v) B diag(u) in the compute dtype (fp32, or fp64 for double B), no autograd.
 at::Tensor effective_b(const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& v, double scale);
 

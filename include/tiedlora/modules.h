@@ -161,6 +161,9 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
   bool has_adapter() const { return kind_ != AdapterKind::none; }
   const AdapterMethod& method() const { return method_; }
   const LoraOptions& lora_options() const { return lora_; }
+  /// Whether this layer's adapter has `method` and `lora`'s rank, alpha and rsLoRA: what one adapter file
+  /// holds for every layer (save_adapter, and inject_adapters extending an adapter, require it).
+  bool same_configuration(const AdapterMethod& method, const LoraOptions& lora) const;
   double scale() const { return lora_.scale(); }
   /// A and B in use: this layer's own, or the shared factors'.
   const at::Tensor& lora_A() const;

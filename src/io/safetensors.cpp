@@ -182,6 +182,13 @@ c10::ScalarType to_scalar_type(SafetensorsDtype dtype) {
   throw Error("tiedlora::io: invalid SafetensorsDtype value " + std::to_string(static_cast<int>(dtype)));
 }
 
+c10::ScalarType float_dtype_from_name(const std::string& name, const std::string& option) {
+  if (name == "f32") return at::kFloat;
+  if (name == "bf16") return at::kBFloat16;
+  if (name == "f16") return at::kHalf;
+  throw ConfigError(option + " must be f32, bf16 or f16, got " + util::quote_for_message(name));
+}
+
 SafetensorsDtype from_scalar_type(c10::ScalarType type) {
   switch (type) {
     case at::kBool:

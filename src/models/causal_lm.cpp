@@ -710,7 +710,6 @@ void save_pretrained(const CausalLM& model, const std::string& folder, std::opti
     tensors.emplace_back(name, value.contiguous());
   }
   util::StagedDirectory staged(folder);
-  for (const auto& note : staged.notes()) TORCH_WARN("tiedlora: ", note);
   const std::string config = info.config_json + "\n";
   util::write_file_atomically(util::join_path(staged.path(), "config.json"),
                               [&](const util::ByteWriter& write) { write(config.data(), config.size()); });

@@ -21,6 +21,7 @@
 #include "tiedlora/io/safetensors.h"
 #include "tiedlora/train.h"
 #include "util/files.h"
+#include "util/signals.h"
 #include "util/text.h"
 
 namespace tiedlora::train {
@@ -38,13 +39,6 @@ void on_stop_signal(int signal) {
     return;
   }
   g_stop_requested = 1;
-}
-
-// A signal the process ignores (SIGHUP under nohup, SIGINT in a background job) stays ignored.
-void (*install_stop_handler(int signal))(int) {
-  void (*previous)(int) = std::signal(signal, on_stop_signal);
-  if (previous == SIG_IGN) std::signal(signal, SIG_IGN);
-  return previous;
 }
 
 constexpr const char* kStateFormat = "tiedlora-trainer-1";
@@ -269,9 +263,9 @@ Trainer::~Trainer() = default;
 void Trainer::request_stop() { g_stop_requested = 1; }
 
 Trainer::StopSignals::StopSignals()
-    : previous_int_(install_stop_handler(SIGINT)),
-      previous_term_(install_stop_handler(SIGTERM)),
-      previous_hup_(install_stop_handler(SIGHUP)) {}
+    : previous_int_(util::install_unless_ignored(SIGINT, on_stop_signal)),
+      previous_term_(util::install_unless_ignored(SIGTERM, on_stop_signal)),
+      previous_hup_(util::install_unless_ignored(SIGHUP, on_stop_signal)) {}
 
 Trainer::StopSignals::~StopSignals() {
   std::signal(SIGINT, previous_int_ == SIG_ERR ? SIG_DFL : previous_int_);
@@ -321,7 +315,6 @@ std::string Trainer::State::write_checkpoint() {
                {"options", trajectory_options(options)}};
   {
     util::StagedDirectory staged(folder);
-    for (const auto& note : staged.notes()) TORCH_WARN("tiedlora: ", note);
     io::save_safetensors(util::join_path(staged.path(), "state.safetensors"), tensors);
     const std::string text = meta.dump(2) + "\n";
     util::write_file_atomically(util::join_path(staged.path(), "trainer_state.json"),

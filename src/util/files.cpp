@@ -18,6 +18,8 @@
 #include <fstream>
 #include <sstream>
 
+#include <c10/util/Exception.h>
+
 #include "tiedlora/error.h"
 
 namespace tiedlora::util {
@@ -153,8 +155,8 @@ std::vector<std::string> clean_stale_temporaries(const std::string& destination_
   return notes;
 }
 
-StagedDirectory::StagedDirectory(std::string destination)
-    : destination_(trimmed(std::move(destination))), notes_(clean_stale_temporaries(destination_)) {
+StagedDirectory::StagedDirectory(std::string destination) : destination_(trimmed(std::move(destination))) {
+  for (const auto& note : clean_stale_temporaries(destination_)) TORCH_WARN("tiedlora: ", note);
   path_ = make_temp_directory_beside(destination_);
 }
 
@@ -320,8 +322,7 @@ void copy_file(const std::string& from, const std::string& to) {
 }
 
 void publish_directory(const std::string& staged, const std::string& destination_in, bool overwrite) {
-  std::string destination = destination_in;
-  while (destination.size() > 1 && destination.back() == '/') destination.pop_back();  // "out/" is "out"
+  const std::string destination = trimmed(destination_in);  // "out/" is "out"
   std::string aside;
   if (path_exists(destination)) {
     if (!overwrite) {

@@ -33,8 +33,8 @@ std::string make_temp_directory_beside(const std::string& destination, const std
 std::vector<std::string> clean_stale_temporaries(const std::string& destination);
 
 /// A folder written in full before it appears at `destination`: the constructor cleans stale temporaries
-/// (notes()) and creates the temporary folder (path()); publish() renames it into place; if publish() is
-/// never reached, the destructor removes it.
+/// (reporting each as a LibTorch warning) and creates the temporary folder (path()); publish() renames it
+/// into place; if publish() is never reached, the destructor removes it.
 class StagedDirectory {
  public:
   explicit StagedDirectory(std::string destination);
@@ -43,11 +43,9 @@ class StagedDirectory {
   StagedDirectory& operator=(const StagedDirectory&) = delete;
   const std::string& path() const { return path_; }
   void publish(bool overwrite);
-  const std::vector<std::string>& notes() const { return notes_; }
 
  private:
   std::string destination_, path_;
-  std::vector<std::string> notes_;
   bool published_ = false;
 };
 

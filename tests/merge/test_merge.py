@@ -392,7 +392,7 @@ def large_checkpoint():
 
 
 def peak_rss_mb(argv):
-    """The tool's peak RSS (wait4), measured by tests/merge/peak_rss: a child forked from this Python
+    """The tool's peak RSS (wait4), measured by bench/peak_rss.cpp: a child forked from this Python
     process would count this process's memory from before its exec."""
     run = subprocess.run([ARGS.peak_rss, ARGS.tiedlora, *argv], capture_output=True, text=True, timeout=600)
     if run.returncode != 0:

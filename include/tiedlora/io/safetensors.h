@@ -28,6 +28,9 @@ namespace tiedlora::io {
 c10::ScalarType to_scalar_type(SafetensorsDtype dtype);
 /// The safetensors dtype of a torch scalar type (throws tiedlora::Error for types safetensors lacks).
 SafetensorsDtype from_scalar_type(c10::ScalarType type);
+/// The floating-point dtype of a command-line name: "f32", "bf16" or "f16"; anything else throws
+/// tiedlora::ConfigError naming `option` (e.g. "--dtype") and the value.
+c10::ScalarType float_dtype_from_name(const std::string& name, const std::string& option);
 
 /// A memory-mapped safetensors file. Tensors it hands out keep the mapping alive.
 class SafetensorsFile {

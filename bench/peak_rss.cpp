@@ -1,7 +1,8 @@
 // peak_rss.cpp: runs a command and prints its peak resident set size in KiB (wait4's ru_maxrss), then
 // exits with the command's status. The peak of a process includes what it had before exec, so a large
-// parent (the Python test, with LibTorch and tensors loaded) cannot measure its child directly: this
-// small program starts the command instead. Usage: peak_rss <program> [args...]
+// parent (bench_merge or the Python test, with LibTorch and tensors loaded) cannot measure its child
+// directly: this small program, without LibTorch, starts the command instead.
+// Usage: peak_rss <program> [args...]
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
