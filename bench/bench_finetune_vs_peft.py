@@ -7,7 +7,7 @@ clipping and number of steps, the same threads. Reports the median step time of 
 step-1 losses (both start from dW = 0, so they must agree: same batches), and writes both loss curves into
 one PNG (with `tiedlora plot`).
 
-Usage: <venv>/bin/python bench/bench_finetune_vs_peft.py --finetune build/examples/tiedlora_finetune \
+Usage: <venv>/bin/python bench/bench_finetune_vs_peft.py --finetune build/tools/tiedlora_finetune \
            --tiedlora build/tools/tiedlora --work build/bench_finetune [--steps 30] [--method lora]
 """
 import argparse

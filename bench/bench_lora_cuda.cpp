@@ -29,8 +29,8 @@
 #include <string>
 #include <vector>
 
-#include "cuda/dispatch.h"
-#include "tiedlora/functional.h"
+#include "core/cuda/dispatch.h"
+#include "tiedlora/core/functional.h"
 
 namespace {
 
@@ -153,7 +153,7 @@ void bench_layers(const Options& options, int64_t l2_bytes) {
           return at::linear(x, w, bias) + at::linear(at::linear(x, a), b) * scale;
         };
         auto ours = [&](const torch::Tensor& x) {
-          return tiedlora::functional::lora_linear(x, w, bias, a, b, {}, {}, scale);
+          return tiedlora::functional::lora_linear(x, w, bias, {a, b, {}, {}, scale});
         };
         auto time_variant = [&](const std::function<torch::Tensor(const torch::Tensor&)>& layer) {
           LayerTimes t;

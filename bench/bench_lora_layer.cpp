@@ -8,7 +8,7 @@
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
-#include "tiedlora/modules.h"
+#include "tiedlora/core/modules.h"
 
 namespace {
 

@@ -19,8 +19,8 @@
 
 #include <ATen/ATen.h>
 
-#include "tiedlora/adapter.h"
-#include "tiedlora/io/safetensors.h"
+#include "tiedlora/formats/adapter.h"
+#include "tiedlora/formats/safetensors.h"
 #include "util/files.h"
 
 namespace {

@@ -11,7 +11,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include "tiedlora/models/causal_lm.h"
+#include "model_discovery.h"
+#include "tiedlora/llm/causal_lm.h"
 
 int main(int argc, char** argv) {
   if (argc < 2) {
@@ -19,7 +20,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::string path = argv[1];
-  if (path == "smollm2") path = tiedlora::models::find_smollm2_gguf();
+  if (path == "smollm2") path = tiedlora::tools::find_smollm2_gguf();
   const int64_t tokens = argc > 2 ? std::stoll(argv[2]) : 128;
   const int repetitions = argc > 3 ? std::stoi(argv[3]) : 5;
   at::set_num_threads(argc > 4 ? std::stoi(argv[4]) : 2);

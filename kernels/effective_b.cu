@@ -1,6 +1,6 @@
 // kernels/effective_b.cu: B_eff = s diag(v) B diag(u) in fp32, one thread per element, rounded once to the
 // output dtype.
-// Built by nvcc for sm_80 and sm_90a (cmake/TiedloraCuda.cmake); called from src/cuda/effective_b_dispatch.cpp.
+// Built by nvcc for sm_80 and sm_90 (cmake/TiedloraCuda.cmake); called from src/core/cuda/effective_b_dispatch.cpp.
 #include "effective_b.cuh"
 
 #include "element_convert.cuh"

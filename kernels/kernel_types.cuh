@@ -1,6 +1,6 @@
 // kernels/kernel_types.cuh: the plain types every tiedlora kernel family shares: the element types the
 // kernels take and the status a host launcher returns. No torch headers; nothing here throws (the dispatch
-// files in src/cuda/ turn a failed status into an exception).
+// files in src/core/cuda/ turn a failed status into an exception).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -30,7 +30,6 @@ struct Status {
   bool ok() const { return code == StatusCode::ok; }
 };
 
-inline Status ok_status() { return {}; }
 inline Status invalid_argument(const char* where) { return {StatusCode::invalid_argument, 0, where}; }
 inline Status cuda_status(cudaError_t error, const char* where) {
   return error == cudaSuccess ? Status{} : Status{StatusCode::cuda_error, static_cast<int>(error), where};

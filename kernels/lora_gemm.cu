@@ -1,7 +1,7 @@
 // kernels/lora_gemm.cu: the cuBLASLt path of the adapted linear layer (see lora_gemm.cuh): one row-major
 // matmul wrapper with cached handles, workspaces and algorithms, and the forward and backward passes built
-// from it. Built by nvcc for sm_80 and sm_90a (cmake/TiedloraCuda.cmake) into tiedlora_kernels, linked with
-// cuBLASLt; called from src/cuda/lora_dispatch.cpp and the CUDA benchmark.
+// from it. Built by nvcc for sm_80 and sm_90 (cmake/TiedloraCuda.cmake) into tiedlora_kernels, linked with
+// cuBLASLt; called from src/core/cuda/lora_dispatch.cpp and the CUDA benchmark.
 #include <cublasLt.h>
 
 #include <cstdint>

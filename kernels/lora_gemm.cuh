@@ -1,5 +1,5 @@
 // kernels/lora_gemm.cuh: the cuBLASLt path of the adapted linear layer, the reference and fallback of the
-// fused kernels (kernels.md, "beta = 1 accumulate"):
+// fused kernels (docs/cuda.md, "cuBLASLt reference path"):
 //
 //   forward   h = x_a A^T;  y = x W^T + bias;  y += h B_eff^T (beta = 1, same output)
 //   backward  dH = dY B_eff;  dB_eff = dY^T h;  dX = dY W;  dX += dH A (beta = 1);  dA = dH^T x_a
@@ -7,7 +7,7 @@
 // Every matrix is row-major with a leading dimension (elements between row starts, >= its columns), so
 // row-strided views need no copy. One dtype (fp32, bf16 or fp16) for the activations and the operands; the
 // matmuls accumulate in fp32 (CUBLAS_COMPUTE_32F, never TF32) and round once per output. dA and dB_eff are
-// written in fp32 (method.md: accumulate adapter gradients in fp32). dB, du, dv follow from dB_eff on the
+// written in fp32 (docs/method.md: accumulate adapter gradients in fp32). dB, du, dv follow from dB_eff on the
 // host (functional.cpp). No torch headers; launchers return a Status and never throw.
 #pragma once
 

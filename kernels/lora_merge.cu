@@ -1,9 +1,11 @@
 // kernels/lora_merge.cu: W' = W + B_eff A in fp32, rounded once (see lora_merge.cuh). A register-tiled fp32
 // kernel: each block owns a 64 x 128 tile of W, runs over the rank in chunks of 32 with the chunk's slices of
 // B_eff and A in shared memory, and adds the product to the tile of W it reads once (16 bytes at a time where the rows
-// allow, prefetched before the rank loop). The merge is memory-bound for small ranks (2 bytes read + 2 written per bf16
-// element) and turns FFMA-bound near r = 64 on an H100 (r FMAs per element). Built by nvcc for sm_80 and sm_90a
-// (cmake/TiedloraCuda.cmake); called from src/cuda/lora_dispatch.cpp.
+// allow, prefetched before the rank loop). Its reference is the ATen path of functional::merge_into
+// (src/core/functional.cpp), which test_cuda compares it with. Prediction, not yet measured (docs/cuda.md,
+// "Predictions"): memory-bound for small ranks (2 bytes read + 2 written per bf16 element), FFMA-bound from
+// about r = 64 on an H100 (r FMAs per element). Built by nvcc for sm_80 and sm_90
+// (cmake/TiedloraCuda.cmake); called from src/core/cuda/lora_dispatch.cpp.
 #include <cstdint>
 
 #include "element_convert.cuh"

@@ -1,6 +1,6 @@
 // kernels/lora_merge.cuh: W' = W + B_eff A for merging an adapter into its base weight. The product and the
 // sum are computed in fp32 and rounded once to W's dtype (bf16 holds 8 significant bits, so a delta computed
-// or added in bf16 would lose most of its digits; kernels.md). W is read once and W' written once; in place
+// or added in bf16 would lose most of its digits; docs/cuda.md). W is read once and W' written once; in place
 // (out == weight) or out of place. Any output that is NaN or Inf raises a flag in device memory, so the
 // caller can refuse the merge (it keeps the original W for that: an in-place merge has already written).
 // No torch headers; the launcher returns a Status and never throws.

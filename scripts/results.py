@@ -4,7 +4,7 @@ and Tied-LoRA configurations at several ranks (tiedlora_finetune, one run each, 
 and writes docs/results.md: trainable parameters, ratio to LoRA, held-out exact match (with its sample
 size), wall time and tokens/s, seeds, machine. Run through scripts/results, which builds what it needs.
 
-Usage: results.py --finetune build/examples/tiedlora_finetune --work build/results [--steps 40] [--ranks 4 16]
+Usage: results.py --finetune build/tools/tiedlora_finetune --work build/results [--steps 40] [--ranks 4 16]
 """
 import argparse
 import datetime
@@ -81,7 +81,7 @@ def main():
         "# Results: LoRA and Tied-LoRA on SmolLM2-135M-Instruct",
         "",
         "Our small-scale reproduction of the Tied-LoRA paper's comparison. Each row is one run of "
-        "`examples/finetune.cpp` (tiedlora_finetune) on the task that `scripts/make_task_data.py` writes "
+        "`tools/finetune/tiedlora_finetune.cpp` (tiedlora_finetune) on the task that `scripts/make_task_data.py` writes "
         "(extractive QA over State of the Union sentences and arithmetic word problems, half each), with "
         "everything but the method and rank fixed. Whatever it shows is reported as it is; see the notes "
         "below the table.",

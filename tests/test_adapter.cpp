@@ -12,12 +12,12 @@
 #include <torch/torch.h>
 
 #include "test_support.h"
-#include "tiedlora/adapter.h"
-#include "tiedlora/error.h"
-#include "tiedlora/functional.h"
-#include "tiedlora/hf_config.h"
-#include "tiedlora/inject.h"
-#include "tiedlora/io/safetensors.h"
+#include "tiedlora/formats/adapter.h"
+#include "tiedlora/core/error.h"
+#include "tiedlora/core/functional.h"
+#include "tiedlora/formats/hf_config.h"
+#include "tiedlora/core/inject.h"
+#include "tiedlora/formats/safetensors.h"
 #include "util/files.h"
 
 namespace {
@@ -118,8 +118,8 @@ TEST(Adapter, LoadsPeftVeraAsTiedUvWithPeftsDeltas) {
   ASSERT_EQ(layers.size(), deltas.size());
   for (const auto& [name, layer] : layers) {
     EXPECT_EQ(layer->method().name(), "tied-uv");
-    const auto ours = tiedlora::functional::effective_b(layer->lora_B(), layer->lora_u, layer->lora_v, layer->scale())
-                          .mm(layer->lora_A());
+    const auto ours = tiedlora::functional::low_rank_delta(
+        {layer->lora_A(), layer->lora_B(), layer->lora_u, layer->lora_v, layer->scale()});
     EXPECT_TRUE(all_close(ours, deltas.at(name), 1e-5, 1e-6, "VeRA delta of " + name));
   }
 }
@@ -166,7 +166,8 @@ TEST(Adapter, TiedAdapterRoundTripsAndExportsExactly) {
   EXPECT_EQ(lora.config().type, tiedlora::AdapterType::lora);
   for (const auto& module : adapter.modules()) {
     const auto shape = *adapter.stored_shape(module);
-    EXPECT_TRUE(all_close(lora.layer(module, shape).delta(), adapter.layer(module, shape).delta(), 1e-6, 1e-6,
+    EXPECT_TRUE(all_close(tiedlora::functional::low_rank_delta(lora.layer(module, shape).update()),
+                          tiedlora::functional::low_rank_delta(adapter.layer(module, shape).update()), 1e-6, 1e-6,
                           "exported delta of " + module));
   }
 }

@@ -16,14 +16,14 @@
 #include <string>
 #include <vector>
 
-#include "cuda/dispatch.h"
+#include "core/cuda/dispatch.h"
 #include "test_support.h"
-#include "tiedlora/error.h"
-#include "tiedlora/adapter.h"
-#include "tiedlora/functional.h"
-#include "tiedlora/io/safetensors.h"
-#include "tiedlora/merge.h"
-#include "tiedlora/modules.h"
+#include "tiedlora/core/error.h"
+#include "tiedlora/formats/adapter.h"
+#include "tiedlora/core/functional.h"
+#include "tiedlora/formats/safetensors.h"
+#include "tiedlora/formats/merge_checkpoint.h"
+#include "tiedlora/core/modules.h"
 #include "util/files.h"
 
 namespace {
@@ -118,8 +118,8 @@ TEST(CudaEffectiveB, MatchesAtenForEveryDtypeAndOptionalScaling) {
       for (bool use_u : {false, true}) {
         for (bool use_v : {false, true}) {
           const auto uu = use_u ? u : torch::Tensor(), vv = use_v ? v : torch::Tensor();
-          const auto expected = functional::effective_b(b.cpu(), use_u ? u.cpu() : torch::Tensor(),
-                                                        use_v ? v.cpu() : torch::Tensor(), 0.5);
+          const auto expected = functional::effective_b({{}, b.cpu(), use_u ? u.cpu() : torch::Tensor(),
+                                                         use_v ? v.cpu() : torch::Tensor(), 0.5});
           EXPECT_TRUE(tiedlora::testing::all_close(tiedlora::cuda::effective_b(b, uu, vv, 0.5).cpu(), expected, 1e-6,
                                                    1e-6, "effective_b"));
           for (auto out_type : kDtypes) {  // rounded once from the fp32 value
@@ -331,7 +331,7 @@ TEST(CudaLoraLinearKernels, EveryGradientWithinTwiceTorchError) {
                               v = leaf(v0, dtype);
           poison_allocator({{m, d_out}, {m, r}, {m, d_in}, {r, d_in}, {d_out, r}}, dtype);
           const torch::Tensor y =
-              functional::lora_linear(x, frozen(w0, dtype), frozen(bias0, dtype), a, b, u, v, scale);
+              functional::lora_linear(x, frozen(w0, dtype), frozen(bias0, dtype), {a, b, u, v, scale});
           poison_allocator({{m, d_out}, {m, r}, {m, d_in}, {r, d_in}, {d_out, r}}, dtype);
           y.backward(dy0.to(dtype));
 
@@ -360,9 +360,9 @@ TEST(CudaLoraLinearKernels, ThreeDimensionalAndRowStridedInputsAndDropoutInput) 
     // (2, 9, 64) and a row-strided (17, 64) view: the kernels path against the ATen path in float64.
     for (const torch::Tensor& x : {torch::randn({2, 9, 64}, opts), torch::randn({17, 80}, opts).narrow(1, 8, 64)}) {
       const torch::Tensor xa = torch::randn(x.sizes(), opts);
-      const torch::Tensor ours = functional::lora_linear(x, w, {}, a, b, u, v, 0.5, xa);
+      const torch::Tensor ours = functional::lora_linear(x, w, {}, {a, b, u, v, 0.5}, xa);
       const torch::Tensor ref =
-          functional::lora_linear(f64(x), f64(w), {}, f64(a), f64(b), f64(u), f64(v), 0.5, f64(xa));
+          functional::lora_linear(f64(x), f64(w), {}, {f64(a), f64(b), f64(u), f64(v), 0.5}, f64(xa));
       EXPECT_EQ(ours.sizes(), ref.sizes());
       const double tolerance = dtype == torch::kFloat ? 1e-5 : 8 * unit_roundoff(dtype);
       EXPECT_LT(relative_error(ours, ref), tolerance) << c10::toString(dtype) << " input " << x.sizes();
@@ -377,7 +377,7 @@ TEST(CudaLoraLinearKernels, EmptyBatchGivesZeroFactorGradients) {
   const torch::Tensor x = torch::randn({0, 64}, opts).requires_grad_(true), w = torch::randn({48, 64}, opts);
   const torch::Tensor a = torch::randn({8, 64}, opts).requires_grad_(true),
                       b = torch::randn({48, 8}, opts).requires_grad_(true);
-  const torch::Tensor y = functional::lora_linear(x, w, {}, a, b, {}, {}, 0.5);
+  const torch::Tensor y = functional::lora_linear(x, w, {}, {a, b, {}, {}, 0.5});
   EXPECT_EQ(y.sizes(), (std::vector<int64_t>{0, 48}));
   y.sum().backward();
   EXPECT_EQ(a.grad().count_nonzero().item<int64_t>(), 0);
@@ -448,12 +448,12 @@ TEST(CudaMerge, MergedWeightTakesTheKernelAndRefusesNonFinite) {
   const torch::Tensor a = torch::randn({4, 24}, on_gpu(torch::kFloat)),
                       b = torch::randn({40, 4}, on_gpu(torch::kFloat));
   const torch::Tensor u = torch::randn({4}, on_gpu(torch::kFloat)), v = torch::randn({40}, on_gpu(torch::kFloat));
-  const torch::Tensor ours = functional::merged_weight(w, a, b, u, v, 0.5);
-  const torch::Tensor cpu = functional::merged_weight(w.cpu(), a.cpu(), b.cpu(), u.cpu(), v.cpu(), 0.5);
+  const torch::Tensor ours = functional::merged_weight(w, {a, b, u, v, 0.5});
+  const torch::Tensor cpu = functional::merged_weight(w.cpu(), {a.cpu(), b.cpu(), u.cpu(), v.cpu(), 0.5});
   EXPECT_TRUE(tiedlora::testing::all_close(ours.cpu(), cpu, 1e-2, 1e-2, "merged_weight on the GPU"));
   torch::Tensor bad_b = b.clone();
   bad_b[0][0] = std::numeric_limits<float>::quiet_NaN();
-  EXPECT_THROW(functional::merged_weight(w, a, bad_b, u, v, 0.5), tiedlora::Error);
+  EXPECT_THROW(functional::merged_weight(w, {a, bad_b, u, v, 0.5}), tiedlora::Error);
 }
 
 // ---- the default path and the switch ----------------------------------------------------------------------
@@ -465,8 +465,8 @@ TEST(CudaLoraLinear, AtenPathOnTheGpuMatchesTheCpu) {
   auto x = torch::randn({33, 64});
   auto w = torch::randn({48, 64});
   auto a = torch::randn({8, 64}), b = torch::randn({48, 8}), u = torch::randn({8}), v = torch::randn({48});
-  const auto cpu = functional::lora_linear(x, w, {}, a, b, u, v, 0.5);
-  const auto gpu = functional::lora_linear(x.cuda(), w.cuda(), {}, a.cuda(), b.cuda(), u.cuda(), v.cuda(), 0.5);
+  const auto cpu = functional::lora_linear(x, w, {}, {a, b, u, v, 0.5});
+  const auto gpu = functional::lora_linear(x.cuda(), w.cuda(), {}, {a.cuda(), b.cuda(), u.cuda(), v.cuda(), 0.5});
   EXPECT_TRUE(tiedlora::testing::all_close(gpu.cpu(), cpu, 1e-4, 1e-4, "lora_linear on the GPU"));
 }
 
@@ -499,7 +499,7 @@ TEST(CudaKernelSwitch, DoubleAndMixedDtypesKeepTheAtenPathBitForBit) {
     auto run = [&](bool on) {
       KernelSwitch kernels(on);
       for (auto* t : {&x, &a, &b}) t->mutable_grad() = torch::Tensor();
-      const auto y = functional::lora_linear(x, w, {}, a, b, {}, {}, 0.5);
+      const auto y = functional::lora_linear(x, w, {}, {a, b, {}, {}, 0.5});
       y.backward(dy);
       return std::vector<torch::Tensor>{y.detach(), x.grad(), a.grad(), b.grad()};
     };
@@ -594,7 +594,7 @@ TEST(CudaMerge, MergeWeightsOnTheGpuEqualsTheCpuMerge) {
         options.adapter = adapter;
         options.out = dir + "/merged_" + tag + (gpu ? "_gpu" : "_cpu");
         options.device = gpu ? "cuda" : "cpu";
-        tiedlora::merge_weights(options);
+        tiedlora::merge_checkpoint(options);
         merged[gpu] = tiedlora::io::load_safetensors(options.out + "/model.safetensors").at("model.layers.0.proj.weight");
       }
       ASSERT_EQ(merged[1].scalar_type(), dtype);

@@ -10,11 +10,11 @@
 #include <torch/torch.h>
 
 #include "test_support.h"
-#include "tiedlora/functional.h"
-#include "tiedlora/io/safetensors.h"
-#include "tiedlora/method.h"
-#include "tiedlora/inject.h"
-#include "tiedlora/modules.h"
+#include "tiedlora/core/functional.h"
+#include "tiedlora/formats/safetensors.h"
+#include "tiedlora/core/method.h"
+#include "tiedlora/core/inject.h"
+#include "tiedlora/core/modules.h"
 
 namespace {
 
@@ -56,7 +56,7 @@ torch::Tensor reference_forward(const Inputs& p) {
 }
 
 torch::Tensor ours_forward(const Inputs& p) {
-  return tiedlora::functional::lora_linear(p.x, p.w, p.bias, p.a, p.b, p.u, p.v, p.scale, p.xa);
+  return tiedlora::functional::lora_linear(p.x, p.w, p.bias, {p.a, p.b, p.u, p.v, p.scale}, p.xa);
 }
 
 std::vector<std::pair<std::string, torch::Tensor>> differentiable(const Inputs& p) {
@@ -149,7 +149,7 @@ TEST(LoraLinearFunctional, SharedFactorGradientIsTheSumOverLayers) {
   }
   torch::Tensor loss = torch::zeros({}, opts), da_sum = torch::zeros_like(a), db_sum = torch::zeros_like(b);
   for (int l = 0; l < 3; ++l) {
-    auto y = tiedlora::functional::lora_linear(x[l], w[l], {}, a, b, u[l], v[l], 0.5);
+    auto y = tiedlora::functional::lora_linear(x[l], w[l], {}, {a, b, u[l], v[l], 0.5});
     auto g = torch::autograd::grad({y.square().sum()}, {a, b}, {}, /*retain_graph=*/true);
     da_sum += g[0];
     db_sum += g[1];
@@ -174,15 +174,15 @@ TEST(LoraLinearFunctional, RejectsBadArgumentsNamingThem) {
     return std::string("no error");
   };
   using tiedlora::functional::lora_linear;
-  EXPECT_NE(message_of([&] { lora_linear(torch::randn({4, 7}), w, {}, a, b, {}, {}, 1.0); }).find("d_in = 6"), std::string::npos);
-  EXPECT_NE(message_of([&] { lora_linear(x, w, {}, torch::randn({2, 5}), b, {}, {}, 1.0); }).find("lora_a"), std::string::npos);
-  EXPECT_NE(message_of([&] { lora_linear(x, w, {}, a, torch::randn({5, 3}), {}, {}, 1.0); }).find("lora_b"), std::string::npos);
-  EXPECT_NE(message_of([&] { lora_linear(x, w, {}, a, b, torch::randn({3}), {}, 1.0); }).find("u must be"), std::string::npos);
-  EXPECT_NE(message_of([&] { lora_linear(x, w, {}, a, b, {}, torch::randn({4}), 1.0); }).find("v must be"), std::string::npos);
-  EXPECT_NE(message_of([&] { lora_linear(x, w, torch::randn({3}), a, b, {}, {}, 1.0); }).find("bias"), std::string::npos);
-  EXPECT_NE(message_of([&] { lora_linear(x, w.clone().requires_grad_(true), {}, a, b, {}, {}, 1.0); }).find("frozen"),
+  EXPECT_NE(message_of([&] { lora_linear(torch::randn({4, 7}), w, {}, {a, b, {}, {}, 1.0}); }).find("d_in = 6"), std::string::npos);
+  EXPECT_NE(message_of([&] { lora_linear(x, w, {}, {torch::randn({2, 5}), b, {}, {}, 1.0}); }).find("lora_a"), std::string::npos);
+  EXPECT_NE(message_of([&] { lora_linear(x, w, {}, {a, torch::randn({5, 3}), {}, {}, 1.0}); }).find("lora_b"), std::string::npos);
+  EXPECT_NE(message_of([&] { lora_linear(x, w, {}, {a, b, torch::randn({3}), {}, 1.0}); }).find("u must be"), std::string::npos);
+  EXPECT_NE(message_of([&] { lora_linear(x, w, {}, {a, b, {}, torch::randn({4}), 1.0}); }).find("v must be"), std::string::npos);
+  EXPECT_NE(message_of([&] { lora_linear(x, w, torch::randn({3}), {a, b, {}, {}, 1.0}); }).find("bias"), std::string::npos);
+  EXPECT_NE(message_of([&] { lora_linear(x, w.clone().requires_grad_(true), {}, {a, b, {}, {}, 1.0}); }).find("frozen"),
             std::string::npos);
-  EXPECT_NE(message_of([&] { lora_linear(x.to(torch::kInt), w, {}, a, b, {}, {}, 1.0); }).find("input must be a floating"),
+  EXPECT_NE(message_of([&] { lora_linear(x.to(torch::kInt), w, {}, {a, b, {}, {}, 1.0}); }).find("input must be a floating"),
             std::string::npos);
 }
 
@@ -341,7 +341,7 @@ TEST(LoraLinearAutocast, FactorGradientsAreExactOnTheAutocastInputs) {
   const auto dy = torch::randn({3, 5, out}).to(torch::kBFloat16);
   {
     CpuAutocast autocast(torch::kBFloat16);
-    const auto y = tiedlora::functional::lora_linear(x, w, bias, a, b, u, v, 0.5);
+    const auto y = tiedlora::functional::lora_linear(x, w, bias, {a, b, u, v, 0.5});
     ASSERT_EQ(y.scalar_type(), torch::kBFloat16);
     y.backward(dy);
   }
@@ -381,13 +381,13 @@ TEST(LoraLinearPrecision, MixedSixteenBitDtypesAreRefusedOutsideAutocast) {
   const auto w = torch::randn({6, 8}).to(torch::kHalf), a = torch::randn({2, 8}), b = torch::randn({6, 2});
   const auto x = torch::randn({3, 8}).to(torch::kBFloat16);
   try {
-    tiedlora::functional::lora_linear(x, w, {}, a, b, {}, {}, 1.0);
+    tiedlora::functional::lora_linear(x, w, {}, {a, b, {}, {}, 1.0});
     FAIL() << "bf16 activations with an fp16 weight were accepted";
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what()).find("input is BFloat16 but weight is Half"), std::string::npos) << e.what();
   }
   CpuAutocast autocast(torch::kBFloat16);  // under autocast both become bf16: accepted
-  EXPECT_EQ(tiedlora::functional::lora_linear(x, w, {}, a, b, {}, {}, 1.0).scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(tiedlora::functional::lora_linear(x, w, {}, {a, b, {}, {}, 1.0}).scalar_type(), torch::kBFloat16);
 }
 
 TEST(LoraLinearPrecision, ABf16OrFp16WeightIsNeverCopiedIntoFp32) {

@@ -1,11 +1,11 @@
 // test_inject.cpp: inject_adapters() on a small transformer-shaped model written with the C++ frontend:
-// selection, tie groups, freezing, the report's counts against method.md's formulas, training, merging,
+// selection, tie groups, freezing, the report's counts against docs/method.md's formulas, training, merging,
 // and every refusal (unknown names, containers, mixed shapes, member-held torch::nn::Linear).
 #include <torch/torch.h>
 
 #include "test_support.h"
-#include "tiedlora/error.h"
-#include "tiedlora/inject.h"
+#include "tiedlora/core/error.h"
+#include "tiedlora/core/inject.h"
 
 namespace {
 
@@ -99,8 +99,8 @@ TEST(Inject, TiedGroupsSpanLayersAndCountsFollowMethodMd) {
   EXPECT_EQ(report.groups[0].modules.size(), static_cast<size_t>(kLayers));
   EXPECT_EQ(report.groups[0].registered_as, "tiedlora_groups.layers-*-self_attn-q_proj");
   const auto method = tiedlora::AdapterMethod::parse("tied-abuv");
-  const int64_t q = tiedlora::trainable_parameters(method, 4, kLayers, {kDim, kDim});
-  const int64_t v = tiedlora::trainable_parameters(method, 4, kLayers, {kDim, kDim / 2});
+  const int64_t q = tiedlora::trainable_parameter_count(method, 4, kLayers, {kDim, kDim});
+  const int64_t v = tiedlora::trainable_parameter_count(method, 4, kLayers, {kDim, kDim / 2});
   EXPECT_EQ(report.groups[0].trainable_parameters, q);
   EXPECT_EQ(report.groups[1].trainable_parameters, v);
   EXPECT_EQ(report.trainable_parameters, q + v);
@@ -126,7 +126,7 @@ TEST(Inject, ReportMatchesTheFormulaForEveryPreset) {
     const auto method = tiedlora::AdapterMethod::parse(name);
     int64_t expected = 0;
     for (const auto& g : report.groups) {
-      const int64_t formula = tiedlora::trainable_parameters(method, 2, static_cast<int64_t>(g.modules.size()), g.shape);
+      const int64_t formula = tiedlora::trainable_parameter_count(method, 2, static_cast<int64_t>(g.modules.size()), g.shape);
       EXPECT_EQ(g.trainable_parameters, formula) << name << " " << g.name;
       expected += formula;
     }

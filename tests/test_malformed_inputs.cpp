@@ -6,9 +6,9 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include "tiedlora/adapter_config.h"
-#include "tiedlora/error.h"
-#include "tiedlora/io/safetensors.h"
+#include "tiedlora/formats/adapter_config.h"
+#include "tiedlora/core/error.h"
+#include "tiedlora/formats/safetensors.h"
 
 namespace {
 

@@ -1,14 +1,14 @@
-// test_method.cpp: the torch-free core — method parsing, method.md's parameter counts (checked against the
+// test_method.cpp: the torch-free core — method parsing, docs/method.md's parameter counts (checked against the
 // Tied-LoRA paper's numbers), module selection rules and GPT-2 / Llama shapes from config.json.
 #include <cstdlib>
 #include <fstream>
 
 #include <gtest/gtest.h>
 
-#include "tiedlora/error.h"
-#include "tiedlora/hf_config.h"
-#include "tiedlora/method.h"
-#include "tiedlora/module_selection.h"
+#include "tiedlora/core/error.h"
+#include "tiedlora/formats/hf_config.h"
+#include "tiedlora/core/method.h"
+#include "tiedlora/core/module_selection.h"
 
 namespace {
 
@@ -27,21 +27,21 @@ TEST(AdapterMethod, PresetsAndMasksHaveCanonicalNames) {
   EXPECT_EQ(tl5.zero_factor(), AdapterMethod::ZeroFactor::b);
 }
 
-// method.md: Llama-2-7B fused QKV, L = 32, d_in = 4096, d_out = 12288, r = 8.
+// docs/method.md: Llama-2-7B fused QKV, L = 32, d_in = 4096, d_out = 12288, r = 8.
 TEST(ParameterCounts, ReproduceThePapersLlama2Numbers) {
   const LinearShape qkv{4096, 12288};
-  EXPECT_EQ(tiedlora::trainable_parameters(AdapterMethod::parse("lora"), 8, 32, qkv), 4194304);
-  EXPECT_EQ(tiedlora::trainable_parameters(AdapterMethod::parse("tied-ab"), 8, 32, qkv), 131072);
-  EXPECT_EQ(tiedlora::trainable_parameters(AdapterMethod::parse("tied-uv"), 8, 32, qkv), 393472);
-  EXPECT_EQ(tiedlora::trainable_parameters(AdapterMethod::parse("tied-abuv"), 8, 32, qkv), 524544);
+  EXPECT_EQ(tiedlora::trainable_parameter_count(AdapterMethod::parse("lora"), 8, 32, qkv), 4194304);
+  EXPECT_EQ(tiedlora::trainable_parameter_count(AdapterMethod::parse("tied-ab"), 8, 32, qkv), 131072);
+  EXPECT_EQ(tiedlora::trainable_parameter_count(AdapterMethod::parse("tied-uv"), 8, 32, qkv), 393472);
+  EXPECT_EQ(tiedlora::trainable_parameter_count(AdapterMethod::parse("tied-abuv"), 8, 32, qkv), 524544);
   EXPECT_DOUBLE_EQ(524544.0 / 4194304.0, 0.12506103515625);  // the paper's "13 %"
   // GPT-2B: L = 24, d = 2048, fused QKV 2048 -> 6144: TL6 is 13.55 % of LoRA.
   const LinearShape gpt2b{2048, 6144};
-  const double ratio = static_cast<double>(tiedlora::trainable_parameters(AdapterMethod::parse("tied-abuv"), 8, 24, gpt2b)) /
-                       static_cast<double>(tiedlora::trainable_parameters(AdapterMethod::parse("lora"), 8, 24, gpt2b));
+  const double ratio = static_cast<double>(tiedlora::trainable_parameter_count(AdapterMethod::parse("tied-abuv"), 8, 24, gpt2b)) /
+                       static_cast<double>(tiedlora::trainable_parameter_count(AdapterMethod::parse("lora"), 8, 24, gpt2b));
   EXPECT_NEAR(ratio, 0.1355, 5e-5);
   // Stored (trained + frozen random) parameters of the VeRA-like method include the frozen A and B.
-  EXPECT_EQ(tiedlora::stored_parameters(AdapterMethod::parse("tied-uv"), 8, 32, qkv), 131072 + 393472);
+  EXPECT_EQ(tiedlora::stored_parameter_count(AdapterMethod::parse("tied-uv"), 8, 32, qkv), 131072 + 393472);
 }
 
 TEST(AdapterScale, AlphaOverRankOrSqrtRank) {
@@ -73,7 +73,7 @@ std::string write_config(const std::string& name, const std::string& json) {
 }
 
 TEST(HfConfig, Gpt2GroupsSeparateAttentionAndMlpProjections) {
-  const auto path = write_config("gpt2", R"({"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "vocab_size": 50257})");
+  const auto path = write_config("gpt2", R"({"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257})");
   const auto modules = tiedlora::describe_hf_model(path);
   tiedlora::SelectionOptions options;
   options.targets = {"c_proj"};

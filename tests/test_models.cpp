@@ -7,11 +7,11 @@
 #include <torch/torch.h>
 
 #include "test_support.h"
-#include "tiedlora/adapter.h"
-#include "tiedlora/error.h"
-#include "tiedlora/inject.h"
-#include "tiedlora/io/safetensors.h"
-#include "tiedlora/models/causal_lm.h"
+#include "tiedlora/formats/adapter.h"
+#include "tiedlora/core/error.h"
+#include "tiedlora/core/inject.h"
+#include "tiedlora/formats/safetensors.h"
+#include "tiedlora/llm/causal_lm.h"
 #include "util/files.h"
 
 namespace {

@@ -3,9 +3,9 @@
 #include <torch/torch.h>
 
 #include "test_support.h"
-#include "tiedlora/error.h"
-#include "tiedlora/inject.h"
-#include "tiedlora/modules.h"
+#include "tiedlora/core/error.h"
+#include "tiedlora/core/inject.h"
+#include "tiedlora/core/modules.h"
 
 namespace {
 

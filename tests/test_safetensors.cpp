@@ -22,8 +22,8 @@
 #include <string>
 #include <vector>
 
-#include "tiedlora/error.h"
-#include "tiedlora/io/safetensors.h"
+#include "tiedlora/core/error.h"
+#include "tiedlora/formats/safetensors.h"
 
 using nlohmann::json;
 using tiedlora::io::Checkpoint;

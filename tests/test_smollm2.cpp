@@ -8,10 +8,11 @@
 #include <torch/torch.h>
 
 #include "test_support.h"
-#include "tiedlora/inject.h"
-#include "tiedlora/io/safetensors.h"
-#include "tiedlora/models/causal_lm.h"
-#include "tiedlora/train.h"
+#include "tiedlora/core/inject.h"
+#include "tiedlora/formats/safetensors.h"
+#include "model_discovery.h"
+#include "tiedlora/llm/causal_lm.h"
+#include "tiedlora/llm/train.h"
 
 namespace {
 
@@ -20,7 +21,7 @@ TEST(SmolLM2, GgufLogitsAndGreedyTokensMatchTransformers) {
   std::string gguf;
   std::ifstream(dir + "/smollm2_gguf_path.txt") >> gguf;
   ASSERT_FALSE(gguf.empty()) << "the reference script did not record the GGUF path";
-  EXPECT_EQ(tiedlora::models::find_smollm2_gguf().empty(), false) << "find_smollm2_gguf() found nothing";
+  EXPECT_EQ(tiedlora::tools::find_smollm2_gguf().empty(), false) << "find_smollm2_gguf() found nothing";
   auto ref = tiedlora::io::load_safetensors(dir + "/smollm2_reference.safetensors");
   auto model = tiedlora::models::load_gguf_model(gguf);
   EXPECT_EQ(model->info().num_layers, 30);

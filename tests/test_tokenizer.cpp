@@ -16,10 +16,10 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include "tiedlora/error.h"
-#include "tiedlora/io/gguf.h"
-#include "tiedlora/tokenizer.h"
-#include "tokenizer/pre_tokenize.h"
+#include "tiedlora/core/error.h"
+#include "tiedlora/formats/gguf.h"
+#include "tiedlora/llm/tokenizer.h"
+#include "llm/tokenizer/pre_tokenize.h"
 
 namespace {
 
@@ -111,7 +111,7 @@ TEST(TokenizerUnicode, ClassesMatchTokenizersOnEveryCodePoint) {
     if (tiedlora::tokenizer_detail::char_class(c) != expected[c]) {
       if (++wrong < 10) ADD_FAILURE() << "U+" << std::hex << c << ": class " << int(tiedlora::tokenizer_detail::char_class(c))
                                       << ", tokenizers " << classes["tokenizers"] << " says " << int(expected[c])
-                                      << " (hint: run src/tokenizer/gen_unicode_table.py)";
+                                      << " (hint: run src/llm/tokenizer/gen_unicode_table.py)";
     }
   }
   EXPECT_EQ(checked, 1112064u);

@@ -1,4 +1,4 @@
-// test_train.cpp: fine-tuning (tiedlora/train.h) on tiny random GPT-2 and Llama models: the schedule,
+// test_train.cpp: fine-tuning (tiedlora/llm/train.h) on tiny random GPT-2 and Llama models: the schedule,
 // batches and their loss masks, exact resume (the same losses, bit for bit, as an uninterrupted run, with
 // adapter dropout on so the RNG state matters), a short fine-tune whose loss falls and whose adapter
 // round-trips through save/load, early stopping's restored adapter, batched greedy decoding against
@@ -8,18 +8,22 @@
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
+#include <map>
 #include <random>
 
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include "test_support.h"
-#include "tiedlora/adapter.h"
-#include "tiedlora/chart.h"
-#include "tiedlora/error.h"
-#include "tiedlora/inject.h"
-#include "tiedlora/models/causal_lm.h"
-#include "tiedlora/train.h"
+#include "chart/chart.h"
+#include "tiedlora/core/error.h"
+#include "tiedlora/core/inject.h"
+#include "tiedlora/formats/adapter.h"
+#include "tiedlora/formats/hf_config.h"
+#include "tiedlora/formats/merge_checkpoint.h"
+#include "tiedlora/formats/safetensors.h"
+#include "tiedlora/llm/causal_lm.h"
+#include "tiedlora/llm/train.h"
 
 namespace tt = tiedlora::train;
 using tiedlora::models::CausalLM;
@@ -230,6 +234,116 @@ TEST(Trainer, ResumeContinuesExactly) {
   }
 }
 
+// The library installs no signal handler: its long operations stop when their stop_requested callback says
+// so. The trainer checkpoints and returns; the merge abandons its temporary folder and writes nothing.
+// Without a stop, merge-weights and LoraLinear::merge_ give the same bits (one merge function).
+TEST(Cancellation, TrainerAndMergeStopWhenAsked) {
+  const std::string root = make_temp_dir();
+  auto model = tiny_model(root, "gpt2");  // Conv1D weights: merge-weights merges them transposed
+  inject(*model, "tied-abuv");
+  auto options = small_options(root + "/run");
+  options.eval_every = 0;
+  tt::Trainer trainer(*model, tiny_task(40, 1), {}, options, 0);
+  int asked = 0;
+  tt::TrainCallbacks callbacks;
+  callbacks.stop_requested = [&] { return ++asked == 3; };
+  const tt::TrainResult stopped = trainer.run(callbacks);
+  EXPECT_TRUE(stopped.interrupted);
+  EXPECT_EQ(stopped.steps_done, 3);
+  EXPECT_NE(stopped.last_checkpoint.find("step-00000003"), std::string::npos) << stopped.last_checkpoint;
+
+  tiedlora::SaveAdapterOptions save;
+  save.fan_in_fan_out = model->info().fan_in_fan_out;
+  tiedlora::save_adapter(*model, root + "/adapter", save);
+  tiedlora::models::save_pretrained(*model, root + "/base");
+  tiedlora::MergeOptions merge;
+  merge.base = root + "/base";
+  merge.adapter = root + "/adapter";
+  merge.out = root + "/merged";
+  int tensors = 0;
+  merge.stop_requested = [&] { return ++tensors > 2; };
+  EXPECT_THROW(tiedlora::merge_checkpoint(merge), tiedlora::Cancelled);
+  EXPECT_FALSE(std::ifstream(merge.out + "/config.json").good());
+  EXPECT_EQ(tensors, 3);
+  merge.stop_requested = nullptr;
+  const tiedlora::MergeReport report = tiedlora::merge_checkpoint(merge);
+  EXPECT_EQ(report.merged.size(), 4u);  // c_attn and c_fc of both layers
+
+  tiedlora::merge_adapters_(*model);
+  const auto merged = tiedlora::io::Checkpoint::open(merge.out);
+  for (const auto& [name, layer] : tiedlora::adapted_layers(*model)) {
+    // The checkpoint stores GPT-2's Conv1D weights as (in, out); the module holds (out, in).
+    const std::string tensor = name + ".weight";
+    const std::string stored = merged.contains(tensor) ? tensor : tensor.substr(tensor.find('.') + 1);
+    EXPECT_TRUE(torch::equal(merged.tensor(stored).t(), layer->weight)) << name;
+  }
+}
+
+// One architecture description: the module tree `tiedlora params` lists (describe_hf_model) is the tree the
+// builder makes, layer for layer, for every supported model_type; Qwen2's q/k/v biases exist in both, and
+// Mistral's sliding window is honoured up to the window and refused beyond it.
+TEST(ModelConfig, ParamsAndBuilderDescribeTheSameModel) {
+  const std::string root = make_temp_dir();
+  const json llama = {{"vocab_size", kVocab}, {"hidden_size", 32}, {"intermediate_size", 48}, {"num_hidden_layers", 2},
+                      {"num_attention_heads", 4}, {"num_key_value_heads", 2}, {"eos_token_id", 1}};
+  std::vector<json> configs = {{{"model_type", "gpt2"}, {"vocab_size", kVocab}, {"n_positions", 64}, {"n_embd", 32},
+                                {"n_layer", 2}, {"n_head", 4}, {"n_inner", 40}}};
+  for (const char* type : {"llama", "mistral", "qwen2"}) {
+    json c = llama;
+    c["model_type"] = type;
+    if (std::string(type) == "mistral") c["sliding_window"] = 8;
+    configs.push_back(c);
+  }
+  for (const json& config : configs) {
+    const std::string type = config.at("model_type");
+    SCOPED_TRACE(type);
+    const std::string path = root + "/" + type + ".json";
+    std::ofstream(path) << config.dump();
+    std::map<std::string, tiedlora::LinearShape> described;
+    for (const auto& m : tiedlora::describe_hf_model(path)) {
+      if (m.is_linear) described[m.name] = m.shape;
+    }
+    const auto model = tiedlora::models::build_model(path);
+    std::map<std::string, tiedlora::LinearShape> built;
+    for (const auto& item : model->named_modules("", /*include_self=*/false)) {
+      if (const auto* layer = item.value()->as<tiedlora::LoraLinearImpl>()) {
+        built[item.key()] = {layer->options.in_features(), layer->options.out_features()};
+      }
+    }
+    ASSERT_EQ(described.size(), built.size());
+    for (const auto& [name, shape] : described) {
+      ASSERT_TRUE(built.count(name)) << name;
+      EXPECT_EQ(built[name].in_features, shape.in_features) << name;
+      EXPECT_EQ(built[name].out_features, shape.out_features) << name;
+    }
+    const auto params = model->named_parameters();
+    if (type == "qwen2") {
+      EXPECT_NE(params.find("model.layers.0.self_attn.q_proj.bias"), nullptr);
+      EXPECT_NE(params.find("model.layers.0.self_attn.v_proj.bias"), nullptr);
+      EXPECT_EQ(params.find("model.layers.0.self_attn.o_proj.bias"), nullptr);
+    }
+    if (type == "mistral") {
+      torch::NoGradGuard no_grad;
+      EXPECT_NO_THROW(model->forward(torch::randint(2, kVocab, {1, 8})));
+      EXPECT_THROW(model->forward(torch::randint(2, kVocab, {1, 9})), c10::Error);
+    }
+  }
+  // A Qwen2 trained with sliding windows is refused by both, with the key named.
+  json windowed = llama;
+  windowed["model_type"] = "qwen2";
+  windowed["use_sliding_window"] = true;
+  std::ofstream(root + "/qwen2_window.json") << windowed.dump();
+  for (int which = 0; which < 2; ++which) {
+    try {
+      if (which == 0) tiedlora::describe_hf_model(root + "/qwen2_window.json");
+      else tiedlora::models::build_model(root + "/qwen2_window.json");
+      ADD_FAILURE() << "a Qwen2 config with use_sliding_window was accepted";
+    } catch (const tiedlora::FormatError& e) {
+      EXPECT_NE(std::string(e.what()).find("use_sliding_window"), std::string::npos) << e.what();
+    }
+  }
+}
+
 TEST(Trainer, RefusesExamplesThatCannotFitBeforeTraining) {
   const std::string root = make_temp_dir();
   auto model = tiny_model(root);
@@ -316,11 +430,19 @@ TEST(Trainer, ShortFineTuneLearnsAndTheAdapterRoundTrips) {
     EXPECT_TRUE(torch::equal(model->forward(batch.input_ids), reloaded->forward(batch.input_ids)));
 
     // The loss curve is a PNG.
-    tiedlora::chart::write_line_chart_png(root + "/loss.png", {{"train", {1, 2, 3}, {3, 2, 1.5}, false}}, {"t", "x", "y"});
+    tiedlora::chart::write_line_chart(root + "/loss.png", {{"train", {1, 2, 3}, {3, 2, 1.5}, false}}, {"t", "x", "y"});
     std::ifstream png(root + "/loss.png", std::ios::binary);
     char signature[8];
     png.read(signature, 8);
     EXPECT_EQ(std::string(signature, 8), std::string("\x89PNG\r\n\x1a\n", 8));
+    // And an SVG, with the series drawn as a path; any other extension is refused by name.
+    tiedlora::chart::write_line_chart(root + "/loss.svg", {{"train", {1, 2, 3}, {3, 2, 1.5}, false}}, {"t", "x", "y"});
+    std::ifstream svg_file(root + "/loss.svg");
+    const std::string svg((std::istreambuf_iterator<char>(svg_file)), std::istreambuf_iterator<char>());
+    EXPECT_NE(svg.find("<svg"), std::string::npos);
+    EXPECT_NE(svg.find("<path"), std::string::npos);
+    EXPECT_THROW(tiedlora::chart::write_line_chart(root + "/loss.bmp", {{"train", {1, 2}, {3, 2}, false}}, {}),
+                 tiedlora::Error);
   }
 }
 
@@ -367,6 +489,28 @@ TEST(SavePretrained, RoundTripsThroughTheHuggingFaceLoader) {
       const auto* original = model->named_parameters().find(item.key());
       ASSERT_NE(original, nullptr) << item.key();
       EXPECT_TRUE(torch::equal(item.value(), *original)) << item.key();
+    }
+    if (type != "gpt2") continue;
+    // A tied model's checkpoint that stores the head too (transformers reads such files): accepted when the
+    // head is the embedding, refused by name when it is not.
+    const auto saved = tiedlora::io::Checkpoint::open(root + "/saved");
+    std::vector<std::pair<std::string, at::Tensor>> tensors;
+    for (const auto& name : saved.names()) tensors.emplace_back(name, saved.tensor(name).clone());
+    const at::Tensor embedding = saved.tensor("transformer.wte.weight").clone();
+    for (const bool same : {true, false}) {
+      auto with_head = tensors;
+      with_head.emplace_back("lm_head.weight", same ? embedding : embedding + 1);
+      tiedlora::io::save_safetensors(root + "/saved/model.safetensors", with_head, {{"format", "pt"}});
+      if (same) {
+        EXPECT_NO_THROW(tiedlora::models::load_pretrained(root + "/saved"));
+      } else {
+        try {
+          tiedlora::models::load_pretrained(root + "/saved");
+          ADD_FAILURE() << "a head that is not the tied embedding was accepted";
+        } catch (const tiedlora::FormatError& e) {
+          EXPECT_NE(std::string(e.what()).find("'lm_head.weight' is not the embedding"), std::string::npos) << e.what();
+        }
+      }
     }
   }
 }

@@ -5,10 +5,10 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
-#include "tiedlora/adapter.h"
-#include "tiedlora/error.h"
-#include "tiedlora/functional.h"
-#include "tiedlora/io/safetensors.h"
+#include "tiedlora/formats/adapter.h"
+#include "tiedlora/core/error.h"
+#include "tiedlora/core/functional.h"
+#include "tiedlora/formats/safetensors.h"
 #include "util/files.h"
 
 namespace tiedlora::tools {
@@ -21,7 +21,7 @@ struct ExportArgs {
 
 int run_export(const ExportArgs& args) {
   const Adapter adapter = Adapter::read(args.adapter);
-  export_lora(adapter, args.out, args.force);
+  export_lora(adapter, args.out, {args.force});
   std::cout << "wrote the per-layer LoRA equivalent of " << args.adapter << " (" << adapter.modules().size()
             << " layers, rank " << adapter.config().rank << ") to " << args.out << "\n";
   return 0;

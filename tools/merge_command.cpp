@@ -2,11 +2,15 @@
 #include <unistd.h>
 
 #include <cstdio>
+
+#include <fmt/format.h>
 #include <iostream>
 
 #include "commands.h"
-#include "tiedlora/io/safetensors.h"
-#include "tiedlora/merge.h"
+#include "signals.h"
+#include "tiedlora/core/error.h"
+#include "tiedlora/formats/safetensors.h"
+#include "tiedlora/formats/merge_checkpoint.h"
 
 namespace tiedlora::tools {
 namespace {
@@ -41,9 +45,9 @@ uint64_t parse_size(const std::string& text) {
 void draw_progress(size_t done, size_t total, uint64_t bytes) {
   const int width = 30;
   const int filled = total ? static_cast<int>(width * done / total) : width;
-  std::fprintf(stderr, "\r[%.*s%*s] %zu/%zu tensors, %.1f MB written", filled, "==============================",
-               width - filled, "", done, total, static_cast<double>(bytes) / 1e6);
-  if (done == total) std::fprintf(stderr, "\n");
+  fmt::print(stderr, "\r[{:=<{}}{:<{}}] {}/{} tensors, {:.1f} MB written", "", filled, "", width - filled, done, total,
+             static_cast<double>(bytes) / 1e6);
+  if (done == total) fmt::print(stderr, "\n");
   std::fflush(stderr);
 }
 
@@ -51,20 +55,29 @@ int run_merge(MergeArgs& args) {
   if (args.dtype != "keep") args.options.dtype = io::float_dtype_from_name(args.dtype, "--dtype (or keep)");
   args.options.max_shard_bytes = parse_size(args.max_shard_size);
   if (!args.quiet && ::isatty(STDERR_FILENO)) args.options.on_progress = draw_progress;
-  args.options.on_notice = [](const std::string& note) { std::fprintf(stderr, "tiedlora: %s\n", note.c_str()); };
-  const MergeReport report = merge_weights(args.options);
-  std::printf("merged %zu layers into %s (%zu tensors written)\n", report.merged.size(), args.options.out.c_str(),
-              report.tensors_written);
+  args.options.on_notice = [](const std::string& note) { fmt::print(stderr, "tiedlora: {}\n", note); };
+  const StopOnSignals signals;  // Ctrl-C, SIGTERM, SIGHUP: the merge removes its temporary folder and stops
+  args.options.stop_requested = StopOnSignals::requested;
+  MergeReport report;
+  try {
+    report = merge_checkpoint(args.options);
+  } catch (const Cancelled&) {
+    throw Error("merge-weights: interrupted by signal " + std::to_string(StopOnSignals::received()) +
+                "; nothing was written to " + args.options.out);
+  }
+  fmt::print("merged {} layers into {} ({} tensors written)\n", report.merged.size(), args.options.out,
+             report.tensors_written);
   if (!args.quiet) {
     for (const auto& t : report.merged) {
-      std::printf("  %-60s max|dW| %.3e  rounding error %.3e\n", t.name.c_str(), t.max_abs_delta, t.rounding_error);
+      fmt::print("  {:<60} max|dW| {:.3e}  rounding error {:.3e}\n", t.name, t.max_abs_delta, t.rounding_error);
     }
   }
-  std::printf("overall: max|dW| %.3e, max rounding error against the fp32 merge %.3e\n", report.max_abs_delta(),
-              report.max_rounding_error());
-  std::printf("%.2f s, %.1f MB read, %.1f MB written (%.1f MB/s); largest tensor %.1f MB\n", report.seconds,
-              report.bytes_read / 1e6, report.bytes_written / 1e6,
-              report.seconds > 0 ? report.bytes_written / 1e6 / report.seconds : 0.0, report.largest_tensor_bytes / 1e6);
+  fmt::print("overall: max|dW| {:.3e}, max rounding error against the fp32 merge {:.3e}\n", report.max_abs_delta(),
+             report.max_rounding_error());
+  const double mb_read = static_cast<double>(report.bytes_read) / 1e6, mb_written = static_cast<double>(report.bytes_written) / 1e6;
+  fmt::print("{:.2f} s, {:.1f} MB read, {:.1f} MB written ({:.1f} MB/s); largest tensor {:.1f} MB\n", report.seconds, mb_read,
+             mb_written, report.seconds > 0 ? mb_written / report.seconds : 0.0,
+             static_cast<double>(report.largest_tensor_bytes) / 1e6);
   return 0;
 }
 

@@ -7,19 +7,21 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
-#include "tiedlora/adapter.h"
-#include "tiedlora/error.h"
-#include "tiedlora/io/gguf.h"
-#include "tiedlora/io/safetensors.h"
-#include "tiedlora/models/causal_lm.h"
-#include "tiedlora/tokenizer.h"
+#include "model_discovery.h"
+#include "tiedlora/formats/adapter.h"
+#include "tiedlora/core/error.h"
+#include "tiedlora/formats/gguf.h"
+#include "tiedlora/formats/safetensors.h"
+#include "tiedlora/llm/causal_lm.h"
+#include "tiedlora/llm/tokenizer.h"
+#include "tiedlora/llm/train.h"
 #include "util/files.h"
 
 namespace tiedlora::tools {
 namespace {
 
 using models::chat_template_of;
-using models::resolve_model;
+using tools::resolve_model;
 
 std::string ids_json(const std::vector<TokenId>& ids) {
   nlohmann::json j = nlohmann::json::array();
@@ -38,28 +40,29 @@ int run_generate(const GenerateArgs& args) {
   if (args.max_new_tokens <= 0) throw std::invalid_argument("--max-new-tokens must be positive");
   const at::ScalarType dtype = io::float_dtype_from_name(args.dtype, "--dtype");
   const auto tokenizer = load_tokenizer(path);
-  std::string text = args.prompt;
-  if (args.chat) {
-    const ChatTemplateInfo info = inspect_chat_template(chat_template_of(path));
-    if (!info.is_chatml) {
-      throw ConfigError(path + ": --chat needs a ChatML chat template, and this model has " +
-                        std::string(chat_template_of(path).empty() ? "none" : "another one") +
-                        " (hint: pass the formatted prompt yourself)");
-    }
-    text = apply_chatml_template({{"user", args.prompt}}, true, info.default_system_prompt);
+  const std::string chat_template = chat_template_of(path);
+  if (args.chat && !inspect_chat_template(chat_template).is_chatml) {
+    throw ConfigError(path + ": --chat needs a ChatML chat template, and this model has " +
+                      std::string(chat_template.empty() ? "none" : "another one") +
+                      " (hint: pass the formatted prompt yourself)");
   }
+  // The prompt as fine-tuning and evaluation encode it (train::prompt_ids), so an adapter sees at generation
+  // time the token ids it was trained on.
+  const train::PromptFormat format = train::prompt_format_for(*tokenizer, chat_template, args.chat);
+  train::Example example;
+  example.prompt = args.prompt;
+  const std::vector<int64_t> prompt = train::prompt_ids(*tokenizer, example, format);
   auto model = models::load_any(path, dtype);
   if (!args.adapter.empty()) load_adapter(*model, args.adapter);
-  const std::vector<TokenId> prompt = tokenizer->encode(text, /*add_special_tokens=*/true);
   models::GenerateOptions options;
   options.max_new_tokens = args.max_new_tokens;
   options.stop_token_ids = model->info().eos_token_ids;
   if (auto eos = tokenizer->eos_id()) options.stop_token_ids.push_back(*eos);
-  if (auto end = tokenizer->token_to_id("<|im_end|>"); end && args.chat) options.stop_token_ids.push_back(*end);
-  const auto generated = models::generate_greedy(*model, {prompt.begin(), prompt.end()}, options);
+  options.stop_token_ids.push_back(format.end_token);
+  const auto generated = models::generate_greedy(*model, prompt, options);
   const std::vector<TokenId> out(generated.begin(), generated.end());
   std::cout << tokenizer->decode(out, /*skip_special_tokens=*/true) << "\n";
-  if (args.print_ids) std::cout << "prompt ids: " << ids_json(prompt) << "\ngenerated ids: " << ids_json(out) << "\n";
+  if (args.print_ids) std::cout << "prompt ids: " << ids_json({prompt.begin(), prompt.end()}) << "\ngenerated ids: " << ids_json(out) << "\n";
   return 0;
 }
 

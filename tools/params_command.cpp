@@ -5,9 +5,9 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
-#include "tiedlora/hf_config.h"
-#include "tiedlora/method.h"
-#include "tiedlora/module_selection.h"
+#include "tiedlora/formats/hf_config.h"
+#include "tiedlora/core/method.h"
+#include "tiedlora/core/module_selection.h"
 
 namespace tiedlora::tools {
 namespace {
@@ -39,8 +39,8 @@ int run_params(const ParamsArgs& args) {
   auto& groups_json = out["groups"] = nlohmann::ordered_json::array();
   for (const auto& group : groups) {
     const auto layers = static_cast<int64_t>(group.modules.size());
-    const int64_t count = trainable_parameters(method, args.rank, layers, group.shape);
-    const int64_t lora_count = trainable_parameters(AdapterMethod::lora(), args.rank, layers, group.shape);
+    const int64_t count = trainable_parameter_count(method, args.rank, layers, group.shape);
+    const int64_t lora_count = trainable_parameter_count(AdapterMethod::lora(), args.rank, layers, group.shape);
     total += count;
     lora_total += lora_count;
     groups_json.push_back({{"name", group.name},

@@ -1,8 +1,8 @@
-// plot_command.cpp: `tiedlora plot` — loss curves of one or more metrics.jsonl files in one PNG.
+// plot_command.cpp: `tiedlora plot` — loss curves of one or more metrics.jsonl files in one PNG or SVG.
 #include <iostream>
 
 #include "commands.h"
-#include "tiedlora/train.h"
+#include "chart/chart.h"
 
 namespace tiedlora::tools {
 
@@ -13,9 +13,9 @@ Command add_plot_command(CLI::App& app) {
     bool no_validation = false;
   };
   auto args = std::make_shared<Args>();
-  CLI::App* cmd = app.add_subcommand("plot", "Loss curves of metrics.jsonl files (tiedlora_finetune's) in one PNG");
+  CLI::App* cmd = app.add_subcommand("plot", "Loss curves of metrics.jsonl files (tiedlora_finetune's) in one PNG or SVG");
   cmd->add_option("metrics", args->inputs, "metrics.jsonl files, each optionally followed by =LABEL")->required();
-  cmd->add_option("-o,--out", args->out, "PNG to write")->required();
+  cmd->add_option("-o,--out", args->out, "Image to write: .png or .svg")->required();
   cmd->add_option("--title", args->title, "Chart title")->capture_default_str();
   cmd->add_flag("--no-validation", args->no_validation, "Leave out validation losses");
   return [args] {
@@ -24,7 +24,7 @@ Command add_plot_command(CLI::App& app) {
       const auto eq = input.rfind('=');
       files.emplace_back(input.substr(0, eq), eq == std::string::npos ? "" : input.substr(eq + 1));
     }
-    train::plot_loss_curves(files, args->out, args->title, !args->no_validation);
+    chart::plot_loss_curves(files, args->out, args->title, !args->no_validation);
     std::cout << "wrote " << args->out << "\n";
     return 0;
   };

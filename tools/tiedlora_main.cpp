@@ -12,7 +12,7 @@
 int main(int argc, char** argv) {
   CLI::App app{"tiedlora: LoRA and Tied-LoRA adapters for LibTorch"};
   app.require_subcommand(1);
-  app.set_version_flag("--version", "tiedlora 0.1.0");
+  app.set_version_flag("--version", "tiedlora " TIEDLORA_VERSION);
   std::map<CLI::App*, tiedlora::tools::Command> commands;
   auto add = [&](tiedlora::tools::Command (*adder)(CLI::App&)) {
     const std::size_t before = app.get_subcommands({}).size();

@@ -20,7 +20,7 @@
 
 #include <c10/util/Exception.h>
 
-#include "tiedlora/error.h"
+#include "tiedlora/core/error.h"
 
 namespace tiedlora::util {
 namespace {

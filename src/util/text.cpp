@@ -1,24 +1,19 @@
 // util/text.cpp: see util/text.h.
 #include "util/text.h"
 
-#include <cstdio>
 #include <set>
 #include <vector>
 
-#include "tiedlora/error.h"
+#include "tiedlora/core/error.h"
 
 namespace tiedlora::util {
 
-std::string quote_for_message(std::string_view name) {
+std::string quote_for_message(std::string_view name, bool keep_utf8) {
   std::string out = "'";
   for (unsigned char c : name.substr(0, 200)) {
-    if (c >= 0x20 && c < 0x7f && c != '\'' && c != '\\') {
-      out += static_cast<char>(c);
-    } else {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", c);
-      out += buf;
-    }
+    const bool plain = c >= 0x20 && c != 0x7f && (c < 0x7f || keep_utf8) && c != '\'' && c != '\\';
+    if (plain) out += static_cast<char>(c);
+    else out += fmt::format("\\x{:02x}", c);
   }
   return out + (name.size() > 200 ? "...'" : "'");
 }

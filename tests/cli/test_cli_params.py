@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""`tiedlora params` end to end: the paper's counts for a Llama-2-7B-shaped fused QKV (method.md), GPT-2
+"""`tiedlora params` end to end: the paper's counts for a Llama-2-7B-shaped fused QKV (docs/method.md), GPT-2
 groups, and clear errors with exit code 1 for bad input."""
 import argparse
 import json

@@ -1,4 +1,5 @@
-// main.cpp: the consumer project's program. Through the installed headers and library: wraps a Linear
+// main.cpp: the consumer project's program, linked against the core component alone (tiedlora::core). Through
+// the installed headers and library: wraps a Linear
 // with Tied-LoRA, trains one step and checks the update is live; and removes a non-empty folder with
 // std::filesystem::remove_all, which crashes in programs linked against the torch wheel unless libstdc++
 // comes first (the option tiedlora's package adds; README "Known problems").
@@ -7,7 +8,7 @@
 #include <iostream>
 
 #include <torch/torch.h>
-#include <tiedlora/tiedlora.h>
+#include <tiedlora/core.h>
 
 int main(int argc, char** argv) {
   torch::manual_seed(0);

@@ -6,10 +6,10 @@
 #include <cstdint>
 #include <string>
 
-#include "tiedlora/adapter_config.h"
-#include "tiedlora/error.h"
-#include "tiedlora/io/gguf.h"
-#include "tiedlora/io/safetensors_format.h"
+#include "tiedlora/formats/adapter_config.h"
+#include "tiedlora/core/error.h"
+#include "tiedlora/formats/gguf.h"
+#include "tiedlora/formats/safetensors_format.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size == 0) return 0;

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# run_fuzz.sh <source dir> <work dir> <seconds> [GGUF seed folder]: builds tests/fuzz/fuzz_parsers.cpp with clang's libFuzzer,
+# run_fuzz.sh <source dir> <work dir> <seconds> [GGUF seed folder] [fmt include dir]: builds tests/fuzz/fuzz_parsers.cpp with clang's libFuzzer,
 # AddressSanitizer and UndefinedBehaviorSanitizer, seeds a corpus from tests/data/malformed and valid
 # files, and fuzzes for a bounded time. Exit 0: nothing found; 1: a finding (the crashing input is kept in
 # the work dir, or the build failed); 77: no clang/libFuzzer on this machine (CTest reports it skipped).
 set -euo pipefail
-src="$1"; work="$2"; seconds="${3:-30}"; gguf_seeds="${4:-}"
+src="$1"; work="$2"; seconds="${3:-30}"; gguf_seeds="${4:-}"; fmt_include="${5:-/usr/include}"
 clangxx="$(command -v clang++ || command -v clang++-14 || true)"
 if [ -z "$clangxx" ]; then echo "run_fuzz: clang++ not found, skipping"; exit 77; fi
 mkdir -p "$work/corpus"
@@ -13,9 +13,9 @@ fuzzer="$work/fuzz_parsers"
 printf 'extern "C" int LLVMFuzzerTestOneInput(const unsigned char*, unsigned long) { return 0; }\n' > "$work/probe.cpp"
 "$clangxx" -fsanitize=fuzzer "$work/probe.cpp" -o "$work/probe" 2>/dev/null || { echo "run_fuzz: no libFuzzer runtime, skipping"; exit 77; }
 "$clangxx" -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-  -I"$src/include" -I"$src/src" -I/usr/include \
-  "$src/tests/fuzz/fuzz_parsers.cpp" "$src/src/io/safetensors_format.cpp" "$src/src/adapter_config.cpp" \
-  "$src/src/method.cpp" "$src/src/io/gguf.cpp" "$src/src/util/text.cpp" "$src/src/util/python_regex.cpp" -o "$fuzzer"
+  -DFMT_HEADER_ONLY=1 -I"$src/include" -I"$src/src" -I/usr/include -isystem "$fmt_include" \
+  "$src/tests/fuzz/fuzz_parsers.cpp" "$src/src/formats/safetensors_format.cpp" "$src/src/formats/adapter_config.cpp" \
+  "$src/src/core/method.cpp" "$src/src/formats/gguf.cpp" "$src/src/util/text.cpp" "$src/src/util/python_regex.cpp" -o "$fuzzer"
 # Seeds: parser byte + content. 0: safetensors headers, 1: adapter configs.
 for f in "$src"/tests/data/malformed/*.safetensors; do { printf '\x00'; cat "$f"; } > "$work/corpus/st-$(basename "$f")"; done
 for f in "$src"/tests/data/malformed/*.json; do { printf '\x01'; cat "$f"; } > "$work/corpus/cfg-$(basename "$f")"; done

@@ -12,7 +12,7 @@ Writes into <out>/tokenizer/:
   cases.json                adversarial strings (Unicode, emoji, whitespace runs, numbers, contractions, special
                             tokens in the middle, control characters) with each tokenizer's ids, its decode()
                             and each pre-tokenizer's pieces;
-  unicode_classes.json      the character classes measured on tokenizers (src/tokenizer/gen_unicode_table.py)
+  unicode_classes.json      the character classes measured on tokenizers (src/llm/tokenizer/gen_unicode_table.py)
                             as [first, last, mask] runs, which the C++ test checks over every code point;
   chat.json                 conversations rendered by transformers' apply_chat_template with SmolLM2's Jinja
                             template (from the GGUF), and the template itself;
@@ -51,7 +51,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "src", "tokenizer"))
+sys.path.insert(0, os.path.join(ROOT, "src", "llm", "tokenizer"))
 import gen_unicode_table  # noqa: E402
 
 GPT2_VOCAB = os.path.join(ROOT, "tests", "data", "gpt2", "encoder.json")

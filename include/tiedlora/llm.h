@@ -1,0 +1,8 @@
+// tiedlora/llm.h: the models-and-training layer (target tiedlora::llm; over the formats): GPT-2 and Llama
+// models with generation, tokenizers, and the trainer with its data, evaluation and checkpoints.
+#pragma once
+
+#include "tiedlora/formats.h"
+#include "tiedlora/llm/causal_lm.h"
+#include "tiedlora/llm/tokenizer.h"
+#include "tiedlora/llm/train.h"

@@ -1,0 +1,53 @@
+// src/llm/tokenizer/chat_template.cpp: the ChatML chat template (SmolLM2, Qwen, ...) as plain string building,
+// and recognition of ChatML in a Jinja template. Not a Jinja interpreter, deliberately: ChatML is all the
+// models tiedlora runs need, and a partial Jinja would silently render other templates wrongly.
+#include "tiedlora/llm/tokenizer.h"
+
+namespace tiedlora {
+
+std::string apply_chatml_template(const std::vector<ChatMessage>& messages, bool add_generation_prompt,
+                                  const std::optional<std::string>& default_system_prompt) {
+  std::string out;
+  auto add = [&](const std::string& role, const std::string& content) {
+    out += "<|im_start|>";
+    out += role;
+    out += '\n';
+    out += content;
+    out += "<|im_end|>\n";
+  };
+  if (default_system_prompt && (messages.empty() || messages.front().role != "system")) {
+    // SmolLM2's template checks `loop.first`, so an empty conversation gets no system message.
+    if (!messages.empty()) add("system", *default_system_prompt);
+  }
+  for (const auto& m : messages) add(m.role, m.content);
+  if (add_generation_prompt) out += "<|im_start|>assistant\n";
+  return out;
+}
+
+ChatTemplateInfo inspect_chat_template(const std::string& jinja) {
+  ChatTemplateInfo info;
+  info.is_chatml = jinja.find("<|im_start|>") != std::string::npos && jinja.find("<|im_end|>") != std::string::npos;
+  if (!info.is_chatml) return info;
+  // A literal system message: '<|im_start|>system' then a newline (real or escaped), text, '<|im_end|>'.
+  const std::string marker = "<|im_start|>system";
+  for (std::size_t at = jinja.find(marker); at != std::string::npos; at = jinja.find(marker, at + 1)) {
+    std::size_t start = at + marker.size();
+    if (jinja.compare(start, 1, "\n") == 0) {
+      start += 1;
+    } else if (jinja.compare(start, 2, "\\n") == 0) {
+      start += 2;
+    } else {
+      continue;
+    }
+    const std::size_t end = jinja.find("<|im_end|>", start);
+    if (end == std::string::npos) continue;
+    const std::string text = jinja.substr(start, end - start);
+    // Only a plain literal counts: quotes, Jinja delimiters or escapes mean the text is computed.
+    if (text.empty() || text.find_first_of("'\"{}\\") != std::string::npos) continue;
+    info.default_system_prompt = text;
+    break;
+  }
+  return info;
+}
+
+}  // namespace tiedlora

@@ -1,0 +1,571 @@
+// trainer.cpp: the training loop, learning-rate schedule, checkpoints and exact resume (tiedlora/llm/train.h).
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <random>
+#include <set>
+
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <nlohmann/json.hpp>
+#include <torch/nn/utils/clip_grad.h>
+#include <torch/optim/adamw.h>
+
+#include "tiedlora/core/error.h"
+#include "tiedlora/core/inject.h"
+#include "tiedlora/formats/safetensors.h"
+#include "tiedlora/llm/train.h"
+#include "util/files.h"
+#include "util/text.h"
+
+namespace tiedlora::train {
+
+using nlohmann::json;
+
+namespace {
+
+constexpr const char* kStateFormat = "tiedlora-trainer-1";
+
+// The options that fix the sequence of data, learning rates and updates: a resumed run must share them.
+json trajectory_options(const TrainOptions& o) {
+  return {{"max_steps", o.max_steps},       {"batch_size", o.batch_size},     {"grad_accum", o.grad_accum},
+          {"max_length", o.max_length},     {"lr", o.lr},                     {"warmup_steps", o.warmup_steps},
+          {"min_lr_ratio", o.min_lr_ratio}, {"weight_decay", o.weight_decay}, {"beta1", o.beta1},
+          {"beta2", o.beta2},               {"eps", o.eps},                   {"max_grad_norm", o.max_grad_norm},
+          {"eval_every", o.eval_every},     {"patience", o.patience},         {"min_delta", o.min_delta},
+          {"seed", o.seed},                 {"autocast_bf16", o.autocast_bf16},
+          {"resume_key", o.resume_key}};
+}
+
+// FNV-1a over the token ids of a data set: a resumed run must train on the same data, not only as much.
+uint64_t data_fingerprint(const std::vector<TokenizedExample>& examples) {
+  uint64_t h = 1469598103934665603ULL;
+  auto mix = [&](int64_t v) {
+    for (int i = 0; i < 8; ++i) {
+      h ^= static_cast<uint64_t>(v >> (8 * i)) & 0xFF;
+      h *= 1099511628211ULL;
+    }
+  };
+  for (const auto& e : examples) {
+    mix(static_cast<int64_t>(e.prompt.size()));
+    for (int64_t id : e.prompt) mix(id);
+    mix(static_cast<int64_t>(e.completion.size()));
+    for (int64_t id : e.completion) mix(id);
+  }
+  return h;
+}
+
+void check_examples(const std::vector<TokenizedExample>& examples, const char* set, int64_t max_length) {
+  for (size_t i = 0; i < examples.size(); ++i) {
+    const auto& e = examples[i];
+    if (e.prompt.empty()) throw ConfigError(std::string(set) + " example " + std::to_string(i + 1) + " has an empty prompt");
+    if (static_cast<int64_t>(e.completion.size()) + 1 > max_length) {
+      throw ConfigError(std::string(set) + " example " + std::to_string(i + 1) + " has a completion of " +
+                        std::to_string(e.completion.size()) + " tokens, more than max_length " + std::to_string(max_length) +
+                        " allows (hint: raise --max-length or shorten it)");
+    }
+  }
+}
+
+std::string checkpoint_name(int64_t step) {
+  char name[32];
+  std::snprintf(name, sizeof name, "step-%08lld", static_cast<long long>(step));
+  return name;
+}
+
+// The finished checkpoints in `dir` (not the temporary folders of one being written), oldest first: the
+// names sort by step.
+std::vector<std::string> checkpoint_names(const std::string& dir) {
+  std::vector<std::string> names;
+  if (!util::is_directory(dir)) return names;
+  for (const auto& name : util::list_directory(dir)) {
+    if (name.rfind("step-", 0) == 0 && name.find(".tmp") == std::string::npos) names.push_back(name);
+  }
+  return names;
+}
+
+// bf16 autocast on CUDA for one forward pass; the caller's autocast state (enabled flag, dtype, nesting
+// and its cast cache) comes back however the pass ends, as torch.autocast's __exit__ does.
+class CudaBf16Autocast {
+ public:
+  explicit CudaBf16Autocast(bool on) : on_(on) {
+    if (!on_) return;
+    was_enabled_ = at::autocast::is_autocast_enabled(at::kCUDA);
+    previous_dtype_ = at::autocast::get_autocast_dtype(at::kCUDA);
+    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+    at::autocast::set_autocast_enabled(at::kCUDA, true);
+    at::autocast::increment_nesting();
+  }
+  ~CudaBf16Autocast() {
+    if (!on_) return;
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(at::kCUDA, was_enabled_);
+    at::autocast::set_autocast_dtype(at::kCUDA, previous_dtype_);
+  }
+  CudaBf16Autocast(const CudaBf16Autocast&) = delete;
+  CudaBf16Autocast& operator=(const CudaBf16Autocast&) = delete;
+
+ private:
+  bool on_;
+  bool was_enabled_ = false;
+  at::ScalarType previous_dtype_ = at::kBFloat16;
+};
+
+}  // namespace
+
+double cosine_with_warmup(int64_t step, int64_t total, int64_t warmup, double peak, double min_ratio) {
+  TORCH_CHECK(total > 0 && step >= 0, "cosine_with_warmup: step ", step, " of ", total);
+  // Warmup counts the step being taken, so the first update is not wasted at lr 0.
+  if (step < warmup) return peak * static_cast<double>(step + 1) / static_cast<double>(warmup);
+  const double span = static_cast<double>(std::max<int64_t>(1, total - warmup));
+  const double progress = std::min(1.0, static_cast<double>(step - warmup) / span);
+  return peak * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + std::cos(M_PI * progress)));
+}
+
+at::Tensor completion_loss_sum(models::CausalLM& model, const Batch& batch) {
+  const auto device = model.parameters().front().device();
+  const at::Tensor ids = batch.input_ids.to(device);
+  const at::Tensor labels = batch.labels.to(device);
+  const at::Tensor hidden = model.hidden_states(ids);
+  const at::Tensor mask = labels.ne(-100);
+  // The head (vocab x dim) runs on the completion positions only.
+  const at::Tensor logits = model.logits(hidden.index({mask})).to(at::kFloat);
+  return at::cross_entropy_loss(logits, labels.masked_select(mask), {}, at::Reduction::Sum);
+}
+
+// ---- Trainer ------------------------------------------------------------------------------------------------
+
+struct Trainer::State {
+  models::CausalLM& model;
+  std::vector<TokenizedExample> train, validation;
+  TrainOptions options;
+  int64_t pad_id;
+  std::vector<std::pair<std::string, at::Tensor>> params;  // trainable, each tensor once
+  std::unique_ptr<torch::optim::AdamW> optimizer;
+  int64_t step = 0;  // optimizer steps done
+  int64_t best_step = 0, bad_evaluations = 0;
+  bool stopped_early = false;  // patience ran out: a resumed run must not train on
+  double best_validation_loss = 0;
+  std::vector<at::Tensor> best;  // the best adapter's values (undefined until a validation)
+  int64_t tokens = 0;
+  double train_seconds = 0;
+  // The permutation of the current epoch of the training stream.
+  int64_t cached_epoch = -1;
+  std::vector<int64_t> permutation;
+
+  State(models::CausalLM& m, std::vector<TokenizedExample> t, std::vector<TokenizedExample> v, TrainOptions o, int64_t pad)
+      : model(m), train(std::move(t)), validation(std::move(v)), options(std::move(o)), pad_id(pad) {}
+
+  const TokenizedExample& stream_example(int64_t position) {
+    const int64_t n = static_cast<int64_t>(train.size());
+    const int64_t epoch = position / n;
+    if (epoch != cached_epoch) {
+      permutation.resize(n);
+      for (int64_t i = 0; i < n; ++i) permutation[i] = i;
+      // Fisher-Yates with our own draws: std::shuffle's algorithm is not specified across libraries.
+      std::mt19937_64 rng(options.seed * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(epoch) + 1);
+      for (int64_t i = n - 1; i > 0; --i) std::swap(permutation[i], permutation[rng() % static_cast<uint64_t>(i + 1)]);
+      cached_epoch = epoch;
+    }
+    return train[permutation[position % n]];
+  }
+
+  std::string metrics_path() const {
+    return options.output_dir.empty() ? "" : util::join_path(options.output_dir, "metrics.jsonl");
+  }
+  void append_metrics(const json& line) const {
+    const std::string path = metrics_path();
+    if (path.empty()) return;
+    std::ofstream out(path, std::ios::app);
+    out << line.dump() << "\n";
+    if (!out) throw Error(path + ": cannot be written");
+  }
+  std::string checkpoint_dir() const { return util::join_path(options.output_dir, "checkpoints"); }
+  std::string write_checkpoint();
+  void load_checkpoint(const std::string& folder);
+};
+
+Trainer::Trainer(models::CausalLM& model, std::vector<TokenizedExample> train, std::vector<TokenizedExample> validation,
+                 TrainOptions options, int64_t pad_id)
+    : s_(std::make_unique<State>(model, std::move(train), std::move(validation), std::move(options), pad_id)) {
+  const TrainOptions& o = s_->options;
+  if (s_->train.empty()) throw ConfigError("Trainer: no training examples");
+  o.validate();
+  if (o.patience > 0 && s_->validation.empty()) {
+    throw ConfigError("Trainer: early stopping (patience) needs validation data and eval_every > 0");
+  }
+  check_examples(s_->train, "training", o.max_length);
+  check_examples(s_->validation, "validation", o.max_length);
+  std::set<const void*> seen;
+  for (const auto& item : model.named_parameters()) {
+    if (item.value().requires_grad() && seen.insert(item.value().unsafeGetTensorImpl()).second) {
+      s_->params.emplace_back(item.key(), item.value());
+    }
+  }
+  if (s_->params.empty()) throw ConfigError("Trainer: the model has no trainable parameters (hint: inject adapters first)");
+  std::vector<at::Tensor> tensors;
+  for (const auto& p : s_->params) tensors.push_back(p.second);
+  s_->optimizer = std::make_unique<torch::optim::AdamW>(
+      tensors, torch::optim::AdamWOptions(o.lr).betas({o.beta1, o.beta2}).eps(o.eps).weight_decay(o.weight_decay));
+  if (!o.output_dir.empty()) util::make_directories(o.output_dir);
+}
+
+void TrainOptions::validate() const {
+  auto positive = [](const char* name, double value) {
+    if (!(value > 0) || !std::isfinite(value)) {
+      throw ConfigError(std::string("train options: ") + name + " must be a positive number, got " + std::to_string(value));
+    }
+  };
+  auto in_unit = [](const char* name, double value, bool one_allowed) {
+    if (!(value >= 0 && (one_allowed ? value <= 1 : value < 1))) {
+      throw ConfigError(std::string("train options: ") + name + " must be in [0, 1" + (one_allowed ? "]" : ")") +
+                        ", got " + std::to_string(value));
+    }
+  };
+  positive("max_steps", static_cast<double>(max_steps));
+  positive("batch_size", static_cast<double>(batch_size));
+  positive("grad_accum", static_cast<double>(grad_accum));
+  positive("max_length", static_cast<double>(max_length));
+  positive("lr", lr);
+  positive("eps", eps);
+  in_unit("min_lr_ratio", min_lr_ratio, true);
+  in_unit("beta1", beta1, false);
+  in_unit("beta2", beta2, false);
+  if (warmup_steps < 0) throw ConfigError("train options: warmup_steps must not be negative");
+  if (!(weight_decay >= 0) || !std::isfinite(weight_decay)) {
+    throw ConfigError("train options: weight_decay must be a non-negative number");
+  }
+  if (!std::isfinite(max_grad_norm)) throw ConfigError("train options: max_grad_norm must be finite");
+  if (patience > 0 && eval_every <= 0) {
+    throw ConfigError("train options: early stopping (patience) needs eval_every > 0 and validation data");
+  }
+}
+
+Trainer::~Trainer() = default;
+
+std::string Trainer::latest_checkpoint(const std::string& output_dir) {
+  const std::string dir = util::join_path(output_dir, "checkpoints");
+  const auto names = checkpoint_names(dir);
+  return names.empty() ? "" : util::join_path(dir, names.back());
+}
+
+std::string Trainer::State::write_checkpoint() {
+  const std::string folder = util::join_path(checkpoint_dir(), checkpoint_name(step));
+  util::make_directories(checkpoint_dir());
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  const auto& state = optimizer->state();
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto& [name, p] = params[i];
+    tensors.emplace_back("param." + name, p.detach().cpu());
+    auto it = state.find(p.unsafeGetTensorImpl());
+    if (it != state.end()) {
+      const auto& adam = static_cast<const torch::optim::AdamWParamState&>(*it->second);
+      tensors.emplace_back("exp_avg." + name, adam.exp_avg().cpu());
+      tensors.emplace_back("exp_avg_sq." + name, adam.exp_avg_sq().cpu());
+    }
+    if (!best.empty()) tensors.emplace_back("best." + name, best[i].cpu());
+  }
+  tensors.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
+  // Adapter dropout on a GPU draws from that device's generator: its state too, one per device.
+  for (size_t i = 0; at::hasCUDA() && i < at::getNumGPUs(); ++i) {
+    const at::Device gpu(at::kCUDA, static_cast<c10::DeviceIndex>(i));
+    tensors.emplace_back("rng.cuda." + std::to_string(i), at::globalContext().defaultGenerator(gpu).get_state());
+  }
+  json meta = {{"format", kStateFormat},
+               {"step", step},
+               {"best_step", best_step},
+               {"best_validation_loss", best_validation_loss},
+               {"bad_evaluations", bad_evaluations},
+               {"stopped_early", stopped_early},
+               {"data_fingerprint", std::to_string(data_fingerprint(train)) + "-" + std::to_string(data_fingerprint(validation))},
+               {"tokens", tokens},
+               {"train_seconds", train_seconds},
+               {"train_examples", train.size()},
+               {"validation_examples", validation.size()},
+               {"options", trajectory_options(options)}};
+  {
+    util::StagedDirectory staged(folder);
+    io::save_safetensors(util::join_path(staged.path(), "state.safetensors"), tensors);
+    const std::string text = meta.dump(2) + "\n";
+    util::write_file_atomically(util::join_path(staged.path(), "trainer_state.json"),
+                                [&](const util::ByteWriter& write) { write(text.data(), text.size()); });
+    staged.publish(/*overwrite=*/true);
+  }
+  // Keep the newest few.
+  const std::vector<std::string> existing = checkpoint_names(checkpoint_dir());
+  const int64_t keep = std::max<int64_t>(1, options.keep_checkpoints);
+  for (int64_t i = 0; i + keep < static_cast<int64_t>(existing.size()); ++i) {
+    if (util::join_path(checkpoint_dir(), existing[i]) != folder) util::remove_tree_quietly(util::join_path(checkpoint_dir(), existing[i]));
+  }
+  return folder;
+}
+
+void Trainer::State::load_checkpoint(const std::string& folder) {
+  const std::string meta_path = util::join_path(folder, "trainer_state.json");
+  const std::string tensors_path = util::join_path(folder, "state.safetensors");
+  if (!util::is_regular_file(meta_path) || !util::is_regular_file(tensors_path)) {
+    throw FormatError(folder + ": not a checkpoint (trainer_state.json and state.safetensors expected)");
+  }
+  const json meta = util::parse_json_strict(util::read_text_file(meta_path), meta_path);
+  if (!meta.is_object() || meta.value("format", "") != kStateFormat) {
+    throw FormatError(meta_path + ": not a tiedlora trainer state (format '" + std::string(kStateFormat) + "' expected)");
+  }
+  int64_t saved_step = 0, saved_best_step = 0, saved_bad = 0, saved_tokens = 0;
+  double saved_best_loss = 0, saved_seconds = 0;
+  bool saved_stopped_early = false;
+  std::string saved_fingerprint;
+  json saved;
+  try {
+    saved = meta.at("options");
+    saved_step = meta.at("step").get<int64_t>();
+    saved_best_step = meta.at("best_step").get<int64_t>();
+    saved_best_loss = meta.at("best_validation_loss").get<double>();
+    saved_bad = meta.at("bad_evaluations").get<int64_t>();
+    saved_tokens = meta.at("tokens").get<int64_t>();
+    saved_seconds = meta.at("train_seconds").get<double>();
+    saved_stopped_early = meta.at("stopped_early").get<bool>();
+    saved_fingerprint = meta.at("data_fingerprint").get<std::string>();
+  } catch (const json::exception& e) {
+    throw FormatError(meta_path + ": missing or mistyped field (" + std::string(e.what()) + ")");
+  }
+  const json expected = trajectory_options(options);
+  for (const auto& [key, value] : expected.items()) {
+    if (!saved.contains(key) || saved.at(key) != value) {
+      throw ConfigError(folder + ": the checkpoint was made with " + key + " = " +
+                        (saved.contains(key) ? saved.at(key).dump() : "(unset)") + ", this run has " + value.dump() +
+                        " (hint: resume with the original options; a different setting would not continue exactly)");
+    }
+  }
+  const std::string fingerprint = std::to_string(data_fingerprint(train)) + "-" + std::to_string(data_fingerprint(validation));
+  if (saved_fingerprint != fingerprint) {
+    throw ConfigError(folder + ": the checkpoint was made with other training or validation data (hint: resume with "
+                      "the original files, tokenizer and prompt format)");
+  }
+  const auto file = io::SafetensorsFile::open(tensors_path);
+  // Check every tensor before changing anything.
+  if (!file.contains("rng.cpu")) throw FormatError(tensors_path + ": missing 'rng.cpu'");
+  for (const auto& [name, p] : params) {
+    for (const std::string prefix : {"param.", "exp_avg.", "exp_avg_sq."}) {
+      const std::string key = prefix + name;
+      if (!file.contains(key)) throw FormatError(tensors_path + ": missing '" + key + "' (hint: was the adapter configured the same way?)");
+      if (file.tensor(key).sizes() != p.sizes()) {
+        throw FormatError(tensors_path + ": '" + key + "' has another shape than the parameter (hint: same --rank and --method?)");
+      }
+    }
+  }
+  at::NoGradGuard no_grad;
+  auto& state = optimizer->state();
+  best.clear();
+  for (const auto& [name, p] : params) {
+    p.copy_(file.tensor("param." + name));
+    auto adam = std::make_unique<torch::optim::AdamWParamState>();
+    adam->step(saved_step);
+    adam->exp_avg(file.tensor("exp_avg." + name).to(p.device()).clone());
+    adam->exp_avg_sq(file.tensor("exp_avg_sq." + name).to(p.device()).clone());
+    state[p.unsafeGetTensorImpl()] = std::move(adam);
+    if (file.contains("best." + name)) best.push_back(file.tensor("best." + name).to(p.device()).clone());
+  }
+  if (!best.empty() && best.size() != params.size()) throw FormatError(tensors_path + ": the best adapter is incomplete");
+  at::Generator generator = at::detail::getDefaultCPUGenerator();  // shares the global generator
+  generator.set_state(file.tensor("rng.cpu").clone());
+  for (size_t i = 0; at::hasCUDA() && i < at::getNumGPUs(); ++i) {
+    const std::string name = "rng.cuda." + std::to_string(i);
+    if (!file.contains(name)) continue;  // written on a machine without this GPU: its generator stays seeded
+    at::Generator gpu = at::globalContext().defaultGenerator(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(i)));
+    gpu.set_state(file.tensor(name).clone());
+  }
+  step = saved_step;
+  best_step = saved_best_step;
+  best_validation_loss = saved_best_loss;
+  bad_evaluations = saved_bad;
+  tokens = saved_tokens;
+  train_seconds = saved_seconds;
+  stopped_early = saved_stopped_early;
+  // Newer checkpoints belong to the run being abandoned.
+  for (const auto& name : checkpoint_names(checkpoint_dir())) {
+    if (name > checkpoint_name(step)) util::remove_tree(util::join_path(checkpoint_dir(), name));
+  }
+  // The metrics file continues from the checkpoint: later lines belonged to the interrupted run.
+  const std::string path = metrics_path();
+  if (!path.empty() && util::is_regular_file(path)) {
+    std::ifstream in(path);
+    std::string line, kept;
+    while (std::getline(in, line)) {
+      json j = json::parse(line, nullptr, /*allow_exceptions=*/false);
+      if (!j.is_object() || !j.contains("step") || !j.at("step").is_number_integer()) continue;  // a torn line
+      if (j.at("step").get<int64_t>() > step) break;
+      kept += line + "\n";
+    }
+    util::write_file_atomically(path, [&](const util::ByteWriter& write) { write(kept.data(), kept.size()); });
+  }
+}
+
+void Trainer::resume_from(const std::string& checkpoint) { s_->load_checkpoint(checkpoint); }
+
+double Trainer::validation_loss() {
+  State& s = *s_;
+  if (s.validation.empty()) throw ConfigError("Trainer: no validation data");
+  at::NoGradGuard no_grad;
+  const models::EvalModeGuard eval_mode(s.model);  // the training mode comes back even when a batch throws
+  double sum = 0;
+  int64_t count = 0;
+  for (size_t i = 0; i < s.validation.size(); i += s.options.batch_size) {
+    std::vector<const TokenizedExample*> items;
+    for (size_t j = i; j < std::min(s.validation.size(), i + s.options.batch_size); ++j) items.push_back(&s.validation[j]);
+    const Batch batch = make_batch(items, s.pad_id, s.options.max_length);
+    sum += completion_loss_sum(s.model, batch).item<double>();
+    count += batch.target_tokens;
+  }
+  return sum / static_cast<double>(count);
+}
+
+TrainResult Trainer::run(const TrainCallbacks& callbacks) {
+  State& s = *s_;
+  const TrainOptions& o = s.options;
+  TrainResult result;
+  const bool cuda = s.params.front().second.is_cuda();
+  std::vector<at::Tensor> tensors;
+  for (const auto& p : s.params) tensors.push_back(p.second);
+  s.model.train();
+  auto finish = [&](TrainResult r) {
+    r.steps_done = s.step;
+    r.best_step = s.best_step;
+    r.best_validation_loss = s.best_validation_loss;
+    r.tokens = s.tokens;
+    r.train_seconds = s.train_seconds;
+    return r;
+  };
+  result.stopped_early = s.stopped_early;
+  while (!s.stopped_early && s.step < o.max_steps) {
+    const auto start = std::chrono::steady_clock::now();
+    std::vector<Batch> micro;
+    int64_t targets = 0;
+    for (int64_t m = 0; m < o.grad_accum; ++m) {
+      std::vector<const TokenizedExample*> items;
+      const int64_t first = (s.step * o.grad_accum + m) * o.batch_size;
+      for (int64_t k = 0; k < o.batch_size; ++k) items.push_back(&s.stream_example(first + k));
+      micro.push_back(make_batch(items, s.pad_id, o.max_length));
+      targets += micro.back().target_tokens;
+    }
+    s.optimizer->zero_grad();
+    double loss_sum = 0;
+    StepRecord record;
+    for (const Batch& batch : micro) {
+      at::Tensor loss;
+      {
+        const CudaBf16Autocast autocast(o.autocast_bf16 && cuda);
+        loss = completion_loss_sum(s.model, batch);
+      }
+      // Every completion token of the accumulated batch weighs the same.
+      (loss / static_cast<double>(targets)).backward();
+      loss_sum += loss.item<double>();
+      record.tokens += batch.tokens;
+    }
+    record.loss = loss_sum / static_cast<double>(targets);
+    if (!std::isfinite(record.loss)) {
+      throw Error("training diverged at step " + std::to_string(s.step + 1) + ": the loss is " + std::to_string(record.loss) +
+                  " (hint: lower --lr or raise --warmup-steps)");
+    }
+    record.grad_norm = o.max_grad_norm > 0 ? torch::nn::utils::clip_grad_norm_(tensors, o.max_grad_norm)
+                                           : torch::nn::utils::clip_grad_norm_(tensors, INFINITY);
+    if (!std::isfinite(record.grad_norm)) {
+      throw Error("training diverged at step " + std::to_string(s.step + 1) + ": the gradient norm is " +
+                  std::to_string(record.grad_norm) + " (nothing was updated; hint: lower --lr)");
+    }
+    record.lr = cosine_with_warmup(s.step, o.max_steps, o.warmup_steps, o.lr, o.min_lr_ratio);
+    for (auto& group : s.optimizer->param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(record.lr);
+    s.optimizer->step();
+    ++s.step;
+    record.step = s.step;
+    record.target_tokens = targets;
+    record.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    s.tokens += record.tokens;
+    s.train_seconds += record.seconds;
+    s.append_metrics({{"step", record.step},
+                      {"loss", record.loss},
+                      {"lr", record.lr},
+                      {"grad_norm", record.grad_norm},
+                      {"tokens", record.tokens},
+                      {"target_tokens", record.target_tokens},
+                      {"seconds", record.seconds},
+                      {"tokens_per_second", record.tokens / record.seconds}});
+    if (callbacks.on_step) callbacks.on_step(record);
+
+    if (o.eval_every > 0 && !s.validation.empty() && (s.step % o.eval_every == 0 || s.step == o.max_steps)) {
+      const double loss = validation_loss();
+      const bool improved = s.best_step == 0 || loss < s.best_validation_loss - o.min_delta;
+      if (improved) {
+        s.best_step = s.step;
+        s.best_validation_loss = loss;
+        s.bad_evaluations = 0;
+        s.best.clear();
+        for (const auto& p : s.params) s.best.push_back(p.second.detach().clone());
+      } else {
+        ++s.bad_evaluations;
+      }
+      s.append_metrics({{"step", s.step}, {"validation_loss", loss}, {"improved", improved}});
+      if (callbacks.on_validation) callbacks.on_validation(s.step, loss, improved);
+      if (o.patience > 0 && s.bad_evaluations >= o.patience) {
+        s.stopped_early = result.stopped_early = true;
+        break;
+      }
+    }
+    const bool stop = (callbacks.stop_requested && callbacks.stop_requested()) ||
+                      (o.stop_at_step > 0 && s.step == o.stop_at_step);
+    if (!o.output_dir.empty() && (stop || (o.checkpoint_every > 0 && s.step % o.checkpoint_every == 0))) {
+      result.last_checkpoint = s.write_checkpoint();
+    }
+    if (stop) {
+      result.interrupted = true;
+      return finish(result);
+    }
+  }
+  if (!o.output_dir.empty()) result.last_checkpoint = s.write_checkpoint();
+  // Early stopping's promise: the adapter of the best validation loss.
+  if (!s.best.empty()) {
+    at::NoGradGuard no_grad;
+    for (size_t i = 0; i < s.params.size(); ++i) s.params[i].second.copy_(s.best[i]);
+  }
+  s.model.eval();
+  return finish(result);
+}
+
+void prepare_output_dir(const std::string& dir, bool resume, bool overwrite) {
+  const std::string metrics = util::join_path(dir, "metrics.jsonl"), checkpoints = util::join_path(dir, "checkpoints");
+  const bool used = util::path_exists(metrics) || util::path_exists(checkpoints);
+  if (used && !resume) {
+    if (!overwrite) throw ConfigError(dir + ": holds an earlier run (hint: resume it, or overwrite to start over)");
+    for (const std::string name : {"metrics.jsonl", "checkpoints", "adapter", "merged", "loss.png", "summary.json",
+                                   "eval_before.json", "predictions_before.jsonl", "predictions_after.jsonl"}) {
+      util::remove_tree(util::join_path(dir, name));
+    }
+  }
+  util::make_directories(dir);
+}
+
+void write_text_file(const std::string& path, const std::string& text) {
+  util::write_file_atomically(path, [&](const util::ByteWriter& write) { write(text.data(), text.size()); });
+}
+
+MergeReport merge_trained(const models::CausalLM& model, const std::string& model_path, const std::string& adapter_dir,
+                          const std::string& out) {
+  MergeOptions merge;
+  merge.base = model_path;
+  merge.adapter = adapter_dir;
+  merge.out = out;
+  merge.force = true;
+  for (const auto& [name, layer] : adapted_layers(model)) {
+    if (layer->merged()) throw ConfigError("merge_trained: layer '" + name + "' is merged in memory (hint: unmerge it first)");
+  }
+  if (!models::is_gguf_path(model_path)) return merge_checkpoint(merge);
+  util::StagedDirectory staged(out + ".base");  // removed on return: the HF copy of the GGUF base is scratch
+  merge.base = util::join_path(staged.path(), "model");
+  models::save_pretrained(model, merge.base);
+  return merge_checkpoint(merge);
+}
+
+}  // namespace tiedlora::train
