@@ -7,6 +7,8 @@
 // handlers come back when the object is destroyed, so Ctrl-C after training interrupts as usual.
 #pragma once
 
+#include <signal.h>
+
 #include <csignal>
 
 namespace tiedlora::tools {
@@ -14,14 +16,15 @@ namespace tiedlora::tools {
 class StopOnSignals {
  public:
   StopOnSignals() {
+    received_ = 0;  // before the handlers: a signal from now on counts
     for (int i = 0; i < kSignals; ++i) {
       struct sigaction action {};
       action.sa_handler = on_signal;
       sigemptyset(&action.sa_mask);
+      action.sa_flags = SA_RESTART;  // as std::signal on glibc: a write to a pipe is not cut short by Ctrl-C
       sigaction(kHandled[i], &action, &previous_[i]);
       if (previous_[i].sa_handler == SIG_IGN) sigaction(kHandled[i], &previous_[i], nullptr);
     }
-    received_ = 0;
   }
   ~StopOnSignals() {
     for (int i = 0; i < kSignals; ++i) sigaction(kHandled[i], &previous_[i], nullptr);

@@ -332,9 +332,10 @@ at::Tensor& reuse(at::Tensor& slot, at::IntArrayRef shape, at::ScalarType dtype,
 void merge_into(at::Tensor& out, const at::Tensor& weight, const LowRankUpdate& update, bool transposed,
                 const char* what, MergeWorkspace* workspace, MergeStats* stats) {
   const at::Tensor &a = update.lora_a, &b = update.lora_b;
+  TORCH_CHECK(weight.dim() == 2 && a.dim() == 2 && b.dim() == 2, "merge of ", what, ": weight ", weight.sizes(),
+              ", lora_a ", a.sizes(), " and lora_b ", b.sizes(), " must be 2-D");
   const int64_t d_out = transposed ? weight.size(1) : weight.size(0), d_in = transposed ? weight.size(0) : weight.size(1);
-  TORCH_CHECK(weight.dim() == 2 && a.dim() == 2 && b.dim() == 2 && a.size(1) == d_in && b.size(0) == d_out &&
-                  b.size(1) == a.size(0),
+  TORCH_CHECK(a.size(1) == d_in && b.size(0) == d_out && b.size(1) == a.size(0),
               "merge of ", what, ": weight ", weight.sizes(), (transposed ? " (stored transposed)" : ""), ", lora_a ",
               a.sizes(), " and lora_b ", b.sizes(), " do not fit W + B A");
   TORCH_CHECK(out.sizes() == weight.sizes() && at::isFloatingType(out.scalar_type()) && out.device() == a.device(),

@@ -1,7 +1,8 @@
 // src/formats/gguf.cpp: the torch-free GGUF reader: the bounds-checked parser (every read checked against the
 // end of the buffer, every count checked against the bytes that remain before anything is allocated), the
-// memory-mapped GgufFile, metadata getters, dequantization of the common ggml types and the Llama Q/K
-// row un-permutation.
+// memory-mapped GgufFile, metadata getters and dequantization of the common ggml types (the Llama Q/K row
+// un-permutation works on tensors: gguf_tensor.cpp). Counts from the file never size a reservation beyond
+// a few thousand entries.
 #include "tiedlora/formats/gguf.h"
 
 #include <fcntl.h>

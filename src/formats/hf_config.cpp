@@ -153,10 +153,12 @@ ModelConfig parse(json config, json generation, const std::string& source) {
   return m;
 }
 
-json parse_json_file(const std::string& path) {
-  const auto j = json::parse(util::read_text_file(path), nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) throw FormatError(path + ": not valid JSON");
-  return j;
+json parse_json(const std::string& text, const std::string& source) {
+  try {
+    return json::parse(text);
+  } catch (const json::exception& e) {
+    throw FormatError(source + ": not valid JSON (" + e.what() + ")");
+  }
 }
 
 void add_container(std::vector<ModuleDescription>& out, std::string name, std::string type) {
@@ -173,17 +175,16 @@ ModelConfig read_model_config(const std::string& config_path) {
   if (!util::is_regular_file(path)) {
     throw FormatError(path + ": cannot open the model config (hint: pass a config.json or a model folder)");
   }
-  json config = parse_json_file(path);
+  json config = parse_json(util::read_text_file(path), path);
   // generation_config.json beside it may name more eos tokens.
   const std::string generation_path = util::join_path(util::parent_path(path), "generation_config.json");
-  json generation = util::is_regular_file(generation_path) ? parse_json_file(generation_path) : json();
+  json generation = util::is_regular_file(generation_path)
+                        ? parse_json(util::read_text_file(generation_path), generation_path) : json();
   return parse(std::move(config), std::move(generation), path);
 }
 
 ModelConfig model_config_from_json(const std::string& json_text, const std::string& source) {
-  const auto j = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) throw FormatError(source + ": not valid JSON");
-  return parse(j, json(), source);
+  return parse(parse_json(json_text, source), json(), source);
 }
 
 std::vector<ModuleDescription> describe_model(const ModelConfig& m, const HfDescribeOptions& options) {

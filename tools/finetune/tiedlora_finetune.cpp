@@ -319,7 +319,18 @@ int run(Args& args) {
 
   if (args.merge) {
     const std::string merged_dir = args.output + "/merged";
-    const auto merged_report = tt::merge_trained(*model, model_path, adapter_dir, merged_dir);
+    tiedlora::MergeReport merged_report;
+    {
+      // Ctrl-C during the merge removes its temporary folders (the adapter is already saved).
+      const tiedlora::tools::StopOnSignals stop_signals;
+      try {
+        merged_report = tt::merge_trained(*model, model_path, adapter_dir, merged_dir, tiedlora::tools::StopOnSignals::requested);
+      } catch (const tiedlora::Cancelled&) {
+        fmt::print("merge interrupted by signal {}; the adapter is saved in {}, nothing was merged\n",
+                   tiedlora::tools::StopOnSignals::received(), adapter_dir);
+        return 130;
+      }
+    }
     fmt::print("merged with merge-weights into {} ({} tensors, {:.1f} s)\n", merged_dir, merged_report.tensors_written,
                merged_report.seconds);
     auto merged = tiedlora::models::load_pretrained(merged_dir, torch::kFloat);

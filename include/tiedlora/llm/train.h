@@ -190,9 +190,10 @@ void prepare_output_dir(const std::string& dir, bool resume, bool overwrite);
 /// merge-weights (tiedlora/formats/merge_checkpoint.h) of the adapter saved from `model` into its base `model_path`, written to
 /// `out` (replaced if it exists). merge-weights reads Hugging Face checkpoints, so a GGUF base is first
 /// written as one (models::save_pretrained, in fp32, into a temporary folder beside `out` that is removed
-/// afterwards). `model` must not be merged in memory.
+/// afterwards). `model` must not be merged in memory. `stop_requested` (may be empty) is the merge's
+/// (MergeOptions::stop_requested): true abandons it with tiedlora::Cancelled, nothing left behind.
 MergeReport merge_trained(const models::CausalLM& model, const std::string& model_path, const std::string& adapter_dir,
-                          const std::string& out);
+                          const std::string& out, const std::function<bool()>& stop_requested = {});
 
 /// Writes `text` to `path` atomically (a temporary file beside it, renamed into place), for run outputs such
 /// as summaries and predictions: a crash never leaves half a file.

@@ -52,6 +52,8 @@ at::Tensor workspace_for(const at::Device& device) {
 
 }  // namespace
 
+namespace {
+
 // The sizes, dtype and device the forward and backward passes share, checked once: `rows` is x (forward) or
 // grad_y (backward), whose dtype and device every other operand must have.
 struct Problem {
@@ -90,6 +92,8 @@ void run_pass(Params& p, const Problem& problem, const char* fn,
   p.workspace_bytes = kernels::lt_workspace_bytes();
   check_kernel_status(pass(p, at::cuda::getCurrentCUDAStream()), fn);
 }
+
+}  // namespace
 
 void lora_forward_out(const at::Tensor& y, const at::Tensor& h, const at::Tensor& x, const at::Tensor& adapter_x,
                       const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& lora_a,

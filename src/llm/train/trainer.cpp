@@ -552,8 +552,9 @@ void write_text_file(const std::string& path, const std::string& text) {
 }
 
 MergeReport merge_trained(const models::CausalLM& model, const std::string& model_path, const std::string& adapter_dir,
-                          const std::string& out) {
+                          const std::string& out, const std::function<bool()>& stop_requested) {
   MergeOptions merge;
+  merge.stop_requested = stop_requested;
   merge.base = model_path;
   merge.adapter = adapter_dir;
   merge.out = out;
@@ -565,6 +566,7 @@ MergeReport merge_trained(const models::CausalLM& model, const std::string& mode
   util::StagedDirectory staged(out + ".base");  // removed on return: the HF copy of the GGUF base is scratch
   merge.base = util::join_path(staged.path(), "model");
   models::save_pretrained(model, merge.base);
+  if (stop_requested && stop_requested()) throw Cancelled("merge of " + out + " stopped before it began; nothing was written");
   return merge_checkpoint(merge);
 }
 
