@@ -23,6 +23,7 @@
 namespace {
 
 using tiedlora::testing::all_close;
+using tiedlora::testing::error_of;
 
 std::string ref(const std::string& name) { return tiedlora::testing::reference_dir() + "/adapters/" + name; }
 
@@ -49,15 +50,6 @@ std::shared_ptr<torch::nn::Module> tree_from_config(const std::string& config) {
     nodes[m.name] = node;
   }
   return root;
-}
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "no error";
 }
 
 void copy_folder(const std::string& from, const std::string& to) {

@@ -13,6 +13,7 @@ using tiedlora::InjectOptions;
 using tiedlora::LoraLinear;
 using tiedlora::LoraOptions;
 using tiedlora::testing::all_close;
+using tiedlora::testing::error_of;
 
 constexpr int64_t kDim = 16, kHidden = 24, kLayers = 3, kVocab = 11;
 
@@ -73,15 +74,6 @@ struct TinyLmImpl : torch::nn::Module {
   }
 };
 TORCH_MODULE(TinyLm);
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "no error";
-}
 
 int64_t count(const std::vector<torch::Tensor>& tensors) {
   int64_t n = 0;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdlib>
+#include <functional>
 #include <string>
 
 #include <ATen/ATen.h>
@@ -69,5 +70,15 @@ class ScopedAutocast {
   bool was_enabled_;
   at::ScalarType previous_;
 };
+
+/// The message of the exception `fn` throws, or "no error".
+inline std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "no error";
+}
 
 }  // namespace tiedlora::testing
