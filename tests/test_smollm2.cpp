@@ -8,11 +8,14 @@
 #include <torch/torch.h>
 
 #include "test_support.h"
+#include "tiedlora/core/error.h"
 #include "tiedlora/core/inject.h"
+#include "tiedlora/formats/adapter.h"
 #include "tiedlora/formats/safetensors.h"
 #include "model_discovery.h"
 #include "tiedlora/llm/causal_lm.h"
 #include "tiedlora/llm/train.h"
+#include "util/files.h"
 
 namespace {
 
@@ -89,6 +92,18 @@ TEST(SmolLM2, TrainsStoredInBf16WithAnFp32Adapter) {
   for (double l : losses) std::cout << " " << l;
   std::cout << "\n";
   EXPECT_LT(losses.back(), 0.7 * losses.front()) << "the bf16 model did not learn its batch";
+
+  // merge_trained of a GGUF base first writes it as a Hugging Face folder beside the output; a stop request
+  // (tiedlora_finetune's Ctrl-C during --merge) abandons the merge and leaves neither that copy nor output.
+  std::string root = "/tmp/tiedlora_smollm2_XXXXXX";
+  ASSERT_NE(::mkdtemp(root.data()), nullptr);
+  tiedlora::save_adapter(*model, root + "/adapter");
+  int asked = 0;
+  EXPECT_THROW(tiedlora::train::merge_trained(*model, gguf, root + "/adapter", root + "/merged", [&] { return ++asked > 0; }),
+               tiedlora::Cancelled);
+  EXPECT_GE(asked, 1);
+  EXPECT_EQ(tiedlora::util::list_directory(root), std::vector<std::string>{"adapter"});
+  tiedlora::util::remove_tree_quietly(root);
 }
 
 }  // namespace
