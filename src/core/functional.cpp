@@ -22,6 +22,9 @@ using torch::autograd::variable_list;
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 at::Tensor as(const at::Tensor& t, at::ScalarType type) { return t.scalar_type() == type ? t : t.to(type); }
 
+// The fp32 (fp64 for double factors) dtype in which an update is applied.
+at::ScalarType update_compute_type(const LowRankUpdate& update) { return compute_type(update.lora_b.scalar_type()); }
+
 at::Tensor effective_b_as(const at::Tensor& b, const at::Tensor& u, const at::Tensor& v, double scale,
                           at::ScalarType type) {
   at::Tensor out = as(b, type) * scale;  // always a new tensor, so the in-place products below are safe
@@ -187,8 +190,8 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
 
     if (needs(kX)) {
       // dY W in W's storage dtype (W never converted), then + dH A in fp32, rounded once to x's dtype.
-      at::Tensor dx = as(as(dy_act, weight.scalar_type()).mm(weight), type);
-      if (!adapter_x.defined()) dx.addmm_(dh, a_c);  // dX = dY W + dH A
+      at::Tensor dx = as(dy_act, weight.scalar_type()).mm(weight);
+      if (!adapter_x.defined()) dx = as(dx, type).addmm_(dh, a_c);  // dX = dY W + dH A
       grads[kX] = as(dx, x.scalar_type()).reshape(x.sizes());
     }
     if (adapter_x.defined() && needs(kAdapterX)) {
@@ -295,8 +298,6 @@ bool all_finite(const at::Tensor& t) {
   return std::isfinite(t.max().item<double>()) && std::isfinite(t.min().item<double>());
 }
 
-at::ScalarType update_compute_type(const LowRankUpdate& update) { return compute_type(update.lora_b.scalar_type()); }
-
 at::Tensor effective_b(const LowRankUpdate& update) {
   at::NoGradGuard no_grad;
   return effective_b_as(update.lora_b, update.u, update.v, update.scale, update_compute_type(update));
@@ -328,6 +329,10 @@ at::Tensor& reuse(at::Tensor& slot, at::IntArrayRef shape, at::ScalarType dtype,
 }
 
 }  // namespace
+
+at::Tensor& MergeWorkspace::take_output(at::IntArrayRef shape, at::ScalarType dtype, at::Device device) {
+  return reuse(output, shape, dtype, device);
+}
 
 void merge_into(at::Tensor& out, const at::Tensor& weight, const LowRankUpdate& update, bool transposed,
                 const char* what, MergeWorkspace* workspace, MergeStats* stats) {

@@ -35,11 +35,6 @@ std::string module_of(const std::string& name, const std::string& suffix) {
 
 }  // namespace
 
-functional::LowRankUpdate LayerFactors::update(at::Device device) const {
-  auto on = [&](const at::Tensor& t) { return t.defined() ? t.to(device) : t; };
-  return {on(lora_A), on(lora_B), on(u), on(v), scale};
-}
-
 // ---- reading ------------------------------------------------------------------------------------------
 
 Adapter Adapter::read(const std::string& folder, const ReadOptions& options) {
@@ -197,15 +192,14 @@ bool Adapter::contains(const std::string& module) const {
   return std::binary_search(modules_.begin(), modules_.end(), module);
 }
 
-LayerFactors Adapter::layer(const std::string& module, LinearShape base) const {
+functional::LowRankUpdate Adapter::layer(const std::string& module, LinearShape base) const {
   if (!contains(module)) throw FormatError(source_ + ": the adapter has no layer '" + module + "'");
-  LayerFactors f;
-  f.module = module;
+  functional::LowRankUpdate f;
   const std::string p = kModelPrefix + module;
   if (config_.type == AdapterType::lora) {
-    f.lora_A = tensors_.at(p + ".lora_A.weight");
-    f.lora_B = tensors_.at(p + ".lora_B.weight");
-    f.scale = config_.scale_for(module, f.lora_A.size(0));
+    f.lora_a = tensors_.at(p + ".lora_A.weight");
+    f.lora_b = tensors_.at(p + ".lora_B.weight");
+    f.scale = config_.scale_for(module, f.lora_a.size(0));
   } else if (config_.type == AdapterType::vera) {
     const at::Tensor& a = tensors_.at("base_model.vera_A");
     const at::Tensor& b = tensors_.at("base_model.vera_B");
@@ -217,21 +211,21 @@ LayerFactors Adapter::layer(const std::string& module, LinearShape base) const {
                         shape_text(a) + ", B " + shape_text(b) + ", lambda_b " + shape_text(f.v) +
                         " (hint: maybe wrong base model?)");
     }
-    f.lora_A = a.slice(1, 0, base.in_features);  // PEFT's VeRA slices its shared projections per layer
-    f.lora_B = b.slice(0, 0, base.out_features);
+    f.lora_a = a.slice(1, 0, base.in_features);  // PEFT's VeRA slices its shared projections per layer
+    f.lora_b = b.slice(0, 0, base.out_features);
     f.scale = 1.0;
   } else {
     const std::string& key = group_key_of_.at(module);
-    f.lora_A = tensors_.at(kGroupsPrefix + key + ".lora_A");
-    f.lora_B = tensors_.at(kGroupsPrefix + key + ".lora_B");
+    f.lora_a = tensors_.at(kGroupsPrefix + key + ".lora_A");
+    f.lora_b = tensors_.at(kGroupsPrefix + key + ".lora_B");
     if (config_.method.has_u()) f.u = tensors_.at(p + ".lora_u");
     if (config_.method.has_v()) f.v = tensors_.at(p + ".lora_v");
     f.scale = adapter_scale(config_.alpha, config_.rank, config_.use_rslora);
   }
-  if (f.lora_A.size(1) != base.in_features || f.lora_B.size(0) != base.out_features) {
+  if (f.lora_a.size(1) != base.in_features || f.lora_b.size(0) != base.out_features) {
     throw FormatError(source_ + ": layer '" + module + "' is " + std::to_string(base.in_features) + " -> " +
                       std::to_string(base.out_features) + " in the base model but the adapter's A is " +
-                      shape_text(f.lora_A) + " and B is " + shape_text(f.lora_B) + " (hint: maybe wrong base model?)");
+                      shape_text(f.lora_a) + " and B is " + shape_text(f.lora_b) + " (hint: maybe wrong base model?)");
   }
   return f;
 }
@@ -274,15 +268,15 @@ void export_lora(const Adapter& adapter, const std::string& out_folder, const Ex
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   at::NoGradGuard no_grad;
   for (const auto& module : adapter.modules()) {
-    const LayerFactors f = adapter.layer(module, *adapter.stored_shape(module));
-    if (f.lora_A.size(0) != in.rank) {
-      throw ConfigError(adapter.source() + ": layer '" + module + "' has rank " + std::to_string(f.lora_A.size(0)) +
+    const functional::LowRankUpdate f = adapter.layer(module, *adapter.stored_shape(module));
+    if (f.lora_a.size(0) != in.rank) {
+      throw ConfigError(adapter.source() + ": layer '" + module + "' has rank " + std::to_string(f.lora_a.size(0)) +
                         " (rank_pattern); export-lora writes one rank for all layers");
     }
     // A_l = diag(u) A and B_l = s diag(v) B in fp32, rounded once to the stored dtypes.
-    const functional::LowRankUpdate lora = functional::folded_into_lora(f.update());
-    tensors.emplace_back(kModelPrefix + module + ".lora_A.weight", lora.lora_a.to(f.lora_A.scalar_type()).contiguous());
-    tensors.emplace_back(kModelPrefix + module + ".lora_B.weight", lora.lora_b.to(f.lora_B.scalar_type()).contiguous());
+    const functional::LowRankUpdate lora = functional::folded_into_lora(f);
+    tensors.emplace_back(kModelPrefix + module + ".lora_A.weight", lora.lora_a.to(f.lora_a.scalar_type()).contiguous());
+    tensors.emplace_back(kModelPrefix + module + ".lora_B.weight", lora.lora_b.to(f.lora_b.scalar_type()).contiguous());
   }
   write_adapter_folder(out_folder, out, tensors, overwrite);
 }
@@ -388,9 +382,9 @@ void load_adapter(torch::nn::Module& model, const std::string& folder) {
                                                    : "does not exist in the model";
       throw FormatError(folder + ": layer '" + module + "' " + what + " (hint: maybe wrong base model?)");
     }
-    const LayerFactors f = adapter.layer(module, it->second);  // checks the shapes
-    if (c.type == AdapterType::lora && f.lora_A.size(0) != c.rank) {
-      throw ConfigError(folder + ": layer '" + module + "' has rank " + std::to_string(f.lora_A.size(0)) +
+    const functional::LowRankUpdate f = adapter.layer(module, it->second);  // checks the shapes
+    if (c.type == AdapterType::lora && f.lora_a.size(0) != c.rank) {
+      throw ConfigError(folder + ": layer '" + module + "' has rank " + std::to_string(f.lora_a.size(0)) +
                         " from rank_pattern; loading per-layer ranks into a model is not supported (hint: merge "
                         "it with merge-weights)");
     }
@@ -413,14 +407,14 @@ void load_adapter(torch::nn::Module& model, const std::string& folder) {
   inject_adapters(model, options);  // all-or-nothing itself
   at::NoGradGuard no_grad;
   for (const auto& [name, layer] : adapted_layers(model)) {  // exactly the adapter's modules (checked above)
-    const LayerFactors f = adapter.layer(name, linear.at(name));
+    const functional::LowRankUpdate f = adapter.layer(name, linear.at(name));
     if (layer->adapter_kind() == AdapterKind::lora) {
-      layer->lora_A().copy_(f.lora_A);
-      layer->lora_B().copy_(f.lora_B);
+      layer->lora_A().copy_(f.lora_a);
+      layer->lora_B().copy_(f.lora_b);
       continue;
     }
-    layer->factors()->lora_A.copy_(f.lora_A);  // shared: every layer of the group copies the same values
-    layer->factors()->lora_B.copy_(f.lora_B);
+    layer->factors()->lora_A.copy_(f.lora_a);  // shared: every layer of the group copies the same values
+    layer->factors()->lora_B.copy_(f.lora_b);
     if (layer->lora_u.defined()) layer->lora_u.copy_(f.u);
     if (layer->lora_v.defined()) layer->lora_v.copy_(f.v);
   }

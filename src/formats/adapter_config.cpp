@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "tiedlora/core/error.h"
+#include "tiedlora/core/module_selection.h"
 #include "util/python_regex.h"
 #include "util/text.h"
 
@@ -267,11 +268,7 @@ bool selected_by(const std::vector<std::string>& patterns, const std::string& mo
       if (std::regex_match(module, util::compile_python_fullmatch(pattern.substr(3)))) return true;
       continue;
     }
-    if (module == pattern || (module.size() > pattern.size() &&
-                              module.compare(module.size() - pattern.size(), pattern.size(), pattern) == 0 &&
-                              module[module.size() - pattern.size() - 1] == '.')) {
-      return true;
-    }
+    if (name_matches(module, pattern)) return true;  // the name itself or a dot-separated suffix
   }
   return false;
 }

@@ -6,6 +6,7 @@
 
 #include "tiedlora/core/error.h"
 #include "util/files.h"
+#include "util/text.h"
 
 namespace tiedlora {
 namespace {
@@ -153,14 +154,6 @@ ModelConfig parse(json config, json generation, const std::string& source) {
   return m;
 }
 
-json parse_json(const std::string& text, const std::string& source) {
-  try {
-    return json::parse(text);
-  } catch (const json::exception& e) {
-    throw FormatError(source + ": not valid JSON (" + e.what() + ")");
-  }
-}
-
 void add_container(std::vector<ModuleDescription>& out, std::string name, std::string type) {
   out.push_back(ModuleDescription{std::move(name), std::move(type), false, {}});
 }
@@ -175,16 +168,16 @@ ModelConfig read_model_config(const std::string& config_path) {
   if (!util::is_regular_file(path)) {
     throw FormatError(path + ": cannot open the model config (hint: pass a config.json or a model folder)");
   }
-  json config = parse_json(util::read_text_file(path), path);
+  json config = util::parse_json_strict(util::read_text_file(path), path);
   // generation_config.json beside it may name more eos tokens.
   const std::string generation_path = util::join_path(util::parent_path(path), "generation_config.json");
   json generation = util::is_regular_file(generation_path)
-                        ? parse_json(util::read_text_file(generation_path), generation_path) : json();
+                        ? util::parse_json_strict(util::read_text_file(generation_path), generation_path) : json();
   return parse(std::move(config), std::move(generation), path);
 }
 
 ModelConfig model_config_from_json(const std::string& json_text, const std::string& source) {
-  return parse(parse_json(json_text, source), json(), source);
+  return parse(util::parse_json_strict(json_text, source), json(), source);
 }
 
 std::vector<ModuleDescription> describe_model(const ModelConfig& m, const HfDescribeOptions& options) {

@@ -12,6 +12,7 @@
 #include "tiedlora/core/functional.h"
 #include "tiedlora/formats/safetensors.h"
 #include "util/files.h"
+#include "util/text.h"
 
 namespace tiedlora {
 namespace {
@@ -112,8 +113,7 @@ MergeReport merge_checkpoint(const MergeOptions& options) {
     for (const auto& entry : file.header().tensors) {
       const std::string suffix = ".weight";
       if (entry.shape.size() != 2 || !is_float_dtype(entry.dtype) || module_of_tensor.count(entry.name) ||
-          entry.name.size() <= suffix.size() ||
-          entry.name.compare(entry.name.size() - suffix.size(), suffix.size(), suffix) != 0) {
+          entry.name.size() <= suffix.size() || !util::ends_with(entry.name, suffix)) {
         continue;
       }
       const std::string module = entry.name.substr(0, entry.name.size() - suffix.size());
@@ -148,10 +148,9 @@ MergeReport merge_checkpoint(const MergeOptions& options) {
   util::StagedDirectory staging(options.out);
   const std::string& staged = staging.path();
   size_t done = 0;
+  // Work and output tensors reused from one tensor to the next (each is written before the next is
+  // produced): per-tensor allocations of tens of MB made glibc keep freed blocks and RSS grow.
   functional::MergeWorkspace workspace;
-  // Output tensors reused from one tensor to the next (each is written before the next is produced), as the
-  // workspace is: per-tensor allocations of tens of MB made glibc keep freed blocks and RSS grow.
-  at::Tensor converted, merged;
   std::string previous;      // written by now: its input pages can go
   auto produce = [&](const io::TensorSpec& spec) -> at::Tensor {
     check_stop();
@@ -164,27 +163,21 @@ MergeReport merge_checkpoint(const MergeOptions& options) {
     at::Tensor result;
     auto it = module_of_tensor.find(spec.name);
     if (it == module_of_tensor.end()) {
-      if (w.scalar_type() == out_type) {
-        result = w;
-      } else {
-        if (!converted.defined() || converted.scalar_type() != out_type) converted = at::empty({0}, at::dtype(out_type));
-        result = converted.resize_(w.sizes()).copy_(w);
-      }
+      result = w.scalar_type() == out_type ? w : workspace.take_output(w.sizes(), out_type, at::kCPU).copy_(w);
       if (!functional::all_finite(result)) {
         throw FormatError(options.base + ": tensor '" + spec.name + "' holds NaN or Inf (a merge writes finite values only)");
       }
     } else {
       const LinearShape shape = transposed ? LinearShape{w.size(0), w.size(1)} : LinearShape{w.size(1), w.size(0)};
-      const functional::LowRankUpdate update = adapter.layer(it->second, shape).update(device);
-      if (!merged.defined() || merged.scalar_type() != out_type || merged.device() != device) {
-        merged = at::empty({0}, at::TensorOptions().dtype(out_type).device(device));
+      functional::LowRankUpdate update = adapter.layer(it->second, shape);
+      for (at::Tensor* t : {&update.lora_a, &update.lora_b, &update.u, &update.v}) {
+        if (t->defined()) *t = t->to(device);
       }
-      merged.resize_(w.sizes());
+      at::Tensor& merged = workspace.take_output(w.sizes(), out_type, device);
       functional::MergeStats stats;
       const std::string what = "'" + spec.name + "' (layer '" + it->second + "')";
-      functional::merge_into(merged, device.is_cuda() ? w.to(device) : w, update, transposed, what.c_str(), &workspace,
-                             &stats);
-      result = merged.is_cpu() ? merged : merged.to(at::kCPU);
+      functional::merge_into(merged, w.to(device), update, transposed, what.c_str(), &workspace, &stats);
+      result = merged.to(at::kCPU);  // the tensor itself on the CPU
       report.merged.push_back(MergedTensor{spec.name, it->second, stats.max_abs_delta, stats.rounding_error});
     }
     report.bytes_written += spec.nbytes();

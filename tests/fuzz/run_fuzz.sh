@@ -15,7 +15,7 @@ printf 'extern "C" int LLVMFuzzerTestOneInput(const unsigned char*, unsigned lon
 "$clangxx" -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
   -DFMT_HEADER_ONLY=1 -I"$src/include" -I"$src/src" -I/usr/include -isystem "$fmt_include" \
   "$src/tests/fuzz/fuzz_parsers.cpp" "$src/src/formats/safetensors_format.cpp" "$src/src/formats/adapter_config.cpp" \
-  "$src/src/core/method.cpp" "$src/src/formats/gguf.cpp" "$src/src/util/text.cpp" "$src/src/util/python_regex.cpp" -o "$fuzzer"
+  "$src/src/core/method.cpp" "$src/src/core/module_selection.cpp" "$src/src/formats/gguf.cpp" "$src/src/util/text.cpp" "$src/src/util/python_regex.cpp" -o "$fuzzer"
 # Seeds: parser byte + content. 0: safetensors headers, 1: adapter configs.
 for f in "$src"/tests/data/malformed/*.safetensors; do { printf '\x00'; cat "$f"; } > "$work/corpus/st-$(basename "$f")"; done
 for f in "$src"/tests/data/malformed/*.json; do { printf '\x01'; cat "$f"; } > "$work/corpus/cfg-$(basename "$f")"; done

@@ -85,9 +85,6 @@ int64_t count_non_finite(const at::Tensor& t);
 /// flags: min and max propagate NaN and reach +-Inf.
 bool all_finite(const at::Tensor& t);
 
-/// The fp32 (fp64 for double factors) dtype in which an update is applied.
-at::ScalarType update_compute_type(const LowRankUpdate& update);
-
 /// B_eff = s diag(v) B diag(u) in the compute dtype, no autograd.
 at::Tensor effective_b(const LowRankUpdate& update);
 
@@ -102,7 +99,10 @@ LowRankUpdate folded_into_lora(const LowRankUpdate& update);
 /// (freeing and reallocating tens of MB per tensor made glibc keep the freed blocks, so RSS grew with the
 /// model).
 struct MergeWorkspace {
-  at::Tensor sum, delta;
+  at::Tensor sum, delta, output;
+  /// `output` resized to `shape` in `dtype` on `device`, keeping its storage when it is large enough: a
+  /// caller's result buffer, reused the same way (merge_checkpoint writes each tensor before the next).
+  at::Tensor& take_output(at::IntArrayRef shape, at::ScalarType dtype, at::Device device);
 };
 
 /// What merge_into() measured: max |dW| and the one rounding's max |out - (W + dW)|, both in the compute

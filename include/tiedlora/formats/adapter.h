@@ -22,20 +22,6 @@
 
 namespace tiedlora {
 
-/// The factors of one adapted layer: dW = scale * diag(v) B diag(u) A (u, v undefined = 1).
-struct LayerFactors {
-  std::string module;
-  at::Tensor lora_A;  ///< (r, d_in)
-  at::Tensor lora_B;  ///< (d_out, r)
-  at::Tensor u;       ///< (r) or undefined
-  at::Tensor v;       ///< (d_out) or undefined
-  double scale = 1.0;
-
-  /// The factors for the functional layer's merge math (tiedlora/core/functional.h: merge_into,
-  /// low_rank_delta, folded_into_lora), on `device`.
-  functional::LowRankUpdate update(at::Device device = at::kCPU) const;
-};
-
 /// An adapter folder read without a model: its config and its tensors (memory-mapped).
 class Adapter {
  public:
@@ -56,7 +42,8 @@ class Adapter {
   bool contains(const std::string& module) const;
   /// The factors of `module` applied to a base layer of `base` shape (VeRA slices its shared A/B to it).
   /// Throws tiedlora::FormatError when the adapter does not fit that shape (hint: wrong base model?).
-  LayerFactors layer(const std::string& module, LinearShape base) const;
+  /// (dW = scale * diag(v) B diag(u) A, u and v undefined = 1, on the CPU: the mapped tensors.)
+  functional::LowRankUpdate layer(const std::string& module, LinearShape base) const;
   /// The layer's shape as the adapter itself records it (LoRA, TIEDLORA); nullopt for VeRA, whose shared
   /// projections are sliced to the base layer's shape.
   std::optional<LinearShape> stored_shape(const std::string& module) const;
