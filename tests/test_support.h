@@ -6,9 +6,14 @@
 #include <functional>
 #include <string>
 
+#include <set>
+#include <utility>
+#include <vector>
+
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <gtest/gtest.h>
+#include <torch/nn/module.h>
 
 namespace tiedlora::testing {
 
@@ -45,6 +50,59 @@ inline ::testing::AssertionResult all_close(const at::Tensor& a, const at::Tenso
                                        << a64.flatten()[at_index].item<double>() << ", expected "
                                        << b64.flatten()[at_index].item<double>() << " (rtol " << rtol << ", atol "
                                        << atol << ", max |diff| " << difference(a, b).max_abs << ")";
+}
+
+/// Every trainable parameter of `model` (each tensor once) drawn from N(0, scale^2) with `seed`: a fresh
+/// adapter's B is zero, which would leave A's gradient zero and a gradient test blind.
+inline void randomize_trainable(torch::nn::Module& model, uint64_t seed, double scale = 0.2) {
+  at::NoGradGuard no_grad;
+  at::Generator generator = at::detail::createCPUGenerator(seed);
+  for (auto& p : model.parameters()) {
+    if (p.requires_grad()) p.copy_(at::normal(0.0, scale, p.sizes(), generator, p.scalar_type()));
+  }
+}
+
+/// The loss `loss_of()` returns and the gradient of every trainable parameter of `model` (by name, each
+/// tensor once) after its backward; the gradients are cleared first and after.
+struct LossAndGradients {
+  double loss = 0;
+  std::vector<std::pair<std::string, at::Tensor>> gradients;
+};
+inline LossAndGradients loss_and_gradients(torch::nn::Module& model, const std::function<at::Tensor()>& loss_of) {
+  model.zero_grad();
+  const at::Tensor loss = loss_of();
+  loss.backward();
+  LossAndGradients out{loss.item<double>(), {}};
+  std::set<const void*> seen;
+  for (const auto& item : model.named_parameters()) {
+    const at::Tensor& p = item.value();
+    if (!p.requires_grad() || !seen.insert(p.unsafeGetTensorImpl()).second) continue;
+    out.gradients.emplace_back(item.key(), p.grad().defined() ? p.grad().clone() : at::Tensor());
+  }
+  model.zero_grad();
+  return out;
+}
+
+/// The losses agree within `relative` of the reference, and every gradient within `relative` of the
+/// reference gradient's largest element; the message names the first parameter that does not.
+inline ::testing::AssertionResult same_loss_and_gradients(const LossAndGradients& got, const LossAndGradients& want,
+                                                          double relative) {
+  if (std::abs(got.loss - want.loss) > relative * std::abs(want.loss)) {
+    return ::testing::AssertionFailure() << "loss " << got.loss << ", expected " << want.loss;
+  }
+  if (got.gradients.size() != want.gradients.size() || want.gradients.empty()) {
+    return ::testing::AssertionFailure() << got.gradients.size() << " gradients, expected " << want.gradients.size();
+  }
+  for (size_t i = 0; i < want.gradients.size(); ++i) {
+    const auto& [name, reference] = want.gradients[i];
+    const at::Tensor& g = got.gradients[i].second;
+    if (!reference.defined() || !g.defined()) return ::testing::AssertionFailure() << name << ": no gradient";
+    const Difference d = difference(g, reference);
+    if (!(d.max_ref > 0) || !(d.max_abs <= relative * d.max_ref)) {
+      return ::testing::AssertionFailure() << name << ": max |diff| " << d.max_abs << " against max |gradient| " << d.max_ref;
+    }
+  }
+  return ::testing::AssertionSuccess();
 }
 
 /// Autocast on `device` (CPU or CUDA) in `dtype` for one scope; the previous state comes back after, as

@@ -5,11 +5,15 @@
 // one-prompt decoding, and save_pretrained against the Hugging Face loader.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <random>
+#include <set>
+#include <tuple>
 
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
@@ -24,6 +28,7 @@
 #include "tiedlora/formats/safetensors.h"
 #include "tiedlora/llm/causal_lm.h"
 #include "tiedlora/llm/train.h"
+#include "util/files.h"
 
 namespace tt = tiedlora::train;
 using tiedlora::models::CausalLM;
@@ -140,6 +145,231 @@ TEST(Data, LongPromptsLoseTheirStart) {
   EXPECT_TRUE(torch::equal(batch.labels[0], torch::tensor({-100, -100, 30, 1})));
   tt::TokenizedExample too_long{{1}, {2, 3, 4, 5, 6}};
   EXPECT_THROW(tt::make_batch({&too_long}, 0, 5), tiedlora::ConfigError);
+}
+
+// Examples of varied lengths (prompts of 3 to 14 tokens, completions of 2 to 6) with random ids.
+std::vector<tt::TokenizedExample> varied_examples(int count, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<tt::TokenizedExample> out(count);
+  for (auto& e : out) {
+    for (uint64_t j = 0, n = 3 + rng() % 12; j < n; ++j) e.prompt.push_back(2 + static_cast<int64_t>(rng() % (kVocab - 2)));
+    for (uint64_t j = 0, n = 2 + rng() % 5; j < n; ++j) e.completion.push_back(2 + static_cast<int64_t>(rng() % (kVocab - 2)));
+  }
+  return out;
+}
+
+std::vector<const tt::TokenizedExample*> pointers(const std::vector<tt::TokenizedExample>& examples) {
+  std::vector<const tt::TokenizedExample*> out;
+  for (const auto& e : examples) out.push_back(&e);
+  return out;
+}
+
+TEST(Data, PackedBatchLaysExamplesEndToEnd) {
+  tt::TokenizedExample a{{5, 6, 7}, {8, 9, 1}}, b{{5, 6, 7, 10, 11, 12}, {13, 1}}, c{{20, 21}, {22, 1}};
+  const tt::Batch padded = tt::make_batch({&a, &b, &c}, 0, 64);
+  const tt::Batch packed = tt::make_packed_batch({&a, &b, &c}, 0, 64);
+  // Longest first: b (7 inputs), a (5), c (3), in one row of 15 without padding.
+  ASSERT_EQ(packed.input_ids.sizes(), (std::vector<int64_t>{1, 15}));
+  EXPECT_EQ(packed.layout.segment_lengths, (std::vector<std::vector<int64_t>>{{7, 5, 3}}));
+  EXPECT_TRUE(torch::equal(packed.input_ids[0], torch::tensor({5, 6, 7, 10, 11, 12, 13, 5, 6, 7, 8, 9, 20, 21, 22})));
+  EXPECT_TRUE(torch::equal(packed.labels[0], torch::tensor({-100, -100, -100, -100, -100, 13, 1, -100, -100, 8, 9, 1,
+                                                            -100, 22, 1})));
+  EXPECT_EQ(packed.tokens, padded.tokens);
+  EXPECT_EQ(packed.target_tokens, padded.target_tokens);
+  EXPECT_FALSE(padded.packed());
+  // Rows of at most 8 tokens: b alone (then padding, outside every segment), a and c together.
+  const tt::Batch rows = tt::make_packed_batch({&a, &b, &c}, 0, 64, /*row_limit=*/8);
+  ASSERT_EQ(rows.input_ids.sizes(), (std::vector<int64_t>{2, 8}));
+  EXPECT_EQ(rows.layout.segment_lengths, (std::vector<std::vector<int64_t>>{{7}, {5, 3}}));
+  EXPECT_EQ(rows.labels[0][7].item<int64_t>(), -100);
+  EXPECT_EQ(rows.tokens, padded.tokens);
+  // An example longer than the limit gets a row of its own.
+  EXPECT_EQ(tt::make_packed_batch({&a, &b}, 0, 64, 4).layout.segment_lengths, (std::vector<std::vector<int64_t>>{{7}, {5}}));
+  tt::TokenizedExample lone{{5}, {}};
+  EXPECT_THROW(tt::make_packed_batch({&lone}, 0, 64), tiedlora::ConfigError);
+}
+
+// Whether the autograd graph behind `t` holds a node whose name contains `fragment`.
+bool autograd_graph_has(const at::Tensor& t, const std::string& fragment) {
+  std::vector<torch::autograd::Node*> pending{t.grad_fn().get()};
+  std::set<torch::autograd::Node*> seen;
+  while (!pending.empty()) {
+    torch::autograd::Node* node = pending.back();
+    pending.pop_back();
+    if (!node || !seen.insert(node).second) continue;
+    if (node->name().find(fragment) != std::string::npos) return true;
+    for (const auto& edge : node->next_edges()) pending.push_back(edge.function.get());
+  }
+  return false;
+}
+
+// A packed batch computes what the padded batch of the same examples computes: the loss and every adapter
+// gradient, for both architectures, a LoRA and a Tied-LoRA adapter, in one row and in rows with padding.
+TEST(Packing, LossAndGradientsEqualThePaddedBatch) {
+  const std::string root = make_temp_dir();
+  const auto examples = varied_examples(7, 11);
+  const auto items = pointers(examples);
+  for (const std::string type : {"llama", "gpt2"}) {
+    for (const std::string method : {"lora", "tied-abuv"}) {
+      auto model = tiny_model(root, type);
+      inject(*model, method);
+      tiedlora::testing::randomize_trainable(*model, 5);
+      model->train();
+      const auto padded = tiedlora::testing::loss_and_gradients(
+          *model, [&] { return tt::completion_loss_sum(*model, tt::make_batch(items, 0, 24)); });
+      for (int64_t row_limit : {0, 20}) {
+        const tt::Batch batch = tt::make_packed_batch(items, 0, 24, row_limit);
+        const auto packed = tiedlora::testing::loss_and_gradients(*model, [&] { return tt::completion_loss_sum(*model, batch); });
+        EXPECT_TRUE(tiedlora::testing::same_loss_and_gradients(packed, padded, 1e-5))
+            << type << " " << method << " row_limit " << row_limit;
+      }
+    }
+  }
+  auto model = tiny_model(root);
+  const auto ids = torch::randint(2, kVocab, {2, 6});
+  EXPECT_THROW(model->hidden_states(ids, tiedlora::models::PackedLayout{{{3, 3}, {6, 1}}}), tiedlora::ConfigError);
+  EXPECT_THROW(model->hidden_states(ids, tiedlora::models::PackedLayout{{{6}}}), tiedlora::ConfigError);
+  EXPECT_THROW(model->hidden_states(ids, tiedlora::models::PackedLayout{{{6}, {0, 6}}}), tiedlora::ConfigError);
+  // Padding after the segments is outside them: a row of 100 holding one example of 10 is that example alone
+  // (GPT-2's 64 positions bound the example, not the row).
+  for (const std::string type : {"llama", "gpt2"}) {
+    auto m = tiny_model(root, type);
+    m->eval();
+    const auto row = torch::randint(2, kVocab, {1, 100});
+    const auto packed = m->hidden_states(row, tiedlora::models::PackedLayout{{{4, 6}}});
+    EXPECT_TRUE(tiedlora::testing::all_close(packed.narrow(1, 4, 6), m->hidden_states(row.narrow(1, 4, 6)), 1e-5, 1e-6,
+                                             type + " second segment"));
+    EXPECT_TRUE(torch::isfinite(packed).all().item<bool>());
+  }
+  tiedlora::util::remove_tree(root);
+}
+
+// Activation checkpointing recomputes each block in the backward pass: the same loss and gradients, also
+// with adapter dropout (its masks are replayed) and tie groups' shared factors (reached from every layer).
+TEST(ActivationCheckpointing, SameGradientsWithDropoutAndSharedFactors) {
+  const std::string root = make_temp_dir();
+  const auto examples = varied_examples(5, 12);
+  const auto items = pointers(examples);
+  for (const std::string type : {"llama", "gpt2"}) {
+    auto model = tiny_model(root, type);
+    inject(*model, "tied-abuv", /*dropout=*/0.2);
+    tiedlora::testing::randomize_trainable(*model, 6);
+    model->train();
+    for (bool packed : {false, true}) {
+      const tt::Batch batch = packed ? tt::make_packed_batch(items, 0, 24) : tt::make_batch(items, 0, 24);
+      std::vector<at::Tensor> drawn_after;  // the random state after the backward pass: the replay must put it back
+      auto run = [&](bool checkpoint) {
+        model->set_activation_checkpointing(checkpoint);
+        torch::manual_seed(9);  // the same dropout masks in both runs
+        auto result = tiedlora::testing::loss_and_gradients(*model, [&] { return tt::completion_loss_sum(*model, batch); });
+        drawn_after.push_back(torch::rand({4}));
+        return result;
+      };
+      const auto plain = run(false), checkpointed = run(true);
+      EXPECT_TRUE(tiedlora::testing::same_loss_and_gradients(checkpointed, plain, 1e-6)) << type << " packed " << packed;
+      EXPECT_TRUE(torch::equal(drawn_after[0], drawn_after[1])) << "the recomputation left the random state changed";
+      // The blocks really ran under checkpointing (and do not outside training).
+      const auto ids = tt::make_batch(items, 0, 24).input_ids;
+      model->set_activation_checkpointing(true);
+      EXPECT_TRUE(autograd_graph_has(model->hidden_states(ids), "CheckpointFunction")) << type;
+      model->eval();
+      EXPECT_FALSE(autograd_graph_has(model->hidden_states(ids), "CheckpointFunction")) << type << " in eval mode";
+      model->train();
+      model->set_activation_checkpointing(false);
+      EXPECT_FALSE(autograd_graph_has(model->hidden_states(ids), "CheckpointFunction")) << type;
+      // The dropout really drew masks: another seed gives another loss.
+      model->set_activation_checkpointing(false);
+      torch::manual_seed(10);
+      EXPECT_NE(tt::completion_loss_sum(*model, batch).item<double>(), plain.loss);
+    }
+    // Under autocast the recomputation runs in the forward's precision (the backward pass itself runs
+    // outside the autocast scope): bf16 gradients, not fp32 ones.
+    const tt::Batch batch = tt::make_packed_batch(items, 0, 24);
+    auto autocast_run = [&](bool checkpoint) {
+      model->set_activation_checkpointing(checkpoint);
+      torch::manual_seed(9);
+      return tiedlora::testing::loss_and_gradients(*model, [&] {
+        const tiedlora::testing::ScopedAutocast bf16(at::kCPU, at::kBFloat16);
+        return tt::completion_loss_sum(*model, batch);
+      });
+    };
+    const auto plain = autocast_run(false), checkpointed = autocast_run(true);
+    EXPECT_TRUE(tiedlora::testing::same_loss_and_gradients(checkpointed, plain, 1e-6)) << type << " under bf16 autocast";
+    model->set_activation_checkpointing(false);
+  }
+  tiedlora::util::remove_tree(root);
+}
+
+TEST(Trainer, PackedRunFollowsThePaddedRunAndPackingIsOnWhereExact) {
+  const std::string root = make_temp_dir();
+  const auto train = varied_examples(40, 13);
+  auto run = [&](std::optional<bool> packing, const std::string& method, double dropout, bool checkpoint = false) {
+    auto model = tiny_model(root);
+    inject(*model, method, dropout);
+    tt::TrainOptions o;
+    o.max_steps = 6;
+    o.batch_size = 6;
+    o.lr = 1e-2;
+    o.max_length = 24;
+    o.packing = packing;
+    o.checkpoint_activations = checkpoint;
+    tt::Trainer trainer(*model, train, {}, o, 0);
+    std::vector<double> losses;
+    tt::TrainCallbacks callbacks;
+    callbacks.on_step = [&](const tt::StepRecord& r) { losses.push_back(r.loss); };
+    trainer.run(callbacks);
+    std::vector<at::Tensor> adapter;
+    for (const auto& p : tiedlora::trainable_parameters(*model)) adapter.push_back(p.detach().clone());
+    EXPECT_FALSE(model->activation_checkpointing()) << "the run gives the model its own setting back";
+    return std::make_tuple(*trainer.options().packing, losses, adapter);
+  };
+  for (const std::string method : {"lora", "tied-abuv"}) {
+    const auto [packed_on, packed_losses, packed_adapter] = run(std::nullopt, method, 0.0);
+    const auto [padded_on, padded_losses, padded_adapter] = run(false, method, 0.0);
+    EXPECT_TRUE(packed_on) << "packing is exact without dropout: on by default";
+    EXPECT_FALSE(padded_on);
+    ASSERT_EQ(packed_losses.size(), 6u);
+    for (size_t i = 0; i < packed_losses.size(); ++i) {
+      EXPECT_NEAR(packed_losses[i], padded_losses[i], 1e-5 * padded_losses[i]) << method << " step " << i + 1;
+    }
+    // Adam divides by the gradient's running RMS, which magnifies float rounding in elements whose gradient
+    // is near zero: the adapters agree to 1e-4 of their largest element after six steps.
+    for (size_t i = 0; i < packed_adapter.size(); ++i) {
+      const auto d = tiedlora::testing::difference(packed_adapter[i], padded_adapter[i]);
+      EXPECT_LE(d.max_abs, 1e-4 * d.max_ref) << method << " adapter tensor " << i;
+    }
+  }
+  EXPECT_FALSE(std::get<0>(run(std::nullopt, "lora", 0.1))) << "with dropout, the default is the padded layout";
+  // TrainOptions::checkpoint_activations: the same run, loss for loss.
+  const auto plain_losses = std::get<1>(run(true, "tied-abuv", 0.1));
+  const auto checkpointed_losses = std::get<1>(run(true, "tied-abuv", 0.1, /*checkpoint=*/true));
+  ASSERT_EQ(checkpointed_losses.size(), plain_losses.size());
+  for (size_t i = 0; i < plain_losses.size(); ++i) EXPECT_NEAR(checkpointed_losses[i], plain_losses[i], 1e-6 * plain_losses[i]);
+  tiedlora::util::remove_tree(root);
+}
+
+TEST(Trainer, LengthGroupedOrderSortsEachRunOfTheShuffle) {
+  const auto train = varied_examples(130, 14);
+  tt::TrainOptions o;
+  o.batch_size = 2;  // runs of 100 examples
+  o.max_length = 12;  // truncation counts: lengths are capped
+  o.seed = 4;
+  for (int64_t epoch : {0, 1}) {
+    const auto shuffled = tt::epoch_order(train, o, epoch);
+    o.group_by_length = true;
+    const auto grouped = tt::epoch_order(train, o, epoch);
+    o.group_by_length = false;
+    ASSERT_EQ(grouped.size(), train.size());
+    for (int64_t first : {0, 100}) {
+      const int64_t last = std::min<int64_t>(first + 100, 130);
+      // The same examples in each run, longest first.
+      EXPECT_TRUE(std::is_permutation(grouped.begin() + first, grouped.begin() + last, shuffled.begin() + first));
+      for (int64_t i = first + 1; i < last; ++i) {
+        EXPECT_GE(tt::batch_length(train[grouped[i - 1]], o.max_length), tt::batch_length(train[grouped[i]], o.max_length));
+      }
+    }
+  }
+  EXPECT_NE(tt::epoch_order(train, o, 0), tt::epoch_order(train, o, 1));
 }
 
 TEST(Data, JsonlErrorsNameFileAndLine) {

@@ -38,6 +38,7 @@
 #include "tiedlora/llm/tokenizer.h"
 #include "tiedlora/llm/train.h"
 #include "chart/chart.h"
+#include "finetune/operator_profile.h"
 #include "model_discovery.h"
 #include "signals.h"
 
@@ -59,6 +60,7 @@ struct Args {
   double warmup_ratio = -1;  // < 0: use --warmup-steps
   int64_t epochs = 0;        // > 0: max_steps from epochs
   int64_t eval_limit = 0, eval_batch_size = 16, max_new_tokens = 24, generations = 3, threads = 0, log_every = 10;
+  int64_t profile_step = 0;  // > 0: profile this optimizer step by operator
 };
 
 // "attention" is the paper's placement: the attention input projections.
@@ -248,13 +250,39 @@ int run(Args& args) {
 
   // Train.
   tt::Trainer trainer(*model, std::move(train_tokens), std::move(validation_tokens), options, pad_id);
+  const tt::TrainOptions& in_force = trainer.options();
+  fmt::print("batches: {}{}{}\n",
+             *in_force.packing ? (in_force.pack_length > 0 ? fmt::format("packed, rows of at most {} tokens", in_force.pack_length)
+                                                           : std::string("packed, one row per micro-batch"))
+                               : std::string("padded"),
+             in_force.group_by_length ? ", grouped by length" : "",
+             in_force.checkpoint_activations ? "; activation checkpointing" : "");
   if (resuming) {
     trainer.resume_from(checkpoint);
     fmt::print("resumed from {}\n", checkpoint);
   }
   Progress progress(use_progress_bar(args), options.max_steps, std::max<int64_t>(1, args.log_every));
   tt::TrainCallbacks callbacks;
-  callbacks.on_step = [&](const tt::StepRecord& r) { progress.step(r); };
+  // --profile-step N: the profiler records exactly step N (batches, forward, backward, optimizer), not the
+  // validation or checkpoint around it; a run that ends before step N stops it without a table.
+  tiedlora::tools::OperatorProfile profile(model->parameters().front().is_cuda());
+  if (args.profile_step > options.max_steps) {
+    throw tiedlora::ConfigError("--profile-step " + std::to_string(args.profile_step) + " is beyond --steps " +
+                                std::to_string(options.max_steps));
+  }
+  callbacks.on_step_begin = [&](int64_t step) {
+    if (step == args.profile_step) profile.start();
+  };
+  bool profiled = false;
+  callbacks.on_step = [&](const tt::StepRecord& r) {
+    if (profile.running()) {
+      profiled = true;
+      const std::string table = profile.stop();
+      tt::write_text_file(args.output + "/profile.md", table);
+      progress.message(fmt::format("step {} profiled by operator: {}/profile.md", r.step, args.output));
+    }
+    progress.step(r);
+  };
   callbacks.on_validation = [&](int64_t step, double loss, bool improved) {
     progress.message(fmt::format("step {}: validation loss {:.4f}{}", step, loss, improved ? " (best)" : ""));
   };
@@ -265,6 +293,10 @@ int run(Args& args) {
     result = trainer.run(callbacks);
   }
   progress.done();
+  if (args.profile_step > 0 && !profiled) {
+    fmt::print(stderr, "tiedlora_finetune: warning: --profile-step {}: that step did not run in this process (resumed "
+               "past it, or the run stopped before it); no profile.md\n", args.profile_step);
+  }
   auto plot = [&] {  // a plot that fails costs the picture, never the run
     try {
       tiedlora::chart::plot_loss_curves({{args.output + "/metrics.jsonl", ""}}, args.output + "/loss.png",
@@ -278,7 +310,7 @@ int run(Args& args) {
     fmt::print("stopped after step {}; checkpoint {} (continue with --resume)\n", result.steps_done, result.last_checkpoint);
     return 130;
   }
-  fmt::print("trained {} steps in {} ({:.0f} tokens/s){}", result.steps_done, format_duration(result.train_seconds),
+  fmt::print("trained {} steps in {} ({:.0f} real tokens/s){}", result.steps_done, format_duration(result.train_seconds),
              static_cast<double>(result.tokens) / result.train_seconds,
              result.stopped_early ? ", stopped early (patience)" : "");
   if (result.best_step > 0) fmt::print("; adapter of step {} (validation loss {:.4f})", result.best_step, result.best_validation_loss);
@@ -307,7 +339,8 @@ int run(Args& args) {
   summary["stopped_early"] = result.stopped_early;
   summary["train_seconds"] = result.train_seconds;
   summary["train_tokens"] = result.tokens;
-  summary["tokens_per_second"] = result.tokens / result.train_seconds;
+  summary["tokens_per_second"] = result.tokens / result.train_seconds;  // real tokens: padding is not counted
+  summary["packing"] = *in_force.packing;
   summary["seed"] = options.seed;
   summary["threads"] = torch::get_num_threads();
   summary["train_examples"] = train_examples.size();
@@ -401,6 +434,14 @@ int main(int argc, char** argv) {
   app.add_option("--batch-size", o.batch_size, "Examples per micro-batch")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--grad-accum", o.grad_accum, "Micro-batches per optimizer step")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--max-length", o.max_length, "Most tokens per example (the prompt is cut from the left)")->capture_default_str();
+  app.add_flag_callback("--packing", [&] { o.packing = true; },
+                        "Lay each micro-batch's examples end to end, each attending within itself (default: on unless "
+                        "--dropout > 0, where the masks would differ from the padded run's)");
+  app.add_flag_callback("--no-packing", [&] { o.packing = false; }, "Right-pad each example to the longest of its micro-batch");
+  app.add_option("--pack-length", o.pack_length, "Most tokens per packed row (0: one row per micro-batch)")->capture_default_str();
+  app.add_flag("--group-by-length", o.group_by_length, "Micro-batches of examples of similar length (less padding without packing)");
+  app.add_flag("--checkpoint-activations", o.checkpoint_activations,
+               "Recompute each decoder block's activations in the backward pass: less memory, about a third more time");
   app.add_option("--lr", o.lr, "Peak learning rate")->capture_default_str();
   app.add_option("--warmup-steps", o.warmup_steps, "Linear warmup steps")->capture_default_str();
   app.add_option("--warmup-ratio", args.warmup_ratio, "Warmup as a fraction of the steps (overrides --warmup-steps)");
@@ -432,6 +473,8 @@ int main(int argc, char** argv) {
   app.add_flag("--cuda-kernels", args.cuda_kernels, "Use tiedlora's CUDA LoRA kernels (experimental until checked on a GPU, "
                "docs/cuda.md)");
   app.add_option("--threads", args.threads, "CPU threads (0: LibTorch's default)");
+  app.add_option("--profile-step", args.profile_step, "Profile this optimizer step by operator into --output/profile.md")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--progress", args.progress, "Progress bar: auto (on a terminal), on, off")
       ->check(CLI::IsMember({"auto", "on", "off"}))->capture_default_str();
   app.add_option("--log-every", args.log_every, "Without a progress bar, a line every N steps")->capture_default_str();

@@ -43,6 +43,15 @@ struct KVCache {
   int64_t length() const { return keys.empty() || !keys[0].defined() ? 0 : keys[0].size(2); }
 };
 
+/// Several sequences laid end to end in each row of a batch (packing): row r of the input begins with
+/// segments of lengths `segment_lengths[r]`; the rest of the row, if any, is padding. Each segment is
+/// computed as if it ran alone: its positions restart at 0 and its tokens attend causally within it only,
+/// so attention costs the sum of the squared segment lengths, not the square of the row. Padding attends to
+/// nothing (its outputs are zero before the output projection) and nothing attends to it.
+struct PackedLayout {
+  std::vector<std::vector<int64_t>> segment_lengths;
+};
+
 /// A decoder-only language model.
 class CausalLM : public torch::nn::Module {
  public:
@@ -54,10 +63,29 @@ class CausalLM : public torch::nn::Module {
   /// The final hidden states (batch, tokens, dim), after the last norm and before the output head.
   /// Training computes the head only where the loss needs it (the completion tokens), which saves most of
   /// the head's cost for a large vocabulary.
-  virtual at::Tensor hidden_states(const at::Tensor& input_ids, KVCache* cache = nullptr) = 0;
+  at::Tensor hidden_states(const at::Tensor& input_ids, KVCache* cache = nullptr) {
+    return decode(input_ids, cache, nullptr);
+  }
+  /// The hidden states of packed rows (PackedLayout): equal, segment by segment, to running each segment
+  /// alone. Throws tiedlora::ConfigError when the lengths do not cover the rows.
+  at::Tensor hidden_states(const at::Tensor& input_ids, const PackedLayout& layout);
   /// The output head: logits (..., vocab) of hidden states (..., dim).
   virtual at::Tensor logits(const at::Tensor& hidden) = 0;
   virtual const ModelInfo& info() const = 0;
+
+  /// Activation checkpointing per decoder block: while training with gradients, each block keeps only its
+  /// input and recomputes its activations in the backward pass (the same gradients: the random state of
+  /// adapter dropout is replayed), trading about one more forward pass for the activation memory of all
+  /// blocks but one.
+  void set_activation_checkpointing(bool on) { checkpoint_activations_ = on; }
+  bool activation_checkpointing() const { return checkpoint_activations_; }
+
+ protected:
+  /// The architecture's forward to the final hidden states; `packed` and `cache` are never both set.
+  virtual at::Tensor decode(const at::Tensor& input_ids, KVCache* cache, const PackedLayout* packed) = 0;
+
+ private:
+  bool checkpoint_activations_ = false;
 };
 
 /// Builds the model described by `config_path` (a config.json or a folder holding one) with random

@@ -73,18 +73,32 @@ std::string prompt_text(const Example& example, const PromptFormat& format);
 std::vector<int64_t> prompt_ids(const Tokenizer& tokenizer, const Example& example, const PromptFormat& format);
 TokenizedExample tokenize(const Tokenizer& tokenizer, const Example& example, const PromptFormat& format);
 
-/// A padded batch: input_ids (batch, T) and labels (batch, T) with -100 where no loss is taken (prompt,
-/// padding). labels[t] is the token that follows input_ids[t].
+/// A batch: input_ids (rows, T) and labels (rows, T) with -100 where no loss is taken (prompt, padding).
+/// labels[t] is the token that follows input_ids[t] in the same example. Padded (make_batch): one example per
+/// row, right-padded. Packed (make_packed_batch): examples end to end in few rows, `layout` says where each
+/// begins, and the model computes each as if alone.
 struct Batch {
   at::Tensor input_ids;
   at::Tensor labels;
   int64_t tokens = 0;         ///< real (unpadded) input tokens
   int64_t target_tokens = 0;  ///< labels that count
+  models::PackedLayout layout;  ///< empty: padded rows
+  bool packed() const { return !layout.segment_lengths.empty(); }
 };
 
 /// Right-pads `examples` to the longest (at most max_length tokens: the prompt is cut from the left when
 /// an example is longer; a completion that alone exceeds max_length is refused with ConfigError).
 Batch make_batch(const std::vector<const TokenizedExample*>& examples, int64_t pad_id, int64_t max_length);
+
+/// The same examples, truncated as make_batch does, laid end to end: one row when `row_limit` is 0, else
+/// as few rows of at most `row_limit` tokens as first-fit by decreasing length finds (an example longer than
+/// the limit gets a row of its own); shorter rows end in padding (outside every segment). Its loss and
+/// gradients are those of make_batch's batch, up to float rounding.
+Batch make_packed_batch(const std::vector<const TokenizedExample*>& examples, int64_t pad_id, int64_t max_length,
+                        int64_t row_limit = 0);
+
+/// Input tokens of `example` in a batch (after make_batch's truncation to max_length): its cost.
+int64_t batch_length(const TokenizedExample& example, int64_t max_length);
 
 // ---- recipe -------------------------------------------------------------------------------------------------
 
@@ -113,6 +127,17 @@ struct TrainOptions {
   uint64_t seed = 0;
   std::string output_dir;        ///< checkpoints/ and metrics.jsonl go here; empty: none written
   bool autocast_bf16 = false;    ///< CUDA only: bf16 autocast for the forward pass
+  /// Packing (make_packed_batch): each micro-batch's examples laid end to end instead of padded; the same
+  /// examples in every step, so a packed run follows the padded run step for step. nullopt: on where it is
+  /// exact, i.e. unless adapter dropout draws masks (whose draws depend on the layout).
+  std::optional<bool> packing;
+  int64_t pack_length = 0;       ///< most tokens per packed row (0: one row per micro-batch)
+  /// Length-grouped batches (for padded runs): the examples of each run of 50 micro-batches of an epoch's
+  /// shuffle are sorted by length, so each micro-batch holds examples of similar length (less padding).
+  bool group_by_length = false;
+  /// Activation checkpointing per decoder block (CausalLM::set_activation_checkpointing): the same
+  /// gradients, less memory, about one more forward pass of time.
+  bool checkpoint_activations = false;
   /// Anything else a resumed run must share, as text (the example puts the model, the adapter's method,
   /// rank, alpha, dropout and targets, and the prompt format here); compared on resume like the options.
   std::string resume_key;
@@ -121,6 +146,11 @@ struct TrainOptions {
   /// call it before they create an output folder, so a typo leaves nothing behind.
   void validate() const;
 };
+
+/// The order of the training stream in epoch `epoch` (the Trainer's data order: example number k of the
+/// stream is epoch_order(k / N)[k mod N]): a shuffle drawn from options.seed and the epoch; with
+/// group_by_length, sorted longest first within runs of 50 * batch_size.
+std::vector<int64_t> epoch_order(const std::vector<TokenizedExample>& train, const TrainOptions& options, int64_t epoch);
 
 /// One optimizer step's numbers (the JSONL metrics line, less timing).
 struct StepRecord {
@@ -143,6 +173,8 @@ struct TrainResult {
 
 /// Called after each step and each validation (for progress bars); may be empty.
 struct TrainCallbacks {
+  /// Called as optimizer step `step` (1-based) begins, before its batches are built.
+  std::function<void(int64_t step)> on_step_begin;
   std::function<void(const StepRecord&)> on_step;
   std::function<void(int64_t step, double validation_loss, bool improved)> on_validation;
   /// Asked after every optimizer step: true checkpoints and returns (TrainResult::interrupted). The library
@@ -168,6 +200,8 @@ class Trainer {
   static std::string latest_checkpoint(const std::string& output_dir);
 
   TrainResult run(const TrainCallbacks& callbacks = {});
+  /// The options in force (TrainOptions::packing resolved).
+  const TrainOptions& options() const;
   /// Mean loss per completion token over the validation set (no grad, eval mode).
   double validation_loss();
 
@@ -176,7 +210,7 @@ class Trainer {
   std::unique_ptr<State> s_;
 };
 
-/// Summed cross-entropy over the completion tokens of `batch` (fp32) and their count; the output head is
+/// Summed cross-entropy over the completion tokens of `batch` (fp32; padded or packed); the output head is
 /// applied to those positions only.
 at::Tensor completion_loss_sum(models::CausalLM& model, const Batch& batch);
 

@@ -3,9 +3,11 @@
 #include "tiedlora/llm/causal_lm.h"
 
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <functional>
 #include <map>
 #include <set>
 #include <sstream>
@@ -16,6 +18,7 @@
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/normalization.h>
 
+#include "llm/models/activation_checkpoint.h"
 #include "tiedlora/core/error.h"
 #include "tiedlora/formats/gguf.h"
 #include "tiedlora/formats/gguf_tensor.h"
@@ -78,8 +81,59 @@ at::Tensor token_positions(const at::Tensor& ids, const KVCache* cache, int64_t 
   return (mask.to(at::kLong).cumsum(1) - 1).clamp_min(0).narrow(1, past, t);
 }
 
-// Attention over (batch, heads, tokens, head_dim) with the cache extended in place.
-at::Tensor attend(at::Tensor q, at::Tensor k, at::Tensor v, KVCache* cache, size_t layer) {
+// Positions of packed rows, restarting at 0 in each segment, 0 in the padding after them: (rows, width).
+at::Tensor packed_positions(const PackedLayout& layout, int64_t width, const at::Device& device) {
+  std::vector<int64_t> positions;
+  positions.reserve(layout.segment_lengths.size() * static_cast<size_t>(width));
+  for (const auto& row : layout.segment_lengths) {
+    const size_t row_start = positions.size();
+    for (int64_t length : row) {
+      for (int64_t j = 0; j < length; ++j) positions.push_back(j);
+    }
+    positions.resize(row_start + static_cast<size_t>(width), 0);
+  }
+  return at::tensor(positions, at::kLong).view({static_cast<int64_t>(layout.segment_lengths.size()), width}).to(device);
+}
+
+int64_t longest_segment(const PackedLayout& layout) {
+  int64_t longest = 0;
+  for (const auto& row : layout.segment_lengths) {
+    for (int64_t length : row) longest = std::max(longest, length);
+  }
+  return longest;
+}
+
+// Causal attention within each segment of packed rows, one segment at a time: the work is the sum of the
+// squared segment lengths, never the square of the row (a block-diagonal mask over the row would compute
+// every masked score).
+at::Tensor attend_packed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const PackedLayout& layout) {
+  std::vector<at::Tensor> rows;
+  for (int64_t r = 0; r < q.size(0); ++r) {
+    // One split per tensor (its backward is one concatenation), not a narrow per segment (whose backward
+    // would write a zero tensor of the whole row for every segment).
+    std::vector<int64_t> lengths = layout.segment_lengths[static_cast<size_t>(r)];
+    int64_t used = 0;
+    for (int64_t length : lengths) used += length;
+    const int64_t padding = q.size(2) - used;
+    if (padding > 0) lengths.push_back(padding);
+    auto segments = [&](const at::Tensor& z) { return z.narrow(0, r, 1).split_with_sizes(lengths, 2); };
+    const auto qs = segments(q), ks = segments(k), vs = segments(v);
+    std::vector<at::Tensor> parts;
+    for (size_t i = 0; i < lengths.size(); ++i) {
+      if (padding > 0 && i + 1 == lengths.size()) {
+        parts.push_back(at::zeros_like(qs[i]));  // the padding: no attention work
+      } else {
+        parts.push_back(at::scaled_dot_product_attention(qs[i], ks[i], vs[i], {}, 0.0, /*is_causal=*/lengths[i] > 1));
+      }
+    }
+    rows.push_back(parts.size() == 1 ? parts.front() : at::cat(parts, 2));
+  }
+  return rows.size() == 1 ? rows.front() : at::cat(rows, 0);
+}
+
+// Attention over (batch, heads, tokens, head_dim) with the cache extended in place, or within the segments
+// of packed rows.
+at::Tensor attend(at::Tensor q, at::Tensor k, at::Tensor v, KVCache* cache, size_t layer, const PackedLayout* packed) {
   int64_t past = 0;
   if (cache) {
     if (cache->keys.size() <= layer) {
@@ -99,6 +153,7 @@ at::Tensor attend(at::Tensor q, at::Tensor k, at::Tensor v, KVCache* cache, size
     k = k.repeat_interleave(repeat, 1);
     v = v.repeat_interleave(repeat, 1);
   }
+  if (packed) return attend_packed(q, k, v, *packed);
   const int64_t tokens = q.size(2);
   if (cache && cache->attention_mask.defined()) {
     // Left-padded rows: no query sees a padding key; each query also sees itself, so a padding query
@@ -117,6 +172,35 @@ at::Tensor attend(at::Tensor q, at::Tensor k, at::Tensor v, KVCache* cache, size
   return at::scaled_dot_product_attention(q, k, v, causal_mask(tokens, past, q.options()));
 }
 
+// Runs the decoder blocks of one forward pass, each under activation checkpointing when the model asks for
+// it (training with gradients, no KV cache), else directly.
+class BlockRunner {
+ public:
+  using Block = std::function<at::Tensor(const at::Tensor&, KVCache*, const PackedLayout*)>;
+  BlockRunner(const CausalLM& model, KVCache* cache, const PackedLayout* packed) : cache_(cache), packed_(packed) {
+    if (!model.activation_checkpointing() || !model.is_training() || !at::GradMode::is_enabled() || cache) return;
+    checkpoint_ = true;
+    // The recomputation runs after this call returns: it keeps its own copy of the layout.
+    if (packed) packed_copy_ = std::make_shared<const PackedLayout>(*packed);
+    std::set<const void*> seen;  // a tie group's shared factors are reachable from many layers: listed once
+    for (const auto& p : model.parameters()) {
+      if (p.requires_grad() && seen.insert(p.unsafeGetTensorImpl()).second) trainable_.push_back(p);
+    }
+  }
+  at::Tensor operator()(const at::Tensor& x, const Block& block) {
+    if (!checkpoint_) return block(x, cache_, packed_);
+    return detail::checkpointed([block, layout = packed_copy_](const at::Tensor& in) { return block(in, nullptr, layout.get()); },
+                                x, trainable_);
+  }
+
+ private:
+  KVCache* cache_;
+  const PackedLayout* packed_;
+  bool checkpoint_ = false;
+  std::shared_ptr<const PackedLayout> packed_copy_;
+  std::vector<at::Tensor> trainable_;
+};
+
 // ---- GPT-2 ----------------------------------------------------------------------------------------------
 
 struct Gpt2Sizes {
@@ -132,11 +216,11 @@ struct Gpt2AttentionImpl : torch::nn::Module {
     c_attn = register_module("c_attn", linear(s.dim, 3 * s.dim, true, s.dtype));
     c_proj = register_module("c_proj", linear(s.dim, s.dim, true, s.dtype));
   }
-  at::Tensor forward(const at::Tensor& x, KVCache* cache, size_t layer) {
+  at::Tensor forward(const at::Tensor& x, KVCache* cache, size_t layer, const PackedLayout* packed) {
     const int64_t b = x.size(0), t = x.size(1), d = x.size(2), hd = d / heads;
     auto qkv = c_attn(x).split(d, 2);
     auto shape = [&](const at::Tensor& z) { return z.view({b, t, heads, hd}).transpose(1, 2); };
-    auto y = attend(shape(qkv[0]), shape(qkv[1]), shape(qkv[2]), cache, layer);
+    auto y = attend(shape(qkv[0]), shape(qkv[1]), shape(qkv[2]), cache, layer, packed);
     return c_proj(y.transpose(1, 2).reshape({b, t, d}));
   }
 };
@@ -162,8 +246,8 @@ struct Gpt2BlockImpl : torch::nn::Module {
     ln_2 = register_module("ln_2", torch::nn::LayerNorm(torch::nn::LayerNormOptions({s.dim}).eps(s.eps)));
     mlp = register_module("mlp", Gpt2Mlp(s));
   }
-  at::Tensor forward(at::Tensor x, KVCache* cache, size_t layer) {
-    x = x + attn->forward(ln_1(x), cache, layer);
+  at::Tensor forward(at::Tensor x, KVCache* cache, size_t layer, const PackedLayout* packed) {
+    x = x + attn->forward(ln_1(x), cache, layer, packed);
     return x + mlp(ln_2(x));
   }
 };
@@ -192,17 +276,23 @@ class Gpt2LMHead : public CausalLM {
     lm_head_ = register_module("lm_head", linear(sizes_.dim, sizes_.vocab, false, sizes_.dtype));
     if (info_.tie_word_embeddings) lm_head_->tie_weight_(transformer_->wte->weight);
   }
-  at::Tensor hidden_states(const at::Tensor& ids, KVCache* cache) override {
+  at::Tensor logits(const at::Tensor& hidden) override { return lm_head_(hidden); }
+  const ModelInfo& info() const override { return info_; }
+
+ protected:
+  at::Tensor decode(const at::Tensor& ids, KVCache* cache, const PackedLayout* packed) override {
     const int64_t past = cache ? cache->length() : 0, t = ids.size(1);
-    TORCH_CHECK(past + t <= sizes_.positions, "GPT-2: ", past + t, " positions exceed n_positions = ", sizes_.positions);
-    auto x = transformer_->wte(ids) + transformer_->wpe(token_positions(ids, cache, past, t));
+    const int64_t span = packed ? longest_segment(*packed) : past + t;
+    TORCH_CHECK(span <= sizes_.positions, "GPT-2: ", span, " positions exceed n_positions = ", sizes_.positions);
+    const at::Tensor positions = packed ? packed_positions(*packed, t, ids.device()) : token_positions(ids, cache, past, t);
+    auto x = transformer_->wte(ids) + transformer_->wpe(positions);
+    BlockRunner run(*this, cache, packed);
     for (size_t i = 0; i < transformer_->h->size(); ++i) {
-      x = transformer_->h->ptr<Gpt2BlockImpl>(i)->forward(x, cache, i);
+      auto block = transformer_->h->ptr<Gpt2BlockImpl>(i);
+      x = run(x, [block, i](const at::Tensor& in, KVCache* c, const PackedLayout* p) { return block->forward(in, c, i, p); });
     }
     return transformer_->ln_f(x);
   }
-  at::Tensor logits(const at::Tensor& hidden) override { return lm_head_(hidden); }
-  const ModelInfo& info() const override { return info_; }
 
  private:
   Gpt2Sizes sizes_;
@@ -221,13 +311,14 @@ struct LlamaSizes {
   at::ScalarType dtype;
 };
 
-// RMSNorm as transformers computes it: in fp32, then back to the input dtype before the weight.
+// RMSNorm as transformers computes it: in fp32 (fp64 for an fp64 model, which tests use as the exact
+// reference), then back to the input dtype before the weight.
 struct RmsNormImpl : torch::nn::Module {
   at::Tensor weight;
   double eps;
   RmsNormImpl(int64_t dim, double eps_) : eps(eps_) { weight = register_parameter("weight", at::ones({dim})); }
   at::Tensor forward(const at::Tensor& x) {
-    const auto x32 = x.to(at::kFloat);
+    const auto x32 = x.scalar_type() == at::kDouble ? x : x.to(at::kFloat);
     const auto normed = x32 * at::rsqrt(x32.pow(2).mean(-1, true) + eps);
     return weight * normed.to(x.scalar_type());
   }
@@ -249,14 +340,15 @@ struct LlamaAttentionImpl : torch::nn::Module {
     v_proj = register_module("v_proj", linear(s.dim, s.kv_heads * s.head_dim, s.qkv_bias, s.dtype));
     o_proj = register_module("o_proj", linear(s.heads * s.head_dim, s.dim, s.o_bias, s.dtype));
   }
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, KVCache* cache, size_t layer) {
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, KVCache* cache, size_t layer,
+                     const PackedLayout* packed) {
     const int64_t b = x.size(0), t = x.size(1);
     auto q = q_proj(x).view({b, t, s.heads, s.head_dim}).transpose(1, 2);
     auto k = k_proj(x).view({b, t, s.kv_heads, s.head_dim}).transpose(1, 2);
     auto v = v_proj(x).view({b, t, s.kv_heads, s.head_dim}).transpose(1, 2);
     q = q * cos + rotate_half(q) * sin;
     k = k * cos + rotate_half(k) * sin;
-    auto y = attend(q, k, v, cache, layer);
+    auto y = attend(q, k, v, cache, layer, packed);
     return o_proj(y.transpose(1, 2).reshape({b, t, s.heads * s.head_dim}));
   }
 };
@@ -283,8 +375,9 @@ struct LlamaDecoderLayerImpl : torch::nn::Module {
     input_layernorm = register_module("input_layernorm", RmsNorm(s.dim, s.eps));
     post_attention_layernorm = register_module("post_attention_layernorm", RmsNorm(s.dim, s.eps));
   }
-  at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, KVCache* cache, size_t layer) {
-    x = x + self_attn->forward(input_layernorm(x), cos, sin, cache, layer);
+  at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, KVCache* cache, size_t layer,
+                     const PackedLayout* packed) {
+    x = x + self_attn->forward(input_layernorm(x), cos, sin, cache, layer, packed);
     return x + mlp(post_attention_layernorm(x));
   }
 };
@@ -314,10 +407,15 @@ class LlamaForCausalLM : public CausalLM {
     lm_head_ = register_module("lm_head", linear(s_.dim, s_.vocab, false, s_.dtype));
     if (info_.tie_word_embeddings) lm_head_->tie_weight_(model_->embed_tokens->weight);
   }
-  at::Tensor hidden_states(const at::Tensor& ids, KVCache* cache) override {
+  at::Tensor logits(const at::Tensor& hidden) override { return lm_head_(hidden); }
+  const ModelInfo& info() const override { return info_; }
+
+ protected:
+  at::Tensor decode(const at::Tensor& ids, KVCache* cache, const PackedLayout* packed) override {
     const int64_t past = cache ? cache->length() : 0, t = ids.size(1);
+    const int64_t span = packed ? longest_segment(*packed) : past + t;
     // Within the window, sliding-window attention is full attention; beyond it, refused rather than wrong.
-    TORCH_CHECK(s_.sliding_window == 0 || past + t <= s_.sliding_window, source_, ": ", past + t,
+    TORCH_CHECK(s_.sliding_window == 0 || span <= s_.sliding_window, source_, ": ", span,
                 " positions exceed the model's sliding_window of ", s_.sliding_window,
                 "; sliding-window attention beyond the window is not supported (hint: shorten the sequences)");
     auto x = model_->embed_tokens(ids);
@@ -326,16 +424,19 @@ class LlamaForCausalLM : public CausalLM {
         1.0 / at::pow(s_.rope_theta, at::arange(0, s_.head_dim, 2, ids.options().dtype(at::kLong)).to(at::kFloat) /
                                          static_cast<double>(s_.head_dim));
     // (1 or batch, 1, t, head_dim / 2): broadcast over the heads of q and k.
-    const auto freqs = (token_positions(ids, cache, past, t).to(at::kFloat).unsqueeze(-1) * inv_freq).unsqueeze(1);
+    const at::Tensor positions = packed ? packed_positions(*packed, t, ids.device()) : token_positions(ids, cache, past, t);
+    const auto freqs = (positions.to(at::kFloat).unsqueeze(-1) * inv_freq).unsqueeze(1);
     const auto emb = at::cat({freqs, freqs}, -1);
     const auto cos = emb.cos().to(x.scalar_type()), sin = emb.sin().to(x.scalar_type());
+    BlockRunner run(*this, cache, packed);
     for (size_t i = 0; i < model_->layers->size(); ++i) {
-      x = model_->layers->ptr<LlamaDecoderLayerImpl>(i)->forward(x, cos, sin, cache, i);
+      auto layer = model_->layers->ptr<LlamaDecoderLayerImpl>(i);
+      x = run(x, [layer, cos, sin, i](const at::Tensor& in, KVCache* c, const PackedLayout* p) {
+        return layer->forward(in, cos, sin, c, i, p);
+      });
     }
     return model_->norm(x);
   }
-  at::Tensor logits(const at::Tensor& hidden) override { return lm_head_(hidden); }
-  const ModelInfo& info() const override { return info_; }
 
  private:
   LlamaSizes s_;
@@ -356,6 +457,26 @@ bool is_conv1d_weight(const std::string& name) {
 }
 
 }  // namespace
+
+at::Tensor CausalLM::hidden_states(const at::Tensor& input_ids, const PackedLayout& layout) {
+  TORCH_CHECK(input_ids.dim() == 2, "hidden_states: input_ids must be (rows, tokens), got ", input_ids.sizes());
+  if (static_cast<int64_t>(layout.segment_lengths.size()) != input_ids.size(0)) {
+    throw ConfigError("PackedLayout: " + std::to_string(layout.segment_lengths.size()) + " rows of segments for " +
+                      std::to_string(input_ids.size(0)) + " rows of input_ids");
+  }
+  for (size_t r = 0; r < layout.segment_lengths.size(); ++r) {
+    int64_t sum = 0;
+    for (int64_t length : layout.segment_lengths[r]) {
+      if (length <= 0) throw ConfigError("PackedLayout: row " + std::to_string(r) + " has a segment of length " + std::to_string(length));
+      sum += length;
+    }
+    if (sum > input_ids.size(1)) {
+      throw ConfigError("PackedLayout: the segments of row " + std::to_string(r) + " cover " + std::to_string(sum) +
+                        " tokens, the row has " + std::to_string(input_ids.size(1)));
+    }
+  }
+  return decode(input_ids, nullptr, &layout);
+}
 
 std::shared_ptr<CausalLM> build_model_from(const ModelConfig& config, at::ScalarType dtype) {
   TORCH_CHECK(at::isFloatingType(dtype), "build_model: dtype must be floating point, got ", dtype);

@@ -100,43 +100,106 @@ TokenizedExample tokenize(const Tokenizer& tokenizer, const Example& example, co
   return out;
 }
 
-Batch make_batch(const std::vector<const TokenizedExample*>& examples, int64_t pad_id, int64_t max_length) {
+namespace {
+
+// The examples as they enter a batch: the whole completion and the end of the prompt (the question sits
+// there) within max_length tokens.
+struct TruncatedSequence {
+  std::vector<int64_t> tokens;
+  int64_t prompt_length = 0;
+};
+
+std::vector<TruncatedSequence> truncated(const std::vector<const TokenizedExample*>& examples, int64_t max_length) {
   TORCH_CHECK(!examples.empty(), "make_batch: no examples");
   TORCH_CHECK(max_length >= 2, "make_batch: max_length must be at least 2, got ", max_length);
-  std::vector<std::vector<int64_t>> sequences;
-  std::vector<int64_t> prompt_lengths;
-  int64_t longest = 0;
+  std::vector<TruncatedSequence> out;
   for (const TokenizedExample* e : examples) {
     const int64_t completion = static_cast<int64_t>(e->completion.size());
     if (completion + 1 > max_length) {
       throw ConfigError("an example's completion has " + std::to_string(completion) + " tokens, more than max_length " +
                         std::to_string(max_length) + " allows (hint: raise --max-length)");
     }
-    // Keep the whole completion and the end of the prompt (the question sits there).
     const int64_t keep_prompt = std::min<int64_t>(static_cast<int64_t>(e->prompt.size()), max_length - completion);
     TORCH_CHECK(keep_prompt > 0, "make_batch: an example has an empty prompt");
-    std::vector<int64_t> seq(e->prompt.end() - keep_prompt, e->prompt.end());
-    seq.insert(seq.end(), e->completion.begin(), e->completion.end());
-    longest = std::max<int64_t>(longest, static_cast<int64_t>(seq.size()));
-    sequences.push_back(std::move(seq));
-    prompt_lengths.push_back(keep_prompt);
+    TruncatedSequence seq;
+    seq.tokens.assign(e->prompt.end() - keep_prompt, e->prompt.end());
+    seq.tokens.insert(seq.tokens.end(), e->completion.begin(), e->completion.end());
+    seq.prompt_length = keep_prompt;
+    if (seq.tokens.size() < 2) {
+      throw ConfigError("an example has " + std::to_string(seq.tokens.size()) +
+                        " token(s); a prompt and a completion of at least one token each are needed");
+    }
+    out.push_back(std::move(seq));
   }
-  const int64_t n = static_cast<int64_t>(examples.size()), t = longest - 1;
-  Batch batch;
-  batch.input_ids = at::full({n, t}, pad_id, at::kLong);
-  batch.labels = at::full({n, t}, -100, at::kLong);
+  return out;
+}
+
+// Writes `seq` at column `offset` of row `row`: len - 1 inputs, position j predicting token j + 1, only
+// completion tokens (index >= prompt length) as targets.
+void place(const TruncatedSequence& seq, int64_t row, int64_t offset, Batch& batch) {
   auto ids = batch.input_ids.accessor<int64_t, 2>();
   auto labels = batch.labels.accessor<int64_t, 2>();
-  for (int64_t i = 0; i < n; ++i) {
-    const auto& seq = sequences[i];
-    const int64_t len = static_cast<int64_t>(seq.size());
-    for (int64_t j = 0; j + 1 < len; ++j) {
-      ids[i][j] = seq[j];
-      // Position j predicts token j+1; only completion tokens (index >= prompt length) count.
-      if (j + 1 >= prompt_lengths[i]) labels[i][j] = seq[j + 1];
+  const int64_t len = static_cast<int64_t>(seq.tokens.size());
+  for (int64_t j = 0; j + 1 < len; ++j) {
+    ids[row][offset + j] = seq.tokens[j];
+    if (j + 1 >= seq.prompt_length) labels[row][offset + j] = seq.tokens[j + 1];
+  }
+  batch.tokens += len - 1;
+  batch.target_tokens += len - seq.prompt_length;
+}
+
+}  // namespace
+
+int64_t batch_length(const TokenizedExample& example, int64_t max_length) {
+  return std::min<int64_t>(static_cast<int64_t>(example.prompt.size() + example.completion.size()), max_length) - 1;
+}
+
+Batch make_batch(const std::vector<const TokenizedExample*>& examples, int64_t pad_id, int64_t max_length) {
+  const auto sequences = truncated(examples, max_length);
+  int64_t longest = 0;
+  for (const auto& seq : sequences) longest = std::max<int64_t>(longest, static_cast<int64_t>(seq.tokens.size()));
+  const int64_t n = static_cast<int64_t>(sequences.size());
+  Batch batch;
+  batch.input_ids = at::full({n, longest - 1}, pad_id, at::kLong);
+  batch.labels = at::full({n, longest - 1}, -100, at::kLong);
+  for (int64_t i = 0; i < n; ++i) place(sequences[i], i, 0, batch);
+  return batch;
+}
+
+Batch make_packed_batch(const std::vector<const TokenizedExample*>& examples, int64_t pad_id, int64_t max_length,
+                        int64_t row_limit) {
+  TORCH_CHECK(row_limit >= 0, "make_packed_batch: row_limit must not be negative, got ", row_limit);
+  const auto sequences = truncated(examples, max_length);
+  auto inputs = [&](size_t i) { return static_cast<int64_t>(sequences[i].tokens.size()) - 1; };
+  // First fit by decreasing length (ties in batch order, so the layout depends on the examples alone).
+  std::vector<size_t> order(sequences.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return inputs(a) > inputs(b); });
+  std::vector<std::vector<size_t>> rows;
+  std::vector<int64_t> used;
+  for (size_t i : order) {
+    size_t r = 0;
+    while (r < rows.size() && row_limit > 0 && used[r] + inputs(i) > row_limit) ++r;
+    if (r == rows.size()) {
+      rows.emplace_back();
+      used.push_back(0);
     }
-    batch.tokens += len - 1;
-    batch.target_tokens += len - prompt_lengths[i];
+    rows[r].push_back(i);
+    used[r] += inputs(i);
+  }
+  const int64_t width = *std::max_element(used.begin(), used.end());
+  Batch batch;
+  batch.input_ids = at::full({static_cast<int64_t>(rows.size()), width}, pad_id, at::kLong);
+  batch.labels = at::full({static_cast<int64_t>(rows.size()), width}, -100, at::kLong);
+  for (size_t r = 0; r < rows.size(); ++r) {
+    std::vector<int64_t> lengths;
+    int64_t offset = 0;
+    for (size_t i : rows[r]) {
+      place(sequences[i], static_cast<int64_t>(r), offset, batch);
+      lengths.push_back(inputs(i));
+      offset += inputs(i);
+    }
+    batch.layout.segment_lengths.push_back(std::move(lengths));
   }
   return batch;
 }

@@ -38,7 +38,16 @@ json trajectory_options(const TrainOptions& o) {
           {"beta2", o.beta2},               {"eps", o.eps},                   {"max_grad_norm", o.max_grad_norm},
           {"eval_every", o.eval_every},     {"patience", o.patience},         {"min_delta", o.min_delta},
           {"seed", o.seed},                 {"autocast_bf16", o.autocast_bf16},
-          {"resume_key", o.resume_key}};
+          {"packing", o.packing.value_or(false)}, {"pack_length", o.packing.value_or(false) ? o.pack_length : 0},
+          {"group_by_length", o.group_by_length}, {"resume_key", o.resume_key}};
+}
+
+// What a checkpoint written before an option existed ran with: such checkpoints resume when this run
+// does the same (padded batches, as every run did before packing).
+json legacy_value(const std::string& key) {
+  if (key == "packing" || key == "group_by_length") return false;
+  if (key == "pack_length") return 0;
+  return nullptr;
 }
 
 // FNV-1a over the token ids of a data set: a resumed run must train on the same data, not only as much.
@@ -63,6 +72,9 @@ void check_examples(const std::vector<TokenizedExample>& examples, const char* s
   for (size_t i = 0; i < examples.size(); ++i) {
     const auto& e = examples[i];
     if (e.prompt.empty()) throw ConfigError(std::string(set) + " example " + std::to_string(i + 1) + " has an empty prompt");
+    if (e.completion.empty()) {
+      throw ConfigError(std::string(set) + " example " + std::to_string(i + 1) + " has an empty completion (nothing to learn)");
+    }
     if (static_cast<int64_t>(e.completion.size()) + 1 > max_length) {
       throw ConfigError(std::string(set) + " example " + std::to_string(i + 1) + " has a completion of " +
                         std::to_string(e.completion.size()) + " tokens, more than max_length " + std::to_string(max_length) +
@@ -130,11 +142,32 @@ at::Tensor completion_loss_sum(models::CausalLM& model, const Batch& batch) {
   const auto device = model.parameters().front().device();
   const at::Tensor ids = batch.input_ids.to(device);
   const at::Tensor labels = batch.labels.to(device);
-  const at::Tensor hidden = model.hidden_states(ids);
+  const at::Tensor hidden = batch.packed() ? model.hidden_states(ids, batch.layout) : model.hidden_states(ids);
   const at::Tensor mask = labels.ne(-100);
   // The head (vocab x dim) runs on the completion positions only.
-  const at::Tensor logits = model.logits(hidden.index({mask})).to(at::kFloat);
+  at::Tensor logits = model.logits(hidden.index({mask}));
+  if (logits.scalar_type() != at::kDouble) logits = logits.to(at::kFloat);  // fp32 at least (fp64: tests' exact reference)
   return at::cross_entropy_loss(logits, labels.masked_select(mask), {}, at::Reduction::Sum);
+}
+
+std::vector<int64_t> epoch_order(const std::vector<TokenizedExample>& train, const TrainOptions& options, int64_t epoch) {
+  const int64_t n = static_cast<int64_t>(train.size());
+  std::vector<int64_t> order(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = i;
+  // Fisher-Yates with our own draws: std::shuffle's algorithm is not specified across libraries.
+  std::mt19937_64 rng(options.seed * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(epoch) + 1);
+  for (int64_t i = n - 1; i > 0; --i) std::swap(order[i], order[rng() % static_cast<uint64_t>(i + 1)]);
+  if (options.group_by_length) {
+    // transformers' LengthGroupedSampler idea: within runs of 50 micro-batches of the shuffle, longest first,
+    // so that a micro-batch holds examples of similar length; still a function of the seed and the epoch.
+    const int64_t run = 50 * options.batch_size;
+    for (int64_t first = 0; first < n; first += run) {
+      std::stable_sort(order.begin() + first, order.begin() + std::min(n, first + run), [&](int64_t a, int64_t b) {
+        return batch_length(train[a], options.max_length) > batch_length(train[b], options.max_length);
+      });
+    }
+  }
+  return order;
 }
 
 // ---- Trainer ------------------------------------------------------------------------------------------------
@@ -164,14 +197,15 @@ struct Trainer::State {
     const int64_t n = static_cast<int64_t>(train.size());
     const int64_t epoch = position / n;
     if (epoch != cached_epoch) {
-      permutation.resize(n);
-      for (int64_t i = 0; i < n; ++i) permutation[i] = i;
-      // Fisher-Yates with our own draws: std::shuffle's algorithm is not specified across libraries.
-      std::mt19937_64 rng(options.seed * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(epoch) + 1);
-      for (int64_t i = n - 1; i > 0; --i) std::swap(permutation[i], permutation[rng() % static_cast<uint64_t>(i + 1)]);
+      permutation = epoch_order(train, options, epoch);
       cached_epoch = epoch;
     }
     return train[permutation[position % n]];
+  }
+
+  Batch make_micro_batch(const std::vector<const TokenizedExample*>& items) const {
+    return *options.packing ? make_packed_batch(items, pad_id, options.max_length, options.pack_length)
+                            : make_batch(items, pad_id, options.max_length);
   }
 
   std::string metrics_path() const {
@@ -207,6 +241,11 @@ Trainer::Trainer(models::CausalLM& model, std::vector<TokenizedExample> train, s
     }
   }
   if (s_->params.empty()) throw ConfigError("Trainer: the model has no trainable parameters (hint: inject adapters first)");
+  if (!s_->options.packing) {  // automatic: packed wherever that computes what padding computes
+    bool dropout = false;
+    for (const auto& [name, layer] : adapted_layers(model)) dropout = dropout || layer->lora_options().dropout() > 0;
+    s_->options.packing = !dropout;
+  }
   std::vector<at::Tensor> tensors;
   for (const auto& p : s_->params) tensors.push_back(p.second);
   s_->optimizer = std::make_unique<torch::optim::AdamW>(
@@ -236,6 +275,7 @@ void TrainOptions::validate() const {
   in_unit("beta1", beta1, false);
   in_unit("beta2", beta2, false);
   if (warmup_steps < 0) throw ConfigError("train options: warmup_steps must not be negative");
+  if (pack_length < 0) throw ConfigError("train options: pack_length must not be negative (0: one row per micro-batch)");
   if (!(weight_decay >= 0) || !std::isfinite(weight_decay)) {
     throw ConfigError("train options: weight_decay must be a non-negative number");
   }
@@ -334,10 +374,13 @@ void Trainer::State::load_checkpoint(const std::string& folder) {
   }
   const json expected = trajectory_options(options);
   for (const auto& [key, value] : expected.items()) {
-    if (!saved.contains(key) || saved.at(key) != value) {
-      throw ConfigError(folder + ": the checkpoint was made with " + key + " = " +
-                        (saved.contains(key) ? saved.at(key).dump() : "(unset)") + ", this run has " + value.dump() +
-                        " (hint: resume with the original options; a different setting would not continue exactly)");
+    const json was = saved.contains(key) ? saved.at(key) : legacy_value(key);
+    if (was != value) {
+      const std::string hint = key == "packing" ? (was == false ? "resume with --no-packing" : "resume with --packing")
+                                                : "resume with the original options";
+      throw ConfigError(folder + ": the checkpoint was made with " + key + " = " + (was.is_null() ? "(unset)" : was.dump()) +
+                        ", this run has " + value.dump() + " (hint: " + hint +
+                        "; a different setting would not continue exactly)");
     }
   }
   const std::string fingerprint = std::to_string(data_fingerprint(train)) + "-" + std::to_string(data_fingerprint(validation));
@@ -406,6 +449,8 @@ void Trainer::State::load_checkpoint(const std::string& folder) {
 
 void Trainer::resume_from(const std::string& checkpoint) { s_->load_checkpoint(checkpoint); }
 
+const TrainOptions& Trainer::options() const { return s_->options; }
+
 double Trainer::validation_loss() {
   State& s = *s_;
   if (s.validation.empty()) throw ConfigError("Trainer: no validation data");
@@ -416,7 +461,7 @@ double Trainer::validation_loss() {
   for (size_t i = 0; i < s.validation.size(); i += s.options.batch_size) {
     std::vector<const TokenizedExample*> items;
     for (size_t j = i; j < std::min(s.validation.size(), i + s.options.batch_size); ++j) items.push_back(&s.validation[j]);
-    const Batch batch = make_batch(items, s.pad_id, s.options.max_length);
+    const Batch batch = s.make_micro_batch(items);
     sum += completion_loss_sum(s.model, batch).item<double>();
     count += batch.target_tokens;
   }
@@ -431,6 +476,13 @@ TrainResult Trainer::run(const TrainCallbacks& callbacks) {
   std::vector<at::Tensor> tensors;
   for (const auto& p : s.params) tensors.push_back(p.second);
   s.model.train();
+  // Checkpointing is this run's choice: the model gets its own setting back however the run ends.
+  struct CheckpointingScope {
+    models::CausalLM& model;
+    bool before;
+    ~CheckpointingScope() { model.set_activation_checkpointing(before); }
+  } checkpointing{s.model, s.model.activation_checkpointing()};
+  s.model.set_activation_checkpointing(o.checkpoint_activations);
   auto finish = [&](TrainResult r) {
     r.steps_done = s.step;
     r.best_step = s.best_step;
@@ -441,6 +493,7 @@ TrainResult Trainer::run(const TrainCallbacks& callbacks) {
   };
   result.stopped_early = s.stopped_early;
   while (!s.stopped_early && s.step < o.max_steps) {
+    if (callbacks.on_step_begin) callbacks.on_step_begin(s.step + 1);
     const auto start = std::chrono::steady_clock::now();
     std::vector<Batch> micro;
     int64_t targets = 0;
@@ -448,7 +501,7 @@ TrainResult Trainer::run(const TrainCallbacks& callbacks) {
       std::vector<const TokenizedExample*> items;
       const int64_t first = (s.step * o.grad_accum + m) * o.batch_size;
       for (int64_t k = 0; k < o.batch_size; ++k) items.push_back(&s.stream_example(first + k));
-      micro.push_back(make_batch(items, s.pad_id, o.max_length));
+      micro.push_back(s.make_micro_batch(items));
       targets += micro.back().target_tokens;
     }
     s.optimizer->zero_grad();
@@ -540,7 +593,7 @@ void prepare_output_dir(const std::string& dir, bool resume, bool overwrite) {
   if (used && !resume) {
     if (!overwrite) throw ConfigError(dir + ": holds an earlier run (hint: resume it, or overwrite to start over)");
     for (const std::string name : {"metrics.jsonl", "checkpoints", "adapter", "merged", "loss.png", "summary.json",
-                                   "eval_before.json", "predictions_before.jsonl", "predictions_after.jsonl"}) {
+                                   "eval_before.json", "predictions_before.jsonl", "predictions_after.jsonl", "profile.md"}) {
       util::remove_tree(util::join_path(dir, name));
     }
   }
