@@ -312,7 +312,10 @@ def main():
 
     png = os.path.join(args.work, "loss_tiedlora_vs_peft.png")
     # A build without cairo (the GPU machine) draws no chart: the numbers still count.
-    plotted = subprocess.run([args.tiedlora, "plot"] + [f"{path if path.endswith('.jsonl') else os.path.join(path, 'metrics.jsonl')}={label}"
+    def legend(label):  # short enough for the chart's legend
+        return label.replace("transformers + PEFT LoRA", "PEFT").replace(f"tiedlora {args.method}", "tiedlora").replace(
+            "DataCollatorWithFlattening", "flattened")
+    plotted = subprocess.run([args.tiedlora, "plot"] + [f"{path if path.endswith('.jsonl') else os.path.join(path, 'metrics.jsonl')}={legend(label)}"
                                                         for label, (path, _) in runs.items()] +
                              ["--out", png, "--title", f"r{args.rank} SmolLM2-135M {args.dtype}: tiedlora vs transformers + PEFT"],
                              capture_output=True, text=True)

@@ -2,6 +2,7 @@
 #include "finetune/operator_profile.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <vector>
 
@@ -41,6 +42,9 @@ OperatorProfile::~OperatorProfile() {
 }
 
 void OperatorProfile::start() {
+  // Kineto logs an ERROR line on a machine without a GPU (it probes for one); its own variable, unless the
+  // user set it, keeps the output to what matters.
+  ::setenv("KINETO_LOG_LEVEL", "5", /*overwrite=*/0);
   const ProfilerConfig config(ProfilerState::KINETO);
   const std::set<ActivityType> activities{ActivityType::CPU};
   profiler::prepareProfiler(config, activities);
