@@ -220,10 +220,11 @@ def measure_memory(args, work):
     """Peak RSS and step time of tiedlora at one long sequence, with and without activation checkpointing."""
     task = os.path.join(work, "long_task")
     os.makedirs(task, exist_ok=True)
-    # Prose of about --memory-length tokens per example (SmolLM2's tokenizer: about 1.3 tokens per word here).
+    # Prose of about --memory-length tokens per example (SmolLM2's tokenizer: about 1.05 tokens per word here;
+    # 2048 asked with the earlier estimate of 1.35 gave 1614 tokens).
     words = ("the quick brown fox jumps over the lazy dog while seven curious otters count shiny pebbles "
              "beside a quiet river and a heron waits ").split()
-    prompt = " ".join(words[i % len(words)] for i in range(int(args.memory_length / 1.35)))
+    prompt = " ".join(words[i % len(words)] for i in range(int(args.memory_length / 1.05)))
     with open(os.path.join(task, "train.jsonl"), "w") as f:
         for k in range(4):
             f.write(json.dumps({"prompt": f"{k}: {prompt}", "completion": "otters"}) + "\n")

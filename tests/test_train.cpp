@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <optional>
 #include <random>
 #include <set>
@@ -316,7 +317,10 @@ TEST(Trainer, PackedRunFollowsThePaddedRunAndPackingIsOnWhereExact) {
     tt::Trainer trainer(*model, train, {}, o, 0);
     std::vector<double> losses;
     tt::TrainCallbacks callbacks;
-    callbacks.on_step = [&](const tt::StepRecord& r) { losses.push_back(r.loss); };
+    callbacks.on_step = [&](const tt::StepRecord& r) {
+      losses.push_back(r.loss);
+      EXPECT_EQ(model->activation_checkpointing(), checkpoint) << "during the run the model follows the option";
+    };
     trainer.run(callbacks);
     std::vector<at::Tensor> adapter;
     for (const auto& p : tiedlora::trainable_parameters(*model)) adapter.push_back(p.detach().clone());
@@ -345,6 +349,61 @@ TEST(Trainer, PackedRunFollowsThePaddedRunAndPackingIsOnWhereExact) {
   const auto checkpointed_losses = std::get<1>(run(true, "tied-abuv", 0.1, /*checkpoint=*/true));
   ASSERT_EQ(checkpointed_losses.size(), plain_losses.size());
   for (size_t i = 0; i < plain_losses.size(); ++i) EXPECT_NEAR(checkpointed_losses[i], plain_losses[i], 1e-6 * plain_losses[i]);
+  tiedlora::util::remove_tree(root);
+}
+
+// A checkpoint written before packing existed has no packing options: it resumes as the padded run it was,
+// and a run that would pack by default is refused with a hint; a packed checkpoint is not resumed padded.
+TEST(Trainer, CheckpointsFromBeforePackingResumeAsPaddedRuns) {
+  const std::string root = make_temp_dir();
+  const auto train = varied_examples(24, 15);
+  auto options = [&](std::optional<bool> packing, const std::string& dir) {
+    tt::TrainOptions o;
+    o.max_steps = 4;
+    o.batch_size = 4;
+    o.max_length = 24;
+    o.packing = packing;
+    o.output_dir = dir;
+    return o;
+  };
+  auto trainer_for = [&](std::optional<bool> packing, const std::string& dir) {
+    auto model = tiny_model(root);
+    inject(*model, "lora");
+    return std::make_pair(model, std::make_unique<tt::Trainer>(*model, train, std::vector<tt::TokenizedExample>{},
+                                                               options(packing, dir), 0));
+  };
+  {
+    auto old_run = options(false, root + "/old");
+    old_run.stop_at_step = 2;
+    auto model = tiny_model(root);
+    inject(*model, "lora");
+    tt::Trainer(*model, train, {}, old_run, 0).run();
+  }
+  const std::string checkpoint = tt::Trainer::latest_checkpoint(root + "/old");
+  ASSERT_FALSE(checkpoint.empty());
+  {  // as an older tiedlora wrote it
+    std::ifstream in(checkpoint + "/trainer_state.json");
+    json state = json::parse(in);
+    for (const char* key : {"packing", "pack_length", "group_by_length"}) state["options"].erase(key);
+    std::ofstream(checkpoint + "/trainer_state.json") << state.dump(2);
+  }
+  auto [auto_model, automatic] = trainer_for(std::nullopt, root + "/old");
+  EXPECT_NE(tiedlora::testing::error_of([&] { automatic->resume_from(checkpoint); }).find("--no-packing"), std::string::npos);
+  auto [padded_model, padded] = trainer_for(false, root + "/old");
+  padded->resume_from(checkpoint);
+  EXPECT_EQ(padded->run().steps_done, 4);
+
+  {
+    auto packed_run = options(true, root + "/packed");
+    packed_run.stop_at_step = 2;
+    auto model = tiny_model(root);
+    inject(*model, "lora");
+    tt::Trainer(*model, train, {}, packed_run, 0).run();
+  }
+  auto [other_model, other] = trainer_for(false, root + "/packed");
+  EXPECT_NE(tiedlora::testing::error_of([&] { other->resume_from(tt::Trainer::latest_checkpoint(root + "/packed")); })
+                .find("packing"),
+            std::string::npos);
   tiedlora::util::remove_tree(root);
 }
 

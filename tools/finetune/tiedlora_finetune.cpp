@@ -209,6 +209,10 @@ int run(Args& args) {
   }
   if (args.warmup_ratio >= 0) options.warmup_steps = std::lround(args.warmup_ratio * options.max_steps);
   options.validate();  // before the output folder exists: a bad option leaves nothing behind
+  if (args.profile_step > options.max_steps) {
+    throw tiedlora::ConfigError("--profile-step " + std::to_string(args.profile_step) + " is beyond --steps " +
+                                std::to_string(options.max_steps));
+  }
 
   // Adapter.
   torch::manual_seed(options.seed);
@@ -266,10 +270,6 @@ int run(Args& args) {
   // --profile-step N: the profiler records exactly step N (batches, forward, backward, optimizer), not the
   // validation or checkpoint around it; a run that ends before step N stops it without a table.
   tiedlora::tools::OperatorProfile profile(model->parameters().front().is_cuda());
-  if (args.profile_step > options.max_steps) {
-    throw tiedlora::ConfigError("--profile-step " + std::to_string(args.profile_step) + " is beyond --steps " +
-                                std::to_string(options.max_steps));
-  }
   callbacks.on_step_begin = [&](int64_t step) {
     if (step == args.profile_step) profile.start();
   };

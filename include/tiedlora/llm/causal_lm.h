@@ -67,7 +67,8 @@ class CausalLM : public torch::nn::Module {
     return decode(input_ids, cache, nullptr);
   }
   /// The hidden states of packed rows (PackedLayout): equal, segment by segment, to running each segment
-  /// alone. Throws tiedlora::ConfigError when the lengths do not cover the rows.
+  /// alone. Throws tiedlora::ConfigError for another number of rows, a length that is not positive, or
+  /// segments longer than their row (what they leave of a row is padding).
   at::Tensor hidden_states(const at::Tensor& input_ids, const PackedLayout& layout);
   /// The output head: logits (..., vocab) of hidden states (..., dim).
   virtual at::Tensor logits(const at::Tensor& hidden) = 0;

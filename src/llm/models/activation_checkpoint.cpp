@@ -10,6 +10,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/custom_class.h>
 
+#include "tiedlora/core/functional.h"
+
 namespace tiedlora::models::detail {
 namespace {
 
@@ -43,15 +45,19 @@ struct SavedBlock : torch::CustomClassHolder {
   at::Tensor cuda_rng;  // undefined unless the input is on a GPU
   c10::Device device = at::kCPU;
   AutocastState autocast;
+  // The kernel choice is per thread, and on a GPU the backward pass runs on the device's autograd thread:
+  // the recomputation must use the forward's, or it computes another forward (and loses the kernels).
+  functional::Backend backend = functional::Backend::aten;
 };
 
 at::Generator cuda_generator(const c10::Device& device) { return at::globalContext().defaultGenerator(device); }
 
-// For the recomputation: the random states and the autocast state of the forward, then the caller's back,
-// however the recomputation ends.
+// For the recomputation: the random states, the autocast state and the kernel choice of the forward, then
+// the caller's back, however the recomputation ends.
 class ReplayScope {
  public:
-  explicit ReplayScope(const SavedBlock& saved) : saved_(saved), autocast_(AutocastState::current()) {
+  explicit ReplayScope(const SavedBlock& saved)
+      : saved_(saved), autocast_(AutocastState::current()), backend_(saved.backend) {
     // The CUDA generator first: if it throws, nothing has been changed yet. The CPU generator's calls do
     // not throw for a state it produced itself.
     if (saved.cuda_rng.defined()) {
@@ -77,6 +83,7 @@ class ReplayScope {
  private:
   const SavedBlock& saved_;
   AutocastState autocast_;
+  functional::BackendGuard backend_;
   at::Tensor cpu_rng_, cuda_rng_;
 };
 
@@ -132,6 +139,7 @@ at::Tensor checkpointed(BlockFunction block, const at::Tensor& x, const std::vec
   saved->block = std::move(block);
   saved->cpu_rng = at::detail::getDefaultCPUGenerator().get_state();
   saved->autocast = AutocastState::current();
+  saved->backend = functional::current_backend();
   if (x.is_cuda()) {
     saved->device = x.device();
     saved->cuda_rng = cuda_generator(x.device()).get_state();

@@ -116,7 +116,9 @@ at::Tensor attend_packed(const at::Tensor& q, const at::Tensor& k, const at::Ten
     for (int64_t length : lengths) used += length;
     const int64_t padding = q.size(2) - used;
     if (padding > 0) lengths.push_back(padding);
-    auto segments = [&](const at::Tensor& z) { return z.narrow(0, r, 1).split_with_sizes(lengths, 2); };
+    auto segments = [&](const at::Tensor& z) {
+      return (q.size(0) == 1 ? z : z.narrow(0, r, 1)).split_with_sizes(lengths, 2);  // one row: no narrow (its backward copies)
+    };
     const auto qs = segments(q), ks = segments(k), vs = segments(v);
     std::vector<at::Tensor> parts;
     for (size_t i = 0; i < lengths.size(); ++i) {
