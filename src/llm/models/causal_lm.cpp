@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <functional>
 #include <map>
+#include <numeric>
 #include <set>
 #include <sstream>
 
@@ -20,6 +21,7 @@
 
 #include "llm/models/activation_checkpoint.h"
 #include "tiedlora/core/error.h"
+#include "tiedlora/core/inject.h"
 #include "tiedlora/formats/gguf.h"
 #include "tiedlora/formats/gguf_tensor.h"
 #include "tiedlora/formats/hf_config.h"
@@ -103,6 +105,19 @@ int64_t longest_segment(const PackedLayout& layout) {
   return longest;
 }
 
+// The positions of the tokens of one forward pass and the longest run of positions any sequence in it
+// spans (what a learned position table or a sliding window must cover).
+struct Positions {
+  at::Tensor ids;
+  int64_t span = 0;
+};
+Positions positions_of(const at::Tensor& input_ids, const KVCache* cache, const PackedLayout* packed) {
+  const int64_t t = input_ids.size(1);
+  if (packed) return {packed_positions(*packed, t, input_ids.device()), longest_segment(*packed)};
+  const int64_t past = cache ? cache->length() : 0;
+  return {token_positions(input_ids, cache, past, t), past + t};
+}
+
 // Causal attention within each segment of packed rows, one segment at a time: the work is the sum of the
 // squared segment lengths, never the square of the row (a block-diagonal mask over the row would compute
 // every masked score).
@@ -111,23 +126,19 @@ at::Tensor attend_packed(const at::Tensor& q, const at::Tensor& k, const at::Ten
   for (int64_t r = 0; r < q.size(0); ++r) {
     // One split per tensor (its backward is one concatenation), not a narrow per segment (whose backward
     // would write a zero tensor of the whole row for every segment).
-    std::vector<int64_t> lengths = layout.segment_lengths[static_cast<size_t>(r)];
-    int64_t used = 0;
-    for (int64_t length : lengths) used += length;
-    const int64_t padding = q.size(2) - used;
+    const auto& examples = layout.segment_lengths[static_cast<size_t>(r)];
+    const int64_t padding = q.size(2) - std::accumulate(examples.begin(), examples.end(), int64_t{0});
+    std::vector<int64_t> lengths = examples;
     if (padding > 0) lengths.push_back(padding);
     auto segments = [&](const at::Tensor& z) {
       return (q.size(0) == 1 ? z : z.narrow(0, r, 1)).split_with_sizes(lengths, 2);  // one row: no narrow (its backward copies)
     };
     const auto qs = segments(q), ks = segments(k), vs = segments(v);
     std::vector<at::Tensor> parts;
-    for (size_t i = 0; i < lengths.size(); ++i) {
-      if (padding > 0 && i + 1 == lengths.size()) {
-        parts.push_back(at::zeros_like(qs[i]));  // the padding: no attention work
-      } else {
-        parts.push_back(at::scaled_dot_product_attention(qs[i], ks[i], vs[i], {}, 0.0, /*is_causal=*/lengths[i] > 1));
-      }
+    for (size_t i = 0; i < examples.size(); ++i) {
+      parts.push_back(at::scaled_dot_product_attention(qs[i], ks[i], vs[i], {}, 0.0, /*is_causal=*/examples[i] > 1));
     }
+    if (padding > 0) parts.push_back(at::zeros_like(qs.back()));  // the padding: no attention work
     rows.push_back(parts.size() == 1 ? parts.front() : at::cat(parts, 2));
   }
   return rows.size() == 1 ? rows.front() : at::cat(rows, 0);
@@ -184,10 +195,7 @@ class BlockRunner {
     checkpoint_ = true;
     // The recomputation runs after this call returns: it keeps its own copy of the layout.
     if (packed) packed_copy_ = std::make_shared<const PackedLayout>(*packed);
-    std::set<const void*> seen;  // a tie group's shared factors are reachable from many layers: listed once
-    for (const auto& p : model.parameters()) {
-      if (p.requires_grad() && seen.insert(p.unsafeGetTensorImpl()).second) trainable_.push_back(p);
-    }
+    trainable_ = trainable_parameters(model);  // each tensor once: a tie group's shared factors too
   }
   at::Tensor operator()(const at::Tensor& x, const Block& block) {
     if (!checkpoint_) return block(x, cache_, packed_);
@@ -283,11 +291,10 @@ class Gpt2LMHead : public CausalLM {
 
  protected:
   at::Tensor decode(const at::Tensor& ids, KVCache* cache, const PackedLayout* packed) override {
-    const int64_t past = cache ? cache->length() : 0, t = ids.size(1);
-    const int64_t span = packed ? longest_segment(*packed) : past + t;
-    TORCH_CHECK(span <= sizes_.positions, "GPT-2: ", span, " positions exceed n_positions = ", sizes_.positions);
-    const at::Tensor positions = packed ? packed_positions(*packed, t, ids.device()) : token_positions(ids, cache, past, t);
-    auto x = transformer_->wte(ids) + transformer_->wpe(positions);
+    const Positions positions = positions_of(ids, cache, packed);
+    TORCH_CHECK(positions.span <= sizes_.positions, "GPT-2: ", positions.span, " positions exceed n_positions = ",
+                sizes_.positions);
+    auto x = transformer_->wte(ids) + transformer_->wpe(positions.ids);
     BlockRunner run(*this, cache, packed);
     for (size_t i = 0; i < transformer_->h->size(); ++i) {
       auto block = transformer_->h->ptr<Gpt2BlockImpl>(i);
@@ -313,14 +320,14 @@ struct LlamaSizes {
   at::ScalarType dtype;
 };
 
-// RMSNorm as transformers computes it: in fp32 (fp64 for an fp64 model, which tests use as the exact
-// reference), then back to the input dtype before the weight.
+// RMSNorm as transformers computes it: in fp32 at least (an fp64 model, the tests' exact reference, stays in
+// fp64), then back to the input dtype before the weight.
 struct RmsNormImpl : torch::nn::Module {
   at::Tensor weight;
   double eps;
   RmsNormImpl(int64_t dim, double eps_) : eps(eps_) { weight = register_parameter("weight", at::ones({dim})); }
   at::Tensor forward(const at::Tensor& x) {
-    const auto x32 = x.scalar_type() == at::kDouble ? x : x.to(at::kFloat);
+    const auto x32 = x.to(at::promote_types(x.scalar_type(), at::kFloat));
     const auto normed = x32 * at::rsqrt(x32.pow(2).mean(-1, true) + eps);
     return weight * normed.to(x.scalar_type());
   }
@@ -414,10 +421,9 @@ class LlamaForCausalLM : public CausalLM {
 
  protected:
   at::Tensor decode(const at::Tensor& ids, KVCache* cache, const PackedLayout* packed) override {
-    const int64_t past = cache ? cache->length() : 0, t = ids.size(1);
-    const int64_t span = packed ? longest_segment(*packed) : past + t;
+    const Positions positions = positions_of(ids, cache, packed);
     // Within the window, sliding-window attention is full attention; beyond it, refused rather than wrong.
-    TORCH_CHECK(s_.sliding_window == 0 || span <= s_.sliding_window, source_, ": ", span,
+    TORCH_CHECK(s_.sliding_window == 0 || positions.span <= s_.sliding_window, source_, ": ", positions.span,
                 " positions exceed the model's sliding_window of ", s_.sliding_window,
                 "; sliding-window attention beyond the window is not supported (hint: shorten the sequences)");
     auto x = model_->embed_tokens(ids);
@@ -426,8 +432,7 @@ class LlamaForCausalLM : public CausalLM {
         1.0 / at::pow(s_.rope_theta, at::arange(0, s_.head_dim, 2, ids.options().dtype(at::kLong)).to(at::kFloat) /
                                          static_cast<double>(s_.head_dim));
     // (1 or batch, 1, t, head_dim / 2): broadcast over the heads of q and k.
-    const at::Tensor positions = packed ? packed_positions(*packed, t, ids.device()) : token_positions(ids, cache, past, t);
-    const auto freqs = (positions.to(at::kFloat).unsqueeze(-1) * inv_freq).unsqueeze(1);
+    const auto freqs = (positions.ids.to(at::kFloat).unsqueeze(-1) * inv_freq).unsqueeze(1);
     const auto emb = at::cat({freqs, freqs}, -1);
     const auto cos = emb.cos().to(x.scalar_type()), sin = emb.sin().to(x.scalar_type());
     BlockRunner run(*this, cache, packed);

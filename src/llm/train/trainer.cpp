@@ -145,9 +145,10 @@ at::Tensor completion_loss_sum(models::CausalLM& model, const Batch& batch) {
   const at::Tensor hidden = batch.packed() ? model.hidden_states(ids, batch.layout) : model.hidden_states(ids);
   const at::Tensor mask = labels.ne(-100);
   // The head (vocab x dim) runs on the completion positions only.
-  at::Tensor logits = model.logits(hidden.index({mask}));
-  if (logits.scalar_type() != at::kDouble) logits = logits.to(at::kFloat);  // fp32 at least (fp64: tests' exact reference)
-  return at::cross_entropy_loss(logits, labels.masked_select(mask), {}, at::Reduction::Sum);
+  // fp32 at least (an fp64 model, the tests' exact reference, stays in fp64).
+  const at::Tensor logits = model.logits(hidden.index({mask}));
+  const at::Tensor wide = logits.to(at::promote_types(logits.scalar_type(), at::kFloat));
+  return at::cross_entropy_loss(wide, labels.masked_select(mask), {}, at::Reduction::Sum);
 }
 
 std::vector<int64_t> epoch_order(const std::vector<TokenizedExample>& train, const TrainOptions& options, int64_t epoch) {
