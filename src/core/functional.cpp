@@ -4,6 +4,9 @@
 // docs/cuda.md pass) CUDA tensors go through src/core/cuda/dispatch.h.
 #include "tiedlora/core/functional.h"
 
+#include <cmath>
+#include <optional>
+
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -226,10 +229,12 @@ BackendGuard::BackendGuard(Backend backend) : previous_(t_backend) { t_backend =
 BackendGuard::~BackendGuard() { t_backend = previous_; }
 Backend current_backend() { return t_backend; }
 
-at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                       const LowRankUpdate& update, const at::Tensor& adapter_input) {
+namespace {
+
+// Shapes, dtypes and devices of one adapted layer's arguments, each refusal naming the argument.
+void check_arguments(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                     const LowRankUpdate& update, const at::Tensor& adapter_input) {
   const at::Tensor &lora_a = update.lora_a, &lora_b = update.lora_b, &u = update.u, &v = update.v;
-  const double scale = update.scale;
   TORCH_CHECK(weight.defined() && weight.dim() == 2, "lora_linear: weight must be 2-D (d_out, d_in), got ",
               weight.defined() ? weight.sizes() : at::IntArrayRef{});
   const int64_t in = weight.size(1), out = weight.size(0);
@@ -264,28 +269,117 @@ at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const 
   if (u.defined()) check_same_device(u, weight, "u");
   if (v.defined()) check_same_device(v, weight, "v");
   if (adapter_input.defined()) check_same_device(adapter_input, weight, "adapter_input");
+}
+
+// autocast's dtype when it is on for `input`'s device.
+std::optional<at::ScalarType> autocast_dtype(const at::Tensor& input) {
+  const auto device_type = input.device().type();
+  if ((device_type == at::kCPU || device_type == at::kCUDA) && at::autocast::is_autocast_enabled(device_type)) {
+    return at::autocast::get_autocast_dtype(device_type);
+  }
+  return std::nullopt;
+}
+
+void check_16bit_pair(const at::Tensor& input, const at::Tensor& weight) {
+  const auto reduced = [](at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; };
+  TORCH_CHECK(!(reduced(input.scalar_type()) && reduced(weight.scalar_type()) && input.scalar_type() != weight.scalar_type()),
+              "lora_linear: input is ", input.scalar_type(), " but weight is ", weight.scalar_type(),
+              "; the frozen matmul runs in the weight's dtype, and converting one 16-bit format into the other can "
+              "overflow or lose precision (hint: load the model in the activations' dtype, or use autocast)");
+}
+
+}  // namespace
+
+at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                       const LowRankUpdate& update, const at::Tensor& adapter_input) {
+  const at::Tensor &lora_a = update.lora_a, &lora_b = update.lora_b, &u = update.u, &v = update.v;
+  const double scale = update.scale;
+  check_arguments(input, weight, bias, update, adapter_input);
   auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
   // Autocast: the layer does what torch::nn::Linear does under the same autocast (PyTorch's
   // custom_fwd(cast_inputs=...)): the input, the weight and the bias go to the autocast dtype (autocast's
   // own cast, which copies only what is stored in another dtype), the function runs with autocast off, and
   // returns the autocast dtype. The adapter factors keep their dtype (fp32), as PEFT keeps them.
-  const auto device_type = input.device().type();
-  const bool autocast = (device_type == at::kCPU || device_type == at::kCUDA) && at::autocast::is_autocast_enabled(device_type);
+  const std::optional<at::ScalarType> autocast = autocast_dtype(input);
   if (!autocast) {
-    const auto reduced = [](at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; };
-    TORCH_CHECK(!(reduced(input.scalar_type()) && reduced(weight.scalar_type()) && input.scalar_type() != weight.scalar_type()),
-                "lora_linear: input is ", input.scalar_type(), " but weight is ", weight.scalar_type(),
-                "; the frozen matmul runs in the weight's dtype, and converting one 16-bit format into the other can "
-                "overflow or lose precision (hint: load the model in the activations' dtype, or use autocast)");
+    check_16bit_pair(input, weight);
     return LoraLinearFunction::apply(input, optional(adapter_input), weight, optional(bias), lora_a, lora_b,
                                      optional(u), optional(v), scale);
   }
   // As autocast itself: only fp32/fp16/bf16 tensors are cast (a double layer stays double).
-  const auto dtype = at::autocast::get_autocast_dtype(device_type);
-  auto cast = [&](const at::Tensor& t) { return t.defined() && t.scalar_type() != at::kDouble ? as(t, dtype) : t; };
+  auto cast = [&](const at::Tensor& t) { return t.defined() && t.scalar_type() != at::kDouble ? as(t, *autocast) : t; };
   const at::Tensor x = cast(input), xa = cast(adapter_input), w = cast(weight), b0 = cast(bias);
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   return LoraLinearFunction::apply(x, optional(xa), w, optional(b0), lora_a, lora_b, optional(u), optional(v), scale);
+}
+
+at::Tensor lora_linear_routed(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                              const std::vector<RoutedUpdate>& updates) {
+  for (const RoutedUpdate& routed : updates) {
+    check_arguments(input, weight, bias, routed.update, routed.adapter_input);
+    if (!routed.rows.defined()) continue;
+    TORCH_CHECK(input.dim() >= 2, "lora_linear_routed: input must have a batch dimension to route rows, got shape ",
+                input.sizes());
+    TORCH_CHECK(routed.rows.dim() == 1 && routed.rows.scalar_type() == at::kLong && routed.rows.device() == input.device(),
+                "lora_linear_routed: rows must be a 1-D int64 tensor on the input's device, got ", routed.rows.sizes(), " ",
+                routed.rows.scalar_type(), " on ", routed.rows.device());
+  }
+  // Autocast as lora_linear(): input, W and bias in autocast's dtype, the rest with autocast off.
+  const std::optional<at::ScalarType> autocast = autocast_dtype(input);
+  if (!autocast) check_16bit_pair(input, weight);
+  auto cast = [&](const at::Tensor& t) {
+    return autocast && t.defined() && t.scalar_type() != at::kDouble ? as(t, *autocast) : t;
+  };
+  const at::Tensor x = cast(input), w = cast(weight), b0 = cast(bias);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+
+  // The frozen GEMM once over every row, in W's dtype (W never converted), as lora_linear() runs it.
+  const int64_t in = w.size(1), out = w.size(0);
+  const auto type = compute_type(x.scalar_type());
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = out;
+  const at::Tensor xg = as(x.reshape({-1, in}), w.scalar_type());
+  at::Tensor y = b0.defined() ? at::addmm(as(b0, w.scalar_type()), xg, w.t()) : xg.mm(w.t());
+  y = as(y, type).reshape(out_shape);
+  // Each adapter's branch on its rows only (gathered, computed in fp32, added back where they came from):
+  // rows that name no adapter cost nothing. Plain autograd ops, so gradients reach each adapter from its
+  // rows alone.
+  for (const RoutedUpdate& routed : updates) {
+    const LowRankUpdate& update = routed.update;
+    const at::Tensor source = cast(routed.adapter_input.defined() ? routed.adapter_input : input);
+    const at::Tensor rows_in = routed.rows.defined() ? source.index_select(0, routed.rows) : source;
+    if (rows_in.numel() == 0) continue;
+    at::Tensor b_eff = as(update.lora_b, type) * update.scale;  // out of place: autograd keeps B, u, v
+    if (update.u.defined()) b_eff = b_eff * as(update.u, type).unsqueeze(0);
+    if (update.v.defined()) b_eff = b_eff * as(update.v, type).unsqueeze(1);
+    auto delta_shape = rows_in.sizes().vec();
+    delta_shape.back() = out;
+    const at::Tensor delta = as(rows_in.reshape({-1, in}), type).mm(as(update.lora_a, type).t()).mm(b_eff.t());
+    y = routed.rows.defined() ? y.index_add(0, routed.rows, delta.reshape(delta_shape)) : y + delta.reshape(delta_shape);
+  }
+  return as(y, x.scalar_type());
+}
+
+LowRankUpdate concatenated(const std::vector<LowRankUpdate>& updates, const std::vector<double>& weights) {
+  TORCH_CHECK(!updates.empty() && updates.size() == weights.size(),
+              "concatenated: needs one weight per update and at least one update, got ", updates.size(), " updates and ",
+              weights.size(), " weights");
+  at::ScalarType type = at::kFloat;
+  for (const auto& update : updates) {
+    if (update_compute_type(update) == at::kDouble) type = at::kDouble;
+  }
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> a, b;
+  for (size_t i = 0; i < updates.size(); ++i) {
+    TORCH_CHECK(std::isfinite(weights[i]), "concatenated: weight ", i, " is not finite");
+    TORCH_CHECK(updates[i].lora_a.size(1) == updates[0].lora_a.size(1) && updates[i].lora_b.size(0) == updates[0].lora_b.size(0),
+                "concatenated: update ", i, " is ", updates[i].lora_a.size(1), " -> ", updates[i].lora_b.size(0),
+                " but update 0 is ", updates[0].lora_a.size(1), " -> ", updates[0].lora_b.size(0));
+    const LowRankUpdate folded = folded_into_lora(updates[i]);
+    a.push_back(as(folded.lora_a, type));
+    b.push_back(as(folded.lora_b, type) * weights[i]);
+  }
+  return {at::cat(a, 0), at::cat(b, 1), {}, {}, 1.0};
 }
 
 int64_t count_non_finite(const at::Tensor& t) {

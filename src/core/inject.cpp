@@ -1,6 +1,8 @@
 // inject.cpp: adapter injection into a module tree (see tiedlora/core/inject.h).
 #include "tiedlora/core/inject.h"
 
+#include <algorithm>
+#include <cmath>
 #include <map>
 #include <set>
 #include <sstream>
@@ -17,6 +19,11 @@ namespace tiedlora {
 namespace {
 
 constexpr const char* kGroupsName = "tiedlora_groups";
+
+// The root's registry of the tie groups of adapter `adapter`.
+std::string groups_module(const std::string& adapter) {
+  return adapter == kDefaultAdapter ? kGroupsName : std::string(kGroupsName) + "_" + adapter;
+}
 
 std::shared_ptr<torch::nn::Module> child_of(const torch::nn::Module& parent, const std::string& name) {
   for (const auto& item : parent.named_children()) {
@@ -83,21 +90,27 @@ int64_t count_unique(const std::vector<at::Tensor>& tensors, bool trainable_only
 
 InjectionReport inject_adapters(torch::nn::Module& root, const InjectOptions& options) {
   const AdapterMethod method = options.method();
+  const std::string& adapter = options.adapter_name();
+  check_adapter_name(adapter);
   options.lora().validate();
-  if (child_of(root, kGroupsName)) {
-    throw ConfigError("the model already carries tiedlora adapters (it has a '" + std::string(kGroupsName) +
-                      "' module); inject into a fresh model");
+  const std::string groups_name = groups_module(adapter);
+  if (child_of(root, groups_name)) {
+    throw ConfigError("the model already carries the tied adapter '" + adapter + "' (it has a '" + groups_name +
+                      "' module) (hint: inject under another adapter_name, or delete_adapter() it first)");
   }
-  // A model carries one adapter configuration (what save_adapter writes and load_adapter reads); more
-  // layers may join it, but another method, rank or scale is refused now rather than at save time.
-  for (const auto& [name, layer] : adapted_layers(root)) {
-    if (!layer->same_configuration(method, options.lora())) {
-      throw ConfigError("the model already carries a " + layer->method().name() + " adapter of rank " +
-                        std::to_string(layer->lora_options().rank()) + " (on '" + name + "'), and one model carries one adapter "
-                        "configuration, so " + method.name() + " at rank " + std::to_string(options.lora().rank()) +
-                        " cannot be added (hint: inject with the same method, rank and alpha, or into a fresh model)");
+  // One adapter has one configuration (what save_adapter writes and load_adapter reads); more layers may
+  // join it, but another method, rank or scale is refused now rather than at save time.
+  for (const auto& [name, layer] : adapted_layers(root, adapter)) {
+    if (!layer->same_configuration(method, options.lora(), adapter)) {
+      throw ConfigError("the model already carries a " + layer->method(adapter).name() + " adapter '" + adapter +
+                        "' of rank " + std::to_string(layer->lora_options(adapter).rank()) + " (on '" + name +
+                        "'), and one adapter has one configuration, so " + method.name() + " at rank " +
+                        std::to_string(options.lora().rank()) + " cannot be added to it (hint: inject with the same "
+                        "method, rank and alpha, or under another adapter_name)");
     }
   }
+  const std::vector<std::string> names_before = adapter_names(root);
+  const std::vector<std::string> active = names_before.empty() ? std::vector<std::string>{adapter} : active_adapters(root);
 
   // Describe the tree for selection. The named_modules() dictionary holds references to every module, so
   // it lives only inside this block: the reference counts checked below must not include it.
@@ -133,7 +146,7 @@ InjectionReport inject_adapters(torch::nn::Module& root, const InjectOptions& op
       std::shared_ptr<torch::nn::Module> module = child_of(parent, key);
       TORCH_INTERNAL_ASSERT(module, "selected module ", name, " vanished from the tree");
       if (auto lora = std::dynamic_pointer_cast<LoraLinearImpl>(module)) {
-        if (lora->has_adapter()) throw ConfigError("'" + name + "' already carries an adapter");
+        if (lora->has_adapter(adapter)) throw ConfigError("'" + name + "' already carries the adapter '" + adapter + "'");
         plan.in_place = std::move(lora);
       } else {
         // Held by the parent's registry and by `module` here; anything more is a member holder, a
@@ -186,8 +199,11 @@ InjectionReport inject_adapters(torch::nn::Module& root, const InjectOptions& op
   // extends the adapter; it must not freeze what the first one added); new adapters add their own tensors.
   std::unordered_set<const void*> existing_adapter;
   for (const auto& [name, layer] : adapted_layers(root)) {
-    for (const at::Tensor* t : {&layer->lora_A(), &layer->lora_B(), &layer->lora_u, &layer->lora_v}) {
-      if (t->defined()) existing_adapter.insert(t->unsafeGetTensorImpl());
+    for (const auto& carried : layer->adapter_names()) {
+      const functional::LowRankUpdate u = layer->update(carried);
+      for (const at::Tensor* t : {&u.lora_a, &u.lora_b, &u.u, &u.v}) {
+        if (t->defined()) existing_adapter.insert(t->unsafeGetTensorImpl());
+      }
     }
   }
   for (auto& p : root.parameters()) {
@@ -195,20 +211,21 @@ InjectionReport inject_adapters(torch::nn::Module& root, const InjectOptions& op
   }
 
   InjectionReport report;
+  report.adapter_name = adapter;
   report.method = method;
   report.rank = options.lora().rank();
   report.scale = options.lora().scale();
   torch::nn::ModuleDict registry;
   auto attach = [&](Plan& plan, TiedLoraFactors factors) -> std::shared_ptr<LoraLinearImpl> {
     const LoraOptions lora = options_for(options.lora(), plan.name);
-    if (plan.in_place) {
-      if (factors.is_empty()) plan.in_place->attach_lora(lora);
-      else plan.in_place->attach_tied(factors);
-      return plan.in_place;
+    std::shared_ptr<LoraLinearImpl> layer = plan.in_place;
+    if (!layer) {
+      layer = LoraLinear(plan.to_replace).ptr();
+      (plan.parent ? *plan.parent : root).replace_module(plan.child_key, layer);
     }
-    LoraLinear layer = factors.is_empty() ? LoraLinear(plan.to_replace, lora) : LoraLinear(plan.to_replace, factors);
-    (plan.parent ? *plan.parent : root).replace_module(plan.child_key, layer.ptr());
-    return layer.ptr();
+    if (factors.is_empty()) layer->attach_lora(lora, adapter);
+    else layer->attach_tied(factors, adapter);
+    return layer;
   };
   auto make_factors = [&](const std::string& owner, const ModuleGroup& group, at::Device device) {
     TiedLoraFactors factors(TiedLoraFactorsOptions(group.shape.in_features, group.shape.out_features, method,
@@ -231,7 +248,7 @@ InjectionReport inject_adapters(torch::nn::Module& root, const InjectOptions& op
     if (method.tied) {
       auto [factors, key] = make_factors(group.name, group, device_of(plans.at(group.modules.front())));
       shared = factors;
-      entry.registered_as = std::string(kGroupsName) + "." + key;
+      entry.registered_as = groups_name + "." + key;
       group_tensors.push_back(factors->lora_A);
       group_tensors.push_back(factors->lora_B);
     }
@@ -245,12 +262,19 @@ InjectionReport inject_adapters(torch::nn::Module& root, const InjectOptions& op
         group_tensors.push_back(factors->lora_B);
       }
       auto layer = attach(plan, factors);
-      for (const auto& t : layer->parameters(/*recurse=*/false)) group_tensors.push_back(t);
+      const functional::LowRankUpdate u = layer->update(adapter);
+      for (const at::Tensor* t : {&u.lora_a, &u.lora_b, &u.u, &u.v}) {
+        if (t->defined()) group_tensors.push_back(*t);
+      }
     }
     entry.trainable_parameters = count_unique(group_tensors, /*trainable_only=*/true);
     report.groups.push_back(std::move(entry));
   }
-  if (!registry->empty()) root.register_module(kGroupsName, registry);
+  if (!registry->empty()) root.register_module(groups_name, registry);
+  // The active set is the model's: layers adapted just now follow it like the others.
+  for (const auto& item : root.modules(/*include_self=*/false)) {
+    if (auto* layer = item->as<LoraLinearImpl>()) layer->set_active_adapters(active);
+  }
 
   const auto all = root.parameters();
   report.trainable_parameters = count_unique(all, true);
@@ -278,10 +302,12 @@ std::vector<at::Tensor> trainable_parameters(const torch::nn::Module& module) {
   }
   // Shared factors that no module of this tree registers would silently never train: refuse.
   for (const auto& [name, layer] : adapted_layers(module)) {
-    if (layer->adapter_kind() == AdapterKind::tied && !registered.count(layer->lora_A().unsafeGetTensorImpl())) {
-      throw ConfigError("layer '" + name + "' uses Tied-LoRA factors that no module of this model registers, so "
-                        "they would not train (hint: keep the layer that owns them, the first one attached, in "
-                        "the model, or inject with inject_adapters())");
+    for (const auto& adapter : layer->adapter_names()) {
+      if (layer->adapter_kind(adapter) == AdapterKind::tied && !registered.count(layer->lora_A(adapter).unsafeGetTensorImpl())) {
+        throw ConfigError("layer '" + name + "' uses Tied-LoRA factors (adapter '" + adapter + "') that no module of "
+                          "this model registers, so they would not train (hint: keep the layer that owns them, the "
+                          "first one attached, in the model, or inject with inject_adapters())");
+      }
     }
   }
   return out;
@@ -306,7 +332,11 @@ void merge_and_unload_(torch::nn::Module& module) {
     if (layer->adapter_enabled()) layer->merge_and_detach_();
     else layer->detach_adapter();
   }
-  if (child_of(module, kGroupsName)) module.unregister_module(kGroupsName);
+  std::vector<std::string> registries;
+  for (const auto& item : module.named_children()) {
+    if (item.key() == kGroupsName || item.key().rfind(std::string(kGroupsName) + "_", 0) == 0) registries.push_back(item.key());
+  }
+  for (const auto& name : registries) module.unregister_module(name);
 }
 
 std::vector<std::pair<std::string, LoraLinear>> adapted_layers(const torch::nn::Module& module) {
@@ -319,6 +349,187 @@ std::vector<std::pair<std::string, LoraLinear>> adapted_layers(const torch::nn::
   return out;
 }
 
+std::vector<std::pair<std::string, LoraLinear>> adapted_layers(const torch::nn::Module& module, const std::string& adapter) {
+  std::vector<std::pair<std::string, LoraLinear>> out;
+  for (auto& [name, layer] : adapted_layers(module)) {
+    if (layer->has_adapter(adapter)) out.emplace_back(name, layer);
+  }
+  return out;
+}
+
+std::vector<std::string> adapter_names(const torch::nn::Module& module) {
+  std::set<std::string> names;
+  for (const auto& [name, layer] : adapted_layers(module)) {
+    for (const auto& adapter : layer->adapter_names()) names.insert(adapter);
+  }
+  return {names.begin(), names.end()};
+}
+
+namespace {
+
+// Throws naming `adapter` and the adapters the model carries when it is not one of them.
+void require_adapter(const std::vector<std::string>& known, const std::string& adapter, const std::string& what) {
+  if (std::find(known.begin(), known.end(), adapter) != known.end()) return;
+  std::string list;
+  for (const auto& k : known) list += (list.empty() ? "" : ", ") + k;
+  throw ConfigError(what + ": the model carries no adapter named '" + adapter + "' (it carries " +
+                    (list.empty() ? std::string("none") : list) + ")");
+}
+
+std::vector<LoraLinearImpl*> lora_layers(torch::nn::Module& module) {
+  std::vector<LoraLinearImpl*> out;
+  for (const auto& item : module.modules(/*include_self=*/false)) {
+    if (auto* layer = item->as<LoraLinearImpl>()) out.push_back(layer);
+  }
+  return out;
+}
+
+}  // namespace
+
+void set_active_adapters(torch::nn::Module& module, const std::vector<std::string>& adapters) {
+  const auto known = adapter_names(module);
+  for (const auto& adapter : adapters) require_adapter(known, adapter, "set_active_adapters");
+  for (auto* layer : lora_layers(module)) layer->set_active_adapters(adapters);
+}
+
+std::vector<std::string> active_adapters(const torch::nn::Module& module) {
+  const auto layers = adapted_layers(module);
+  return layers.empty() ? std::vector<std::string>{} : layers.front().second->active_adapters();
+}
+
+void set_adapters_enabled(torch::nn::Module& module, bool enabled) {
+  for (auto& [name, layer] : adapted_layers(module)) layer->set_adapter_enabled(enabled);
+}
+
+void delete_adapter(torch::nn::Module& module, const std::string& adapter) {
+  require_adapter(adapter_names(module), adapter, "delete_adapter");
+  for (auto& [name, layer] : adapted_layers(module, adapter)) layer->detach_adapter(adapter);
+  const std::string registry = groups_module(adapter);
+  if (child_of(module, registry)) module.unregister_module(registry);
+  std::vector<std::string> active = active_adapters(module);
+  active.erase(std::remove(active.begin(), active.end(), adapter), active.end());
+  for (auto* layer : lora_layers(module)) layer->set_active_adapters(active);
+}
+
+std::shared_ptr<const RowAdapters> route_rows(const torch::nn::Module& module, std::vector<std::string> adapter_of_row) {
+  const auto known = adapter_names(module);
+  for (size_t i = 0; i < adapter_of_row.size(); ++i) {
+    if (!adapter_of_row[i].empty()) require_adapter(known, adapter_of_row[i], "row " + std::to_string(i));
+  }
+  return std::make_shared<const RowAdapters>(std::move(adapter_of_row));
+}
+
+void add_weighted_adapter(torch::nn::Module& module, const std::vector<std::string>& sources,
+                          const std::vector<double>& weights, const std::string& name) {
+  check_adapter_name(name);
+  const auto known = adapter_names(module);
+  if (std::find(known.begin(), known.end(), name) != known.end()) {
+    throw ConfigError("add_weighted_adapter: the model already carries an adapter named '" + name + "'");
+  }
+  if (sources.empty() || sources.size() != weights.size()) {
+    throw ConfigError("add_weighted_adapter: give one weight per source adapter and at least one source (got " +
+                      std::to_string(sources.size()) + " sources and " + std::to_string(weights.size()) + " weights)");
+  }
+  for (size_t k = 0; k < sources.size(); ++k) {
+    require_adapter(known, sources[k], "add_weighted_adapter");
+    if (!std::isfinite(weights[k])) throw ConfigError("add_weighted_adapter: the weight of '" + sources[k] + "' is not finite");
+  }
+  // The layers any source adapts.
+  std::vector<std::pair<std::string, LoraLinear>> layers;
+  for (auto& [layer_name, layer] : adapted_layers(module)) {
+    if (std::any_of(sources.begin(), sources.end(), [&](const std::string& s) { return layer->has_adapter(s); })) {
+      layers.emplace_back(layer_name, layer);
+    }
+  }
+  // The tied form: every source tied, without v, on the same layers grouped the same way.
+  bool tied = true;
+  for (const auto& [layer_name, layer] : layers) {
+    for (const auto& source : sources) {
+      if (layer->adapter_kind(source) != AdapterKind::tied || layer->method(source).has_v()) tied = false;
+    }
+    if (!tied) break;
+    for (const auto& [other_name, other] : layers) {  // same groups: layers share factors in every source alike
+      const bool same_group = layer->factors(sources[0]).get() == other->factors(sources[0]).get();
+      for (const auto& source : sources) {
+        if ((layer->factors(source).get() == other->factors(source).get()) != same_group) tied = false;
+      }
+    }
+  }
+  at::NoGradGuard no_grad;
+  // The rank of each source: its largest over the layers (one adapter has one rank).
+  std::vector<int64_t> ranks(sources.size(), 0);
+  for (const auto& [layer_name, layer] : layers) {
+    for (size_t k = 0; k < sources.size(); ++k) {
+      if (layer->has_adapter(sources[k])) ranks[k] = std::max(ranks[k], layer->lora_options(sources[k]).rank());
+    }
+  }
+  int64_t rank = 0;
+  for (int64_t r : ranks) rank += r;
+  const LoraOptions lora = LoraOptions(rank).alpha(static_cast<double>(rank));
+  // Source k's part of A in PEFT's "cat" order: w_k s_k diag(u_k) A_k, computed as PEFT does (A * w * s).
+  auto a_part = [&](const LoraLinearImpl& layer, size_t k) {
+    at::Tensor a = layer.lora_A(sources[k]).to(at::kFloat);
+    if (const at::Tensor& u = layer.lora_u_of(sources[k]); u.defined()) a = a * u.to(at::kFloat).unsqueeze(1);
+    return a.mul(weights[k]).mul(layer.scale(sources[k]));
+  };
+  auto b_part = [&](const LoraLinearImpl& layer, size_t k) {
+    at::Tensor b = layer.lora_B(sources[k]).to(at::kFloat);
+    if (const at::Tensor& v = layer.lora_v_of(sources[k]); v.defined()) b = b * v.to(at::kFloat).unsqueeze(1);
+    return b;
+  };
+  if (!tied) {
+    for (auto& [layer_name, layer] : layers) {
+      std::vector<at::Tensor> a, b;
+      for (size_t k = 0; k < sources.size(); ++k) {
+        if (!layer->has_adapter(sources[k])) continue;
+        a.push_back(a_part(*layer, k));
+        b.push_back(b_part(*layer, k));
+      }
+      if (a.empty()) continue;
+      layer->attach_lora(lora, name);
+      // Sources present first, zeros after (PEFT packs them the same way).
+      layer->lora_A(name).zero_().narrow(0, 0, at::cat(a, 0).size(0)).copy_(at::cat(a, 0));
+      layer->lora_B(name).zero_().narrow(1, 0, at::cat(b, 1).size(1)).copy_(at::cat(b, 1));
+    }
+  } else {
+    AdapterMethod method = AdapterMethod::parse("tied-ab");
+    for (const auto& [layer_name, layer] : layers) {
+      for (const auto& source : sources) method.train_u = method.train_u || layer->method(source).has_u();
+    }
+    torch::nn::ModuleDict registry;
+    std::map<const TiedLoraFactorsImpl*, TiedLoraFactors> made;  // source 0's factors -> the new group's
+    for (auto& [layer_name, layer] : layers) {
+      const TiedLoraFactors first = layer->factors(sources[0]);
+      auto it = made.find(first.get());
+      if (it == made.end()) {
+        std::vector<at::Tensor> a, b;
+        for (size_t k = 0; k < sources.size(); ++k) {
+          a.push_back(layer->factors(sources[k])->lora_A.to(at::kFloat).mul(weights[k]).mul(layer->scale(sources[k])));
+          b.push_back(layer->factors(sources[k])->lora_B.to(at::kFloat));
+        }
+        TiedLoraFactors factors(TiedLoraFactorsOptions(first->options.in_features(), first->options.out_features(), method, lora)
+                                    .name(first->options.name()));
+        factors->to(first->lora_A.device());
+        factors->lora_A.copy_(at::cat(a, 0));
+        factors->lora_B.copy_(at::cat(b, 1));
+        factors->set_owned(true);
+        registry->update({{registry_key(first->options.name().empty() ? layer_name : first->options.name()), factors.ptr()}});
+        it = made.emplace(first.get(), factors).first;
+      }
+      layer->attach_tied(it->second, name);
+      if (method.has_u()) {
+        std::vector<at::Tensor> u;
+        for (size_t k = 0; k < sources.size(); ++k) {
+          const at::Tensor& uk = layer->lora_u_of(sources[k]);
+          u.push_back(uk.defined() ? uk.to(at::kFloat) : at::ones({layer->lora_options(sources[k]).rank()}, layer->weight.options().dtype(at::kFloat)));
+        }
+        layer->lora_u_of(name).copy_(at::cat(u, 0));
+      }
+    }
+    module.register_module(groups_module(name), registry);
+  }
+}
+
 void merge_adapters_(torch::nn::Module& module) {
   for (auto& [name, layer] : adapted_layers(module)) layer->merge_();
 }
@@ -329,6 +540,7 @@ void unmerge_adapters_(torch::nn::Module& module) {
 
 std::string InjectionReport::to_json(int indent) const {
   nlohmann::ordered_json j;
+  if (!adapter_name.empty() && adapter_name != kDefaultAdapter) j["adapter"] = adapter_name;
   j["method"] = method.name();
   j["rank"] = rank;
   j["scale"] = scale;

@@ -1,6 +1,8 @@
 // modules.cpp: LoraLinear and TiedLoraFactors (see tiedlora/core/modules.h).
 #include "tiedlora/core/modules.h"
 
+#include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <ostream>
 
@@ -115,6 +117,53 @@ void TiedLoraFactorsImpl::pretty_print(std::ostream& stream) const {
          << ", method=" << options.method().name() << ")";
 }
 
+// ---- adapter names and row routing ----------------------------------------------------------------------
+
+void check_adapter_name(const std::string& name) {
+  const bool valid_chars = std::all_of(name.begin(), name.end(), [](unsigned char c) {
+    return std::isalnum(c) || c == '_' || c == '-';
+  });
+  if (name.empty() || name.size() > 64 || !valid_chars || name == "__base__") {
+    throw ConfigError("invalid adapter name '" + name + "' (hint: 1 to 64 letters, digits, '_' or '-'; it names a "
+                      "module and a subfolder; \"__base__\" is PEFT's word for no adapter)");
+  }
+}
+
+RowAdapters::RowAdapters(std::vector<std::string> adapter_of_row) : adapter_of_row_(std::move(adapter_of_row)) {
+  std::map<std::string, std::vector<int64_t>> rows;
+  for (size_t i = 0; i < adapter_of_row_.size(); ++i) {
+    const std::string& name = adapter_of_row_[i];
+    if (name.empty()) continue;
+    check_adapter_name(name);
+    rows[name].push_back(static_cast<int64_t>(i));
+  }
+  for (auto& [name, list] : rows) {
+    adapters_.push_back(name);
+    rows_[name] = at::tensor(list, at::kLong);
+  }
+}
+
+at::Tensor RowAdapters::rows_of(const std::string& adapter, at::Device device) const {
+  auto it = rows_.find(adapter);
+  if (it == rows_.end()) return {};
+  if (device.is_cpu()) return it->second;
+  const std::lock_guard<std::mutex> lock(mutex_);
+  at::Tensor& cached = on_device_[{adapter, device.str()}];
+  if (!cached.defined()) cached = it->second.to(device);
+  return cached;
+}
+
+namespace {
+thread_local std::shared_ptr<const RowAdapters> t_routing;
+}  // namespace
+
+std::shared_ptr<const RowAdapters> RowAdapters::current() { return t_routing; }
+
+RowAdaptersScope::RowAdaptersScope(std::shared_ptr<const RowAdapters> routing) : previous_(std::move(t_routing)) {
+  t_routing = std::move(routing);
+}
+RowAdaptersScope::~RowAdaptersScope() { t_routing = std::move(previous_); }
+
 // ---- LoraLinear -----------------------------------------------------------------------------------------
 
 LoraLinearImpl::LoraLinearImpl(LoraLinearOptions options_) : options(std::move(options_)) {
@@ -123,8 +172,9 @@ LoraLinearImpl::LoraLinearImpl(LoraLinearOptions options_) : options(std::move(o
               options.out_features());
   if (options.lora()) {
     options.lora()->validate();
-    kind_ = AdapterKind::lora;
-    lora_ = *options.lora();
+    Slot& slot = adapters_[kDefaultAdapter];
+    slot.kind = AdapterKind::lora;
+    slot.lora = *options.lora();
   }
   reset();
 }
@@ -150,7 +200,9 @@ LoraLinearImpl::LoraLinearImpl(const torch::nn::Linear& base, TiedLoraFactors fa
 }
 
 LoraLinearImpl::~LoraLinearImpl() {
-  if (owns_factors_ && factors_) factors_->set_owned(false);
+  for (auto& [name, slot] : adapters_) {
+    if (slot.owns_factors && slot.factors) slot.factors->set_owned(false);
+  }
 }
 
 void LoraLinearImpl::reset() {
@@ -173,9 +225,12 @@ void LoraLinearImpl::reset() {
       bias.uniform_(-bound, bound);
     }
   }
-  if (kind_ != AdapterKind::none) {
+  // Only a plain LoRA default adapter reaches here (the constructor's, or a clone's: clone() refuses
+  // shared factors and named adapters), and it is drawn again.
+  if (auto it = adapters_.find(kDefaultAdapter); it != adapters_.end()) {
+    it->second.holder = this;
     freeze_base();
-    register_adapter_tensors();
+    register_adapter_tensors(it->second);
   }
 }
 
@@ -184,34 +239,66 @@ void LoraLinearImpl::freeze_base() {
   if (bias.defined()) bias.requires_grad_(false);
 }
 
-// Registers and initialises the tensors the current adapter owns: lora_A and lora_B for plain LoRA,
-// lora_u and lora_v (when trained) for a tied adapter.
-void LoraLinearImpl::register_adapter_tensors() {
-  at::NoGradGuard no_grad;
-  const int64_t in = options.in_features(), out = options.out_features(), r = lora_.rank();
-  Initializer init(lora_, weight.device());
-  if (kind_ == AdapterKind::lora) {
-    own_a_ = register_parameter("lora_A", initial_a(init, lora_, in), /*requires_grad=*/true);
-    own_b_ = register_parameter("lora_B", initial_b(init, lora_, method_, out), /*requires_grad=*/true);
-  } else if (kind_ == AdapterKind::tied) {
-    // u starts at 1; v carries the zero when it trains (docs/method.md's rule).
-    if (method_.has_u()) lora_u = register_parameter("lora_u", init.full({r}, 1.0), true);
-    if (method_.has_v()) lora_v = register_parameter("lora_v", init.full({out}, 0.0), true);
+void LoraLinearImpl::sync_default_fields() {
+  auto it = adapters_.find(kDefaultAdapter);
+  lora_u = it == adapters_.end() ? at::Tensor() : it->second.u;
+  lora_v = it == adapters_.end() ? at::Tensor() : it->second.v;
+}
+
+// A new slot named `adapter`, its holder ready: this layer for the default adapter, else the module
+// `lora_adapters.<adapter>`.
+LoraLinearImpl::Slot& LoraLinearImpl::new_slot(const std::string& adapter, AdapterKind kind) {
+  check_adapter_name(adapter);
+  TORCH_CHECK(!adapters_.count(adapter), "LoraLinear: the layer already carries an adapter named '", adapter, "'");
+  unmerge_();  // a merged weight must not outlive the set of adapters it was merged from
+  Slot slot;
+  slot.kind = kind;
+  if (adapter == kDefaultAdapter) {
+    slot.holder = this;
+  } else {
+    if (!named_holders_) named_holders_ = register_module("lora_adapters", std::make_shared<torch::nn::Module>("LoraAdapters"));
+    slot.holder = named_holders_->register_module(adapter, std::make_shared<torch::nn::Module>("LoraAdapter")).get();
   }
+  return adapters_.emplace(adapter, std::move(slot)).first->second;
 }
 
-void LoraLinearImpl::attach_lora(const LoraOptions& lora) {
-  TORCH_CHECK(kind_ == AdapterKind::none, "LoraLinear::attach_lora: the layer already carries an adapter");
+const LoraLinearImpl::Slot& LoraLinearImpl::slot(const std::string& adapter, const char* what) const {
+  auto it = adapters_.find(adapter);
+  if (it != adapters_.end()) return it->second;
+  std::string carried;
+  for (const auto& [name, s] : adapters_) carried += (carried.empty() ? "" : ", ") + name;
+  throw ConfigError(std::string("LoraLinear::") + what + ": the layer carries no adapter named '" + adapter + "' (it carries " +
+                    (carried.empty() ? std::string("none") : carried) + ")");
+}
+
+// Registers and initialises the tensors the slot owns: lora_A and lora_B for plain LoRA, lora_u and lora_v
+// (when trained) for a tied adapter.
+void LoraLinearImpl::register_adapter_tensors(Slot& slot) {
+  at::NoGradGuard no_grad;
+  const int64_t in = options.in_features(), out = options.out_features(), r = slot.lora.rank();
+  Initializer init(slot.lora, weight.device());
+  torch::nn::Module& holder = *slot.holder;
+  if (slot.kind == AdapterKind::lora) {
+    slot.a = holder.register_parameter("lora_A", initial_a(init, slot.lora, in), /*requires_grad=*/true);
+    slot.b = holder.register_parameter("lora_B", initial_b(init, slot.lora, slot.method, out), /*requires_grad=*/true);
+  } else if (slot.kind == AdapterKind::tied) {
+    // u starts at 1; v carries the zero when it trains (docs/method.md's rule).
+    if (slot.method.has_u()) slot.u = holder.register_parameter("lora_u", init.full({r}, 1.0), true);
+    if (slot.method.has_v()) slot.v = holder.register_parameter("lora_v", init.full({out}, 0.0), true);
+  }
+  sync_default_fields();
+}
+
+void LoraLinearImpl::attach_lora(const LoraOptions& lora, const std::string& adapter) {
   lora.validate();
-  lora_ = lora;
-  method_ = AdapterMethod::lora();
-  kind_ = AdapterKind::lora;
+  Slot& slot = new_slot(adapter, AdapterKind::lora);
+  slot.lora = lora;
+  slot.method = AdapterMethod::lora();
   freeze_base();
-  register_adapter_tensors();
+  register_adapter_tensors(slot);
 }
 
-void LoraLinearImpl::attach_tied(TiedLoraFactors factors) {
-  TORCH_CHECK(kind_ == AdapterKind::none, "LoraLinear::attach_tied: the layer already carries an adapter");
+void LoraLinearImpl::attach_tied(TiedLoraFactors factors, const std::string& adapter) {
   TORCH_CHECK(!factors.is_empty(), "LoraLinear::attach_tied: factors is an empty holder");
   TORCH_CHECK(factors->options.in_features() == options.in_features() &&
                   factors->options.out_features() == options.out_features(),
@@ -221,38 +308,71 @@ void LoraLinearImpl::attach_tied(TiedLoraFactors factors) {
   TORCH_CHECK(factors->lora_A.device() == weight.device(), "LoraLinear::attach_tied: factors are on ",
               factors->lora_A.device(), " but the layer's weight is on ", weight.device(),
               " (hint: move the factors with factors->to(device) first)");
-  lora_ = factors->options.lora();
-  method_ = factors->options.method();
-  factors_ = factors.ptr();
+  Slot& slot = new_slot(adapter, AdapterKind::tied);
+  slot.lora = factors->options.lora();
+  slot.method = factors->options.method();
+  slot.factors = factors.ptr();
   if (!factors->owned()) {
     // Nobody registers these factors yet: this layer does, so that they train, save and move with it.
-    register_module("tied_factors", factors);
+    slot.holder->register_module("tied_factors", factors);
     factors->set_owned(true);
-    owns_factors_ = true;
+    slot.owns_factors = true;
   }
-  kind_ = AdapterKind::tied;
   freeze_base();
-  register_adapter_tensors();
+  register_adapter_tensors(slot);
+}
+
+// Unregisters the slot's tensors from its holder (the slot itself is erased by the caller).
+void LoraLinearImpl::release(Slot& slot) {
+  if (slot.holder == this) {
+    for (const char* name : {"lora_A", "lora_B", "lora_u", "lora_v"}) {
+      if (parameters_.contains(name)) parameters_.erase(name);
+    }
+    if (slot.owns_factors) unregister_module("tied_factors");
+  }
+  if (slot.owns_factors) slot.factors->set_owned(false);  // layers still sharing them are refused by trainable_parameters()
+}
+
+void LoraLinearImpl::detach_adapter(const std::string& adapter) {
+  slot(adapter, "detach_adapter");  // throws, naming what the layer carries, when it is not there
+  unmerge_();
+  release(adapters_.at(adapter));
+  adapters_.erase(adapter);
+  if (adapter != kDefaultAdapter) {
+    named_holders_->unregister_module(adapter);
+    if (named_holders_->children().empty()) {
+      unregister_module("lora_adapters");
+      named_holders_.reset();
+    }
+  }
+  sync_default_fields();
 }
 
 void LoraLinearImpl::detach_adapter() {
-  unmerge_();
-  for (const char* name : {"lora_A", "lora_B", "lora_u", "lora_v"}) {
-    if (parameters_.contains(name)) parameters_.erase(name);
-  }
-  own_a_ = own_b_ = lora_u = lora_v = at::Tensor();
-  if (owns_factors_) {
-    unregister_module("tied_factors");
-    factors_->set_owned(false);  // layers still sharing them are refused by trainable_parameters()
-    owns_factors_ = false;
-  }
-  factors_.reset();
-  kind_ = AdapterKind::none;
+  for (const auto& name : adapter_names()) detach_adapter(name);
 }
 
-bool LoraLinearImpl::same_configuration(const AdapterMethod& method, const LoraOptions& lora) const {
-  return method_ == method && lora_.rank() == lora.rank() && lora_.effective_alpha() == lora.effective_alpha() &&
-         lora_.use_rslora() == lora.use_rslora();
+std::vector<std::string> LoraLinearImpl::adapter_names() const {
+  std::vector<std::string> out;
+  for (const auto& [name, s] : adapters_) out.push_back(name);
+  return out;
+}
+
+AdapterKind LoraLinearImpl::adapter_kind(const std::string& adapter) const {
+  auto it = adapters_.find(adapter);
+  return it == adapters_.end() ? AdapterKind::none : it->second.kind;
+}
+
+const AdapterMethod& LoraLinearImpl::method(const std::string& adapter) const { return slot(adapter, "method").method; }
+const LoraOptions& LoraLinearImpl::lora_options(const std::string& adapter) const {
+  return slot(adapter, "lora_options").lora;
+}
+
+bool LoraLinearImpl::same_configuration(const AdapterMethod& method, const LoraOptions& lora,
+                                        const std::string& adapter) const {
+  const Slot& s = slot(adapter, "same_configuration");
+  return s.method == method && s.lora.rank() == lora.rank() && s.lora.effective_alpha() == lora.effective_alpha() &&
+         s.lora.use_rslora() == lora.use_rslora();
 }
 
 void LoraLinearImpl::merge_and_detach_() {
@@ -270,27 +390,87 @@ void LoraLinearImpl::tie_weight_(const at::Tensor& tied) {
   weight_tied_ = true;
 }
 
-const at::Tensor& LoraLinearImpl::lora_A() const { return factors_ ? factors_->lora_A : own_a_; }
-const at::Tensor& LoraLinearImpl::lora_B() const { return factors_ ? factors_->lora_B : own_b_; }
+const at::Tensor& LoraLinearImpl::lora_A(const std::string& adapter) const {
+  const Slot& s = slot(adapter, "lora_A");
+  return s.factors ? s.factors->lora_A : s.a;
+}
+const at::Tensor& LoraLinearImpl::lora_B(const std::string& adapter) const {
+  const Slot& s = slot(adapter, "lora_B");
+  return s.factors ? s.factors->lora_B : s.b;
+}
+const at::Tensor& LoraLinearImpl::lora_u_of(const std::string& adapter) const { return slot(adapter, "lora_u_of").u; }
+const at::Tensor& LoraLinearImpl::lora_v_of(const std::string& adapter) const { return slot(adapter, "lora_v_of").v; }
+
+functional::LowRankUpdate LoraLinearImpl::update(const std::string& adapter) const {
+  const Slot& s = slot(adapter, "update");
+  return {lora_A(adapter), lora_B(adapter), s.u, s.v, s.lora.scale()};
+}
+
+TiedLoraFactors LoraLinearImpl::factors(const std::string& adapter) const {
+  auto it = adapters_.find(adapter);
+  return it != adapters_.end() && it->second.factors ? TiedLoraFactors(it->second.factors) : TiedLoraFactors(nullptr);
+}
+
+void LoraLinearImpl::set_active_adapters(std::vector<std::string> adapters) {
+  for (const auto& name : adapters) check_adapter_name(name);
+  if (adapters != active_) unmerge_();
+  active_ = std::move(adapters);
+}
 
 std::shared_ptr<torch::nn::Module> LoraLinearImpl::clone(const std::optional<torch::Device>& device) const {
-  TORCH_CHECK(!factors_,
-              "LoraLinear::clone: this layer uses shared Tied-LoRA factors; a clone would keep training the "
-              "original's A and B (hint: clone the base model and inject adapters into the clone)");
+  for (const auto& [name, s] : adapters_) {
+    TORCH_CHECK(!s.factors,
+                "LoraLinear::clone: this layer uses shared Tied-LoRA factors; a clone would keep training the "
+                "original's A and B (hint: clone the base model and inject adapters into the clone)");
+    TORCH_CHECK(name == kDefaultAdapter, "LoraLinear::clone: the layer carries the named adapter '", name,
+                "', which cloning does not copy (hint: clone the base model and load the adapters into the clone)");
+  }
   return torch::nn::Cloneable<LoraLinearImpl>::clone(device);
 }
 
+at::Tensor LoraLinearImpl::adapter_input(const at::Tensor& input, const Slot& s) {
+  if (s.lora.dropout() > 0.0 && is_training()) return at::dropout(input, s.lora.dropout(), /*train=*/true);
+  return {};
+}
+
+at::Tensor LoraLinearImpl::routed_forward(const at::Tensor& input, const RowAdapters& routing) {
+  TORCH_CHECK(!merged(), "LoraLinear: a mixed-adapter batch cannot run on a merged layer (hint: unmerge_adapters_() "
+                         "first; merging bakes the active adapters into every row)");
+  if (input.dim() < 2 || input.size(0) != routing.rows()) {
+    throw ConfigError("LoraLinear: the batch has " + std::to_string(input.dim() < 2 ? 0 : input.size(0)) +
+                      " rows but the row routing (RowAdaptersScope) names adapters for " + std::to_string(routing.rows()));
+  }
+  std::vector<functional::RoutedUpdate> updates;
+  for (const auto& name : routing.adapters()) {
+    auto it = adapters_.find(name);
+    if (it == adapters_.end()) continue;  // rows of an adapter that does not adapt this layer: the base only
+    updates.push_back({update(name), routing.rows_of(name, input.device()), adapter_input(input, it->second)});
+  }
+  if (updates.empty()) return at::linear(input, weight, bias);
+  return functional::lora_linear_routed(input, weight, bias, updates);
+}
+
 at::Tensor LoraLinearImpl::forward(const at::Tensor& input) {
-  if (kind_ == AdapterKind::none || !enabled_) return at::linear(input, weight, bias);
+  if (adapters_.empty() || !enabled_) return at::linear(input, weight, bias);
+  if (const auto routing = RowAdapters::current()) return routed_forward(input, *routing);
   if (merged()) {
     TORCH_CHECK(!(is_training() && at::GradMode::is_enabled()),
                 "LoraLinear: the adapter is merged into the weight, so training it would have no effect "
                 "(hint: call unmerge_() before training, or eval() / torch::NoGradGuard for inference)");
     return at::linear(input, weight, bias);
   }
-  at::Tensor adapter_input;
-  if (lora_.dropout() > 0.0 && is_training()) adapter_input = at::dropout(input, lora_.dropout(), /*train=*/true);
-  return functional::lora_linear(input, weight, bias, {lora_A(), lora_B(), lora_u, lora_v, lora_.scale()}, adapter_input);
+  std::vector<const std::string*> active;
+  for (const auto& name : active_) {
+    if (adapters_.count(name)) active.push_back(&name);
+  }
+  if (active.empty()) return at::linear(input, weight, bias);
+  if (active.size() == 1) {
+    const Slot& s = adapters_.at(*active.front());
+    return functional::lora_linear(input, weight, bias, update(*active.front()), adapter_input(input, s));
+  }
+  std::vector<functional::RoutedUpdate> updates;
+  for (const std::string* name : active) updates.push_back({update(*name), {}, adapter_input(input, adapters_.at(*name))});
+  return functional::lora_linear_routed(input, weight, bias, updates);
 }
 
 void LoraLinearImpl::set_adapter_enabled(bool enabled) {
@@ -299,16 +479,23 @@ void LoraLinearImpl::set_adapter_enabled(bool enabled) {
 }
 
 void LoraLinearImpl::merge_() {
-  TORCH_CHECK(kind_ != AdapterKind::none, "LoraLinear::merge_: the layer carries no adapter");
+  TORCH_CHECK(!adapters_.empty(), "LoraLinear::merge_: the layer carries no adapter");
   if (merged()) return;
   if (weight_tied_) {
     throw ConfigError("LoraLinear::merge_: this layer's weight is tied to another module (e.g. a language-model "
                       "head tied to the token embedding), which merging would change too (hint: keep the adapter "
                       "unmerged, or untie the weights first)");
   }
+  std::vector<functional::LowRankUpdate> updates;
+  for (const auto& name : active_) {
+    if (adapters_.count(name)) updates.push_back(update(name));
+  }
+  if (updates.empty()) return;
   at::NoGradGuard no_grad;
-  at::Tensor merged_value =
-      functional::merged_weight(weight, {lora_A(), lora_B(), lora_u, lora_v, lora_.scale()}, "LoraLinear weight");
+  // Several active adapters: their rank concatenation, so the sum of the deltas is rounded once.
+  const functional::LowRankUpdate merged_update =
+      updates.size() == 1 ? updates.front() : functional::concatenated(updates, std::vector<double>(updates.size(), 1.0));
+  at::Tensor merged_value = functional::merged_weight(weight, merged_update, "LoraLinear weight");
   original_weight_ = weight.clone();
   weight.copy_(merged_value);
 }
@@ -321,13 +508,20 @@ void LoraLinearImpl::unmerge_() {
 }
 
 void LoraLinearImpl::pretty_print(std::ostream& stream) const {
-  stream << (kind_ == AdapterKind::tied ? "tiedlora::TiedLoraLinear" : "tiedlora::LoraLinear")
-         << "(in_features=" << options.in_features() << ", out_features=" << options.out_features()
-         << ", bias=" << (options.bias() ? "true" : "false");
-  if (kind_ != AdapterKind::none) {
-    stream << ", method=" << method_.name() << ", rank=" << lora_.rank() << ", alpha=" << lora_.effective_alpha()
-           << (lora_.use_rslora() ? ", rslora" : "");
-    if (lora_.dropout() > 0) stream << ", dropout=" << lora_.dropout();
+  const bool tied = adapter_kind(kDefaultAdapter) == AdapterKind::tied;
+  stream << (tied ? "tiedlora::TiedLoraLinear" : "tiedlora::LoraLinear") << "(in_features=" << options.in_features()
+         << ", out_features=" << options.out_features() << ", bias=" << (options.bias() ? "true" : "false");
+  for (const auto& [name, s] : adapters_) {
+    stream << ", " << (name == kDefaultAdapter ? "" : name + ": ") << "method=" << s.method.name()
+           << ", rank=" << s.lora.rank() << ", alpha=" << s.lora.effective_alpha() << (s.lora.use_rslora() ? ", rslora" : "");
+    if (s.lora.dropout() > 0) stream << ", dropout=" << s.lora.dropout();
+  }
+  if (!adapters_.empty()) {
+    if (active_ != std::vector<std::string>{kDefaultAdapter}) {
+      stream << ", active=[";
+      for (size_t i = 0; i < active_.size(); ++i) stream << (i ? "," : "") << active_[i];
+      stream << "]";
+    }
     if (merged()) stream << ", merged";
     if (!enabled_) stream << ", disabled";
   }

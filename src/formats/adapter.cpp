@@ -1,6 +1,7 @@
 // adapter.cpp: adapter folders (PEFT LoRA, PEFT VeRA, TIEDLORA), export to LoRA, save/load into models.
 #include "tiedlora/formats/adapter.h"
 
+#include <algorithm>
 #include <fstream>
 #include <regex>
 #include <set>
@@ -232,16 +233,26 @@ functional::LowRankUpdate Adapter::layer(const std::string& module, LinearShape 
 
 // ---- writing ------------------------------------------------------------------------------------------
 
+namespace {
+
+// The two files of an adapter, into `folder` (which exists: a staged folder, published by the caller).
+void write_adapter_files(const std::string& folder, const AdapterConfig& config,
+                         const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
+  const std::string text = adapter_config_json(config);
+  io::save_safetensors(util::join_path(folder, kWeightsName), tensors, {{"format", "pt"}});
+  util::write_file_atomically(util::join_path(folder, kConfigName),
+                              [&](const util::ByteWriter& write) { write(text.data(), text.size()); });
+}
+
+}  // namespace
+
 void write_adapter_folder(const std::string& folder, const AdapterConfig& config,
                           const std::vector<std::pair<std::string, at::Tensor>>& tensors, bool overwrite) {
   if (util::path_exists(folder) && !overwrite) {
     throw Error(folder + ": already exists (hint: choose another folder or allow overwriting)");
   }
-  const std::string text = adapter_config_json(config);
   util::StagedDirectory staged(folder);
-  io::save_safetensors(util::join_path(staged.path(), kWeightsName), tensors, {{"format", "pt"}});
-  util::write_file_atomically(util::join_path(staged.path(), kConfigName),
-                              [&](const util::ByteWriter& write) { write(text.data(), text.size()); });
+  write_adapter_files(staged.path(), config, tensors);
   staged.publish(overwrite);
 }
 
@@ -296,17 +307,26 @@ std::optional<LinearShape> Adapter::stored_shape(const std::string& module) cons
 
 // ---- models -------------------------------------------------------------------------------------------
 
-void save_adapter(const torch::nn::Module& model, const std::string& folder, const SaveAdapterOptions& options) {
-  const auto layers = adapted_layers(model);
-  if (layers.empty()) throw ConfigError("save_adapter: the model carries no adapter (hint: call inject_adapters first)");
+namespace {
+
+using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
+
+// The config and tensors of adapter `adapter` of `model`, as save_adapter writes them.
+std::pair<AdapterConfig, NamedTensors> collect_adapter(const torch::nn::Module& model, const std::string& adapter,
+                                                       const SaveAdapterOptions& options) {
+  const auto layers = adapted_layers(model, adapter);
+  if (layers.empty()) {
+    throw ConfigError("save_adapter: the model carries no adapter named '" + adapter + "' (hint: call inject_adapters "
+                      "first; adapter_names() lists what it carries)");
+  }
   trainable_parameters(model);  // refuses tied factors that no module registers (they never trained)
   const LoraLinearImpl& first = *layers.front().second;
-  const AdapterMethod method = first.method();
-  const LoraOptions& lora = first.lora_options();
+  const AdapterMethod method = first.method(adapter);
+  const LoraOptions& lora = first.lora_options(adapter);
   for (const auto& [name, layer] : layers) {
-    const LoraOptions& o = layer->lora_options();
-    if (!layer->same_configuration(method, lora)) {
-      throw ConfigError("save_adapter: layer '" + name + "' (" + layer->method().name() + ", rank " +
+    const LoraOptions& o = layer->lora_options(adapter);
+    if (!layer->same_configuration(method, lora, adapter)) {
+      throw ConfigError("save_adapter: layer '" + name + "' (" + layer->method(adapter).name() + ", rank " +
                         std::to_string(o.rank()) + ") differs from '" + layers.front().first + "' (" + method.name() +
                         ", rank " + std::to_string(lora.rank()) + "); one adapter file holds one configuration");
     }
@@ -320,19 +340,19 @@ void save_adapter(const torch::nn::Module& model, const std::string& folder, con
   c.fan_in_fan_out = options.fan_in_fan_out;
   c.base_model_name_or_path = options.base_model_name_or_path;
   c.init_seed = lora.seed();
-  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  NamedTensors tensors;
   for (const auto& [name, layer] : layers) c.target_modules.push_back(name);
   if (method.is_plain_lora()) {
     c.type = AdapterType::lora;
     for (const auto& [name, layer] : layers) {
-      tensors.emplace_back(kModelPrefix + name + ".lora_A.weight", layer->lora_A().detach());
-      tensors.emplace_back(kModelPrefix + name + ".lora_B.weight", layer->lora_B().detach());
+      tensors.emplace_back(kModelPrefix + name + ".lora_A.weight", layer->lora_A(adapter).detach());
+      tensors.emplace_back(kModelPrefix + name + ".lora_B.weight", layer->lora_B(adapter).detach());
     }
   } else {
     c.type = AdapterType::tiedlora;
     std::unordered_map<const TiedLoraFactorsImpl*, size_t> group_of;
     for (const auto& [name, layer] : layers) {
-      const TiedLoraFactors factors = layer->factors();
+      const TiedLoraFactors factors = layer->factors(adapter);
       auto [it, inserted] = group_of.emplace(factors.get(), c.groups.size());
       if (inserted) {
         AdapterGroup group;
@@ -349,19 +369,52 @@ void save_adapter(const torch::nn::Module& model, const std::string& folder, con
         c.groups.push_back(std::move(group));
       }
       c.groups[it->second].modules.push_back(name);
-      if (layer->lora_u.defined()) tensors.emplace_back(kModelPrefix + name + ".lora_u", layer->lora_u.detach());
-      if (layer->lora_v.defined()) tensors.emplace_back(kModelPrefix + name + ".lora_v", layer->lora_v.detach());
+      const at::Tensor &u = layer->lora_u_of(adapter), &v = layer->lora_v_of(adapter);
+      if (u.defined()) tensors.emplace_back(kModelPrefix + name + ".lora_u", u.detach());
+      if (v.defined()) tensors.emplace_back(kModelPrefix + name + ".lora_v", v.detach());
     }
   }
-  write_adapter_folder(folder, c, tensors, options.overwrite);
+  return {c, tensors};
 }
 
-void load_adapter(torch::nn::Module& model, const std::string& folder) {
+}  // namespace
+
+void save_adapter(const torch::nn::Module& model, const std::string& folder, const SaveAdapterOptions& options) {
+  const auto [config, tensors] = collect_adapter(model, options.adapter_name, options);
+  write_adapter_folder(folder, config, tensors, options.overwrite);
+}
+
+void save_adapters(const torch::nn::Module& model, const std::string& folder, const SaveAdapterOptions& options) {
+  const std::vector<std::string> names = adapter_names(model);
+  if (names.empty()) throw ConfigError("save_adapters: the model carries no adapter (hint: call inject_adapters first)");
+  if (util::path_exists(folder) && !options.overwrite) {
+    throw Error(folder + ": already exists (hint: choose another folder or allow overwriting)");
+  }
+  std::vector<std::pair<std::string, std::pair<AdapterConfig, NamedTensors>>> collected;
+  for (const auto& name : names) collected.emplace_back(name, collect_adapter(model, name, options));
+  util::StagedDirectory staged(folder);
+  for (const auto& [name, adapter] : collected) {
+    // PEFT's layout: the default adapter at the top, every other one in the subfolder of its name.
+    std::string dir = staged.path();
+    if (name != kDefaultAdapter) {
+      dir = util::join_path(dir, name);
+      util::make_directories(dir);
+    }
+    write_adapter_files(dir, adapter.first, adapter.second);
+  }
+  staged.publish(options.overwrite);
+}
+
+
+
+void load_adapter(torch::nn::Module& model, const std::string& folder, const std::string& adapter_name) {
+  check_adapter_name(adapter_name);
   const Adapter adapter = Adapter::read(folder);
   const AdapterConfig& c = adapter.config();
-  if (!adapted_layers(model).empty()) {
-    throw ConfigError(folder + ": the model already carries an adapter (on '" + adapted_layers(model).front().first +
-                      "'); load adapters into a model without one");
+  if (!adapted_layers(model, adapter_name).empty()) {
+    throw ConfigError(folder + ": the model already carries an adapter named '" + adapter_name + "' (on '" +
+                      adapted_layers(model, adapter_name).front().first + "') (hint: load it under another name, or "
+                      "delete_adapter() the one there)");
   }
   // Check every layer against the model before anything changes.
   std::map<std::string, LinearShape> linear;
@@ -394,6 +447,7 @@ void load_adapter(torch::nn::Module& model, const std::string& folder) {
     }
   }
   InjectOptions options;
+  options.adapter_name(adapter_name);
   options.targets(adapter.modules());
   options.method(c.method);
   options.lora(LoraOptions(c.rank).alpha(c.alpha).use_rslora(c.use_rslora).dropout(c.dropout).seed(c.init_seed));
@@ -406,18 +460,55 @@ void load_adapter(torch::nn::Module& model, const std::string& folder) {
   }
   inject_adapters(model, options);  // all-or-nothing itself
   at::NoGradGuard no_grad;
-  for (const auto& [name, layer] : adapted_layers(model)) {  // exactly the adapter's modules (checked above)
+  for (const auto& [name, layer] : adapted_layers(model, adapter_name)) {  // exactly the adapter's modules (checked above)
     const functional::LowRankUpdate f = adapter.layer(name, linear.at(name));
-    if (layer->adapter_kind() == AdapterKind::lora) {
-      layer->lora_A().copy_(f.lora_a);
-      layer->lora_B().copy_(f.lora_b);
+    if (layer->adapter_kind(adapter_name) == AdapterKind::lora) {
+      layer->lora_A(adapter_name).copy_(f.lora_a);
+      layer->lora_B(adapter_name).copy_(f.lora_b);
       continue;
     }
-    layer->factors()->lora_A.copy_(f.lora_a);  // shared: every layer of the group copies the same values
-    layer->factors()->lora_B.copy_(f.lora_b);
-    if (layer->lora_u.defined()) layer->lora_u.copy_(f.u);
-    if (layer->lora_v.defined()) layer->lora_v.copy_(f.v);
+    layer->factors(adapter_name)->lora_A.copy_(f.lora_a);  // shared: every layer of the group copies the same values
+    layer->factors(adapter_name)->lora_B.copy_(f.lora_b);
+    if (layer->lora_u_of(adapter_name).defined()) layer->lora_u_of(adapter_name).copy_(f.u);
+    if (layer->lora_v_of(adapter_name).defined()) layer->lora_v_of(adapter_name).copy_(f.v);
   }
+}
+
+std::vector<std::string> adapter_folders(const std::string& folder) {
+  if (!util::is_directory(folder)) throw FormatError(folder + ": not an adapter folder (no such folder)");
+  std::vector<std::string> names;
+  if (util::is_regular_file(util::join_path(folder, kConfigName))) names.push_back(kDefaultAdapter);
+  std::vector<std::string> entries = util::list_directory(folder);
+  std::sort(entries.begin(), entries.end());
+  for (const auto& entry : entries) {
+    if (entry == kDefaultAdapter && !names.empty()) continue;
+    const std::string sub = util::join_path(folder, entry);
+    if (util::is_directory(sub) && util::is_regular_file(util::join_path(sub, kConfigName))) names.push_back(entry);
+  }
+  if (names.empty()) {
+    throw FormatError(folder + ": holds no adapter (no " + std::string(kConfigName) + " at the top or in a subfolder) "
+                      "(hint: an adapter folder holds " + kConfigName + " and " + kWeightsName + ")");
+  }
+  return names;
+}
+
+std::vector<std::string> load_adapters(torch::nn::Module& model, const std::string& folder) {
+  const std::vector<std::string> names = adapter_folders(folder);
+  for (const auto& name : names) check_adapter_name(name);
+  const std::vector<std::string> before = adapter_names(model);
+  try {
+    for (const auto& name : names) {
+      load_adapter(model, name == kDefaultAdapter && util::is_regular_file(util::join_path(folder, kConfigName))
+                              ? folder : util::join_path(folder, name), name);
+    }
+  } catch (...) {
+    // All or nothing: the adapters this call added go again.
+    for (const auto& name : adapter_names(model)) {
+      if (std::find(before.begin(), before.end(), name) == before.end()) delete_adapter(model, name);
+    }
+    throw;
+  }
+  return names;
 }
 
 }  // namespace tiedlora

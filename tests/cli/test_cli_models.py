@@ -57,6 +57,70 @@ class ModelCommands(unittest.TestCase):
         self.assertTrue(run.stderr.startswith("tiedlora: error: "), run.stderr)
 
 
+def write_lora_adapter(folder, seed, rank, alpha, targets):
+    """A PEFT LoRA adapter folder for SmolLM2-135M (30 layers, 576 wide, k/v 192 wide) with random A and B."""
+    import torch
+    from safetensors.torch import save_file
+    widths = {"q_proj": (576, 576), "v_proj": (576, 192), "o_proj": (576, 576), "up_proj": (576, 1536)}
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(30):
+        for t in targets:
+            d_in, d_out = widths[t]
+            prefix = f"base_model.model.model.layers.{layer}.{'mlp' if t == 'up_proj' else 'self_attn'}.{t}"
+            tensors[prefix + ".lora_A.weight"] = torch.randn(rank, d_in, generator=g) * 0.1
+            tensors[prefix + ".lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.1
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": targets,
+                   "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM"}, f)
+
+
+class MixedAdapterGenerate(unittest.TestCase):
+    """`tiedlora generate --adapter NAME=DIR ... --prompts FILE.jsonl`: one batched run with mixed adapters gives,
+    line by line, what each prompt gives alone with its adapter."""
+
+    def test_mixed_batch_equals_each_prompt_alone(self):
+        a, b = os.path.join(ARGS.work, "adapter_a"), os.path.join(ARGS.work, "adapter_b")
+        write_lora_adapter(a, 1, 4, 8, ["q_proj", "v_proj"])
+        write_lora_adapter(b, 2, 2, 4, ["v_proj", "o_proj", "up_proj"])
+        lines = [{"prompt": "The capital of France is", "adapter": "a"},
+                 {"prompt": "Once upon a time", "adapter": "b"},
+                 {"prompt": "The capital of France is", "adapter": None},
+                 {"prompt": "List three colors:", "adapter": "a"},
+                 {"prompt": "Water boils at", "adapter": "b"}]
+        prompts = os.path.join(ARGS.work, "prompts.jsonl")
+        with open(prompts, "w") as f:
+            f.write("\n".join(json.dumps(line) for line in lines) + "\n")
+        run = tiedlora("generate", "--model", "smollm2", "--adapter", "a=" + a, "--adapter", "b=" + b,
+                       "--prompts", prompts, "--max-new-tokens", "10")
+        self.assertEqual(run.returncode, 0, run.stderr)
+        out = [json.loads(line) for line in run.stdout.strip().splitlines()]
+        self.assertEqual(len(out), len(lines))
+        alone_ids = []
+        for line, got in zip(lines, out):
+            self.assertEqual(got["prompt"], line["prompt"])
+            self.assertEqual(got["adapter"], line["adapter"])
+            folder = {"a": a, "b": b}.get(line["adapter"])
+            argv = ["generate", "--model", "smollm2", "--prompt", line["prompt"], "--max-new-tokens", "10", "--ids"]
+            alone = tiedlora(*(argv + (["--adapter", folder] if folder else [])))
+            self.assertEqual(alone.returncode, 0, alone.stderr)
+            ids = json.loads(alone.stdout.strip().splitlines()[-1].removeprefix("generated ids: "))
+            self.assertEqual(got["ids"], ids, line)
+            alone_ids.append(ids)
+        # The adapters matter: the same prompt with adapter a and with none continue differently.
+        self.assertNotEqual(alone_ids[0], alone_ids[2])
+
+    def test_bad_prompt_lines_name_file_and_line(self):
+        prompts = os.path.join(ARGS.work, "bad.jsonl")
+        with open(prompts, "w") as f:
+            f.write('{"prompt": "hi", "adapter": null}\n{"prompt": "hi", "adapter": "c"}\n')
+        run = tiedlora("generate", "--model", "smollm2", "--prompts", prompts)
+        self.assertEqual(run.returncode, 1)
+        self.assertIn("bad.jsonl:2: adapter 'c' is not loaded", run.stderr)
+
+
 def main():
     global ARGS
     parser = argparse.ArgumentParser()

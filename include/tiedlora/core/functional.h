@@ -28,6 +28,8 @@
 //     itself runs with autocast off, in forward and backward.
 #pragma once
 
+#include <vector>
+
 #include <ATen/core/Tensor.h>
 
 namespace tiedlora::functional {
@@ -48,6 +50,27 @@ struct LowRankUpdate {
 /// argument.
 at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                        const LowRankUpdate& update, const at::Tensor& adapter_input = {});
+
+/// One adapter's part in a forward that serves several adapters (lora_linear_routed).
+struct RoutedUpdate {
+  LowRankUpdate update;
+  /// int64 indices into the first (batch) dimension of the input: the rows this adapter serves, on the
+  /// input's device. Undefined: every row (several adapters active at once add up).
+  at::Tensor rows;
+  /// The branch's input for all rows when it differs from the layer's input (this adapter's dropout), else
+  /// undefined.
+  at::Tensor adapter_input;
+};
+
+/// The adapted linear layer serving several adapters in one call (mixed-adapter batches):
+///   y = x W^T + bias,  then y[rows_k] += (x_a[rows_k] A_k^T) B_eff,k^T  for each adapter k.
+/// The frozen GEMM runs once over the whole input; each low-rank branch only on its rows (gathered with
+/// index_select, added back with index_add), so a row that names no adapter costs only the GEMM. The
+/// precision contract is lora_linear()'s (W in its dtype, the branches in fp32, autocast as Linear), and
+/// gradients reach each adapter from its own rows only. Runs on ATen ops on every device (the CUDA kernels
+/// serve lora_linear() only). Each update is checked as lora_linear() checks its one.
+at::Tensor lora_linear_routed(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                              const std::vector<RoutedUpdate>& updates);
 
 /// Which implementation runs lora_linear() and merged_weight() on CUDA tensors. `aten`: ATen ops (the
 /// default). `cuda_kernels`: tiedlora's own kernels (the cuBLASLt passes of kernels/lora_gemm.cu, the merge
@@ -94,6 +117,12 @@ at::Tensor low_rank_delta(const LowRankUpdate& update);
 /// The same update as plain LoRA factors with scale 1: A' = diag(u) A and B' = s diag(v) B, in the compute
 /// dtype (so B' A' = dW exactly as the merge forms it). export-lora rounds them once to the stored dtypes.
 LowRankUpdate folded_into_lora(const LowRankUpdate& update);
+
+/// The weighted sum of updates, sum_k w_k dW_k, as one plain-LoRA update by rank concatenation (PEFT's
+/// "cat" combination): A = [diag(u_k) A_k] stacked (sum of ranks x d_in), B = [w_k s_k diag(v_k) B_k] side
+/// by side, scale 1, in the compute dtype (fp32; fp64 when a factor is double). B A equals the weighted sum
+/// up to the order of the float additions. Also how several active adapters merge with one rounding.
+LowRankUpdate concatenated(const std::vector<LowRankUpdate>& updates, const std::vector<double>& weights);
 
 /// Work tensors merge_into() keeps between calls: a merge over a whole checkpoint allocates them once
 /// (freeing and reallocating tens of MB per tensor made glibc keep the freed blocks, so RSS grew with the

@@ -13,19 +13,76 @@
 // (LoraOptions::dtype) whatever the base dtype, as PEFT does, and the math runs through
 // tiedlora::functional::lora_linear(). merge_() folds the update into the weight (fp32 accumulation,
 // rounded once) and keeps the original weight, so unmerge_() restores it bit for bit.
+//
+// Named adapters (docs/adapters.md): a layer may carry several adapters under names, of any method, rank
+// or mask. The adapter named "default" (kDefaultAdapter) registers its tensors on the layer itself
+// (`lora_A`, `lora_B`, `lora_u`, `lora_v`, `tied_factors`), as a single adapter always has; another adapter
+// `NAME` registers them under the child `lora_adapters.NAME`. A forward applies the active adapters
+// (set_active_adapters; several add up), or, inside a RowAdaptersScope, the adapter each row of the batch
+// names (mixed-adapter batches).
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
+#include <string>
+#include <vector>
 
 #include <torch/nn/cloneable.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include "tiedlora/core/functional.h"
 #include "tiedlora/core/method.h"
 
 namespace tiedlora {
+
+/// The adapter name used when none is given (PEFT's "default"): PEFT's multi-adapter folders keep it at
+/// the top of the folder, the others in subfolders by name.
+inline constexpr const char* kDefaultAdapter = "default";
+
+/// Throws tiedlora::ConfigError unless `name` can name an adapter: 1 to 64 letters, digits, '_' or '-' (it
+/// becomes a module name and a folder name), and not "__base__" (PEFT's name for "no adapter").
+void check_adapter_name(const std::string& name);
+
+/// The adapter each row of a batch uses: row i of every adapted layer's input (its first dimension) gets
+/// adapter `adapter_of_row[i]`, or none for "". A layer that does not carry a row's adapter computes that
+/// row without one (as PEFT's mixed batches do).
+class RowAdapters {
+ public:
+  explicit RowAdapters(std::vector<std::string> adapter_of_row);
+  const std::vector<std::string>& adapter_of_row() const { return adapter_of_row_; }
+  int64_t rows() const { return static_cast<int64_t>(adapter_of_row_.size()); }
+  /// The distinct adapter names the rows use ("" excluded), sorted.
+  const std::vector<std::string>& adapters() const { return adapters_; }
+  /// The rows naming `adapter` as int64 indices on `device` (made once per device); undefined when none.
+  at::Tensor rows_of(const std::string& adapter, at::Device device) const;
+  /// The routing in force on the calling thread (RowAdaptersScope), or null.
+  static std::shared_ptr<const RowAdapters> current();
+
+ private:
+  std::vector<std::string> adapter_of_row_;
+  std::vector<std::string> adapters_;
+  std::map<std::string, at::Tensor> rows_;  // on the CPU
+  mutable std::map<std::pair<std::string, std::string>, at::Tensor> on_device_;
+  mutable std::mutex mutex_;
+};
+
+/// Routes the forwards that run on this thread while it lives by `routing` (the previous routing comes
+/// back after). Activation checkpointing replays it in the backward pass. Use tiedlora::route_rows() to
+/// build one checked against a model's adapters.
+class RowAdaptersScope {
+ public:
+  explicit RowAdaptersScope(std::shared_ptr<const RowAdapters> routing);
+  ~RowAdaptersScope();
+  RowAdaptersScope(const RowAdaptersScope&) = delete;
+  RowAdaptersScope& operator=(const RowAdaptersScope&) = delete;
+
+ private:
+  std::shared_ptr<const RowAdapters> previous_;
+};
 
 /// Initialisation of A (and of B when B is not the factor that starts at zero).
 enum class LoraInit {
@@ -150,42 +207,63 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
 
   at::Tensor forward(const at::Tensor& input);
 
-  /// Attaches a plain LoRA adapter (own A and B); freezes weight and bias.
-  void attach_lora(const LoraOptions& lora);
-  /// Attaches a tied adapter on `factors` (same shape as this layer); freezes weight and bias.
-  void attach_tied(TiedLoraFactors factors);
-  /// Removes the adapter (unmerging first); the weight stays frozen.
+  /// Attaches a plain LoRA adapter (own A and B) named `adapter`; freezes weight and bias.
+  void attach_lora(const LoraOptions& lora, const std::string& adapter = kDefaultAdapter);
+  /// Attaches a tied adapter named `adapter` on `factors` (same shape as this layer); freezes weight and bias.
+  void attach_tied(TiedLoraFactors factors, const std::string& adapter = kDefaultAdapter);
+  /// Removes every adapter (unmerging first); the weight stays frozen.
   void detach_adapter();
-  /// Merges the adapter into the weight for good and removes it (PEFT's merge_and_unload for one layer):
-  /// the layer becomes a plain linear layer whose weight is W + dW, rounded once; no copy of W is kept.
+  /// Removes the adapter named `adapter` (unmerging first); the others stay.
+  void detach_adapter(const std::string& adapter);
+  /// Merges the active adapters into the weight for good and removes every adapter (PEFT's
+  /// merge_and_unload for one layer): the layer becomes a plain linear layer whose weight is W + dW,
+  /// rounded once; no copy of W is kept.
   void merge_and_detach_();
 
-  AdapterKind adapter_kind() const { return kind_; }
-  bool has_adapter() const { return kind_ != AdapterKind::none; }
-  const AdapterMethod& method() const { return method_; }
-  const LoraOptions& lora_options() const { return lora_; }
-  /// Whether this layer's adapter has `method` and `lora`'s rank, alpha and rsLoRA: what one adapter file
+  /// Whether the layer carries any adapter; has_adapter(name): that one.
+  bool has_adapter() const { return !adapters_.empty(); }
+  bool has_adapter(const std::string& adapter) const { return adapters_.count(adapter) > 0; }
+  /// The names of the adapters the layer carries, sorted.
+  std::vector<std::string> adapter_names() const;
+  /// What the adapter `adapter` is; AdapterKind::none when the layer does not carry it.
+  AdapterKind adapter_kind(const std::string& adapter = kDefaultAdapter) const;
+  const AdapterMethod& method(const std::string& adapter = kDefaultAdapter) const;
+  const LoraOptions& lora_options(const std::string& adapter = kDefaultAdapter) const;
+  /// Whether adapter `adapter` has `method` and `lora`'s rank, alpha and rsLoRA: what one adapter file
   /// holds for every layer (save_adapter, and inject_adapters extending an adapter, require it).
-  bool same_configuration(const AdapterMethod& method, const LoraOptions& lora) const;
-  double scale() const { return lora_.scale(); }
-  /// A and B in use: this layer's own, or the shared factors'.
-  const at::Tensor& lora_A() const;
-  const at::Tensor& lora_B() const;
+  bool same_configuration(const AdapterMethod& method, const LoraOptions& lora,
+                          const std::string& adapter = kDefaultAdapter) const;
+  double scale(const std::string& adapter = kDefaultAdapter) const { return lora_options(adapter).scale(); }
+  /// A and B of adapter `adapter`: its own, or the shared factors'.
+  const at::Tensor& lora_A(const std::string& adapter = kDefaultAdapter) const;
+  const at::Tensor& lora_B(const std::string& adapter = kDefaultAdapter) const;
+  /// u and v of adapter `adapter` (undefined when its method does not train them).
+  const at::Tensor& lora_u_of(const std::string& adapter) const;
+  const at::Tensor& lora_v_of(const std::string& adapter) const;
+  /// The update of adapter `adapter` (its live tensors, for functional::lora_linear and the merges).
+  functional::LowRankUpdate update(const std::string& adapter = kDefaultAdapter) const;
   /// The shared factors of a tied adapter (empty holder otherwise).
-  TiedLoraFactors factors() const { return factors_ ? TiedLoraFactors(factors_) : TiedLoraFactors(nullptr); }
+  TiedLoraFactors factors(const std::string& adapter = kDefaultAdapter) const;
+
+  /// The adapters a forward outside a RowAdaptersScope applies (their updates add up), and merge_()
+  /// merges; names the layer does not carry are skipped. A merged layer is unmerged first. Default:
+  /// {"default"}.
+  void set_active_adapters(std::vector<std::string> adapters);
+  const std::vector<std::string>& active_adapters() const { return active_; }
 
   /// Makes this layer's weight the tensor `weight` (same shape), e.g. a language-model head tied to the
   /// token embedding; the tensor is shared, not copied.
   void tie_weight_(const at::Tensor& weight);
 
-  /// Off: the layer computes x W^T + bias with the original W (the adapter stays attached; a merged
+  /// Off: the layer computes x W^T + bias with the original W (the adapters stay attached; a merged
   /// layer is unmerged first).
   void set_adapter_enabled(bool enabled);
   bool adapter_enabled() const { return enabled_; }
 
-  /// W <- round(W + B_eff A) computed in fp32; the original W is kept. A second call does nothing.
-  /// Throws (leaving W untouched) when the result would hold NaN or Inf, and for a weight tied to another
-  /// module (tie_weight_), whose other user the merge would change too.
+  /// W <- round(W + dW) computed in fp32, dW the sum of the active adapters' updates (rank concatenation,
+  /// one rounding); the original W is kept. A second call does nothing; with no active adapter on this
+  /// layer it does nothing. Throws (leaving W untouched) when the result would hold NaN or Inf, and for a
+  /// weight tied to another module (tie_weight_), whose other user the merge would change too.
   void merge_();
   /// Restores the original W bit for bit. Does nothing when not merged.
   void unmerge_();
@@ -194,23 +272,38 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
   LoraLinearOptions options;
   at::Tensor weight;  ///< (d_out, d_in)
   at::Tensor bias;    ///< (d_out) or undefined
-  at::Tensor lora_u;  ///< (r), defined when the method trains u
-  at::Tensor lora_v;  ///< (d_out), defined when the method trains v
+  at::Tensor lora_u;  ///< the default adapter's u (r), defined when its method trains u
+  at::Tensor lora_v;  ///< the default adapter's v (d_out), defined when its method trains v
 
  private:
-  void register_adapter_tensors();
+  // One named adapter: its configuration and tensors, registered on `holder` (this layer for the default
+  // adapter, `lora_adapters.<name>` otherwise).
+  struct Slot {
+    AdapterKind kind = AdapterKind::none;
+    AdapterMethod method = AdapterMethod::lora();
+    LoraOptions lora;
+    std::shared_ptr<TiedLoraFactorsImpl> factors;  // tied adapters
+    bool owns_factors = false;                     // registered as the holder's child "tied_factors"
+    at::Tensor a, b;                               // plain LoRA's own A and B
+    at::Tensor u, v;
+    torch::nn::Module* holder = nullptr;
+  };
+  Slot& new_slot(const std::string& adapter, AdapterKind kind);
+  const Slot& slot(const std::string& adapter, const char* what) const;
+  void register_adapter_tensors(Slot& slot);
+  void release(Slot& slot);
+  void sync_default_fields();
   void freeze_base();
+  at::Tensor adapter_input(const at::Tensor& input, const Slot& slot);
+  at::Tensor routed_forward(const at::Tensor& input, const RowAdapters& routing);
 
-  AdapterKind kind_ = AdapterKind::none;
-  AdapterMethod method_ = AdapterMethod::lora();
-  LoraOptions lora_;
+  std::map<std::string, Slot> adapters_;
+  std::vector<std::string> active_{kDefaultAdapter};
   bool enabled_ = true;
-  std::shared_ptr<TiedLoraFactorsImpl> factors_;  // registered here only when this layer owns them
-  bool owns_factors_ = false;                     // registered as the child "tied_factors"
-  at::Tensor own_a_, own_b_;                      // plain LoRA's A and B, registered as lora_A / lora_B
-  at::Tensor original_weight_;                    // defined while merged
-  at::Tensor wrapped_weight_, wrapped_bias_;      // handed from a wrapped torch::nn::Linear to reset()
-  bool weight_tied_ = false;                      // the weight is shared with another module (tie_weight_)
+  std::shared_ptr<torch::nn::Module> named_holders_;  // the child "lora_adapters", while a named adapter exists
+  at::Tensor original_weight_;                        // defined while merged
+  at::Tensor wrapped_weight_, wrapped_bias_;          // handed from a wrapped torch::nn::Linear to reset()
+  bool weight_tied_ = false;                          // the weight is shared with another module (tie_weight_)
 };
 TORCH_MODULE(LoraLinear);
 

@@ -19,6 +19,7 @@
 #include "tiedlora/formats/adapter_config.h"
 #include "tiedlora/core/functional.h"
 #include "tiedlora/core/method.h"
+#include "tiedlora/core/modules.h"
 
 namespace tiedlora {
 
@@ -76,16 +77,33 @@ struct SaveAdapterOptions {
   /// The model stores these layers' weights as (in, out) on disk (GPT-2's Conv1D): PEFT's fan_in_fan_out.
   bool fan_in_fan_out = false;
   bool overwrite = false;
+  /// The adapter save_adapter() writes (save_adapters() writes them all).
+  std::string adapter_name = kDefaultAdapter;
 };
 
-/// Saves the adapters injected into `model` (inject_adapters) to `folder`: PEFT LoRA when every adapted
-/// layer is plain LoRA, else the TIEDLORA type. Every layer must share one method, rank, alpha and rsLoRA.
+/// Saves the adapter `options.adapter_name` of `model` (inject_adapters) to `folder`: PEFT LoRA when every
+/// adapted layer is plain LoRA, else the TIEDLORA type. Every layer must share one method, rank, alpha and
+/// rsLoRA.
 void save_adapter(const torch::nn::Module& model, const std::string& folder, const SaveAdapterOptions& options = {});
 
-/// Reads the adapter in `folder` and attaches it to `model` (which must carry no adapter): every module is
-/// checked to exist, be linear and have the adapter's shape before anything changes; then the adapter is
-/// injected and its values copied. Throws tiedlora::FormatError / ConfigError with the module or tensor
-/// name and a hint (e.g. "maybe wrong base model?"); the model is unchanged when it throws.
-void load_adapter(torch::nn::Module& model, const std::string& folder);
+/// Saves every adapter of `model` in PEFT's multi-adapter layout: the adapter "default" at the top of
+/// `folder`, each other one in the subfolder of its name (each a complete adapter folder). Atomic.
+void save_adapters(const torch::nn::Module& model, const std::string& folder, const SaveAdapterOptions& options = {});
+
+/// Reads the adapter in `folder` and attaches it to `model` under `adapter_name` (which the model must not
+/// carry yet): every module is checked to exist, be linear and have the adapter's shape before anything
+/// changes; then the adapter is injected and its values copied. Throws tiedlora::FormatError / ConfigError
+/// with the module or tensor name and a hint (e.g. "maybe wrong base model?"); the model is unchanged when
+/// it throws. A model's first adapter becomes its active one.
+void load_adapter(torch::nn::Module& model, const std::string& folder, const std::string& adapter_name = kDefaultAdapter);
+
+/// The adapters a PEFT multi-adapter folder holds: "default" when `folder` itself holds an adapter, then
+/// every subfolder holding adapter_config.json, by name, sorted. Throws tiedlora::FormatError when there
+/// is none.
+std::vector<std::string> adapter_folders(const std::string& folder);
+
+/// Loads every adapter of a PEFT multi-adapter folder (adapter_folders) under its name; all or nothing.
+/// Returns the names loaded.
+std::vector<std::string> load_adapters(torch::nn::Module& model, const std::string& folder);
 
 }  // namespace tiedlora

@@ -147,6 +147,9 @@ class EvalModeGuard {
 struct GenerateOptions {
   int64_t max_new_tokens = 32;
   std::vector<int64_t> stop_token_ids;  ///< empty: the model's eos tokens
+  /// Mixed-adapter generation: the adapter of each prompt ("" = none), one entry per prompt; empty: the
+  /// model's active adapters for every prompt. Checked against the model's adapters (route_rows).
+  std::vector<std::string> prompt_adapters;
 };
 
 /// Greedy decoding with a KV cache (generate_greedy_batch of one prompt): the prompt's continuation (without the prompt), stopping after a stop

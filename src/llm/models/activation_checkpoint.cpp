@@ -11,6 +11,7 @@
 #include <torch/custom_class.h>
 
 #include "tiedlora/core/functional.h"
+#include "tiedlora/core/modules.h"
 
 namespace tiedlora::models::detail {
 namespace {
@@ -48,6 +49,8 @@ struct SavedBlock : torch::CustomClassHolder {
   // The kernel choice is per thread, and on a GPU the backward pass runs on the device's autograd thread:
   // the recomputation must use the forward's, or it computes another forward (and loses the kernels).
   functional::Backend backend = functional::Backend::aten;
+  // Likewise the row routing of a mixed-adapter batch (per thread too): each row's adapter again.
+  std::shared_ptr<const RowAdapters> routing;
 };
 
 at::Generator cuda_generator(const c10::Device& device) { return at::globalContext().defaultGenerator(device); }
@@ -57,7 +60,7 @@ at::Generator cuda_generator(const c10::Device& device) { return at::globalConte
 class ReplayScope {
  public:
   explicit ReplayScope(const SavedBlock& saved)
-      : saved_(saved), autocast_(AutocastState::current()), backend_(saved.backend) {
+      : saved_(saved), autocast_(AutocastState::current()), backend_(saved.backend), routing_(saved.routing) {
     // The CUDA generator first: if it throws, nothing has been changed yet. The CPU generator's calls do
     // not throw for a state it produced itself.
     if (saved.cuda_rng.defined()) {
@@ -84,6 +87,7 @@ class ReplayScope {
   const SavedBlock& saved_;
   AutocastState autocast_;
   functional::BackendGuard backend_;
+  RowAdaptersScope routing_;
   at::Tensor cpu_rng_, cuda_rng_;
 };
 
@@ -140,6 +144,7 @@ at::Tensor checkpointed(BlockFunction block, const at::Tensor& x, const std::vec
   saved->cpu_rng = at::detail::getDefaultCPUGenerator().get_state();
   saved->autocast = AutocastState::current();
   saved->backend = functional::current_backend();
+  saved->routing = RowAdapters::current();
   if (x.is_cuda()) {
     saved->device = x.device();
     saved->cuda_rng = cuda_generator(x.device()).get_state();

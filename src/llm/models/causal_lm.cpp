@@ -10,6 +10,7 @@
 #include <functional>
 #include <map>
 #include <numeric>
+#include <optional>
 #include <set>
 #include <sstream>
 
@@ -795,6 +796,14 @@ std::vector<std::vector<int64_t>> generate_greedy_batch(CausalLM& model, const s
     const int64_t offset = static_cast<int64_t>(longest - p.size());
     ids[i].narrow(0, offset, static_cast<int64_t>(p.size())).copy_(at::tensor(p, at::kLong));
     mask[i].narrow(0, offset, static_cast<int64_t>(p.size())).fill_(true);
+  }
+  // Each prompt's adapter for every forward of the decoding, prefill and steps alike (the batch keeps its
+  // rows until the end, so the routing never changes).
+  std::optional<RowAdaptersScope> routing;
+  if (!options.prompt_adapters.empty()) {
+    TORCH_CHECK(static_cast<int64_t>(options.prompt_adapters.size()) == n, "generate_greedy_batch: ",
+                options.prompt_adapters.size(), " prompt adapters for ", n, " prompts");
+    routing.emplace(route_rows(model, options.prompt_adapters));
   }
   KVCache cache;
   const bool padded = shortest < longest;  // without padding, no mask: each row runs exactly as alone
