@@ -200,6 +200,73 @@ TEST(NamedAdapters, DeleteSaveAndLoadTheMultiAdapterLayout) {
   tiedlora::util::remove_tree_quietly(folder);
 }
 
+TEST(NamedAdapters, ChangingTheActiveSetOfAMergedModelUnmergesExactly) {
+  auto model = model_with_three_adapters(17);
+  torch::NoGradGuard no_grad;
+  const at::Tensor ids = at::randint(3, 97, {2, 8}, at::kLong);
+  std::map<std::string, at::Tensor> original;
+  for (const auto& [name, layer] : tiedlora::adapted_layers(*model)) original[name] = layer->weight.clone();
+  tiedlora::set_active_adapters(*model, {"tied"});
+  const at::Tensor tied_only = model->forward(ids);
+  tiedlora::set_active_adapters(*model, {"default"});
+  tiedlora::merge_adapters_(*model);
+  tiedlora::set_active_adapters(*model, {"tied"});  // unmerges first: the forward is the new set's
+  EXPECT_TRUE(at::equal(model->forward(ids), tied_only));
+  for (const auto& [name, layer] : tiedlora::adapted_layers(*model)) {
+    EXPECT_FALSE(layer->merged()) << name;
+    EXPECT_TRUE(at::equal(layer->weight, original[name])) << name;
+  }
+  tiedlora::merge_adapters_(*model);
+  tiedlora::delete_adapter(*model, "tied");  // detaching a merged adapter unmerges it first
+  for (const auto& [name, layer] : tiedlora::adapted_layers(*model)) EXPECT_TRUE(at::equal(layer->weight, original[name])) << name;
+  // The only active adapter deleted: the first remaining one becomes active (PEFT's choice).
+  EXPECT_EQ(tiedlora::active_adapters(*model), std::vector<std::string>{"default"});
+}
+
+// A parent module cloned (Cloneable copies each child into place): its layers' default adapters still
+// detach cleanly, leaving no stale parameters.
+TEST(NamedAdapters, ClonedParentDetachesItsAdaptersCleanly) {
+  struct NetImpl : torch::nn::Cloneable<NetImpl> {
+    NetImpl() { reset(); }
+    void reset() override {
+      fc = register_module("fc", tiedlora::LoraLinear(tiedlora::LoraLinearOptions(6, 4).lora(LoraOptions(2).seed(1))));
+    }
+    tiedlora::LoraLinear fc{nullptr};
+  };
+  auto net = std::make_shared<NetImpl>();
+  auto copy = std::dynamic_pointer_cast<NetImpl>(net->clone());
+  ASSERT_TRUE(copy);
+  EXPECT_TRUE(at::equal(copy->fc->lora_A(), net->fc->lora_A()));
+  tiedlora::delete_adapter(*copy, "default");
+  for (const auto& item : copy->named_parameters()) {
+    EXPECT_EQ(item.key().find("lora_"), std::string::npos) << item.key() << " survived on the clone";
+  }
+  EXPECT_TRUE(net->fc->has_adapter("default")) << "the original lost its adapter";
+}
+
+TEST(NamedAdapters, LoadAdaptersIsAllOrNothing) {
+  auto model = model_with_three_adapters(4);
+  const std::string folder = tiedlora::util::join_path(::testing::TempDir(), "tiedlora_multi_broken");
+  tiedlora::util::remove_tree_quietly(folder);
+  tiedlora::save_adapters(*model, folder);
+  {  // the last adapter of the folder truncated
+    const std::string file = folder + "/vera_like/adapter_model.safetensors";
+    std::ofstream(file, std::ios::binary | std::ios::trunc) << "garbage";
+  }
+  auto target = base_model();
+  tiedlora::inject_adapters(*target, InjectOptions().targets({"o_proj"}).lora(LoraOptions(2).seed(9)).adapter_name("mine"));
+  std::vector<bool> trainable_before;
+  for (const auto& p : target->parameters()) trainable_before.push_back(p.requires_grad());
+  const std::string message = error_of([&] { tiedlora::load_adapters(*target, folder); });
+  EXPECT_NE(message.find("vera_like"), std::string::npos) << message;
+  EXPECT_EQ(tiedlora::adapter_names(*target), std::vector<std::string>{"mine"});
+  EXPECT_EQ(tiedlora::active_adapters(*target), std::vector<std::string>{"mine"});
+  std::vector<bool> trainable_after;
+  for (const auto& p : target->parameters()) trainable_after.push_back(p.requires_grad());
+  EXPECT_EQ(trainable_after, trainable_before);
+  tiedlora::util::remove_tree_quietly(folder);
+}
+
 // Rows of a batch train different adapters in one step: each row's loss reaches only its adapter, so the
 // gradients (and AdamW's steps) equal training each adapter alone on its rows.
 TEST(NamedAdapters, TrainingTwoAdaptersInOneStepEqualsTrainingEachAlone) {
@@ -348,6 +415,15 @@ TEST(Combination, TiedAdaptersCombineIntoATiedAdapterOrExactLora) {
   save.adapter_name = "tied_mix";
   tiedlora::save_adapter(*model, folder, save);
   EXPECT_EQ(tiedlora::Adapter::read(folder).config().type, tiedlora::AdapterType::tiedlora);
+  auto reloaded = base_model();
+  tiedlora::load_adapter(*reloaded, folder, "tied_mix");
+  for (const auto& [name, layer] : tiedlora::adapted_layers(*reloaded, "tied_mix")) {
+    const auto original = tiedlora::adapted_layers(*model, "tied_mix");
+    const auto it = std::find_if(original.begin(), original.end(), [&](const auto& p) { return p.first == name; });
+    ASSERT_NE(it, original.end());
+    EXPECT_TRUE(at::equal(tiedlora::functional::low_rank_delta(layer->update("tied_mix")),
+                          tiedlora::functional::low_rank_delta(it->second->update("tied_mix")))) << name;
+  }
   tiedlora::util::remove_tree_quietly(folder);
 }
 

@@ -354,6 +354,40 @@ TEST(Trainer, PackedRunFollowsThePaddedRunAndPackingIsOnWhereExact) {
 
 // A checkpoint written before packing existed has no packing options: it resumes as the padded run it was,
 // and a run that would pack by default is refused with a hint; a packed checkpoint is not resumed padded.
+// A reference adapter beside the one to train: trainable but not active, it would sit in the optimizer
+// without a gradient, so the Trainer refuses it until it is frozen; then only the active adapter trains,
+// and a named adapter (no "default") trains as well.
+TEST(Trainer, TrainsTheActiveNamedAdapterAndRefusesTrainableInactiveOnes) {
+  const std::string root = make_temp_dir();
+  const auto train = varied_examples(12, 5);
+  auto model = tiny_model(root);
+  tiedlora::inject_adapters(*model, tiedlora::InjectOptions().targets({"q_proj", "v_proj"}).method("tied-abuv")
+                                        .lora(tiedlora::LoraOptions(4).seed(3)).adapter_name("candidate"));
+  tiedlora::inject_adapters(*model, tiedlora::InjectOptions().targets({"q_proj"}).lora(tiedlora::LoraOptions(2).seed(4))
+                                        .adapter_name("reference"));
+  ASSERT_EQ(tiedlora::active_adapters(*model), std::vector<std::string>{"candidate"});
+  tt::TrainOptions o;
+  o.max_steps = 2;
+  o.batch_size = 4;
+  o.max_length = 24;
+  const std::string refused = tiedlora::testing::error_of([&] { tt::Trainer(*model, train, {}, o, 0); });
+  EXPECT_NE(refused.find("adapter 'reference' has trainable tensors"), std::string::npos) << refused;
+  EXPECT_NE(refused.find("set_adapter_trainable"), std::string::npos) << refused;
+  tiedlora::set_adapter_trainable(*model, "reference", false);
+  std::vector<at::Tensor> reference_before;
+  for (const auto& [name, layer] : tiedlora::adapted_layers(*model, "reference")) {
+    reference_before.push_back(layer->lora_B("reference").detach().clone());
+  }
+  tt::Trainer(*model, train, {}, o, 0).run();
+  for (const auto& [name, layer] : tiedlora::adapted_layers(*model, "candidate")) {
+    EXPECT_GT(layer->lora_v_of("candidate").abs().max().item<double>(), 0) << name << ": the candidate did not train";
+  }
+  size_t i = 0;
+  for (const auto& [name, layer] : tiedlora::adapted_layers(*model, "reference")) {
+    EXPECT_TRUE(at::equal(layer->lora_B("reference"), reference_before[i++])) << name << ": the frozen reference moved";
+  }
+}
+
 TEST(Trainer, CheckpointsFromBeforePackingResumeAsPaddedRuns) {
   const std::string root = make_temp_dir();
   const auto train = varied_examples(24, 15);

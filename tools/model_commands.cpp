@@ -36,6 +36,7 @@ struct GenerateArgs {
   std::vector<std::string> adapters;  // DIR or NAME=DIR
   int64_t max_new_tokens = 64, batch_size = 32;
   bool chat = false, print_ids = false;
+  bool prompt_given = false;  // --prompt, even empty
 };
 
 // "NAME=DIR" -> (NAME, DIR); a bare DIR (or a value that is itself an existing path) is the default adapter.
@@ -43,7 +44,12 @@ std::pair<std::string, std::string> adapter_argument(const std::string& value) {
   const auto eq = value.find('=');
   if (eq == std::string::npos || util::path_exists(value)) return {kDefaultAdapter, value};
   const std::string name = value.substr(0, eq);
-  check_adapter_name(name);
+  try {
+    check_adapter_name(name);
+  } catch (const ConfigError& e) {
+    throw std::invalid_argument("--adapter " + value + ": neither an existing folder nor NAME=DIR with a usable name (" +
+                                e.what() + ")");
+  }
   return {name, value.substr(eq + 1)};
 }
 
@@ -72,7 +78,7 @@ std::vector<PromptLine> read_prompts(const std::string& path, const std::vector<
     if (!j.contains("adapter")) {
       if (has_default) p.adapter = kDefaultAdapter;
       p.adapter_json = has_default ? nlohmann::json(kDefaultAdapter) : nlohmann::json(nullptr);
-    } else if (j["adapter"].is_null()) {
+    } else if (j["adapter"].is_null() || j["adapter"] == "__base__") {  // PEFT's name for no adapter
       p.adapter_json = nullptr;
     } else if (j["adapter"].is_string()) {
       p.adapter = j["adapter"].get<std::string>();
@@ -96,7 +102,7 @@ int run_generate(const GenerateArgs& args) {
   const std::string path = resolve_model(args.model);
   if (args.max_new_tokens <= 0) throw std::invalid_argument("--max-new-tokens must be positive");
   if (args.batch_size <= 0) throw std::invalid_argument("--batch-size must be positive");
-  if (args.prompt.empty() == args.prompts_file.empty()) throw std::invalid_argument("give either --prompt or --prompts");
+  if (args.prompt_given == !args.prompts_file.empty()) throw std::invalid_argument("give either --prompt or --prompts");
   const at::ScalarType dtype = io::float_dtype_from_name(args.dtype, "--dtype");
   std::vector<std::pair<std::string, std::string>> adapters;
   for (const auto& value : args.adapters) {
@@ -107,7 +113,7 @@ int run_generate(const GenerateArgs& args) {
       }
     }
   }
-  if (!args.prompt.empty() && adapters.size() > 1) {
+  if (args.prompt_given && adapters.size() > 1) {
     throw std::invalid_argument("--prompt runs one adapter; several --adapter NAME=DIR go with --prompts FILE.jsonl");
   }
   const auto tokenizer = load_tokenizer(path);
@@ -128,7 +134,7 @@ int run_generate(const GenerateArgs& args) {
   std::vector<std::string> loaded;
   for (const auto& [name, dir] : adapters) loaded.push_back(name);
   const std::vector<PromptLine> lines =
-      args.prompt.empty() ? read_prompts(args.prompts_file, loaded) : std::vector<PromptLine>{};
+      args.prompt_given ? std::vector<PromptLine>{} : read_prompts(args.prompts_file, loaded);
   auto model = models::load_any(path, dtype);
   for (const auto& [name, dir] : adapters) load_adapter(*model, dir, name);
   models::GenerateOptions options;
@@ -136,7 +142,7 @@ int run_generate(const GenerateArgs& args) {
   options.stop_token_ids = model->info().eos_token_ids;
   if (auto eos = tokenizer->eos_id()) options.stop_token_ids.push_back(*eos);
   options.stop_token_ids.push_back(format.end_token);
-  if (!args.prompt.empty()) {
+  if (args.prompt_given) {
     const std::vector<int64_t> prompt = encode(args.prompt);
     const auto generated = models::generate_greedy(*model, prompt, options);
     const std::vector<TokenId> out(generated.begin(), generated.end());
@@ -199,7 +205,10 @@ Command add_generate_command(CLI::App& app) {
   cmd->add_option("--max-new-tokens", args->max_new_tokens, "Most tokens to generate")->capture_default_str();
   cmd->add_option("--dtype", args->dtype, "Weights and activations: f32, bf16 or f16")->capture_default_str();
   cmd->add_flag("--ids", args->print_ids, "Also print the prompt's and the generated token ids");
-  return [args] { return run_generate(*args); };
+  return [args, prompt] {
+    args->prompt_given = prompt->count() > 0;
+    return run_generate(*args);
+  };
 }
 
 Command add_tokenize_command(CLI::App& app) {

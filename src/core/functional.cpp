@@ -316,7 +316,16 @@ at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const 
 at::Tensor lora_linear_routed(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                               const std::vector<RoutedUpdate>& updates) {
   for (const RoutedUpdate& routed : updates) {
-    check_arguments(input, weight, bias, routed.update, routed.adapter_input);
+    check_arguments(input, weight, bias, routed.update, {});
+    if (routed.adapter_input.defined()) {
+      auto rows_shape = input.sizes().vec();
+      if (routed.rows.defined() && !rows_shape.empty()) rows_shape[0] = routed.rows.numel();
+      TORCH_CHECK(routed.adapter_input.sizes() == at::IntArrayRef(rows_shape),
+                  "lora_linear_routed: adapter_input must have the shape of the adapter's rows of the input ",
+                  at::IntArrayRef(rows_shape), ", got ", routed.adapter_input.sizes());
+      TORCH_CHECK(routed.adapter_input.device() == input.device(), "lora_linear_routed: adapter_input is on ",
+                  routed.adapter_input.device(), " but input is on ", input.device());
+    }
     if (!routed.rows.defined()) continue;
     TORCH_CHECK(input.dim() >= 2, "lora_linear_routed: input must have a batch dimension to route rows, got shape ",
                 input.sizes());
@@ -343,11 +352,13 @@ at::Tensor lora_linear_routed(const at::Tensor& input, const at::Tensor& weight,
   y = as(y, type).reshape(out_shape);
   // Each adapter's branch on its rows only (gathered, computed in fp32, added back where they came from):
   // rows that name no adapter cost nothing. Plain autograd ops, so gradients reach each adapter from its
-  // rows alone.
+  // rows alone; y is this function's own fresh tensor, so the additions are in place (no copy of the
+  // output per adapter).
   for (const RoutedUpdate& routed : updates) {
     const LowRankUpdate& update = routed.update;
-    const at::Tensor source = cast(routed.adapter_input.defined() ? routed.adapter_input : input);
-    const at::Tensor rows_in = routed.rows.defined() ? source.index_select(0, routed.rows) : source;
+    const at::Tensor rows_in = routed.adapter_input.defined() ? cast(routed.adapter_input)
+                               : routed.rows.defined()       ? x.index_select(0, routed.rows)
+                                                             : x;
     if (rows_in.numel() == 0) continue;
     at::Tensor b_eff = as(update.lora_b, type) * update.scale;  // out of place: autograd keeps B, u, v
     if (update.u.defined()) b_eff = b_eff * as(update.u, type).unsqueeze(0);
@@ -355,7 +366,8 @@ at::Tensor lora_linear_routed(const at::Tensor& input, const at::Tensor& weight,
     auto delta_shape = rows_in.sizes().vec();
     delta_shape.back() = out;
     const at::Tensor delta = as(rows_in.reshape({-1, in}), type).mm(as(update.lora_a, type).t()).mm(b_eff.t());
-    y = routed.rows.defined() ? y.index_add(0, routed.rows, delta.reshape(delta_shape)) : y + delta.reshape(delta_shape);
+    if (routed.rows.defined()) y.index_add_(0, routed.rows, delta.reshape(delta_shape));
+    else y.add_(delta.reshape(delta_shape));
   }
   return as(y, x.scalar_type());
 }

@@ -401,13 +401,30 @@ void set_adapters_enabled(torch::nn::Module& module, bool enabled) {
   for (auto& [name, layer] : adapted_layers(module)) layer->set_adapter_enabled(enabled);
 }
 
+void set_adapter_trainable(torch::nn::Module& module, const std::string& adapter, bool trainable) {
+  require_adapter(adapter_names(module), adapter, "set_adapter_trainable");
+  for (auto& [name, layer] : adapted_layers(module, adapter)) {
+    const AdapterMethod& method = layer->method(adapter);
+    const functional::LowRankUpdate u = layer->update(adapter);
+    // A and B as the method says (a frozen random A or B of a tied mask stays frozen); u and v exist only
+    // when they train.
+    u.lora_a.requires_grad_(trainable && method.train_a);
+    u.lora_b.requires_grad_(trainable && method.train_b);
+    if (u.u.defined()) u.u.requires_grad_(trainable);
+    if (u.v.defined()) u.v.requires_grad_(trainable);
+  }
+}
+
 void delete_adapter(torch::nn::Module& module, const std::string& adapter) {
   require_adapter(adapter_names(module), adapter, "delete_adapter");
+  std::vector<std::string> active = active_adapters(module);
   for (auto& [name, layer] : adapted_layers(module, adapter)) layer->detach_adapter(adapter);
   const std::string registry = groups_module(adapter);
   if (child_of(module, registry)) module.unregister_module(registry);
-  std::vector<std::string> active = active_adapters(module);
+  const bool was_active = std::find(active.begin(), active.end(), adapter) != active.end();
   active.erase(std::remove(active.begin(), active.end(), adapter), active.end());
+  const std::vector<std::string> remaining = adapter_names(module);
+  if (was_active && active.empty() && !remaining.empty()) active = {remaining.front()};  // PEFT's choice
   for (auto* layer : lora_layers(module)) layer->set_active_adapters(active);
 }
 
@@ -465,7 +482,17 @@ void add_weighted_adapter(torch::nn::Module& module, const std::vector<std::stri
   }
   int64_t rank = 0;
   for (int64_t r : ranks) rank += r;
-  const LoraOptions lora = LoraOptions(rank).alpha(static_cast<double>(rank));
+  if (child_of(module, groups_module(name))) {
+    throw ConfigError("add_weighted_adapter: the model already has a module '" + groups_module(name) +
+                      "' (hint: choose another name)");
+  }
+  // The result's values are written below; a fixed seed keeps its throw-away initial draw off the global
+  // generator. Dropout is the first source's, as PEFT's copy of the first config gives.
+  double dropout = 0.0;
+  for (const auto& [layer_name, layer] : layers) {
+    if (layer->has_adapter(sources[0])) dropout = layer->lora_options(sources[0]).dropout();
+  }
+  const LoraOptions lora = LoraOptions(rank).alpha(static_cast<double>(rank)).dropout(dropout).seed(0);
   // Source k's part of A in PEFT's "cat" order: w_k s_k diag(u_k) A_k, computed as PEFT does (A * w * s).
   auto a_part = [&](const LoraLinearImpl& layer, size_t k) {
     at::Tensor a = layer.lora_A(sources[k]).to(at::kFloat);
@@ -477,56 +504,67 @@ void add_weighted_adapter(torch::nn::Module& module, const std::vector<std::stri
     if (const at::Tensor& v = layer.lora_v_of(sources[k]); v.defined()) b = b * v.to(at::kFloat).unsqueeze(1);
     return b;
   };
-  if (!tied) {
-    for (auto& [layer_name, layer] : layers) {
-      std::vector<at::Tensor> a, b;
-      for (size_t k = 0; k < sources.size(); ++k) {
-        if (!layer->has_adapter(sources[k])) continue;
-        a.push_back(a_part(*layer, k));
-        b.push_back(b_part(*layer, k));
-      }
-      if (a.empty()) continue;
-      layer->attach_lora(lora, name);
-      // Sources present first, zeros after (PEFT packs them the same way).
-      layer->lora_A(name).zero_().narrow(0, 0, at::cat(a, 0).size(0)).copy_(at::cat(a, 0));
-      layer->lora_B(name).zero_().narrow(1, 0, at::cat(b, 1).size(1)).copy_(at::cat(b, 1));
-    }
-  } else {
-    AdapterMethod method = AdapterMethod::parse("tied-ab");
-    for (const auto& [layer_name, layer] : layers) {
-      for (const auto& source : sources) method.train_u = method.train_u || layer->method(source).has_u();
-    }
-    torch::nn::ModuleDict registry;
-    std::map<const TiedLoraFactorsImpl*, TiedLoraFactors> made;  // source 0's factors -> the new group's
-    for (auto& [layer_name, layer] : layers) {
-      const TiedLoraFactors first = layer->factors(sources[0]);
-      auto it = made.find(first.get());
-      if (it == made.end()) {
+  try {
+    if (!tied) {
+      for (auto& [layer_name, layer] : layers) {
         std::vector<at::Tensor> a, b;
         for (size_t k = 0; k < sources.size(); ++k) {
-          a.push_back(layer->factors(sources[k])->lora_A.to(at::kFloat).mul(weights[k]).mul(layer->scale(sources[k])));
-          b.push_back(layer->factors(sources[k])->lora_B.to(at::kFloat));
+          if (!layer->has_adapter(sources[k])) continue;
+          a.push_back(a_part(*layer, k));
+          b.push_back(b_part(*layer, k));
         }
-        TiedLoraFactors factors(TiedLoraFactorsOptions(first->options.in_features(), first->options.out_features(), method, lora)
-                                    .name(first->options.name()));
-        factors->to(first->lora_A.device());
-        factors->lora_A.copy_(at::cat(a, 0));
-        factors->lora_B.copy_(at::cat(b, 1));
-        factors->set_owned(true);
-        registry->update({{registry_key(first->options.name().empty() ? layer_name : first->options.name()), factors.ptr()}});
-        it = made.emplace(first.get(), factors).first;
+        if (a.empty()) continue;
+        layer->attach_lora(lora, name);
+        // Sources present first, zeros after (PEFT packs them the same way).
+        layer->lora_A(name).zero_().narrow(0, 0, at::cat(a, 0).size(0)).copy_(at::cat(a, 0));
+        layer->lora_B(name).zero_().narrow(1, 0, at::cat(b, 1).size(1)).copy_(at::cat(b, 1));
       }
-      layer->attach_tied(it->second, name);
-      if (method.has_u()) {
-        std::vector<at::Tensor> u;
-        for (size_t k = 0; k < sources.size(); ++k) {
-          const at::Tensor& uk = layer->lora_u_of(sources[k]);
-          u.push_back(uk.defined() ? uk.to(at::kFloat) : at::ones({layer->lora_options(sources[k]).rank()}, layer->weight.options().dtype(at::kFloat)));
+    } else {
+      AdapterMethod method = AdapterMethod::parse("tied-ab");
+      for (const auto& [layer_name, layer] : layers) {
+        for (const auto& source : sources) method.train_u = method.train_u || layer->method(source).has_u();
+      }
+      torch::nn::ModuleDict registry;
+      std::map<const TiedLoraFactorsImpl*, TiedLoraFactors> made;  // source 0's factors -> the new group's
+      for (auto& [layer_name, layer] : layers) {
+        const TiedLoraFactors first = layer->factors(sources[0]);
+        auto it = made.find(first.get());
+        if (it == made.end()) {
+          std::vector<at::Tensor> a, b;
+          for (size_t k = 0; k < sources.size(); ++k) {
+            a.push_back(layer->factors(sources[k])->lora_A.to(at::kFloat).mul(weights[k]).mul(layer->scale(sources[k])));
+            b.push_back(layer->factors(sources[k])->lora_B.to(at::kFloat));
+          }
+          TiedLoraFactors factors(TiedLoraFactorsOptions(first->options.in_features(), first->options.out_features(), method, lora)
+                                      .name(first->options.name()));
+          factors->to(first->lora_A.device());
+          factors->lora_A.copy_(at::cat(a, 0));
+          factors->lora_B.copy_(at::cat(b, 1));
+          factors->set_owned(true);
+          const std::string key = registry_key(first->options.name().empty() ? layer_name : first->options.name());
+          if (registry->contains(key)) throw ConfigError("add_weighted_adapter: two tie groups map to the module name '" + key + "'");
+          registry->update({{key, factors.ptr()}});
+          it = made.emplace(first.get(), factors).first;
         }
-        layer->lora_u_of(name).copy_(at::cat(u, 0));
+        layer->attach_tied(it->second, name);
+        if (method.has_u()) {
+          std::vector<at::Tensor> u;
+          for (size_t k = 0; k < sources.size(); ++k) {
+            const at::Tensor& uk = layer->lora_u_of(sources[k]);
+            u.push_back(uk.defined() ? uk.to(at::kFloat) : at::ones({layer->lora_options(sources[k]).rank()}, layer->weight.options().dtype(at::kFloat)));
+          }
+          layer->lora_u_of(name).copy_(at::cat(u, 0));
+        }
       }
+      module.register_module(groups_module(name), registry);
     }
-    module.register_module(groups_module(name), registry);
+  } catch (...) {
+    // All or nothing: whatever part of the new adapter exists goes again.
+    for (auto& [layer_name, layer] : layers) {
+      if (layer->has_adapter(name)) layer->detach_adapter(name);
+    }
+    if (child_of(module, groups_module(name))) module.unregister_module(groups_module(name));
+    throw;
   }
 }
 

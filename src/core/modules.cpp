@@ -5,6 +5,7 @@
 #include <cctype>
 #include <cmath>
 #include <ostream>
+#include <sstream>
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -228,9 +229,8 @@ void LoraLinearImpl::reset() {
   // Only a plain LoRA default adapter reaches here (the constructor's, or a clone's: clone() refuses
   // shared factors and named adapters), and it is drawn again.
   if (auto it = adapters_.find(kDefaultAdapter); it != adapters_.end()) {
-    it->second.holder = this;
     freeze_base();
-    register_adapter_tensors(it->second);
+    register_adapter_tensors(kDefaultAdapter, it->second);
   }
 }
 
@@ -251,15 +251,22 @@ LoraLinearImpl::Slot& LoraLinearImpl::new_slot(const std::string& adapter, Adapt
   check_adapter_name(adapter);
   TORCH_CHECK(!adapters_.count(adapter), "LoraLinear: the layer already carries an adapter named '", adapter, "'");
   unmerge_();  // a merged weight must not outlive the set of adapters it was merged from
+  if (adapter != kDefaultAdapter) {
+    if (!named_holders_) named_holders_ = register_module("lora_adapters", std::make_shared<torch::nn::Module>("LoraAdapters"));
+    named_holders_->register_module(adapter, std::make_shared<torch::nn::Module>("LoraAdapter"));
+  }
   Slot slot;
   slot.kind = kind;
-  if (adapter == kDefaultAdapter) {
-    slot.holder = this;
-  } else {
-    if (!named_holders_) named_holders_ = register_module("lora_adapters", std::make_shared<torch::nn::Module>("LoraAdapters"));
-    slot.holder = named_holders_->register_module(adapter, std::make_shared<torch::nn::Module>("LoraAdapter")).get();
-  }
   return adapters_.emplace(adapter, std::move(slot)).first->second;
+}
+
+torch::nn::Module& LoraLinearImpl::holder(const std::string& adapter) {
+  if (adapter == kDefaultAdapter) return *this;
+  TORCH_INTERNAL_ASSERT(named_holders_, "LoraLinear: no holder for the adapter ", adapter);
+  for (const auto& item : named_holders_->named_children()) {
+    if (item.key() == adapter) return *item.value();
+  }
+  TORCH_INTERNAL_ASSERT(false, "LoraLinear: no holder for the adapter ", adapter);
 }
 
 const LoraLinearImpl::Slot& LoraLinearImpl::slot(const std::string& adapter, const char* what) const {
@@ -273,11 +280,11 @@ const LoraLinearImpl::Slot& LoraLinearImpl::slot(const std::string& adapter, con
 
 // Registers and initialises the tensors the slot owns: lora_A and lora_B for plain LoRA, lora_u and lora_v
 // (when trained) for a tied adapter.
-void LoraLinearImpl::register_adapter_tensors(Slot& slot) {
+void LoraLinearImpl::register_adapter_tensors(const std::string& adapter, Slot& slot) {
   at::NoGradGuard no_grad;
   const int64_t in = options.in_features(), out = options.out_features(), r = slot.lora.rank();
   Initializer init(slot.lora, weight.device());
-  torch::nn::Module& holder = *slot.holder;
+  torch::nn::Module& holder = this->holder(adapter);
   if (slot.kind == AdapterKind::lora) {
     slot.a = holder.register_parameter("lora_A", initial_a(init, slot.lora, in), /*requires_grad=*/true);
     slot.b = holder.register_parameter("lora_B", initial_b(init, slot.lora, slot.method, out), /*requires_grad=*/true);
@@ -295,7 +302,7 @@ void LoraLinearImpl::attach_lora(const LoraOptions& lora, const std::string& ada
   slot.lora = lora;
   slot.method = AdapterMethod::lora();
   freeze_base();
-  register_adapter_tensors(slot);
+  register_adapter_tensors(adapter, slot);
 }
 
 void LoraLinearImpl::attach_tied(TiedLoraFactors factors, const std::string& adapter) {
@@ -314,17 +321,17 @@ void LoraLinearImpl::attach_tied(TiedLoraFactors factors, const std::string& ada
   slot.factors = factors.ptr();
   if (!factors->owned()) {
     // Nobody registers these factors yet: this layer does, so that they train, save and move with it.
-    slot.holder->register_module("tied_factors", factors);
+    holder(adapter).register_module("tied_factors", factors);
     factors->set_owned(true);
     slot.owns_factors = true;
   }
   freeze_base();
-  register_adapter_tensors(slot);
+  register_adapter_tensors(adapter, slot);
 }
 
 // Unregisters the slot's tensors from its holder (the slot itself is erased by the caller).
-void LoraLinearImpl::release(Slot& slot) {
-  if (slot.holder == this) {
+void LoraLinearImpl::release(const std::string& adapter, Slot& slot) {
+  if (adapter == kDefaultAdapter) {
     for (const char* name : {"lora_A", "lora_B", "lora_u", "lora_v"}) {
       if (parameters_.contains(name)) parameters_.erase(name);
     }
@@ -336,7 +343,7 @@ void LoraLinearImpl::release(Slot& slot) {
 void LoraLinearImpl::detach_adapter(const std::string& adapter) {
   slot(adapter, "detach_adapter");  // throws, naming what the layer carries, when it is not there
   unmerge_();
-  release(adapters_.at(adapter));
+  release(adapter, adapters_.at(adapter));
   adapters_.erase(adapter);
   if (adapter != kDefaultAdapter) {
     named_holders_->unregister_module(adapter);
@@ -436,17 +443,29 @@ at::Tensor LoraLinearImpl::adapter_input(const at::Tensor& input, const Slot& s)
 at::Tensor LoraLinearImpl::routed_forward(const at::Tensor& input, const RowAdapters& routing) {
   TORCH_CHECK(!merged(), "LoraLinear: a mixed-adapter batch cannot run on a merged layer (hint: unmerge_adapters_() "
                          "first; merging bakes the active adapters into every row)");
+  std::vector<std::string> here;  // the routed adapters this layer carries; rows of others get the base only
+  for (const auto& name : routing.adapters()) {
+    if (adapters_.count(name)) here.push_back(name);
+  }
+  if (here.empty()) return at::linear(input, weight, bias);
   if (input.dim() < 2 || input.size(0) != routing.rows()) {
-    throw ConfigError("LoraLinear: the batch has " + std::to_string(input.dim() < 2 ? 0 : input.size(0)) +
-                      " rows but the row routing (RowAdaptersScope) names adapters for " + std::to_string(routing.rows()));
+    std::ostringstream shape;
+    shape << input.sizes();
+    throw ConfigError("LoraLinear (" + std::to_string(options.in_features()) + " -> " + std::to_string(options.out_features()) +
+                      "): the input " + shape.str() + " has " + std::to_string(input.dim() < 2 ? 1 : input.size(0)) +
+                      " rows in its first dimension, but the row routing (RowAdaptersScope) names adapters for " +
+                      std::to_string(routing.rows()) + " (hint: route the rows of the batch; a layer applied to "
+                      "flattened tokens, such as a head over selected positions, cannot serve a mixed batch)");
   }
   std::vector<functional::RoutedUpdate> updates;
-  for (const auto& name : routing.adapters()) {
-    auto it = adapters_.find(name);
-    if (it == adapters_.end()) continue;  // rows of an adapter that does not adapt this layer: the base only
-    updates.push_back({update(name), routing.rows_of(name, input.device()), adapter_input(input, it->second)});
+  for (const auto& name : here) {
+    const Slot& s = adapters_.at(name);
+    const at::Tensor rows = routing.rows_of(name, input.device());
+    // Dropout on this adapter's rows only (its own mask, as each adapter has its own dropout in PEFT).
+    at::Tensor dropped;
+    if (s.lora.dropout() > 0.0 && is_training()) dropped = at::dropout(input.index_select(0, rows), s.lora.dropout(), true);
+    updates.push_back({update(name), rows, dropped});
   }
-  if (updates.empty()) return at::linear(input, weight, bias);
   return functional::lora_linear_routed(input, weight, bias, updates);
 }
 
@@ -481,16 +500,16 @@ void LoraLinearImpl::set_adapter_enabled(bool enabled) {
 void LoraLinearImpl::merge_() {
   TORCH_CHECK(!adapters_.empty(), "LoraLinear::merge_: the layer carries no adapter");
   if (merged()) return;
+  std::vector<functional::LowRankUpdate> updates;
+  for (const auto& name : active_) {
+    if (adapters_.count(name)) updates.push_back(update(name));
+  }
+  if (updates.empty()) return;  // no active adapter here: nothing to merge, whatever the weight is tied to
   if (weight_tied_) {
     throw ConfigError("LoraLinear::merge_: this layer's weight is tied to another module (e.g. a language-model "
                       "head tied to the token embedding), which merging would change too (hint: keep the adapter "
                       "unmerged, or untie the weights first)");
   }
-  std::vector<functional::LowRankUpdate> updates;
-  for (const auto& name : active_) {
-    if (adapters_.count(name)) updates.push_back(update(name));
-  }
-  if (updates.empty()) return;
   at::NoGradGuard no_grad;
   // Several active adapters: their rank concatenation, so the sum of the deltas is rounded once.
   const functional::LowRankUpdate merged_update =

@@ -494,18 +494,36 @@ std::vector<std::string> adapter_folders(const std::string& folder) {
 
 std::vector<std::string> load_adapters(torch::nn::Module& model, const std::string& folder) {
   const std::vector<std::string> names = adapter_folders(folder);
-  for (const auto& name : names) check_adapter_name(name);
+  for (const auto& name : names) {
+    try {
+      check_adapter_name(name);
+    } catch (const ConfigError& e) {
+      throw FormatError(util::join_path(folder, name) + ": holds an adapter, but its folder name cannot name one: " +
+                        e.what());
+    }
+  }
+  // What loading may change, to put back if a later adapter fails: the adapters, which tensors train
+  // (injection freezes the rest of the model), the active set, merged layers (adding an adapter unmerges).
   const std::vector<std::string> before = adapter_names(model);
+  const std::vector<std::string> active = active_adapters(model);
+  std::vector<std::pair<at::Tensor, bool>> trainable;
+  for (const auto& p : model.parameters()) trainable.emplace_back(p, p.requires_grad());
+  std::vector<LoraLinear> merged;
+  for (const auto& [name, layer] : adapted_layers(model)) {
+    if (layer->merged()) merged.push_back(layer);
+  }
   try {
     for (const auto& name : names) {
       load_adapter(model, name == kDefaultAdapter && util::is_regular_file(util::join_path(folder, kConfigName))
                               ? folder : util::join_path(folder, name), name);
     }
   } catch (...) {
-    // All or nothing: the adapters this call added go again.
     for (const auto& name : adapter_names(model)) {
       if (std::find(before.begin(), before.end(), name) == before.end()) delete_adapter(model, name);
     }
+    for (auto& [p, requires_grad] : trainable) p.requires_grad_(requires_grad);
+    if (!before.empty()) set_active_adapters(model, active);
+    for (auto& layer : merged) layer->merge_();
     throw;
   }
   return names;

@@ -119,6 +119,20 @@ class MixedAdapterGenerate(unittest.TestCase):
         run = tiedlora("generate", "--model", "smollm2", "--prompts", prompts)
         self.assertEqual(run.returncode, 1)
         self.assertIn("bad.jsonl:2: adapter 'c' is not loaded", run.stderr)
+        with open(prompts, "w") as f:
+            f.write('{"prompt": "hi", "adapter": "__base__"}\nnot json\n')
+        run = tiedlora("generate", "--model", "smollm2", "--prompts", prompts)
+        self.assertEqual(run.returncode, 1)
+        self.assertIn("bad.jsonl:2: not a JSON object", run.stderr)  # line 1's PEFT "__base__" is accepted
+        a = os.path.join(ARGS.work, "adapter_a")
+        write_lora_adapter(a, 1, 4, 8, ["q_proj", "v_proj"])
+        for argv, message in [(["--adapter", "x=" + a, "--adapter", "x=" + a, "--prompts", prompts], "the name 'x' is given twice"),
+                              (["--adapter", "x=" + a, "--adapter", "y=" + a, "--prompt", "hi"], "several --adapter NAME=DIR go with --prompts"),
+                              (["--adapter", "no.dot=" + a, "--prompts", prompts], "neither an existing folder nor NAME=DIR"),
+                              (["--prompt", "hi", "--prompts", prompts], "excludes")]:
+            run = tiedlora("generate", "--model", "smollm2", *argv)
+            self.assertNotEqual(run.returncode, 0, argv)
+            self.assertIn(message, run.stderr, argv)
 
 
 def main():

@@ -57,8 +57,8 @@ struct RoutedUpdate {
   /// int64 indices into the first (batch) dimension of the input: the rows this adapter serves, on the
   /// input's device. Undefined: every row (several adapters active at once add up).
   at::Tensor rows;
-  /// The branch's input for all rows when it differs from the layer's input (this adapter's dropout), else
-  /// undefined.
+  /// The branch's input for this adapter's rows (input.index_select(0, rows), or the whole input without
+  /// rows) when it differs from the layer's input (this adapter's dropout), else undefined.
   at::Tensor adapter_input;
 };
 

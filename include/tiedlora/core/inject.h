@@ -100,8 +100,13 @@ void set_active_adapters(torch::nn::Module& module, const std::vector<std::strin
 std::vector<std::string> active_adapters(const torch::nn::Module& module);
 /// Off: every layer computes with its original weight (adapters kept, merged layers unmerged); on again.
 void set_adapters_enabled(torch::nn::Module& module, bool enabled);
+/// Freezes (false) or unfreezes (true: the tensors its method trains) the adapter `adapter`. Adapters are
+/// trainable when added; a reference adapter kept beside the one being trained is frozen with this (the
+/// Trainer refuses trainable adapters that are not active).
+void set_adapter_trainable(torch::nn::Module& module, const std::string& adapter, bool trainable);
 /// Removes the adapter `adapter` from every layer, with its tie groups' registry; it leaves the active
-/// set. Throws tiedlora::ConfigError when the model does not carry it.
+/// set, and when it was the only active adapter, the first remaining adapter becomes active (as in PEFT).
+/// Throws tiedlora::ConfigError when the model does not carry it.
 void delete_adapter(torch::nn::Module& module, const std::string& adapter);
 
 /// A routing of batch rows to adapters ("" = none) for RowAdaptersScope, checked against the adapters of
@@ -113,7 +118,8 @@ std::shared_ptr<const RowAdapters> route_rows(const torch::nn::Module& module, s
 /// tied adapter without v on the same tie groups, the result is a tied adapter (shared A = [w_k s_k A_k],
 /// B = [B_k], per-layer u = [u_k]; scale 1); otherwise it is plain LoRA in PEFT's "cat" layout
 /// (A = [w_k s_k diag(u_k) A_k], B = [diag(v_k) B_k], rank the sum of the ranks, alpha = rank, layers a
-/// source misses padded with zeros), which PEFT loads. The new adapter is not made active.
+/// source misses padded with zeros), which PEFT loads. The new adapter is not made active; it takes the
+/// first source's dropout, as PEFT's does. All or nothing: the model is unchanged when it throws.
 void add_weighted_adapter(torch::nn::Module& module, const std::vector<std::string>& sources,
                           const std::vector<double>& weights, const std::string& name);
 

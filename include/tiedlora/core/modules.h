@@ -276,8 +276,9 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
   at::Tensor lora_v;  ///< the default adapter's v (d_out), defined when its method trains v
 
  private:
-  // One named adapter: its configuration and tensors, registered on `holder` (this layer for the default
-  // adapter, `lora_adapters.<name>` otherwise).
+  // One named adapter: its configuration and tensors, registered on holder(name) (this layer for the
+  // default adapter, `lora_adapters.<name>` otherwise; found by name, never kept as a pointer, which a
+  // copied layer, as Cloneable::clone of a parent makes, would keep pointing at the original).
   struct Slot {
     AdapterKind kind = AdapterKind::none;
     AdapterMethod method = AdapterMethod::lora();
@@ -286,12 +287,12 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
     bool owns_factors = false;                     // registered as the holder's child "tied_factors"
     at::Tensor a, b;                               // plain LoRA's own A and B
     at::Tensor u, v;
-    torch::nn::Module* holder = nullptr;
   };
   Slot& new_slot(const std::string& adapter, AdapterKind kind);
   const Slot& slot(const std::string& adapter, const char* what) const;
-  void register_adapter_tensors(Slot& slot);
-  void release(Slot& slot);
+  torch::nn::Module& holder(const std::string& adapter);
+  void register_adapter_tensors(const std::string& adapter, Slot& slot);
+  void release(const std::string& adapter, Slot& slot);
   void sync_default_fields();
   void freeze_base();
   at::Tensor adapter_input(const at::Tensor& input, const Slot& slot);

@@ -799,12 +799,12 @@ std::vector<std::vector<int64_t>> generate_greedy_batch(CausalLM& model, const s
   }
   // Each prompt's adapter for every forward of the decoding, prefill and steps alike (the batch keeps its
   // rows until the end, so the routing never changes).
-  std::optional<RowAdaptersScope> routing;
-  if (!options.prompt_adapters.empty()) {
-    TORCH_CHECK(static_cast<int64_t>(options.prompt_adapters.size()) == n, "generate_greedy_batch: ",
-                options.prompt_adapters.size(), " prompt adapters for ", n, " prompts");
-    routing.emplace(route_rows(model, options.prompt_adapters));
+  // Without prompt adapters, the active adapters for every row, whatever routing the caller has in force.
+  if (!options.prompt_adapters.empty() && static_cast<int64_t>(options.prompt_adapters.size()) != n) {
+    throw ConfigError("generate_greedy_batch: " + std::to_string(options.prompt_adapters.size()) +
+                      " prompt adapters for " + std::to_string(n) + " prompts");
   }
+  const RowAdaptersScope routing(options.prompt_adapters.empty() ? nullptr : route_rows(model, options.prompt_adapters));
   KVCache cache;
   const bool padded = shortest < longest;  // without padding, no mask: each row runs exactly as alone
   if (padded) cache.attention_mask = mask.to(device);

@@ -242,11 +242,25 @@ Trainer::Trainer(models::CausalLM& model, std::vector<TokenizedExample> train, s
     }
   }
   if (s_->params.empty()) throw ConfigError("Trainer: the model has no trainable parameters (hint: inject adapters first)");
-  if (!s_->options.packing) {  // automatic: packed wherever that computes what padding computes
-    bool dropout = false;
-    for (const auto& [name, layer] : adapted_layers(model)) dropout = dropout || layer->lora_options().dropout() > 0;
-    s_->options.packing = !dropout;
+  // Every adapter with trainable tensors takes part in the forward, or the optimizer would hold it without
+  // ever a gradient (a reference adapter loaded beside the one to train must be frozen or made active).
+  const std::vector<std::string> active = active_adapters(model);
+  bool dropout = false;
+  for (const auto& [name, layer] : adapted_layers(model)) {
+    for (const auto& adapter : layer->adapter_names()) {
+      dropout = dropout || layer->lora_options(adapter).dropout() > 0;
+      if (std::find(active.begin(), active.end(), adapter) != active.end()) continue;
+      const functional::LowRankUpdate u = layer->update(adapter);
+      for (const at::Tensor* t : {&u.lora_a, &u.lora_b, &u.u, &u.v}) {
+        if (t->defined() && t->requires_grad()) {
+          throw ConfigError("Trainer: adapter '" + adapter + "' has trainable tensors (on '" + name + "') but is not "
+                            "active, so it would never get a gradient (hint: set_active_adapters() to train it, or "
+                            "set_adapter_trainable(model, \"" + adapter + "\", false) to keep it fixed)");
+        }
+      }
+    }
   }
+  if (!s_->options.packing) s_->options.packing = !dropout;  // automatic: packed wherever that equals padding
   std::vector<at::Tensor> tensors;
   for (const auto& p : s_->params) tensors.push_back(p.second);
   s_->optimizer = std::make_unique<torch::optim::AdamW>(
