@@ -267,6 +267,53 @@ TEST(NamedAdapters, LoadAdaptersIsAllOrNothing) {
   tiedlora::util::remove_tree_quietly(folder);
 }
 
+// In training mode an adapter's dropout draws its mask on its own rows: the other rows are the base
+// model's, and gradients flow through the routed branch.
+TEST(NamedAdapters, DropoutOfAMixedBatchTouchesOnlyItsRows) {
+  auto model = base_model();
+  tiedlora::inject_adapters(*model, InjectOptions().targets({"q_proj", "v_proj"}).lora(LoraOptions(4).dropout(0.5).seed(1)));
+  tiedlora::testing::randomize_trainable(*model, 3, 0.3);
+  const at::Tensor ids = at::randint(3, 97, {2, 8}, at::kLong);
+  at::Tensor base;
+  {
+    torch::NoGradGuard no_grad;
+    tiedlora::set_adapters_enabled(*model, false);
+    base = model->forward(ids);
+    tiedlora::set_adapters_enabled(*model, true);
+  }
+  model->train();
+  const at::Tensor logits = logits_with_rows(*model, ids, {"default", ""});
+  EXPECT_TRUE(all_close(logits[1], base[1], 1e-6, 1e-6 * base.abs().max().item<double>(), "the row without adapter"));
+  EXPECT_GT(difference(logits[0], base[0]).max_abs, 1e-3);
+  logits[0].sum().backward();
+  for (const auto& [name, layer] : tiedlora::adapted_layers(*model)) {
+    ASSERT_TRUE(layer->lora_A().grad().defined()) << name;
+    EXPECT_GT(layer->lora_A().grad().abs().max().item<double>(), 0) << name;
+  }
+}
+
+// generate_greedy_batch without prompt adapters ignores a routing the caller has in force.
+TEST(NamedAdapters, GenerationWithoutPromptAdaptersIgnoresAnOuterRouting) {
+  auto model = model_with_three_adapters(2);
+  const std::vector<std::vector<int64_t>> prompts = {{5, 9, 11, 40}, {7, 8, 20, 33}};
+  tiedlora::models::GenerateOptions options;
+  options.max_new_tokens = 5;
+  const auto plain = tiedlora::models::generate_greedy_batch(*model, prompts, options);
+  const RowAdaptersScope outer(tiedlora::route_rows(*model, {"tied", "", "tied"}));
+  EXPECT_EQ(tiedlora::models::generate_greedy_batch(*model, prompts, options), plain);
+}
+
+// A layer whose weight is tied to another module merges only when it has an active adapter to merge.
+TEST(NamedAdapters, TiedWeightRefusesAMergeOnlyWithSomethingToMerge) {
+  tiedlora::LoraLinear layer(tiedlora::LoraLinearOptions(6, 4));
+  layer->tie_weight_(at::randn({4, 6}));
+  layer->attach_lora(LoraOptions(2).seed(1), "other");
+  EXPECT_NO_THROW(layer->merge_());  // active {"default"}: nothing here
+  EXPECT_FALSE(layer->merged());
+  layer->set_active_adapters({"other"});
+  EXPECT_NE(error_of([&] { layer->merge_(); }).find("tied to another module"), std::string::npos);
+}
+
 // Rows of a batch train different adapters in one step: each row's loss reaches only its adapter, so the
 // gradients (and AdamW's steps) equal training each adapter alone on its rows.
 TEST(NamedAdapters, TrainingTwoAdaptersInOneStepEqualsTrainingEachAlone) {
@@ -379,15 +426,22 @@ TEST(Combination, TiedAdaptersCombineIntoATiedAdapterOrExactLora) {
   auto model = base_model();
   // Two tied adapters without v on the same groups (the default grouping): a tied result.
   tiedlora::inject_adapters(*model, InjectOptions().targets({"q_proj", "v_proj", "up_proj"}).method("tied-abu")
-                                        .lora(LoraOptions(4).alpha(8.0).seed(1)).adapter_name("t1"));
+                                        .lora(LoraOptions(4).alpha(8.0).dropout(0.1).seed(1)).adapter_name("t1"));
   tiedlora::inject_adapters(*model, InjectOptions().targets({"q_proj", "v_proj", "up_proj"}).method("tied-ab")
                                         .lora(LoraOptions(2).seed(2)).adapter_name("t2"));
   tiedlora::inject_adapters(*model, InjectOptions().targets({"q_proj", "o_proj"}).method("tied-abuv")
                                         .lora(LoraOptions(3).seed(3)).adapter_name("t3"));
   tiedlora::testing::randomize_trainable(*model, 9, 0.3);
   const std::vector<double> weights = {1.5, -0.25};
+  const at::Tensor rng = at::detail::getDefaultCPUGenerator().get_state();
   tiedlora::add_weighted_adapter(*model, {"t1", "t2"}, weights, "tied_mix");
   tiedlora::add_weighted_adapter(*model, {"t1", "t3"}, weights, "lora_mix");
+  EXPECT_TRUE(at::equal(at::detail::getDefaultCPUGenerator().get_state(), rng)) << "the global generator moved";
+  // Refusals leave the model as it was.
+  const auto names = tiedlora::adapter_names(*model);
+  EXPECT_NE(error_of([&] { tiedlora::add_weighted_adapter(*model, {"t1", "nope"}, weights, "x"); }).find("'nope'"), std::string::npos);
+  EXPECT_NE(error_of([&] { tiedlora::add_weighted_adapter(*model, {"t1"}, weights, "x"); }).find("one weight per source"), std::string::npos);
+  EXPECT_EQ(tiedlora::adapter_names(*model), names);
   int64_t tied_layers = 0;
   for (const auto& [name, layer] : tiedlora::adapted_layers(*model)) {
     for (const auto& [mix, sources] : std::map<std::string, std::vector<std::string>>{{"tied_mix", {"t1", "t2"}},
@@ -403,6 +457,7 @@ TEST(Combination, TiedAdaptersCombineIntoATiedAdapterOrExactLora) {
     if (layer->has_adapter("tied_mix")) {
       EXPECT_EQ(layer->adapter_kind("tied_mix"), AdapterKind::tied) << name;
       EXPECT_EQ(layer->lora_options("tied_mix").rank(), 6);
+      EXPECT_EQ(layer->lora_options("tied_mix").dropout(), 0.1) << "the first source's dropout, as PEFT";
       ++tied_layers;
     }
     if (layer->has_adapter("lora_mix")) EXPECT_EQ(layer->adapter_kind("lora_mix"), AdapterKind::lora) << name;

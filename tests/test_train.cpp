@@ -352,8 +352,6 @@ TEST(Trainer, PackedRunFollowsThePaddedRunAndPackingIsOnWhereExact) {
   tiedlora::util::remove_tree(root);
 }
 
-// A checkpoint written before packing existed has no packing options: it resumes as the padded run it was,
-// and a run that would pack by default is refused with a hint; a packed checkpoint is not resumed padded.
 // A reference adapter beside the one to train: trainable but not active, it would sit in the optimizer
 // without a gradient, so the Trainer refuses it until it is frozen; then only the active adapter trains,
 // and a named adapter (no "default") trains as well.
@@ -388,6 +386,8 @@ TEST(Trainer, TrainsTheActiveNamedAdapterAndRefusesTrainableInactiveOnes) {
   }
 }
 
+// A checkpoint written before packing existed has no packing options: it resumes as the padded run it was,
+// and a run that would pack by default is refused with a hint; a packed checkpoint is not resumed padded.
 TEST(Trainer, CheckpointsFromBeforePackingResumeAsPaddedRuns) {
   const std::string root = make_temp_dir();
   const auto train = varied_examples(24, 15);

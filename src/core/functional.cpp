@@ -325,6 +325,7 @@ at::Tensor lora_linear_routed(const at::Tensor& input, const at::Tensor& weight,
                   at::IntArrayRef(rows_shape), ", got ", routed.adapter_input.sizes());
       TORCH_CHECK(routed.adapter_input.device() == input.device(), "lora_linear_routed: adapter_input is on ",
                   routed.adapter_input.device(), " but input is on ", input.device());
+      check_floating(routed.adapter_input, "adapter_input");
     }
     if (!routed.rows.defined()) continue;
     TORCH_CHECK(input.dim() >= 2, "lora_linear_routed: input must have a batch dimension to route rows, got shape ",
@@ -349,7 +350,9 @@ at::Tensor lora_linear_routed(const at::Tensor& input, const at::Tensor& weight,
   out_shape.back() = out;
   const at::Tensor xg = as(x.reshape({-1, in}), w.scalar_type());
   at::Tensor y = b0.defined() ? at::addmm(as(b0, w.scalar_type()), xg, w.t()) : xg.mm(w.t());
-  y = as(y, type).reshape(out_shape);
+  // A tensor of its own, not a view of the 2-D product (nothing else holds that), so the in-place additions
+  // below cost no CopySlices copies of the output gradient in backward.
+  y = at::_unsafe_view(as(y, type), out_shape);
   // Each adapter's branch on its rows only (gathered, computed in fp32, added back where they came from):
   // rows that name no adapter cost nothing. Plain autograd ops, so gradients reach each adapter from its
   // rows alone; y is this function's own fresh tensor, so the additions are in place (no copy of the

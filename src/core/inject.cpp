@@ -504,6 +504,10 @@ void add_weighted_adapter(torch::nn::Module& module, const std::vector<std::stri
     if (const at::Tensor& v = layer.lora_v_of(sources[k]); v.defined()) b = b * v.to(at::kFloat).unsqueeze(1);
     return b;
   };
+  std::vector<LoraLinear> merged;  // attaching unmerges; a failure merges them again
+  for (auto& [layer_name, layer] : layers) {
+    if (layer->merged()) merged.push_back(layer);
+  }
   try {
     if (!tied) {
       for (auto& [layer_name, layer] : layers) {
@@ -564,6 +568,7 @@ void add_weighted_adapter(torch::nn::Module& module, const std::vector<std::stri
       if (layer->has_adapter(name)) layer->detach_adapter(name);
     }
     if (child_of(module, groups_module(name))) module.unregister_module(groups_module(name));
+    for (auto& layer : merged) layer->merge_();
     throw;
   }
 }

@@ -505,7 +505,10 @@ std::vector<std::string> load_adapters(torch::nn::Module& model, const std::stri
   // What loading may change, to put back if a later adapter fails: the adapters, which tensors train
   // (injection freezes the rest of the model), the active set, merged layers (adding an adapter unmerges).
   const std::vector<std::string> before = adapter_names(model);
-  const std::vector<std::string> active = active_adapters(model);
+  std::vector<std::pair<LoraLinearImpl*, std::vector<std::string>>> active;  // every layer's own list
+  for (const auto& module : model.modules(/*include_self=*/false)) {
+    if (auto* layer = module->as<LoraLinearImpl>()) active.emplace_back(layer, layer->active_adapters());
+  }
   std::vector<std::pair<at::Tensor, bool>> trainable;
   for (const auto& p : model.parameters()) trainable.emplace_back(p, p.requires_grad());
   std::vector<LoraLinear> merged;
@@ -522,7 +525,7 @@ std::vector<std::string> load_adapters(torch::nn::Module& model, const std::stri
       if (std::find(before.begin(), before.end(), name) == before.end()) delete_adapter(model, name);
     }
     for (auto& [p, requires_grad] : trainable) p.requires_grad_(requires_grad);
-    if (!before.empty()) set_active_adapters(model, active);
+    for (auto& [layer, list] : active) layer->set_active_adapters(list);
     for (auto& layer : merged) layer->merge_();
     throw;
   }

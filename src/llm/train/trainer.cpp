@@ -248,8 +248,10 @@ Trainer::Trainer(models::CausalLM& model, std::vector<TokenizedExample> train, s
   bool dropout = false;
   for (const auto& [name, layer] : adapted_layers(model)) {
     for (const auto& adapter : layer->adapter_names()) {
-      dropout = dropout || layer->lora_options(adapter).dropout() > 0;
-      if (std::find(active.begin(), active.end(), adapter) != active.end()) continue;
+      if (std::find(active.begin(), active.end(), adapter) != active.end()) {
+        dropout = dropout || layer->lora_options(adapter).dropout() > 0;  // only what the forward runs counts
+        continue;
+      }
       const functional::LowRankUpdate u = layer->update(adapter);
       for (const at::Tensor* t : {&u.lora_a, &u.lora_b, &u.u, &u.v}) {
         if (t->defined() && t->requires_grad()) {
