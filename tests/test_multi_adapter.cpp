@@ -45,6 +45,12 @@ std::vector<std::string> row_names(const at::Tensor& codes) {
   return out;
 }
 
+// Token ids drawn from their own seeded generator: the same ids whatever ran before.
+at::Tensor random_ids(int64_t rows, int64_t length, uint64_t seed) {
+  at::Generator generator = at::detail::createCPUGenerator(seed);
+  return at::randint(3, 97, {rows, length}, generator, at::kLong);
+}
+
 at::Tensor logits_with_rows(tiedlora::models::CausalLM& model, const at::Tensor& ids, const std::vector<std::string>& rows) {
   const RowAdaptersScope scope(tiedlora::route_rows(model, rows));
   return model.forward(ids);
@@ -107,7 +113,7 @@ TEST(NamedAdapters, MixedGenerationWithKvCacheMatchesPeft) {
 TEST(NamedAdapters, MixedBatchEqualsEachGroupAloneForEveryMethod) {
   auto model = model_with_three_adapters(21);
   torch::NoGradGuard no_grad;
-  const at::Tensor ids = at::randint(3, 97, {6, 11}, at::kLong);
+  const at::Tensor ids = random_ids(6, 11, 41);
   const std::vector<std::string> rows = {"tied", "", "default", "vera_like", "tied", "default"};
   const at::Tensor mixed = logits_with_rows(*model, ids, rows);
   for (const std::string name : {"default", "tied", "vera_like", ""}) {
@@ -131,7 +137,7 @@ TEST(NamedAdapters, MixedBatchEqualsEachGroupAloneForEveryMethod) {
 TEST(NamedAdapters, ActiveSetsAddUpAndMergeThemWithOneRoundingAndUnmergeExactly) {
   auto model = model_with_three_adapters(5);
   torch::NoGradGuard no_grad;
-  const at::Tensor ids = at::randint(3, 97, {2, 9}, at::kLong);
+  const at::Tensor ids = random_ids(2, 9, 42);
   std::map<std::string, at::Tensor> original;
   for (const auto& [name, layer] : tiedlora::adapted_layers(*model)) original[name] = layer->weight.clone();
   tiedlora::set_active_adapters(*model, {"default", "tied"});
@@ -183,7 +189,7 @@ TEST(NamedAdapters, DeleteSaveAndLoadTheMultiAdapterLayout) {
   auto reloaded = base_model();
   EXPECT_EQ(tiedlora::load_adapters(*reloaded, folder), (std::vector<std::string>{"default", "tied"}));
   torch::NoGradGuard no_grad;
-  const at::Tensor ids = at::randint(3, 97, {3, 7}, at::kLong);
+  const at::Tensor ids = random_ids(3, 7, 43);
   const std::vector<std::string> rows = {"tied", "default", ""};
   EXPECT_TRUE(at::equal(logits_with_rows(*reloaded, ids, rows), logits_with_rows(*model, ids, rows)));
   // Errors name what is wrong.
@@ -203,7 +209,7 @@ TEST(NamedAdapters, DeleteSaveAndLoadTheMultiAdapterLayout) {
 TEST(NamedAdapters, ChangingTheActiveSetOfAMergedModelUnmergesExactly) {
   auto model = model_with_three_adapters(17);
   torch::NoGradGuard no_grad;
-  const at::Tensor ids = at::randint(3, 97, {2, 8}, at::kLong);
+  const at::Tensor ids = random_ids(2, 8, 44);
   std::map<std::string, at::Tensor> original;
   for (const auto& [name, layer] : tiedlora::adapted_layers(*model)) original[name] = layer->weight.clone();
   tiedlora::set_active_adapters(*model, {"tied"});
@@ -273,7 +279,7 @@ TEST(NamedAdapters, DropoutOfAMixedBatchTouchesOnlyItsRows) {
   auto model = base_model();
   tiedlora::inject_adapters(*model, InjectOptions().targets({"q_proj", "v_proj"}).lora(LoraOptions(4).dropout(0.5).seed(1)));
   tiedlora::testing::randomize_trainable(*model, 3, 0.3);
-  const at::Tensor ids = at::randint(3, 97, {2, 8}, at::kLong);
+  const at::Tensor ids = random_ids(2, 8, 45);
   at::Tensor base;
   {
     torch::NoGradGuard no_grad;
@@ -317,7 +323,8 @@ TEST(NamedAdapters, TiedWeightRefusesAMergeOnlyWithSomethingToMerge) {
 // Rows of a batch train different adapters in one step: each row's loss reaches only its adapter, so the
 // gradients (and AdamW's steps) equal training each adapter alone on its rows.
 TEST(NamedAdapters, TrainingTwoAdaptersInOneStepEqualsTrainingEachAlone) {
-  const at::Tensor ids = at::randint(3, 97, {4, 10}, at::kLong);
+  at::Generator generator = at::detail::createCPUGenerator(29);
+  const at::Tensor ids = at::randint(3, 97, {4, 10}, generator, at::kLong);
   const std::vector<std::string> rows = {"default", "tied", "tied", "default"};
   auto loss_of_rows = [&](tiedlora::models::CausalLM& model, const at::Tensor& row_ids) {
     const at::Tensor logits = model.forward(row_ids.narrow(1, 0, 9));
@@ -330,16 +337,18 @@ TEST(NamedAdapters, TrainingTwoAdaptersInOneStepEqualsTrainingEachAlone) {
     }
     return ids.index_select(0, at::tensor(index, at::kLong));
   };
-  auto trained_params = [](tiedlora::models::CausalLM& model, const std::string& adapter) {
+  // The adapter's trained tensors (or their gradients), each shared tensor once per layer that uses it.
+  auto trained = [](tiedlora::models::CausalLM& model, const std::string& adapter, bool gradients) {
     std::vector<at::Tensor> out;
     for (const auto& [name, layer] : tiedlora::adapted_layers(model, adapter)) {
       const auto u = layer->update(adapter);
       for (const at::Tensor* t : {&u.lora_a, &u.lora_b, &u.u, &u.v}) {
-        if (t->defined() && t->requires_grad()) out.push_back(t->detach().clone());
+        if (t->defined() && t->requires_grad()) out.push_back((gradients ? t->grad() : *t).detach().clone());
       }
     }
     return out;
   };
+  auto trained_params = [&](tiedlora::models::CausalLM& model, const std::string& adapter) { return trained(model, adapter, false); };
   for (const bool checkpointing : {false, true}) {
     auto together = model_with_three_adapters(13);
     together->train();
@@ -366,19 +375,31 @@ TEST(NamedAdapters, TrainingTwoAdaptersInOneStepEqualsTrainingEachAlone) {
         const at::Tensor is_tied = at::tensor({0.0f, 1.0f, 1.0f, 0.0f});
         ((token_loss * (1 - is_tied)).sum() / 2 + (token_loss * is_tied).sum() / 2).backward();
       }
-      opt_together.step();
       for (const std::string name : {"default", "tied"}) {
         opt_alone[name]->zero_grad();
         loss_of_rows(*alone[name], rows_of(name)).backward();
+        // The exact claim: each adapter's gradient from the mixed step is its gradient alone, up to float
+        // rounding (within 1e-5 of the tensor's largest gradient entry).
+        const auto got = trained(*together, name, true), want = trained(*alone[name], name, true);
+        ASSERT_EQ(got.size(), want.size());
+        ASSERT_FALSE(got.empty());
+        for (size_t i = 0; i < got.size(); ++i) {
+          const auto d = difference(got[i], want[i]);
+          EXPECT_GT(d.max_ref, 0) << name << " gradient " << i << " is zero: the test would be blind";
+          EXPECT_LE(d.max_abs, 1e-5 * d.max_ref) << name << " gradient " << i << " at step " << step
+                                                 << (checkpointing ? " (checkpointing)" : "");
+        }
         opt_alone[name]->step();
       }
+      opt_together.step();
     }
+    // After three AdamW steps the adapters still agree. Adam divides each gradient by its own running
+    // magnitude, so rounding-level gradient differences can move an element by more than their own size:
+    // 1e-4 relative here, against steps of 1e-2 (lr) per element.
     for (const std::string name : {"default", "tied"}) {
       const auto got = trained_params(*together, name), want = trained_params(*alone[name], name);
-      ASSERT_EQ(got.size(), want.size());
-      ASSERT_FALSE(got.empty());
       for (size_t i = 0; i < got.size(); ++i) {
-        EXPECT_TRUE(all_close(got[i], want[i], 1e-5, 1e-6, name + " tensor " + std::to_string(i) +
+        EXPECT_TRUE(all_close(got[i], want[i], 1e-4, 1e-5, name + " tensor " + std::to_string(i) +
                                                                (checkpointing ? " (checkpointing)" : "")));
       }
     }
