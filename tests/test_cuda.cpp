@@ -470,6 +470,45 @@ TEST(CudaLoraLinear, AtenPathOnTheGpuMatchesTheCpu) {
   EXPECT_TRUE(tiedlora::testing::all_close(gpu.cpu(), cpu, 1e-4, 1e-4, "lora_linear on the GPU"));
 }
 
+// Mixed-adapter batches (docs/adapters.md) on the GPU: lora_linear_routed's gathers and index_add_ give the
+// CPU's output and gradients, with the kernel switch on or off (the routed path is ATen ops either way),
+// in fp32 and bf16, rows of two adapters and rows of none.
+TEST(CudaLoraLinear, RoutedRowsOnTheGpuMatchTheCpu) {
+  SKIP_WITHOUT_GPU();
+  for (const bool kernels : {false, true}) {
+    KernelSwitch kernel_switch(kernels);
+    for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
+      torch::manual_seed(2);
+      auto x = torch::randn({6, 5, 64}).to(dtype);
+      auto w = torch::randn({48, 64}).to(dtype), bias = torch::randn({48}).to(dtype);
+      auto a1 = torch::randn({8, 64}, torch::requires_grad()), b1 = torch::randn({48, 8}, torch::requires_grad());
+      auto a2 = torch::randn({4, 64}, torch::requires_grad()), b2 = torch::randn({48, 4}, torch::requires_grad());
+      auto v2 = torch::randn({48}, torch::requires_grad());
+      const auto rows1 = torch::tensor({0, 3, 4}, torch::kLong), rows2 = torch::tensor({1}, torch::kLong);  // 2, 5: none
+      auto run = [&](torch::Device device) {
+        auto xd = x.to(device).detach().requires_grad_(true);
+        std::vector<torch::Tensor> leaves;
+        for (const auto& t : {a1, b1, a2, b2, v2}) leaves.push_back(t.detach().to(device).requires_grad_(true));
+        const auto y = functional::lora_linear_routed(
+            xd, w.to(device), bias.to(device),
+            {{{leaves[0], leaves[1], {}, {}, 0.5}, rows1.to(device), {}},
+             {{leaves[2], leaves[3], {}, leaves[4], 2.0}, rows2.to(device), {}}});
+        y.to(torch::kFloat).square().sum().backward();
+        std::vector<torch::Tensor> out{y.to(torch::kFloat).cpu(), xd.grad().to(torch::kFloat).cpu()};
+        for (const auto& t : leaves) out.push_back(t.grad().cpu());
+        return out;
+      };
+      const auto cpu = run(torch::kCPU), gpu = run(torch::kCUDA);
+      const double tol = dtype == torch::kFloat ? 1e-4 : 2e-2;
+      const char* names[] = {"y", "dx", "dA1", "dB1", "dA2", "dB2", "dv2"};
+      for (size_t i = 0; i < cpu.size(); ++i) {
+        EXPECT_TRUE(tiedlora::testing::all_close(gpu[i], cpu[i], tol, tol * cpu[i].abs().max().item<double>(),
+                                                 std::string(names[i]) + (kernels ? " (kernels on)" : "")));
+      }
+    }
+  }
+}
+
 TEST(CudaKernelSwitch, TheChoiceIsPerThreadAndScoped) {
   EXPECT_EQ(functional::current_backend(), functional::Backend::aten);
   {
