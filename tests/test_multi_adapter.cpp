@@ -56,6 +56,13 @@ at::Tensor logits_with_rows(tiedlora::models::CausalLM& model, const at::Tensor&
   return model.forward(ids);
 }
 
+// A copy of every adapted layer's weight, by layer name.
+std::map<std::string, at::Tensor> weights_of(const tiedlora::models::CausalLM& model) {
+  std::map<std::string, at::Tensor> out;
+  for (const auto& [name, layer] : tiedlora::adapted_layers(model)) out[name] = layer->weight.clone();
+  return out;
+}
+
 // A model with three adapters of different methods, ranks and targets, every adapter tensor random.
 std::shared_ptr<tiedlora::models::CausalLM> model_with_three_adapters(uint64_t seed) {
   auto model = base_model();
@@ -138,8 +145,7 @@ TEST(NamedAdapters, ActiveSetsAddUpAndMergeThemWithOneRoundingAndUnmergeExactly)
   auto model = model_with_three_adapters(5);
   torch::NoGradGuard no_grad;
   const at::Tensor ids = random_ids(2, 9, 42);
-  std::map<std::string, at::Tensor> original;
-  for (const auto& [name, layer] : tiedlora::adapted_layers(*model)) original[name] = layer->weight.clone();
+  const std::map<std::string, at::Tensor> original = weights_of(*model);
   tiedlora::set_active_adapters(*model, {"default", "tied"});
   const at::Tensor both = model->forward(ids);
   // The sum of the two updates, against the adapters applied one by one on the same base.
@@ -154,7 +160,7 @@ TEST(NamedAdapters, ActiveSetsAddUpAndMergeThemWithOneRoundingAndUnmergeExactly)
     EXPECT_EQ(layer->merged(), layer->has_adapter("default") || layer->has_adapter("tied")) << name;
     if (!layer->merged()) continue;
     // W + dW_default + dW_tied in fp32, rounded once.
-    at::Tensor want = original[name].to(at::kDouble);
+    at::Tensor want = original.at(name).to(at::kDouble);
     for (const std::string adapter : {"default", "tied"}) {
       if (layer->has_adapter(adapter)) want += tiedlora::functional::low_rank_delta(layer->update(adapter)).to(at::kDouble);
     }
@@ -164,7 +170,7 @@ TEST(NamedAdapters, ActiveSetsAddUpAndMergeThemWithOneRoundingAndUnmergeExactly)
   EXPECT_NE(error_of([&] { logits_with_rows(*model, ids, {"default", "tied"}); }).find("merged"), std::string::npos);
   tiedlora::unmerge_adapters_(*model);
   for (const auto& [name, layer] : tiedlora::adapted_layers(*model)) {
-    EXPECT_TRUE(at::equal(layer->weight, original[name])) << name << " is not restored bit for bit";
+    EXPECT_TRUE(at::equal(layer->weight, original.at(name))) << name << " is not restored bit for bit";
   }
   tiedlora::set_adapters_enabled(*model, false);
   EXPECT_TRUE(at::equal(model->forward(ids), base));
@@ -210,8 +216,7 @@ TEST(NamedAdapters, ChangingTheActiveSetOfAMergedModelUnmergesExactly) {
   auto model = model_with_three_adapters(17);
   torch::NoGradGuard no_grad;
   const at::Tensor ids = random_ids(2, 8, 44);
-  std::map<std::string, at::Tensor> original;
-  for (const auto& [name, layer] : tiedlora::adapted_layers(*model)) original[name] = layer->weight.clone();
+  const std::map<std::string, at::Tensor> original = weights_of(*model);
   tiedlora::set_active_adapters(*model, {"tied"});
   const at::Tensor tied_only = model->forward(ids);
   tiedlora::set_active_adapters(*model, {"default"});
@@ -220,11 +225,11 @@ TEST(NamedAdapters, ChangingTheActiveSetOfAMergedModelUnmergesExactly) {
   EXPECT_TRUE(at::equal(model->forward(ids), tied_only));
   for (const auto& [name, layer] : tiedlora::adapted_layers(*model)) {
     EXPECT_FALSE(layer->merged()) << name;
-    EXPECT_TRUE(at::equal(layer->weight, original[name])) << name;
+    EXPECT_TRUE(at::equal(layer->weight, original.at(name))) << name;
   }
   tiedlora::merge_adapters_(*model);
   tiedlora::delete_adapter(*model, "tied");  // detaching a merged adapter unmerges it first
-  for (const auto& [name, layer] : tiedlora::adapted_layers(*model)) EXPECT_TRUE(at::equal(layer->weight, original[name])) << name;
+  for (const auto& [name, layer] : tiedlora::adapted_layers(*model)) EXPECT_TRUE(at::equal(layer->weight, original.at(name))) << name;
   // The only active adapter deleted: the first remaining one becomes active (PEFT's choice).
   EXPECT_EQ(tiedlora::active_adapters(*model), std::vector<std::string>{"default"});
 }
@@ -341,9 +346,8 @@ TEST(NamedAdapters, TrainingTwoAdaptersInOneStepEqualsTrainingEachAlone) {
   auto trained = [](tiedlora::models::CausalLM& model, const std::string& adapter, bool gradients) {
     std::vector<at::Tensor> out;
     for (const auto& [name, layer] : tiedlora::adapted_layers(model, adapter)) {
-      const auto u = layer->update(adapter);
-      for (const at::Tensor* t : {&u.lora_a, &u.lora_b, &u.u, &u.v}) {
-        if (t->defined() && t->requires_grad()) out.push_back((gradients ? t->grad() : *t).detach().clone());
+      for (const auto& t : layer->update(adapter).tensors()) {
+        if (t.requires_grad()) out.push_back((gradients ? t.grad() : t).detach().clone());
       }
     }
     return out;

@@ -390,9 +390,12 @@ LowRankUpdate concatenated(const std::vector<LowRankUpdate>& updates, const std:
     TORCH_CHECK(updates[i].lora_a.size(1) == updates[0].lora_a.size(1) && updates[i].lora_b.size(0) == updates[0].lora_b.size(0),
                 "concatenated: update ", i, " is ", updates[i].lora_a.size(1), " -> ", updates[i].lora_b.size(0),
                 " but update 0 is ", updates[0].lora_a.size(1), " -> ", updates[0].lora_b.size(0));
-    const LowRankUpdate folded = folded_into_lora(updates[i]);
-    a.push_back(as(folded.lora_a, type));
-    b.push_back(as(folded.lora_b, type) * weights[i]);
+    // PEFT's "cat" layout: the weight and the scale on A (A * w * s, in PEFT's order), v on B.
+    const LowRankUpdate& update = updates[i];
+    at::Tensor a_i = as(update.lora_a, type);
+    if (update.u.defined()) a_i = a_i * as(update.u, type).unsqueeze(1);
+    a.push_back(a_i.mul(weights[i]).mul(update.scale));
+    b.push_back(effective_b_as(update.lora_b, {}, update.v, 1.0, type));
   }
   return {at::cat(a, 0), at::cat(b, 1), {}, {}, 1.0};
 }

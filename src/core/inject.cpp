@@ -200,10 +200,7 @@ InjectionReport inject_adapters(torch::nn::Module& root, const InjectOptions& op
   std::unordered_set<const void*> existing_adapter;
   for (const auto& [name, layer] : adapted_layers(root)) {
     for (const auto& carried : layer->adapter_names()) {
-      const functional::LowRankUpdate u = layer->update(carried);
-      for (const at::Tensor* t : {&u.lora_a, &u.lora_b, &u.u, &u.v}) {
-        if (t->defined()) existing_adapter.insert(t->unsafeGetTensorImpl());
-      }
+      for (const auto& t : layer->update(carried).tensors()) existing_adapter.insert(t.unsafeGetTensorImpl());
     }
   }
   for (auto& p : root.parameters()) {
@@ -262,10 +259,7 @@ InjectionReport inject_adapters(torch::nn::Module& root, const InjectOptions& op
         group_tensors.push_back(factors->lora_B);
       }
       auto layer = attach(plan, factors);
-      const functional::LowRankUpdate u = layer->update(adapter);
-      for (const at::Tensor* t : {&u.lora_a, &u.lora_b, &u.u, &u.v}) {
-        if (t->defined()) group_tensors.push_back(*t);
-      }
+      for (const auto& t : layer->update(adapter).tensors()) group_tensors.push_back(t);
     }
     entry.trainable_parameters = count_unique(group_tensors, /*trainable_only=*/true);
     report.groups.push_back(std::move(entry));
@@ -493,17 +487,6 @@ void add_weighted_adapter(torch::nn::Module& module, const std::vector<std::stri
     if (layer->has_adapter(sources[0])) dropout = layer->lora_options(sources[0]).dropout();
   }
   const LoraOptions lora = LoraOptions(rank).alpha(static_cast<double>(rank)).dropout(dropout).seed(0);
-  // Source k's part of A in PEFT's "cat" order: w_k s_k diag(u_k) A_k, computed as PEFT does (A * w * s).
-  auto a_part = [&](const LoraLinearImpl& layer, size_t k) {
-    at::Tensor a = layer.lora_A(sources[k]).to(at::kFloat);
-    if (const at::Tensor& u = layer.lora_u_of(sources[k]); u.defined()) a = a * u.to(at::kFloat).unsqueeze(1);
-    return a.mul(weights[k]).mul(layer.scale(sources[k]));
-  };
-  auto b_part = [&](const LoraLinearImpl& layer, size_t k) {
-    at::Tensor b = layer.lora_B(sources[k]).to(at::kFloat);
-    if (const at::Tensor& v = layer.lora_v_of(sources[k]); v.defined()) b = b * v.to(at::kFloat).unsqueeze(1);
-    return b;
-  };
   std::vector<LoraLinear> merged;  // attaching unmerges; a failure merges them again
   for (auto& [layer_name, layer] : layers) {
     if (layer->merged()) merged.push_back(layer);
@@ -511,17 +494,20 @@ void add_weighted_adapter(torch::nn::Module& module, const std::vector<std::stri
   try {
     if (!tied) {
       for (auto& [layer_name, layer] : layers) {
-        std::vector<at::Tensor> a, b;
+        std::vector<functional::LowRankUpdate> present;
+        std::vector<double> present_weights;
         for (size_t k = 0; k < sources.size(); ++k) {
           if (!layer->has_adapter(sources[k])) continue;
-          a.push_back(a_part(*layer, k));
-          b.push_back(b_part(*layer, k));
+          present.push_back(layer->update(sources[k]));
+          present_weights.push_back(weights[k]);
         }
-        if (a.empty()) continue;
+        if (present.empty()) continue;
+        const functional::LowRankUpdate cat = functional::concatenated(present, present_weights);
         layer->attach_lora(lora, name);
         // Sources present first, zeros after (PEFT packs them the same way).
-        layer->lora_A(name).zero_().narrow(0, 0, at::cat(a, 0).size(0)).copy_(at::cat(a, 0));
-        layer->lora_B(name).zero_().narrow(1, 0, at::cat(b, 1).size(1)).copy_(at::cat(b, 1));
+        const int64_t r = cat.lora_a.size(0);
+        layer->lora_A(name).zero_().narrow(0, 0, r).copy_(cat.lora_a);
+        layer->lora_B(name).zero_().narrow(1, 0, r).copy_(cat.lora_b);
       }
     } else {
       AdapterMethod method = AdapterMethod::parse("tied-ab");

@@ -471,24 +471,28 @@ at::Tensor LoraLinearImpl::routed_forward(const at::Tensor& input, const RowAdap
 
 at::Tensor LoraLinearImpl::forward(const at::Tensor& input) {
   if (adapters_.empty() || !enabled_) return at::linear(input, weight, bias);
-  if (const auto routing = RowAdapters::current()) return routed_forward(input, *routing);
+  // The routing's raw pointer: the scope that set it outlives this call (no reference count per layer).
+  if (const RowAdapters* routing = t_routing.get()) return routed_forward(input, *routing);
   if (merged()) {
     TORCH_CHECK(!(is_training() && at::GradMode::is_enabled()),
                 "LoraLinear: the adapter is merged into the weight, so training it would have no effect "
                 "(hint: call unmerge_() before training, or eval() / torch::NoGradGuard for inference)");
     return at::linear(input, weight, bias);
   }
-  std::vector<const std::string*> active;
+  const std::string* first = nullptr;  // the first active adapter this layer carries
+  bool several = false;
   for (const auto& name : active_) {
-    if (adapters_.count(name)) active.push_back(&name);
+    if (!adapters_.count(name)) continue;
+    several = first != nullptr;
+    if (several) break;
+    first = &name;
   }
-  if (active.empty()) return at::linear(input, weight, bias);
-  if (active.size() == 1) {
-    const Slot& s = adapters_.at(*active.front());
-    return functional::lora_linear(input, weight, bias, update(*active.front()), adapter_input(input, s));
-  }
+  if (!first) return at::linear(input, weight, bias);
+  if (!several) return functional::lora_linear(input, weight, bias, update(*first), adapter_input(input, adapters_.at(*first)));
   std::vector<functional::RoutedUpdate> updates;
-  for (const std::string* name : active) updates.push_back({update(*name), {}, adapter_input(input, adapters_.at(*name))});
+  for (const auto& name : active_) {
+    if (adapters_.count(name)) updates.push_back({update(name), {}, adapter_input(input, adapters_.at(name))});
+  }
   return functional::lora_linear_routed(input, weight, bias, updates);
 }
 

@@ -42,6 +42,14 @@ struct LowRankUpdate {
   at::Tensor u;       ///< (r) or undefined
   at::Tensor v;       ///< (d_out) or undefined
   double scale = 1.0;
+
+  /// The factors that exist: A, B, and u and v when defined.
+  std::vector<at::Tensor> tensors() const {
+    std::vector<at::Tensor> out{lora_a, lora_b};
+    if (u.defined()) out.push_back(u);
+    if (v.defined()) out.push_back(v);
+    return out;
+  }
 };
 
 /// The adapted linear layer. `input`: (..., d_in); `weight`: (d_out, d_in), frozen; `bias`: (d_out) or
@@ -119,7 +127,7 @@ at::Tensor low_rank_delta(const LowRankUpdate& update);
 LowRankUpdate folded_into_lora(const LowRankUpdate& update);
 
 /// The weighted sum of updates, sum_k w_k dW_k, as one plain-LoRA update by rank concatenation (PEFT's
-/// "cat" combination): A = [diag(u_k) A_k] stacked (sum of ranks x d_in), B = [w_k s_k diag(v_k) B_k] side
+/// "cat" combination): A = [w_k s_k diag(u_k) A_k] stacked (sum of ranks x d_in), B = [diag(v_k) B_k] side
 /// by side, scale 1, in the compute dtype (fp32; fp64 when a factor is double). B A equals the weighted sum
 /// up to the order of the float additions. Also how several active adapters merge with one rounding.
 LowRankUpdate concatenated(const std::vector<LowRankUpdate>& updates, const std::vector<double>& weights);

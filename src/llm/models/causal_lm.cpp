@@ -190,7 +190,6 @@ at::Tensor attend(at::Tensor q, at::Tensor k, at::Tensor v, KVCache* cache, size
 // it (training with gradients, no KV cache), else directly.
 class BlockRunner {
  public:
-  using Block = std::function<at::Tensor(const at::Tensor&, KVCache*, const PackedLayout*)>;
   BlockRunner(const CausalLM& model, KVCache* cache, const PackedLayout* packed) : cache_(cache), packed_(packed) {
     if (!model.activation_checkpointing() || !model.is_training() || !at::GradMode::is_enabled() || cache) return;
     checkpoint_ = true;
@@ -198,6 +197,9 @@ class BlockRunner {
     if (packed) packed_copy_ = std::make_shared<const PackedLayout>(*packed);
     trainable_ = trainable_parameters(model);  // each tensor once: a tie group's shared factors too
   }
+  // `block(x, cache, packed)`; a template, so the common path (no checkpointing: inference, decoding) calls
+  // it directly, without a std::function per layer; only the checkpointed one keeps a copy for backward.
+  template <class Block>
   at::Tensor operator()(const at::Tensor& x, const Block& block) {
     if (!checkpoint_) return block(x, cache_, packed_);
     return detail::checkpointed([block, layout = packed_copy_](const at::Tensor& in) { return block(in, nullptr, layout.get()); },

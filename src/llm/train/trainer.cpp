@@ -252,9 +252,8 @@ Trainer::Trainer(models::CausalLM& model, std::vector<TokenizedExample> train, s
         dropout = dropout || layer->lora_options(adapter).dropout() > 0;  // only what the forward runs counts
         continue;
       }
-      const functional::LowRankUpdate u = layer->update(adapter);
-      for (const at::Tensor* t : {&u.lora_a, &u.lora_b, &u.u, &u.v}) {
-        if (t->defined() && t->requires_grad()) {
+      for (const auto& t : layer->update(adapter).tensors()) {
+        if (t.requires_grad()) {
           throw ConfigError("Trainer: adapter '" + adapter + "' has trainable tensors (on '" + name + "') but is not "
                             "active, so it would never get a gradient (hint: set_active_adapters() to train it, or "
                             "set_adapter_trainable(model, \"" + adapter + "\", false) to keep it fixed)");
