@@ -353,6 +353,7 @@ TEST(NamedAdapters, TrainingTwoAdaptersInOneStepEqualsTrainingEachAlone) {
     return out;
   };
   auto trained_params = [&](tiedlora::models::CausalLM& model, const std::string& adapter) { return trained(model, adapter, false); };
+  double worst_gradient_ratio = 0;  // printed: the float-rounding level the 1e-5 bound leaves room for
   for (const bool checkpointing : {false, true}) {
     auto together = model_with_three_adapters(13);
     together->train();
@@ -390,6 +391,7 @@ TEST(NamedAdapters, TrainingTwoAdaptersInOneStepEqualsTrainingEachAlone) {
         for (size_t i = 0; i < got.size(); ++i) {
           const auto d = difference(got[i], want[i]);
           EXPECT_GT(d.max_ref, 0) << name << " gradient " << i << " is zero: the test would be blind";
+          worst_gradient_ratio = std::max(worst_gradient_ratio, d.max_abs / d.max_ref);
           EXPECT_LE(d.max_abs, 1e-5 * d.max_ref) << name << " gradient " << i << " at step " << step
                                                  << (checkpointing ? " (checkpointing)" : "");
         }
@@ -411,6 +413,7 @@ TEST(NamedAdapters, TrainingTwoAdaptersInOneStepEqualsTrainingEachAlone) {
     const auto untouched = trained_params(*together, "vera_like"), initial = trained_params(*model_with_three_adapters(13), "vera_like");
     for (size_t i = 0; i < untouched.size(); ++i) EXPECT_TRUE(at::equal(untouched[i], initial[i]));
   }
+  std::printf("[two adapters in one step] largest gradient difference: %.3g of the largest entry\n", worst_gradient_ratio);
 }
 
 TEST(Combination, LoraCatEqualsPeftAndTheWeightedSumAndPeftLoadsIt) {
