@@ -839,3 +839,98 @@ TEST(SavePretrained, RoundTripsThroughTheHuggingFaceLoader) {
     }
   }
 }
+
+// ---- data parallelism: the pieces that need no second process (tests/distributed runs the processes) ------
+
+namespace {
+
+// Sets environment variables for one test and restores them after.
+class ScopedEnvironment {
+ public:
+  explicit ScopedEnvironment(std::vector<std::pair<std::string, std::string>> values) {
+    for (const char* name : {"OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK",
+                             "OMPI_COMM_WORLD_LOCAL_SIZE", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                             "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT"}) {
+      const char* old = std::getenv(name);
+      saved_.emplace_back(name, old ? std::optional<std::string>(old) : std::nullopt);
+      ::unsetenv(name);
+    }
+    for (const auto& [name, value] : values) ::setenv(name.c_str(), value.c_str(), 1);
+  }
+  ~ScopedEnvironment() {
+    for (const auto& [name, value] : saved_) {
+      if (value) ::setenv(name.c_str(), value->c_str(), 1);
+      else ::unsetenv(name.c_str());
+    }
+  }
+
+ private:
+  std::vector<std::pair<std::string, std::optional<std::string>>> saved_;
+};
+
+}  // namespace
+
+TEST(Distributed, ShardsCoverEveryItemOnceInOrder) {
+  for (int64_t count : {0, 1, 5, 8, 13}) {
+    for (int world : {1, 2, 3, 8}) {
+      int64_t next = 0;
+      for (int rank = 0; rank < world; ++rank) {
+        const auto [begin, end] = tiedlora::distributed::shard_range(count, rank, world);
+        EXPECT_EQ(begin, next);
+        EXPECT_LE(end - begin, count / world + 1);
+        EXPECT_GE(end - begin, count / world);
+        next = end;
+      }
+      EXPECT_EQ(next, count) << count << " items, " << world << " ranks";
+    }
+  }
+}
+
+TEST(Distributed, LauncherEnvironments) {
+  namespace dist = tiedlora::distributed;
+  {
+    const ScopedEnvironment env({});
+    const auto launch = dist::LaunchEnvironment::from_environment();
+    EXPECT_EQ(launch.launcher, dist::LaunchEnvironment::Launcher::none);
+    EXPECT_EQ(launch.world_size, 1);
+    auto group = dist::init_from_environment();
+    EXPECT_EQ(group->backend(), "local");
+    EXPECT_EQ(dist::broadcast_text(*group, "only", 0, "text"), "only");
+    EXPECT_EQ(dist::all_gather_text(*group, "mine", "text"), std::vector<std::string>{"mine"});
+  }
+  {
+    const ScopedEnvironment env({{"WORLD_SIZE", "4"}, {"RANK", "3"}, {"LOCAL_RANK", "1"}, {"LOCAL_WORLD_SIZE", "2"},
+                                 {"MASTER_ADDR", "node0"}, {"MASTER_PORT", "29500"},
+                                 {"TORCHELASTIC_USE_AGENT_STORE", "True"}, {"TORCHELASTIC_RESTART_COUNT", "2"}});
+    const auto launch = dist::LaunchEnvironment::from_environment();
+    EXPECT_EQ(std::string(launch.launcher_name()), "torchrun");
+    EXPECT_EQ(std::make_tuple(launch.rank, launch.world_size, launch.local_rank, launch.local_world_size),
+              std::make_tuple(3, 4, 1, 2));
+    EXPECT_EQ(launch.master_addr, "node0");
+    EXPECT_EQ(launch.master_port, 29500);
+    EXPECT_TRUE(launch.agent_store);
+    EXPECT_EQ(launch.restart_count, 2);
+    // CPU processes under torchrun: refused with the launcher that works.
+    try {
+      dist::init_from_environment();
+      ADD_FAILURE() << "CPU processes under torchrun were accepted";
+    } catch (const tiedlora::ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find("mpirun -np 4"), std::string::npos) << e.what();
+    }
+  }
+  {
+    const ScopedEnvironment env({{"OMPI_COMM_WORLD_SIZE", "2"}, {"OMPI_COMM_WORLD_RANK", "1"},
+                                 {"OMPI_COMM_WORLD_LOCAL_RANK", "1"}, {"OMPI_COMM_WORLD_LOCAL_SIZE", "2"}});
+    const auto launch = dist::LaunchEnvironment::from_environment();
+    EXPECT_EQ(std::string(launch.launcher_name()), "mpirun");
+    EXPECT_EQ(std::make_tuple(launch.rank, launch.world_size, launch.local_world_size), std::make_tuple(1, 2, 2));
+  }
+  for (const auto& bad : std::vector<std::vector<std::pair<std::string, std::string>>>{
+           {{"WORLD_SIZE", "2"}, {"RANK", "2"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "1"}},
+           {{"WORLD_SIZE", "2"}, {"RANK", "x"}},
+           {{"WORLD_SIZE", "2"}, {"RANK", "0"}},  // no store address
+           {{"WORLD_SIZE", "2"}, {"RANK", "0"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "70000"}}}) {
+    const ScopedEnvironment env(bad);
+    EXPECT_THROW(dist::LaunchEnvironment::from_environment(), tiedlora::ConfigError) << bad.front().first;
+  }
+}

@@ -4,5 +4,6 @@
 
 #include "tiedlora/formats.h"
 #include "tiedlora/llm/causal_lm.h"
+#include "tiedlora/llm/distributed.h"
 #include "tiedlora/llm/tokenizer.h"
 #include "tiedlora/llm/train.h"

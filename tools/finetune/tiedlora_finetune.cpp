@@ -11,6 +11,7 @@
 // Outputs under --output: adapter/, metrics.jsonl, loss.png, predictions_{before,after}.jsonl,
 // summary.json, checkpoints/, merged/ (--merge). See docs/finetuning.md.
 #include <optional>
+#include <thread>
 #include <unistd.h>
 
 #include <algorithm>
@@ -35,6 +36,7 @@
 #include "tiedlora/formats/merge_checkpoint.h"
 #include "tiedlora/core/module_selection.h"
 #include "tiedlora/llm/causal_lm.h"
+#include "tiedlora/llm/distributed.h"
 #include "tiedlora/llm/tokenizer.h"
 #include "tiedlora/llm/train.h"
 #include "chart/chart.h"
@@ -61,6 +63,7 @@ struct Args {
   int64_t epochs = 0;        // > 0: max_steps from epochs
   int64_t eval_limit = 0, eval_batch_size = 16, max_new_tokens = 24, generations = 3, threads = 0, log_every = 10;
   int64_t profile_step = 0;  // > 0: profile this optimizer step by operator
+  double dist_timeout = 600;  // seconds a collective may wait for the other ranks
 };
 
 // "attention" is the paper's placement: the attention input projections.
@@ -112,8 +115,11 @@ class Progress {
   double seconds_here_ = 0;
 };
 
+// Rank 0 alone shows progress; the other ranks print errors only (see run()).
+bool g_main_rank = true;
+
 bool use_progress_bar(const Args& args) {
-  return args.progress == "on" || (args.progress == "auto" && ::isatty(STDERR_FILENO));
+  return g_main_rank && (args.progress == "on" || (args.progress == "auto" && ::isatty(STDERR_FILENO)));
 }
 
 void write_predictions(const std::string& path, const tt::ExactMatch& em) {
@@ -155,12 +161,12 @@ std::string accuracy_line(const tt::ExactMatch& em) {
 
 tt::ExactMatch evaluate(tiedlora::models::CausalLM& model, const tiedlora::Tokenizer& tokenizer,
                         const std::vector<tt::Example>& test, const tt::PromptFormat& format, const Args& args,
-                        const char* label) {
+                        const char* label, tiedlora::distributed::ProcessGroup& group) {
   const bool bar = use_progress_bar(args);
   const auto start = std::chrono::steady_clock::now();
   auto em = tt::exact_match(model, tokenizer, test, format, args.max_new_tokens, args.eval_batch_size, [&](size_t done, size_t total) {
     if (bar) fmt::print(stderr, "\r{}: {}/{}\033[K", label, done, total);
-  });
+  }, &group);
   if (bar) fmt::print(stderr, "\r\033[K");
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   fmt::print("exact match {}: {}  ({:.0f} s)\n", label, accuracy_line(em), seconds);
@@ -168,7 +174,23 @@ tt::ExactMatch evaluate(tiedlora::models::CausalLM& model, const tiedlora::Token
   return em;
 }
 
-int run(Args& args) {
+int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& group) {
+  namespace dist = tiedlora::distributed;
+  const dist::LaunchEnvironment launch = dist::LaunchEnvironment::from_environment();
+  const int world = group->world_size();
+  const bool main_rank = g_main_rank = group->is_main();
+  if (!main_rank) {
+    // Logs come from rank 0; the others keep stderr for their errors.
+    if (!std::freopen("/dev/null", "w", stdout)) throw tiedlora::Error("cannot silence the standard output of rank " + std::to_string(group->rank()));
+  }
+  // Processes sharing a machine share its cores (torchrun sets OMP_NUM_THREADS=1 for the same reason).
+  if (args.threads == 0 && world > 1 && args.device == "cpu" && !std::getenv("OMP_NUM_THREADS")) {
+    args.threads = std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()) / std::max(1, launch.local_world_size));
+  }
+  if (args.train_options.batch_size < world) {
+    throw tiedlora::ConfigError(fmt::format("--batch-size {} is the global micro-batch, smaller than the {} processes "
+                                            "(hint: --batch-size {} or more)", args.train_options.batch_size, world, world));
+  }
   if (args.threads > 0) torch::set_num_threads(static_cast<int>(args.threads));
   // This thread runs the forward passes; backward follows whatever its forward chose.
   std::optional<tiedlora::functional::BackendGuard> kernels;
@@ -178,11 +200,16 @@ int run(Args& args) {
   const bool resuming = args.resume_latest || !args.resume.empty();
   std::string checkpoint = args.resume;
   if (args.resume_latest) {
-    checkpoint = tt::Trainer::latest_checkpoint(args.output);
+    // Rank 0's folder decides (the others may not see it: it sends them the state).
+    checkpoint = dist::broadcast_text(*group, main_rank ? tt::Trainer::latest_checkpoint(args.output) : "", 0,
+                                      "the checkpoint to resume");
     if (checkpoint.empty()) throw tiedlora::ConfigError(args.output + ": no checkpoint to resume from (hint: run without --resume first)");
   }
-  // Model, tokenizer, data (all checked before the output folder is touched).
-  const torch::Device device(args.device);
+  // Model, tokenizer, data (all checked before the output folder is touched). Several CUDA processes: one
+  // GPU each, LOCAL_RANK's.
+  const torch::Device device = args.device == "cuda" && world > 1
+                                   ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(launch.local_rank))
+                                   : torch::Device(args.device);
   // The frozen model in its storage dtype (bf16 halves its memory); the adapter stays fp32 (LoraOptions).
   auto model = tiedlora::models::load_any(model_path, tiedlora::io::float_dtype_from_name(args.dtype, "--dtype"));
   const auto tokenizer = tiedlora::load_tokenizer(model_path);
@@ -203,6 +230,7 @@ int run(Args& args) {
   tt::TrainOptions options = args.train_options;
   options.output_dir = args.output;
   options.autocast_bf16 = args.bf16;
+  options.process_group = group;
   const int64_t per_step = options.batch_size * options.grad_accum;
   if (args.epochs > 0) {
     options.max_steps = std::max<int64_t>(1, (args.epochs * static_cast<int64_t>(train_examples.size()) + per_step - 1) / per_step);
@@ -228,11 +256,13 @@ int run(Args& args) {
   if (args.dtype != "f32") resume_key["dtype"] = args.dtype;  // absent for f32: runs made before --dtype resume
   options.resume_key = resume_key.dump();
   auto train_tokens = read_tokenized(train_examples), validation_tokens = read_tokenized(validation_examples);
-  tt::prepare_output_dir(args.output, resuming, args.overwrite);
-  fmt::print("{}: {}, {} layers; method {}, rank {}: {} trainable of {} parameters ({:.3f}%)\n", model_path,
+  if (main_rank) tt::prepare_output_dir(args.output, resuming, args.overwrite);
+  fmt::print("{}: {}, {} layers; method {}, rank {}: {} trainable of {} parameters ({:.3f}%); world {} ({}{})\n", model_path,
              model->info().model_type, model->info().num_layers, report.method.name(), report.rank,
              report.trainable_parameters, report.total_parameters,
-             100.0 * static_cast<double>(report.trainable_parameters) / static_cast<double>(report.total_parameters));
+             100.0 * static_cast<double>(report.trainable_parameters) / static_cast<double>(report.total_parameters), world,
+             group->backend(), world > 1 ? fmt::format(", {} thread(s) per process", torch::get_num_threads())
+                                         : fmt::format(", {} thread(s)", torch::get_num_threads()));
   fmt::print("data: {} train, {} validation, {} test examples; {} format; {} steps of {} examples\n", train_examples.size(),
              validation_examples.size(), test_examples.size(), format.chat ? "ChatML" : "plain-text", options.max_steps,
              per_step);
@@ -240,15 +270,23 @@ int run(Args& args) {
 
   json summary;
   const std::string before_path = args.output + "/eval_before.json";
+  // Rank 0 knows whether an earlier attempt measured it; every rank must agree, since all decode.
+  const bool measured_before =
+      args.eval_before && resuming &&
+      dist::broadcast_text(*group, main_rank && std::ifstream(before_path).good() ? "1" : "0", 0, "the before-training flag") == "1";
   if (args.eval_before && !test_examples.empty()) {
-    if (resuming && std::ifstream(before_path).good()) {
-      summary["before"] = json::parse(std::ifstream(before_path), nullptr, /*allow_exceptions=*/false);
-      if (!summary["before"].is_object()) throw tiedlora::FormatError(before_path + ": not valid JSON (hint: delete it to evaluate again)");
+    if (measured_before) {
+      if (main_rank) {  // the summary is rank 0's
+        summary["before"] = json::parse(std::ifstream(before_path), nullptr, /*allow_exceptions=*/false);
+        if (!summary["before"].is_object()) throw tiedlora::FormatError(before_path + ": not valid JSON (hint: delete it to evaluate again)");
+      }
     } else {
-      const auto em = evaluate(*model, *tokenizer, test_examples, format, args, "before training");
-      write_predictions(args.output + "/predictions_before.jsonl", em);
+      const auto em = evaluate(*model, *tokenizer, test_examples, format, args, "before training", *group);
       summary["before"] = accuracy_json(em);
-      tt::write_text_file(before_path, summary["before"].dump(2) + "\n");
+      if (main_rank) {
+        write_predictions(args.output + "/predictions_before.jsonl", em);
+        tt::write_text_file(before_path, summary["before"].dump(2) + "\n");
+      }
     }
   }
 
@@ -298,6 +336,7 @@ int run(Args& args) {
                "past it, or the run stopped before it); no profile.md\n", args.profile_step);
   }
   auto plot = [&] {  // a plot that fails costs the picture, never the run
+    if (!main_rank) return;
     try {
       tiedlora::chart::plot_loss_curves({{args.output + "/metrics.jsonl", ""}}, args.output + "/loss.png",
                            report.method.name() + " rank " + std::to_string(args.rank));
@@ -316,13 +355,13 @@ int run(Args& args) {
   if (result.best_step > 0) fmt::print("; adapter of step {} (validation loss {:.4f})", result.best_step, result.best_validation_loss);
   fmt::print("\n");
 
-  // Save the adapter.
+  // Save the adapter (rank 0: every rank holds the same).
   const std::string adapter_dir = args.output + "/adapter";
   tiedlora::SaveAdapterOptions save;
   save.base_model_name_or_path = model_path;
   save.fan_in_fan_out = model->info().fan_in_fan_out;
   save.overwrite = true;
-  tiedlora::save_adapter(*model, adapter_dir, save);
+  if (main_rank) tiedlora::save_adapter(*model, adapter_dir, save);
   fmt::print("adapter saved to {}\n", adapter_dir);
   plot();
 
@@ -343,12 +382,15 @@ int run(Args& args) {
   summary["packing"] = *in_force.packing;
   summary["seed"] = options.seed;
   summary["threads"] = torch::get_num_threads();
+  summary["world_size"] = world;
+  summary["backend"] = group->backend();
   summary["train_examples"] = train_examples.size();
   if (!test_examples.empty()) {
-    const auto em = evaluate(*model, *tokenizer, test_examples, format, args, "after training");
-    write_predictions(args.output + "/predictions_after.jsonl", em);
+    const auto em = evaluate(*model, *tokenizer, test_examples, format, args, "after training", *group);
+    if (main_rank) write_predictions(args.output + "/predictions_after.jsonl", em);
     summary["after"] = accuracy_json(em);
   }
+  if (!main_rank) return 0;  // the merge, its comparison and the summary are rank 0's
 
   if (args.merge) {
     const std::string merged_dir = args.output + "/merged";
@@ -472,17 +514,30 @@ int main(int argc, char** argv) {
   app.add_flag("--bf16", args.bf16, "bf16 autocast for the forward pass (CUDA)");
   app.add_flag("--cuda-kernels", args.cuda_kernels, "Use tiedlora's CUDA LoRA kernels (experimental until checked on a GPU, "
                "docs/cuda.md)");
-  app.add_option("--threads", args.threads, "CPU threads (0: LibTorch's default)");
+  app.add_option("--threads", args.threads, "CPU threads (0: LibTorch's default; with several CPU processes, the cores "
+                 "divided among the processes of a machine)");
+  app.add_option("--dist-timeout", args.dist_timeout, "Data parallel: seconds a collective waits for the other processes "
+                 "before the run stops with an error (a dead or hung rank)")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--profile-step", args.profile_step, "Profile this optimizer step by operator into --output/profile.md")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--progress", args.progress, "Progress bar: auto (on a terminal), on, off")
       ->check(CLI::IsMember({"auto", "on", "off"}))->capture_default_str();
   app.add_option("--log-every", args.log_every, "Without a progress bar, a line every N steps")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  // The process group outlives run(): after an error on one rank it ends the whole job (the others would wait
+  // in their next collective until the timeout).
+  std::shared_ptr<tiedlora::distributed::ProcessGroup> group;
   try {
-    return run(args);
+    tiedlora::distributed::DistributedOptions dist;
+    dist.device = args.device;
+    dist.timeout = std::chrono::milliseconds(std::llround(args.dist_timeout * 1000));
+    group = tiedlora::distributed::init_from_environment(dist);
+    return run(args, group);
   } catch (const std::exception& e) {
-    fmt::print(stderr, "\ntiedlora_finetune: error: {}\n", e.what());
+    const std::string who = group && group->world_size() > 1 ? fmt::format(" rank {}", group->rank()) : "";
+    fmt::print(stderr, "\ntiedlora_finetune{}: error: {}\n", who, e.what());
+    std::fflush(stderr);
+    if (group && group->world_size() > 1) group->abort(1);
     return 1;
   }
 }

@@ -28,6 +28,7 @@
 
 #include "tiedlora/formats/merge_checkpoint.h"
 #include "tiedlora/llm/causal_lm.h"
+#include "tiedlora/llm/distributed.h"
 #include "tiedlora/llm/tokenizer.h"
 
 namespace tiedlora::train {
@@ -138,6 +139,14 @@ struct TrainOptions {
   /// Activation checkpointing per decoder block (CausalLM::set_activation_checkpointing): the same
   /// gradients, less memory, about one more forward pass of time.
   bool checkpoint_activations = false;
+  /// Data parallelism (tiedlora/llm/distributed.h; null: this process alone). batch_size stays the global
+  /// micro-batch: every rank draws the same stream and takes its contiguous share of each micro-batch (so
+  /// batch_size must be at least the world size); the loss is divided by the global count of target tokens;
+  /// the trainable gradients, the loss and the stop requests travel in one flat all-reduce per optimizer step;
+  /// the initial adapter and a resumed state come from rank 0; validation is sharded and summed. Rank 0 alone
+  /// writes output_dir. The N-process run follows the 1-process run step for step (up to float rounding);
+  /// a checkpoint resumes with any world size. Not part of the trajectory (not compared on resume).
+  std::shared_ptr<distributed::ProcessGroup> process_group;
   /// Anything else a resumed run must share, as text (the example puts the model, the adapter's method,
   /// rank, alpha, dropout and targets, and the prompt format here); compared on resume like the options.
   std::string resume_key;
@@ -177,7 +186,8 @@ struct TrainCallbacks {
   std::function<void(int64_t step)> on_step_begin;
   std::function<void(const StepRecord&)> on_step;
   std::function<void(int64_t step, double validation_loss, bool improved)> on_validation;
-  /// Asked after every optimizer step: true checkpoints and returns (TrainResult::interrupted). The library
+  /// Asked once per optimizer step (after it; with a process group, before its all-reduce, and every rank
+  /// stops when one asked to): true checkpoints and returns (TrainResult::interrupted). The library
   /// installs no signal handler; a program that wants Ctrl-C to stop training sets a flag in its own handler
   /// and returns it here (tools/finetune does).
   std::function<bool()> stop_requested;
@@ -192,7 +202,8 @@ class Trainer {
           TrainOptions options, int64_t pad_id);
   ~Trainer();
 
-  /// Restores a checkpoint folder written by this class (the same trainable parameters, options that fix
+  /// Restores a checkpoint folder written by this class (with a process group: rank 0 reads it and sends
+  /// the state to the others, which need not see the folder) (the same trainable parameters, options that fix
   /// the data order and schedule, resume_key and data must match: refused with ConfigError naming the
   /// difference). Checkpoints newer than the one restored belong to the abandoned run and are removed.
   void resume_from(const std::string& checkpoint);
@@ -202,7 +213,8 @@ class Trainer {
   TrainResult run(const TrainCallbacks& callbacks = {});
   /// The options in force (TrainOptions::packing resolved).
   const TrainOptions& options() const;
-  /// Mean loss per completion token over the validation set (no grad, eval mode).
+  /// Mean loss per completion token over the validation set (no grad, eval mode; sharded over the process
+  /// group, so every rank calls it).
   double validation_loss();
 
  private:
@@ -252,9 +264,11 @@ struct ExactMatch {
 
 /// Greedy-decodes every example's prompt (up to max_new_tokens, stopping at the format's end token), in
 /// left-padded batches of `batch_size` (models::generate_greedy_batch), and compares normalize_answer() of
-/// the text with the expected completion's.
+/// the text with the expected completion's. With a `group` of several processes each rank decodes its
+/// contiguous share and every rank gets all predictions, in order (on_progress counts this rank's share).
 ExactMatch exact_match(models::CausalLM& model, const Tokenizer& tokenizer, const std::vector<Example>& examples,
                        const PromptFormat& format, int64_t max_new_tokens, int64_t batch_size,
-                       const std::function<void(size_t done, size_t total)>& on_progress = {});
+                       const std::function<void(size_t done, size_t total)>& on_progress = {},
+                       distributed::ProcessGroup* group = nullptr);
 
 }  // namespace tiedlora::train

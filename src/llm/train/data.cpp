@@ -222,7 +222,30 @@ std::string normalize_answer(const std::string& text) {
 
 ExactMatch exact_match(models::CausalLM& model, const Tokenizer& tokenizer, const std::vector<Example>& examples,
                        const PromptFormat& format, int64_t max_new_tokens, int64_t batch_size,
-                       const std::function<void(size_t, size_t)>& on_progress) {
+                       const std::function<void(size_t, size_t)>& on_progress, distributed::ProcessGroup* group) {
+  if (group && group->world_size() > 1) {
+    // Each rank decodes its share; the predictions come back as JSON lines, in rank (hence example) order.
+    const auto [begin, end] = distributed::shard_range(static_cast<int64_t>(examples.size()), group->rank(), group->world_size());
+    const std::vector<Example> share(examples.begin() + begin, examples.begin() + end);
+    const ExactMatch mine = exact_match(model, tokenizer, share, format, max_new_tokens, batch_size, on_progress);
+    std::string lines;
+    for (const auto& p : mine.predictions) {
+      lines += nlohmann::json{{"task", p.task}, {"prompt", p.prompt}, {"expected", p.expected}, {"generated", p.generated},
+                              {"correct", p.correct}}.dump() + "\n";
+    }
+    ExactMatch result;
+    for (const std::string& text : distributed::all_gather_text(*group, lines, "the exact-match predictions")) {
+      std::istringstream in(text);
+      std::string line;
+      while (std::getline(in, line)) {
+        const auto j = nlohmann::json::parse(line);
+        Prediction p{j.at("task"), j.at("prompt"), j.at("expected"), j.at("generated"), j.at("correct")};
+        result.correct += p.correct;
+        result.predictions.push_back(std::move(p));
+      }
+    }
+    return result;
+  }
   ExactMatch result;
   models::GenerateOptions options;
   options.max_new_tokens = max_new_tokens;

@@ -127,6 +127,28 @@ class CudaBf16Autocast {
   at::ScalarType previous_dtype_ = at::kBFloat16;
 };
 
+// One flat tensor of `tensors` (all of one dtype and device) and back: a collective per step, not per tensor.
+at::Tensor flatten(const std::vector<at::Tensor>& tensors) {
+  std::vector<at::Tensor> flat;
+  for (const auto& t : tensors) {
+    if (t.scalar_type() != tensors.front().scalar_type()) {
+      throw ConfigError("Trainer: the trainable parameters have different dtypes (" +
+                        std::string(c10::toString(t.scalar_type())) + ", " +
+                        std::string(c10::toString(tensors.front().scalar_type())) + "); data parallelism needs one");
+    }
+    flat.push_back(t.detach().reshape(-1));
+  }
+  return at::cat(flat);
+}
+void unflatten(const at::Tensor& flat, const std::vector<at::Tensor>& tensors) {
+  at::NoGradGuard no_grad;
+  int64_t offset = 0;
+  for (const auto& t : tensors) {
+    t.copy_(flat.narrow(0, offset, t.numel()).view(t.sizes()));
+    offset += t.numel();
+  }
+}
+
 }  // namespace
 
 double cosine_with_warmup(int64_t step, int64_t total, int64_t warmup, double peak, double min_ratio) {
@@ -178,6 +200,7 @@ struct Trainer::State {
   std::vector<TokenizedExample> train, validation;
   TrainOptions options;
   int64_t pad_id;
+  std::shared_ptr<distributed::ProcessGroup> group;  // never null: a world of 1 without options.process_group
   std::vector<std::pair<std::string, at::Tensor>> params;  // trainable, each tensor once
   std::unique_ptr<torch::optim::AdamW> optimizer;
   int64_t step = 0;  // optimizer steps done
@@ -192,7 +215,20 @@ struct Trainer::State {
   std::vector<int64_t> permutation;
 
   State(models::CausalLM& m, std::vector<TokenizedExample> t, std::vector<TokenizedExample> v, TrainOptions o, int64_t pad)
-      : model(m), train(std::move(t)), validation(std::move(v)), options(std::move(o)), pad_id(pad) {}
+      : model(m), train(std::move(t)), validation(std::move(v)), options(std::move(o)), pad_id(pad),
+        group(options.process_group ? options.process_group : distributed::single_process()) {}
+
+  int world() const { return group->world_size(); }
+  // Rank 0 alone writes the run's files.
+  bool writes() const { return !options.output_dir.empty() && group->is_main(); }
+  // Rank 0's values of `tensors` on every rank.
+  void share(const std::vector<at::Tensor>& tensors, const std::string& what) {
+    if (world() == 1 || tensors.empty()) return;
+    at::Tensor flat = flatten(tensors);
+    group->broadcast(flat, 0, what);
+    unflatten(flat, tensors);
+  }
+  void share_state();
 
   const TokenizedExample& stream_example(int64_t position) {
     const int64_t n = static_cast<int64_t>(train.size());
@@ -214,12 +250,13 @@ struct Trainer::State {
   }
   void append_metrics(const json& line) const {
     const std::string path = metrics_path();
-    if (path.empty()) return;
+    if (path.empty() || !group->is_main()) return;
     std::ofstream out(path, std::ios::app);
     out << line.dump() << "\n";
     if (!out) throw Error(path + ": cannot be written");
   }
   std::string checkpoint_dir() const { return util::join_path(options.output_dir, "checkpoints"); }
+  std::string checkpoint_folder() const { return util::join_path(checkpoint_dir(), checkpoint_name(step)); }
   std::string write_checkpoint();
   void load_checkpoint(const std::string& folder);
 };
@@ -262,11 +299,18 @@ Trainer::Trainer(models::CausalLM& model, std::vector<TokenizedExample> train, s
     }
   }
   if (!s_->options.packing) s_->options.packing = !dropout;  // automatic: packed wherever that equals padding
+  if (o.batch_size < s_->world()) {
+    throw ConfigError("Trainer: batch_size " + std::to_string(o.batch_size) + " (the global micro-batch) is smaller than the " +
+                      std::to_string(s_->world()) + " processes: each rank needs an example of every micro-batch (hint: "
+                      "--batch-size " + std::to_string(s_->world()) + " or more, or fewer processes)");
+  }
   std::vector<at::Tensor> tensors;
   for (const auto& p : s_->params) tensors.push_back(p.second);
   s_->optimizer = std::make_unique<torch::optim::AdamW>(
       tensors, torch::optim::AdamWOptions(o.lr).betas({o.beta1, o.beta2}).eps(o.eps).weight_decay(o.weight_decay));
-  if (!o.output_dir.empty()) util::make_directories(o.output_dir);
+  if (s_->writes()) util::make_directories(o.output_dir);
+  // Every rank starts from rank 0's adapter (equal anyway when every rank seeds alike; this makes it so).
+  s_->share(tensors, "the initial adapter");
 }
 
 void TrainOptions::validate() const {
@@ -310,7 +354,7 @@ std::string Trainer::latest_checkpoint(const std::string& output_dir) {
 }
 
 std::string Trainer::State::write_checkpoint() {
-  const std::string folder = util::join_path(checkpoint_dir(), checkpoint_name(step));
+  const std::string folder = checkpoint_folder();
   util::make_directories(checkpoint_dir());
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   const auto& state = optimizer->state();
@@ -463,7 +507,50 @@ void Trainer::State::load_checkpoint(const std::string& folder) {
   }
 }
 
-void Trainer::resume_from(const std::string& checkpoint) { s_->load_checkpoint(checkpoint); }
+void Trainer::resume_from(const std::string& checkpoint) {
+  if (s_->group->is_main()) s_->load_checkpoint(checkpoint);
+  s_->share_state();
+}
+
+// Rank 0 has read a checkpoint; the others take its counters, adapter, AdamW moments and best adapter.
+void Trainer::State::share_state() {
+  if (world() == 1) return;
+  at::Tensor counters = at::tensor({static_cast<double>(step), static_cast<double>(best_step), best_validation_loss,
+                                    static_cast<double>(bad_evaluations), static_cast<double>(tokens), train_seconds,
+                                    stopped_early ? 1.0 : 0.0, best.empty() ? 0.0 : 1.0}, at::kDouble);
+  group->broadcast(counters, 0, "the checkpoint's counters");
+  const auto c = counters.accessor<double, 1>();
+  step = static_cast<int64_t>(c[0]);
+  best_step = static_cast<int64_t>(c[1]);
+  best_validation_loss = c[2];
+  bad_evaluations = static_cast<int64_t>(c[3]);
+  tokens = static_cast<int64_t>(c[4]);
+  train_seconds = c[5];
+  stopped_early = c[6] != 0;
+  const bool has_best = c[7] != 0;
+  std::vector<at::Tensor> tensors;
+  auto& state = optimizer->state();
+  if (!group->is_main()) best.clear();
+  for (const auto& [name, p] : params) {
+    tensors.push_back(p);
+    if (step > 0) {
+      auto& slot = state[p.unsafeGetTensorImpl()];
+      if (!slot) {
+        auto adam = std::make_unique<torch::optim::AdamWParamState>();
+        adam->exp_avg(at::zeros_like(p, at::MemoryFormat::Contiguous));
+        adam->exp_avg_sq(at::zeros_like(p, at::MemoryFormat::Contiguous));
+        slot = std::move(adam);
+      }
+      auto& adam = static_cast<torch::optim::AdamWParamState&>(*slot);
+      adam.step(step);
+      tensors.push_back(adam.exp_avg());
+      tensors.push_back(adam.exp_avg_sq());
+    }
+    if (has_best && !group->is_main()) best.push_back(at::zeros_like(p, at::MemoryFormat::Contiguous));
+  }
+  for (const auto& b : best) tensors.push_back(b);
+  share(tensors, "the checkpoint's adapter and optimizer state");
+}
 
 const TrainOptions& Trainer::options() const { return s_->options; }
 
@@ -474,12 +561,20 @@ double Trainer::validation_loss() {
   const models::EvalModeGuard eval_mode(s.model);  // the training mode comes back even when a batch throws
   double sum = 0;
   int64_t count = 0;
-  for (size_t i = 0; i < s.validation.size(); i += s.options.batch_size) {
+  // Each rank its contiguous share of the set, in batches as one process would make them.
+  const auto [begin, end] = distributed::shard_range(static_cast<int64_t>(s.validation.size()), s.group->rank(), s.world());
+  for (int64_t i = begin; i < end; i += s.options.batch_size) {
     std::vector<const TokenizedExample*> items;
-    for (size_t j = i; j < std::min(s.validation.size(), i + s.options.batch_size); ++j) items.push_back(&s.validation[j]);
+    for (int64_t j = i; j < std::min(end, i + s.options.batch_size); ++j) items.push_back(&s.validation[j]);
     const Batch batch = s.make_micro_batch(items);
     sum += completion_loss_sum(s.model, batch).item<double>();
     count += batch.target_tokens;
+  }
+  if (s.world() > 1) {
+    at::Tensor totals = at::tensor({sum, static_cast<double>(count)}, at::kDouble);
+    s.group->all_reduce_sum(totals, "the validation loss");
+    sum = totals[0].item<double>();
+    count = static_cast<int64_t>(totals[1].item<double>());
   }
   return sum / static_cast<double>(count);
 }
@@ -492,6 +587,8 @@ TrainResult Trainer::run(const TrainCallbacks& callbacks) {
   std::vector<at::Tensor> tensors;
   for (const auto& p : s.params) tensors.push_back(p.second);
   s.model.train();
+  // Adapter dropout: ranks other than 0 draw masks of their own (rank 0 keeps the stream a checkpoint saved).
+  if (!s.group->is_main()) at::manual_seed(o.seed + 1000003ULL * static_cast<uint64_t>(s.group->rank()) + s.step);
   // Checkpointing is this run's choice: the model gets its own setting back however the run ends.
   struct CheckpointingScope {
     models::CausalLM& model;
@@ -511,28 +608,54 @@ TrainResult Trainer::run(const TrainCallbacks& callbacks) {
   while (!s.stopped_early && s.step < o.max_steps) {
     if (callbacks.on_step_begin) callbacks.on_step_begin(s.step + 1);
     const auto start = std::chrono::steady_clock::now();
+    // Every rank walks the whole global micro-batch (for the global counts) and keeps its share.
     std::vector<Batch> micro;
     int64_t targets = 0;
+    StepRecord record;
+    const auto [share_begin, share_end] = distributed::shard_range(o.batch_size, s.group->rank(), s.world());
     for (int64_t m = 0; m < o.grad_accum; ++m) {
       std::vector<const TokenizedExample*> items;
       const int64_t first = (s.step * o.grad_accum + m) * o.batch_size;
-      for (int64_t k = 0; k < o.batch_size; ++k) items.push_back(&s.stream_example(first + k));
+      for (int64_t k = 0; k < o.batch_size; ++k) {
+        const TokenizedExample& example = s.stream_example(first + k);
+        targets += static_cast<int64_t>(example.completion.size());  // make_batch keeps the completion whole
+        record.tokens += batch_length(example, o.max_length);
+        if (k >= share_begin && k < share_end) items.push_back(&example);
+      }
       micro.push_back(s.make_micro_batch(items));
-      targets += micro.back().target_tokens;
     }
     s.optimizer->zero_grad();
     double loss_sum = 0;
-    StepRecord record;
     for (const Batch& batch : micro) {
       at::Tensor loss;
       {
         const CudaBf16Autocast autocast(o.autocast_bf16 && cuda);
         loss = completion_loss_sum(s.model, batch);
       }
-      // Every completion token of the accumulated batch weighs the same.
+      // Every completion token of the accumulated global batch weighs the same.
       (loss / static_cast<double>(targets)).backward();
       loss_sum += loss.item<double>();
-      record.tokens += batch.tokens;
+    }
+    // With several processes a stop request counts when every rank knows of it: it rides on the step's
+    // all-reduce (one process asks once the step is done, below).
+    bool stop_requested = s.world() > 1 && callbacks.stop_requested && callbacks.stop_requested();
+    if (s.world() > 1) {
+      // One all-reduce per step: the gradients (a rank whose share left a tensor unused adds zeros), the
+      // loss sum and the stop requests.
+      std::vector<at::Tensor> parts;
+      for (const auto& t : tensors) parts.push_back(t.grad().defined() ? t.grad() : at::zeros_like(t));
+      parts.push_back(at::tensor({loss_sum, stop_requested ? 1.0 : 0.0}, tensors.front().options()));
+      at::Tensor flat = flatten(parts);
+      s.group->all_reduce_sum(flat, "the gradients of step " + std::to_string(s.step + 1));
+      for (auto& t : tensors) {
+        if (!t.grad().defined()) t.mutable_grad() = at::zeros_like(t);
+      }
+      std::vector<at::Tensor> grads;
+      for (const auto& t : tensors) grads.push_back(t.grad());
+      unflatten(flat.narrow(0, 0, flat.numel() - 2), grads);
+      const at::Tensor tail = flat.narrow(0, flat.numel() - 2, 2).to(at::kDouble).cpu();
+      loss_sum = tail[0].item<double>();
+      stop_requested = tail[1].item<double>() > 0;
     }
     record.loss = loss_sum / static_cast<double>(targets);
     if (!std::isfinite(record.loss)) {
@@ -583,17 +706,21 @@ TrainResult Trainer::run(const TrainCallbacks& callbacks) {
         break;
       }
     }
-    const bool stop = (callbacks.stop_requested && callbacks.stop_requested()) ||
+    const bool stop = stop_requested || (s.world() == 1 && callbacks.stop_requested && callbacks.stop_requested()) ||
                       (o.stop_at_step > 0 && s.step == o.stop_at_step);
     if (!o.output_dir.empty() && (stop || (o.checkpoint_every > 0 && s.step % o.checkpoint_every == 0))) {
-      result.last_checkpoint = s.write_checkpoint();
+      result.last_checkpoint = s.checkpoint_folder();
+      if (s.writes()) s.write_checkpoint();
     }
     if (stop) {
       result.interrupted = true;
       return finish(result);
     }
   }
-  if (!o.output_dir.empty()) result.last_checkpoint = s.write_checkpoint();
+  if (!o.output_dir.empty()) {
+    result.last_checkpoint = s.checkpoint_folder();
+    if (s.writes()) s.write_checkpoint();
+  }
   // Early stopping's promise: the adapter of the best validation loss.
   if (!s.best.empty()) {
     at::NoGradGuard no_grad;
