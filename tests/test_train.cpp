@@ -6,14 +6,18 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdlib>
 #include <fstream>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <set>
+#include <thread>
 #include <tuple>
 
 #include <nlohmann/json.hpp>
@@ -932,5 +936,131 @@ TEST(Distributed, LauncherEnvironments) {
            {{"WORLD_SIZE", "2"}, {"RANK", "0"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "70000"}}}) {
     const ScopedEnvironment env(bad);
     EXPECT_THROW(dist::LaunchEnvironment::from_environment(), tiedlora::ConfigError) << bad.front().first;
+  }
+}
+
+namespace {
+
+// A process group whose ranks are threads of this test (the product uses MPI or NCCL): each collective meets
+// at a barrier, where the last rank to arrive sums (in rank order) or copies the root's tensor into every
+// rank's. A rank that never arrives fails the others after a minute instead of hanging the test.
+class ThreadGroup final : public tiedlora::distributed::ProcessGroup {
+ public:
+  struct Meeting {
+    std::mutex mutex;
+    std::condition_variable arrived_all;
+    int arrived = 0;
+    int64_t round = 0;
+    std::vector<at::Tensor> tensors;
+  };
+  ThreadGroup(int rank, int world_size, std::shared_ptr<Meeting> meeting)
+      : ProcessGroup(rank, world_size), meeting_(std::move(meeting)) {
+    meeting_->tensors.resize(world_size);
+  }
+  std::string backend() const override { return "threads"; }
+  void all_reduce_sum(at::Tensor& tensor, const std::string& what) override {
+    meet(tensor, what, [](std::vector<at::Tensor>& tensors) {
+      at::Tensor sum = tensors[0].clone();
+      for (size_t r = 1; r < tensors.size(); ++r) sum += tensors[r];
+      for (auto& t : tensors) t.copy_(sum);
+    });
+  }
+  void broadcast(at::Tensor& tensor, int root, const std::string& what) override {
+    meet(tensor, what, [root](std::vector<at::Tensor>& tensors) {
+      for (size_t r = 0; r < tensors.size(); ++r) {
+        if (static_cast<int>(r) != root) tensors[r].copy_(tensors[root]);
+      }
+    });
+  }
+  void abort(int) override { std::abort(); }
+
+ private:
+  template <class Combine>
+  void meet(at::Tensor& tensor, const std::string& what, Combine&& combine) {
+    std::unique_lock<std::mutex> lock(meeting_->mutex);
+    meeting_->tensors[rank()] = tensor;  // shares the storage: the combination writes this rank's tensor
+    const int64_t round = meeting_->round;
+    if (++meeting_->arrived == world_size()) {
+      combine(meeting_->tensors);
+      meeting_->arrived = 0;
+      ++meeting_->round;
+      meeting_->arrived_all.notify_all();
+    } else if (!meeting_->arrived_all.wait_for(lock, std::chrono::minutes(1), [&] { return meeting_->round != round; })) {
+      throw tiedlora::distributed::Timeout("rank " + std::to_string(rank()) + ": " + what + " timed out");
+    }
+  }
+  std::shared_ptr<Meeting> meeting_;
+};
+
+}  // namespace
+
+// The Trainer's data parallelism without a second process: two ranks as threads against one process, in
+// fp64 so that only the summation order differs. An uneven share (3 examples over 2 ranks), gradient
+// accumulation, sharded validation of an odd-sized set, the initial adapter from rank 0 (rank 1 starts from
+// other values), and rank 1 writing nothing.
+TEST(Distributed, TwoRanksFollowOneProcessStepForStep) {
+  const std::string root = make_temp_dir();
+  const auto train = tiny_task(40, 1), validation = tiny_task(7, 2);
+  auto options_for = [&](const std::string& dir) {
+    tt::TrainOptions o = small_options(dir);
+    o.batch_size = 3;
+    return o;
+  };
+  auto make_model = [&] {
+    auto model = tiny_model(root);
+    inject(*model, "tied-abuv");
+    model->to(torch::kDouble);
+    return model;
+  };
+  auto single = make_model();
+  tt::Trainer one(*single, train, validation, options_for(root + "/one"), 0);
+  const tt::TrainResult one_result = one.run();
+  ASSERT_EQ(one_result.steps_done, 8);
+
+  std::vector<std::shared_ptr<CausalLM>> models{make_model(), make_model()};
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : tiedlora::trainable_parameters(*models[1])) p.add_(0.5);  // rank 0's broadcast must undo this
+  }
+  auto meeting = std::make_shared<ThreadGroup::Meeting>();
+  std::vector<tt::TrainResult> results(2);
+  std::vector<std::string> errors(2);
+  std::vector<std::thread> ranks;
+  for (int r = 0; r < 2; ++r) {
+    ranks.emplace_back([&, r] {
+      try {
+        tt::TrainOptions o = options_for(root + "/rank" + std::to_string(r));
+        o.process_group = std::make_shared<ThreadGroup>(r, 2, meeting);
+        tt::Trainer trainer(*models[r], train, validation, o, 0);
+        results[r] = trainer.run();
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  }
+  for (auto& t : ranks) t.join();
+  ASSERT_EQ(errors, (std::vector<std::string>{"", ""}));
+  EXPECT_EQ(results[0].steps_done, 8);
+  EXPECT_EQ(results[1].best_step, one_result.best_step);
+  EXPECT_FALSE(tiedlora::util::path_exists(root + "/rank1")) << "rank 1 wrote its output folder";
+
+  const auto a = read_metrics(root + "/one/metrics.jsonl"), b = read_metrics(root + "/rank0/metrics.jsonl");
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    for (const char* key : {"step", "tokens", "target_tokens"}) {
+      if (a[i].contains(key)) EXPECT_EQ(a[i].at(key), b[i].at(key)) << "metrics line " << i + 1 << ", " << key;
+    }
+    for (const char* key : {"loss", "lr", "grad_norm", "validation_loss"}) {
+      if (!a[i].contains(key)) continue;
+      const double x = a[i].at(key).get<double>(), y = b[i].at(key).get<double>();
+      EXPECT_LE(std::abs(x - y), 1e-12 * std::abs(x)) << "metrics line " << i + 1 << ", " << key;
+    }
+  }
+  const auto p1 = tiedlora::trainable_parameters(*single);
+  const auto r0 = tiedlora::trainable_parameters(*models[0]), r1 = tiedlora::trainable_parameters(*models[1]);
+  ASSERT_EQ(p1.size(), r0.size());
+  for (size_t i = 0; i < p1.size(); ++i) {
+    EXPECT_TRUE(torch::equal(r0[i], r1[i])) << "the ranks' parameter " << i << " differs";
+    EXPECT_LE((p1[i] - r0[i]).abs().max().item<double>(), 1e-10) << "parameter " << i;
   }
 }

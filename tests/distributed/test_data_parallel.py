@@ -11,6 +11,7 @@
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,6 +155,7 @@ class DataParallel(unittest.TestCase):
         return None
 
     def start_and_wait_for_step(self, folder, step, *extra):
+        shutil.rmtree(folder, ignore_errors=True)  # an earlier run's metrics must not count
         job = subprocess.Popen(mpi_command(2, *common(steps=8), *data_args(test=False),
                                            "--output", folder, "--overwrite", "--checkpoint-every", "1", *extra),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)

@@ -11,6 +11,7 @@
 // Outputs under --output: adapter/, metrics.jsonl, loss.png, predictions_{before,after}.jsonl,
 // summary.json, checkpoints/, merged/ (--merge). See docs/finetuning.md.
 #include <optional>
+#include <sched.h>
 #include <thread>
 #include <unistd.h>
 
@@ -115,6 +116,13 @@ class Progress {
   double seconds_here_ = 0;
 };
 
+// The CPUs this process may run on (its affinity mask; 0 when unknown).
+int cpus_allowed() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  return sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 0;
+}
+
 // Rank 0 alone shows progress; the other ranks print errors only (see run()).
 bool g_main_rank = true;
 
@@ -183,9 +191,13 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
     // Logs come from rank 0; the others keep stderr for their errors.
     if (!std::freopen("/dev/null", "w", stdout)) throw tiedlora::Error("cannot silence the standard output of rank " + std::to_string(group->rank()));
   }
-  // Processes sharing a machine share its cores (torchrun sets OMP_NUM_THREADS=1 for the same reason).
+  // Processes sharing a machine share its cores (torchrun sets OMP_NUM_THREADS=1 for the same reason): the
+  // cores this process may run on when the launcher bound it (mpirun binds each of 2 processes to a core),
+  // else the machine's divided among its processes.
   if (args.threads == 0 && world > 1 && args.device == "cpu" && !std::getenv("OMP_NUM_THREADS")) {
-    args.threads = std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()) / std::max(1, launch.local_world_size));
+    const int allowed = cpus_allowed();
+    const int machine = static_cast<int>(std::thread::hardware_concurrency());
+    args.threads = allowed > 0 && allowed < machine ? allowed : std::max(1, machine / std::max(1, launch.local_world_size));
   }
   if (args.train_options.batch_size < world) {
     throw tiedlora::ConfigError(fmt::format("--batch-size {} is the global micro-batch, smaller than the {} processes "
@@ -309,7 +321,7 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
   // validation or checkpoint around it; a run that ends before step N stops it without a table.
   tiedlora::tools::OperatorProfile profile(model->parameters().front().is_cuda());
   callbacks.on_step_begin = [&](int64_t step) {
-    if (step == args.profile_step) profile.start();
+    if (step == args.profile_step && main_rank) profile.start();  // rank 0's step stands for all
   };
   bool profiled = false;
   callbacks.on_step = [&](const tt::StepRecord& r) {

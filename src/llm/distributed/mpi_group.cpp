@@ -43,6 +43,9 @@ class MpiGroup final : public ProcessGroup {
       int provided = 0;
       MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided);  // collectives from one thread only
       owns_mpi_ = true;
+      if (provided < MPI_THREAD_FUNNELED) {  // LibTorch's own threads exist beside the one that calls MPI
+        throw ConfigError("distributed (mpi): the MPI library does not allow MPI_THREAD_FUNNELED");
+      }
     }
     MPI_Comm_dup(MPI_COMM_WORLD, &comm_);
     MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);  // errors become exceptions naming the operation

@@ -31,9 +31,10 @@ class NcclGroup final : public ProcessGroup {
     ::setenv("TORCH_NCCL_BLOCKING_WAIT", "1", /*overwrite=*/0);
     c10d::TCPStoreOptions store_options;
     store_options.port = static_cast<std::uint16_t>(env.master_port);
+    // As torch.distributed's env:// and torchrun's workers: every rank knows the world and waits for it.
     store_options.isServer = !env.agent_store && env.rank == 0;
-    if (store_options.isServer) store_options.numWorkers = static_cast<std::size_t>(env.world_size);
-    store_options.waitWorkers = store_options.isServer;
+    store_options.numWorkers = static_cast<std::size_t>(env.world_size);
+    store_options.waitWorkers = true;
     store_options.timeout = timeout;
     auto store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, store_options);
     // A fresh key space per torchrun restart: keys of a failed attempt never meet the next one's.
@@ -41,6 +42,13 @@ class NcclGroup final : public ProcessGroup {
     auto options = c10d::ProcessGroupNCCL::Options::create();
     options->timeout = timeout;
     group_ = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, env.rank, env.world_size, options);
+  }
+
+  ~NcclGroup() override {
+    try {
+      group_->shutdown();  // what destroy_process_group() does: the communicators end cleanly
+    } catch (...) {  // nothing to do about it at exit
+    }
   }
 
   std::string backend() const override { return "nccl"; }
@@ -72,11 +80,17 @@ class NcclGroup final : public ProcessGroup {
     // NCCL works on this rank's GPU: a CPU tensor (the small texts and counters) travels there and back.
     std::vector<at::Tensor> tensors{tensor.device() == device_ ? tensor : tensor.to(device_)};
     c10::intrusive_ptr<c10d::Work> work = collective(tensors);
+    bool completed = false;
     try {
-      work->wait(timeout_);
+      completed = work->wait(timeout_);
     } catch (const std::exception& e) {
-      throw Timeout(timeout_message(rank(), operation, what, timeout_) + " [" + e.what() + "]");
+      const std::string detail = e.what();
+      if (detail.find("imeout") != std::string::npos || detail.find("timed out") != std::string::npos) {
+        throw Timeout(timeout_message(rank(), operation, what, timeout_) + " [" + detail + "]");
+      }
+      throw Error("rank " + std::to_string(rank()) + ": the " + operation + " of " + what + " failed: " + detail);
     }
+    if (!completed) throw Error("rank " + std::to_string(rank()) + ": the " + operation + " of " + what + " was aborted");
     if (!tensor.is_same(tensors.front())) tensor.copy_(tensors.front());
   }
 

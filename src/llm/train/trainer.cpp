@@ -640,22 +640,37 @@ TrainResult Trainer::run(const TrainCallbacks& callbacks) {
     // all-reduce (one process asks once the step is done, below).
     bool stop_requested = s.world() > 1 && callbacks.stop_requested && callbacks.stop_requested();
     if (s.world() > 1) {
-      // One all-reduce per step: the gradients (a rank whose share left a tensor unused adds zeros), the
-      // loss sum and the stop requests.
+      // One all-reduce per step, in fp64 (adapter gradients are small; the sum and the loss keep their
+      // digits): the gradients (zeros where this rank's share left a tensor without one), then per tensor
+      // whether this rank had a gradient (a tensor no rank touched stays without one, as in one process,
+      // so AdamW skips it alike), the loss sum and the stop requests.
+      const int64_t count = static_cast<int64_t>(tensors.size());
       std::vector<at::Tensor> parts;
-      for (const auto& t : tensors) parts.push_back(t.grad().defined() ? t.grad() : at::zeros_like(t));
-      parts.push_back(at::tensor({loss_sum, stop_requested ? 1.0 : 0.0}, tensors.front().options()));
+      std::vector<double> tail;
+      for (const auto& t : tensors) {
+        parts.push_back(t.grad().defined() ? t.grad().to(at::kDouble) : at::zeros_like(t, at::kDouble));
+        tail.push_back(t.grad().defined() ? 1.0 : 0.0);
+      }
+      tail.push_back(loss_sum);
+      tail.push_back(stop_requested ? 1.0 : 0.0);
+      parts.push_back(at::tensor(tail, tensors.front().options().dtype(at::kDouble)));
       at::Tensor flat = flatten(parts);
       s.group->all_reduce_sum(flat, "the gradients of step " + std::to_string(s.step + 1));
-      for (auto& t : tensors) {
-        if (!t.grad().defined()) t.mutable_grad() = at::zeros_like(t);
+      const at::Tensor sums = flat.narrow(0, flat.numel() - count - 2, count + 2).cpu();
+      const auto reduced = sums.accessor<double, 1>();
+      int64_t offset = 0;
+      for (int64_t i = 0; i < count; ++i) {
+        at::Tensor& t = tensors[i];
+        if (reduced[i] > 0) {
+          if (!t.grad().defined()) t.mutable_grad() = at::zeros_like(t);
+          t.mutable_grad().copy_(flat.narrow(0, offset, t.numel()).view(t.sizes()));
+        } else {
+          t.mutable_grad().reset();
+        }
+        offset += t.numel();
       }
-      std::vector<at::Tensor> grads;
-      for (const auto& t : tensors) grads.push_back(t.grad());
-      unflatten(flat.narrow(0, 0, flat.numel() - 2), grads);
-      const at::Tensor tail = flat.narrow(0, flat.numel() - 2, 2).to(at::kDouble).cpu();
-      loss_sum = tail[0].item<double>();
-      stop_requested = tail[1].item<double>() > 0;
+      loss_sum = reduced[count];
+      stop_requested = reduced[count + 1] > 0;
     }
     record.loss = loss_sum / static_cast<double>(targets);
     if (!std::isfinite(record.loss)) {
