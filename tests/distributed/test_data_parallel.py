@@ -168,16 +168,29 @@ class DataParallel(unittest.TestCase):
         job.kill()
         self.fail(f"the job did not reach step {step}: {job.communicate()}")
 
-    def test_killed_rank_ends_the_run_and_resume_continues(self):
-        folder = out("killed")
-        job = self.start_and_wait_for_step(folder, 2, "--dist-timeout", "20")
+    def signal_rank_one_after_step_two(self, folder, timeout, sig):
+        """Runs 8 steps on 2 processes, sends `sig` to rank 1 once step 2 is logged, and waits for the job:
+        (job, stdout, stderr, seconds from the signal to the job's end). Rank 1 is killed afterwards if it is
+        still there (a stopped process)."""
+        job = self.start_and_wait_for_step(folder, 2, "--dist-timeout", str(timeout))
         pid = self.rank_pid(folder, 1)
         self.assertIsNotNone(pid, "rank 1 not found")
-        os.kill(pid, signal.SIGKILL)
-        killed_at = time.time()
-        stdout, stderr = job.communicate(timeout=120)
-        elapsed = time.time() - killed_at
-        print(f"killed rank 1: the job ended {elapsed:.1f} s later, exit {job.returncode}")
+        os.kill(pid, sig)
+        signalled_at = time.time()
+        try:
+            stdout, stderr = job.communicate(timeout=120)
+        finally:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        elapsed = time.time() - signalled_at
+        print(f"{signal.Signals(sig).name} to rank 1: the job ended {elapsed:.1f} s later, exit {job.returncode}")
+        return job, stdout, stderr, elapsed
+
+    def test_killed_rank_ends_the_run_and_resume_continues(self):
+        folder = out("killed")
+        job, stdout, stderr, elapsed = self.signal_rank_one_after_step_two(folder, 20, signal.SIGKILL)
         self.assertNotEqual(job.returncode, 0)
         self.assertLess(elapsed, 30)
         self.assertRegex(stderr + stdout, r"rank 1 .*(signal 9|Killed)", stderr)
@@ -197,20 +210,7 @@ class DataParallel(unittest.TestCase):
 
     def test_hung_rank_ends_the_run_with_the_timeout_error(self):
         folder = out("hung")
-        job = self.start_and_wait_for_step(folder, 2, "--dist-timeout", "10")
-        pid = self.rank_pid(folder, 1)
-        self.assertIsNotNone(pid, "rank 1 not found")
-        os.kill(pid, signal.SIGSTOP)
-        stopped_at = time.time()
-        try:
-            stdout, stderr = job.communicate(timeout=120)
-        finally:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        elapsed = time.time() - stopped_at
-        print(f"stopped rank 1: the job ended {elapsed:.1f} s later, exit {job.returncode}")
+        job, stdout, stderr, elapsed = self.signal_rank_one_after_step_two(folder, 10, signal.SIGSTOP)
         self.assertNotEqual(job.returncode, 0)
         self.assertLess(elapsed, 10 + 20)
         # The collective rank 0 waits in: the step's gradients, or the validation loss if rank 1 stopped there.

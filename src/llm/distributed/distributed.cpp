@@ -67,7 +67,7 @@ LaunchEnvironment LaunchEnvironment::from_environment() {
     throw ConfigError("the launcher's rank " + std::to_string(env.rank) + " is not below its world size " +
                       std::to_string(env.world_size));
   }
-  if (env.local_rank >= std::max(env.local_world_size, 1) && env.local_world_size > 0) {
+  if (env.local_world_size < 1 || env.local_rank >= env.local_world_size) {
     throw ConfigError("the launcher's local rank " + std::to_string(env.local_rank) + " is not below its local world size " +
                       std::to_string(env.local_world_size));
   }
@@ -149,6 +149,10 @@ std::string timeout_message(int rank, const char* operation, const std::string& 
   return "rank " + std::to_string(rank) + ": the " + operation + " of " + what + " did not finish within " + seconds +
          " s: another rank died, hangs or is far behind (hint: see the launcher's message about that rank; raise "
          "--dist-timeout if a rank is only slow; continue with --resume-latest)";
+}
+
+std::string failure_message(int rank, const char* operation, const std::string& what, const std::string& reason) {
+  return "rank " + std::to_string(rank) + ": the " + operation + " of " + what + " failed: " + reason;
 }
 
 #if !TIEDLORA_WITH_MPI

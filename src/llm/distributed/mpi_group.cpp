@@ -100,7 +100,7 @@ class MpiGroup final : public ProcessGroup {
   void wait(int started, MPI_Request& request, const char* operation, const std::string& what) {
     if (started != MPI_SUCCESS) {
       broken_ = true;
-      throw Error("rank " + std::to_string(rank()) + ": the " + operation + " of " + what + " failed: " + mpi_error_text(started));
+      throw Error(failure_message(rank(), operation, what, mpi_error_text(started)));
     }
     const auto deadline = std::chrono::steady_clock::now() + timeout_;
     auto pause = std::chrono::microseconds(1);
@@ -109,7 +109,7 @@ class MpiGroup final : public ProcessGroup {
       const int code = MPI_Test(&request, &done, MPI_STATUS_IGNORE);
       if (code != MPI_SUCCESS) {
         broken_ = true;
-        throw Error("rank " + std::to_string(rank()) + ": the " + operation + " of " + what + " failed: " + mpi_error_text(code));
+        throw Error(failure_message(rank(), operation, what, mpi_error_text(code)));
       }
       if (done) return;
       if (std::chrono::steady_clock::now() > deadline) {

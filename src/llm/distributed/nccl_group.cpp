@@ -88,9 +88,9 @@ class NcclGroup final : public ProcessGroup {
       if (detail.find("imeout") != std::string::npos || detail.find("timed out") != std::string::npos) {
         throw Timeout(timeout_message(rank(), operation, what, timeout_) + " [" + detail + "]");
       }
-      throw Error("rank " + std::to_string(rank()) + ": the " + operation + " of " + what + " failed: " + detail);
+      throw Error(failure_message(rank(), operation, what, detail));
     }
-    if (!completed) throw Error("rank " + std::to_string(rank()) + ": the " + operation + " of " + what + " was aborted");
+    if (!completed) throw Error(failure_message(rank(), operation, what, "aborted"));
     if (!tensor.is_same(tensors.front())) tensor.copy_(tensors.front());
   }
 

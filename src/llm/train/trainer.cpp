@@ -219,8 +219,6 @@ struct Trainer::State {
         group(options.process_group ? options.process_group : distributed::single_process()) {}
 
   int world() const { return group->world_size(); }
-  // Rank 0 alone writes the run's files.
-  bool writes() const { return !options.output_dir.empty() && group->is_main(); }
   // Rank 0's values of `tensors` on every rank.
   void share(const std::vector<at::Tensor>& tensors, const std::string& what) {
     if (world() == 1 || tensors.empty()) return;
@@ -257,7 +255,10 @@ struct Trainer::State {
   }
   std::string checkpoint_dir() const { return util::join_path(options.output_dir, "checkpoints"); }
   std::string checkpoint_folder() const { return util::join_path(checkpoint_dir(), checkpoint_name(step)); }
+  /// Writes the checkpoint of this step (rank 0; every rank returns its folder).
   std::string write_checkpoint();
+  /// Sums the step's gradients, loss sum and stop request over the ranks (see run()).
+  void all_reduce_step(std::vector<at::Tensor>& tensors, double& loss_sum, bool& stop_requested, int64_t step_number);
   void load_checkpoint(const std::string& folder);
 };
 
@@ -308,7 +309,7 @@ Trainer::Trainer(models::CausalLM& model, std::vector<TokenizedExample> train, s
   for (const auto& p : s_->params) tensors.push_back(p.second);
   s_->optimizer = std::make_unique<torch::optim::AdamW>(
       tensors, torch::optim::AdamWOptions(o.lr).betas({o.beta1, o.beta2}).eps(o.eps).weight_decay(o.weight_decay));
-  if (s_->writes()) util::make_directories(o.output_dir);
+  if (!o.output_dir.empty() && s_->group->is_main()) util::make_directories(o.output_dir);  // rank 0 writes the run
   // Every rank starts from rank 0's adapter (equal anyway when every rank seeds alike; this makes it so).
   s_->share(tensors, "the initial adapter");
 }
@@ -355,6 +356,7 @@ std::string Trainer::latest_checkpoint(const std::string& output_dir) {
 
 std::string Trainer::State::write_checkpoint() {
   const std::string folder = checkpoint_folder();
+  if (!group->is_main()) return folder;
   util::make_directories(checkpoint_dir());
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   const auto& state = optimizer->state();
@@ -552,6 +554,41 @@ void Trainer::State::share_state() {
   share(tensors, "the checkpoint's adapter and optimizer state");
 }
 
+// One all-reduce per step, in fp64 (adapter gradients are small; the sum and the loss keep their digits): the
+// gradients (zeros where this rank's share left a tensor without one), then per tensor whether this rank had a
+// gradient (a tensor no rank touched stays without one, as in one process, so AdamW skips it alike), the loss
+// sum and the stop requests.
+void Trainer::State::all_reduce_step(std::vector<at::Tensor>& tensors, double& loss_sum, bool& stop_requested,
+                                     int64_t step_number) {
+  const int64_t count = static_cast<int64_t>(tensors.size());
+  std::vector<at::Tensor> parts;
+  std::vector<double> tail;
+  for (const auto& t : tensors) {
+    parts.push_back(t.grad().defined() ? t.grad().to(at::kDouble) : at::zeros_like(t, at::kDouble));
+    tail.push_back(t.grad().defined() ? 1.0 : 0.0);
+  }
+  tail.push_back(loss_sum);
+  tail.push_back(stop_requested ? 1.0 : 0.0);
+  parts.push_back(at::tensor(tail, tensors.front().options().dtype(at::kDouble)));
+  at::Tensor flat = flatten(parts);
+  group->all_reduce_sum(flat, "the gradients of step " + std::to_string(step_number));
+  const at::Tensor sums = flat.narrow(0, flat.numel() - count - 2, count + 2).cpu();
+  const auto reduced = sums.accessor<double, 1>();
+  int64_t offset = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    at::Tensor& t = tensors[i];
+    if (reduced[i] > 0) {
+      if (!t.grad().defined()) t.mutable_grad() = at::zeros_like(t);
+      t.mutable_grad().copy_(flat.narrow(0, offset, t.numel()).view(t.sizes()));
+    } else {
+      t.mutable_grad().reset();
+    }
+    offset += t.numel();
+  }
+  loss_sum = reduced[count];
+  stop_requested = reduced[count + 1] > 0;
+}
+
 const TrainOptions& Trainer::options() const { return s_->options; }
 
 double Trainer::validation_loss() {
@@ -639,39 +676,7 @@ TrainResult Trainer::run(const TrainCallbacks& callbacks) {
     // With several processes a stop request counts when every rank knows of it: it rides on the step's
     // all-reduce (one process asks once the step is done, below).
     bool stop_requested = s.world() > 1 && callbacks.stop_requested && callbacks.stop_requested();
-    if (s.world() > 1) {
-      // One all-reduce per step, in fp64 (adapter gradients are small; the sum and the loss keep their
-      // digits): the gradients (zeros where this rank's share left a tensor without one), then per tensor
-      // whether this rank had a gradient (a tensor no rank touched stays without one, as in one process,
-      // so AdamW skips it alike), the loss sum and the stop requests.
-      const int64_t count = static_cast<int64_t>(tensors.size());
-      std::vector<at::Tensor> parts;
-      std::vector<double> tail;
-      for (const auto& t : tensors) {
-        parts.push_back(t.grad().defined() ? t.grad().to(at::kDouble) : at::zeros_like(t, at::kDouble));
-        tail.push_back(t.grad().defined() ? 1.0 : 0.0);
-      }
-      tail.push_back(loss_sum);
-      tail.push_back(stop_requested ? 1.0 : 0.0);
-      parts.push_back(at::tensor(tail, tensors.front().options().dtype(at::kDouble)));
-      at::Tensor flat = flatten(parts);
-      s.group->all_reduce_sum(flat, "the gradients of step " + std::to_string(s.step + 1));
-      const at::Tensor sums = flat.narrow(0, flat.numel() - count - 2, count + 2).cpu();
-      const auto reduced = sums.accessor<double, 1>();
-      int64_t offset = 0;
-      for (int64_t i = 0; i < count; ++i) {
-        at::Tensor& t = tensors[i];
-        if (reduced[i] > 0) {
-          if (!t.grad().defined()) t.mutable_grad() = at::zeros_like(t);
-          t.mutable_grad().copy_(flat.narrow(0, offset, t.numel()).view(t.sizes()));
-        } else {
-          t.mutable_grad().reset();
-        }
-        offset += t.numel();
-      }
-      loss_sum = reduced[count];
-      stop_requested = reduced[count + 1] > 0;
-    }
+    if (s.world() > 1) s.all_reduce_step(tensors, loss_sum, stop_requested, s.step + 1);
     record.loss = loss_sum / static_cast<double>(targets);
     if (!std::isfinite(record.loss)) {
       throw Error("training diverged at step " + std::to_string(s.step + 1) + ": the loss is " + std::to_string(record.loss) +
@@ -724,18 +729,14 @@ TrainResult Trainer::run(const TrainCallbacks& callbacks) {
     const bool stop = stop_requested || (s.world() == 1 && callbacks.stop_requested && callbacks.stop_requested()) ||
                       (o.stop_at_step > 0 && s.step == o.stop_at_step);
     if (!o.output_dir.empty() && (stop || (o.checkpoint_every > 0 && s.step % o.checkpoint_every == 0))) {
-      result.last_checkpoint = s.checkpoint_folder();
-      if (s.writes()) s.write_checkpoint();
+      result.last_checkpoint = s.write_checkpoint();
     }
     if (stop) {
       result.interrupted = true;
       return finish(result);
     }
   }
-  if (!o.output_dir.empty()) {
-    result.last_checkpoint = s.checkpoint_folder();
-    if (s.writes()) s.write_checkpoint();
-  }
+  if (!o.output_dir.empty()) result.last_checkpoint = s.write_checkpoint();
   // Early stopping's promise: the adapter of the best validation loss.
   if (!s.best.empty()) {
     at::NoGradGuard no_grad;
