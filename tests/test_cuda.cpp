@@ -470,9 +470,9 @@ TEST(CudaLoraLinear, AtenPathOnTheGpuMatchesTheCpu) {
   EXPECT_TRUE(tiedlora::testing::all_close(gpu.cpu(), cpu, 1e-4, 1e-4, "lora_linear on the GPU"));
 }
 
-// Mixed-adapter batches (docs/adapters.md) on the GPU: lora_linear_routed's gathers and index_add_ give the
-// CPU's output and gradients, with the kernel switch on or off (the routed path is ATen ops either way),
-// in fp32 and bf16, rows of two adapters and rows of none.
+// Mixed-adapter batches (docs/adapters.md) on the GPU: lora_linear's routed calls (gathered rows, a slice)
+// give the CPU's output and gradients, with the kernel switch on or off (routed rows are ATen ops either
+// way), in fp32 and bf16, rows of two adapters and rows of none.
 TEST(CudaLoraLinear, RoutedRowsOnTheGpuMatchTheCpu) {
   SKIP_WITHOUT_GPU();
   for (const bool kernels : {false, true}) {
@@ -489,10 +489,10 @@ TEST(CudaLoraLinear, RoutedRowsOnTheGpuMatchTheCpu) {
         auto xd = x.to(device).detach().requires_grad_(true);
         std::vector<torch::Tensor> leaves;
         for (const auto& t : {a1, b1, a2, b2, v2}) leaves.push_back(t.detach().to(device).requires_grad_(true));
-        const auto y = functional::lora_linear_routed(
-            xd, w.to(device), bias.to(device),
-            {{{leaves[0], leaves[1], {}, {}, 0.5}, rows1.to(device), {}},
-             {{leaves[2], leaves[3], {}, leaves[4], 2.0}, rows2.to(device), {}}});
+        const std::vector<functional::AdapterCall> calls{
+            {{leaves[0], leaves[1], {}, {}, 0.5}, functional::AdapterRows::indices(rows1.to(device)), {}},
+            {{leaves[2], leaves[3], {}, leaves[4], 2.0}, functional::AdapterRows::range(1, 2), {}}};
+        const auto y = functional::lora_linear(xd, w.to(device), bias.to(device), calls);
         y.to(torch::kFloat).square().sum().backward();
         std::vector<torch::Tensor> out{y.to(torch::kFloat).cpu(), xd.grad().to(torch::kFloat).cpu()};
         for (const auto& t : leaves) out.push_back(t.grad().cpu());

@@ -160,6 +160,126 @@ TEST(LoraLinearFunctional, SharedFactorGradientIsTheSumOverLayers) {
   EXPECT_TRUE(all_close(b.grad(), db_sum, 1e-12, 1e-12, "dB"));
 }
 
+// ---- the one choke point with several adapters and routed rows -------------------------------------------
+
+// Four adapters on one layer in one call: plain LoRA on the slice of rows [0, 2), a tied-abuv adapter on the
+// gathered rows {2, 4}, a v-only adapter with its own (dropout) input on the slice [3, 4), and a plain LoRA
+// adapter on every row on top; row 5 is served by the last one alone. Random values everywhere.
+struct RoutedCase {
+  torch::Tensor x, w, bias, dy;
+  std::vector<tiedlora::functional::AdapterCall> calls;
+  std::vector<torch::Tensor> rows;  // each call's rows as indices (undefined: every row)
+};
+
+RoutedCase routed_case(torch::ScalarType type, bool with_all_rows_adapter) {
+  using tiedlora::functional::AdapterRows;
+  torch::manual_seed(41);
+  const auto o = torch::TensorOptions(torch::kDouble);
+  const int64_t in = 7, out = 5;
+  RoutedCase c;
+  c.x = torch::randn({6, 3, in}, o).to(type).requires_grad_(true);
+  c.w = torch::randn({out, in}, o).to(type);
+  c.bias = torch::randn({out}, o).to(type);
+  c.dy = torch::randn({6, 3, out}, o).to(type);
+  auto leaf = [&](std::vector<int64_t> shape) { return torch::randn(shape, o).to(type).requires_grad_(true); };
+  c.calls.push_back({{leaf({3, in}), leaf({out, 3}), {}, {}, 0.5}, AdapterRows::range(0, 2), {}});
+  c.rows.push_back(torch::arange(0, 2));
+  c.calls.push_back({{leaf({4, in}), leaf({out, 4}), leaf({4}), leaf({out}), 1.5}, AdapterRows::indices(torch::tensor({2, 4})), {}});
+  c.rows.push_back(torch::tensor({2, 4}));
+  c.calls.push_back({{leaf({2, in}), leaf({out, 2}), {}, leaf({out}), 2.0}, AdapterRows::range(3, 4), leaf({1, 3, in})});
+  c.rows.push_back(torch::arange(3, 4));
+  if (with_all_rows_adapter) {
+    c.calls.push_back({{leaf({2, in}), leaf({out, 2}), {}, {}, 0.25}, AdapterRows::all(), {}});
+    c.rows.emplace_back();
+  }
+  return c;
+}
+
+// The routed layer written with plain ATen ops in float64, for autograd to differentiate.
+torch::Tensor routed_reference(const RoutedCase& c) {
+  auto f64 = [](const torch::Tensor& t) { return t.defined() ? t.to(torch::kDouble) : t; };
+  torch::Tensor y = torch::matmul(f64(c.x), f64(c.w).t()) + f64(c.bias);
+  for (size_t k = 0; k < c.calls.size(); ++k) {
+    const auto& u = c.calls[k].update;
+    const torch::Tensor rows_in = c.calls[k].adapter_input.defined() ? f64(c.calls[k].adapter_input)
+                                  : c.rows[k].defined()               ? f64(c.x).index_select(0, c.rows[k])
+                                                                      : f64(c.x);
+    torch::Tensor h = torch::matmul(rows_in, f64(u.lora_a).t());
+    if (u.u.defined()) h = h * f64(u.u);
+    torch::Tensor low = torch::matmul(h, f64(u.lora_b).t());
+    if (u.v.defined()) low = low * f64(u.v);
+    y = c.rows[k].defined() ? y.index_add(0, c.rows[k], u.scale * low) : y + u.scale * low;
+  }
+  return y;
+}
+
+// x, then every adapter's tensors (and its own input), as gradients are taken.
+std::vector<torch::Tensor> routed_leaves(const RoutedCase& c) {
+  std::vector<torch::Tensor> out{c.x};
+  for (const auto& call : c.calls) {
+    for (const auto& t : call.update.tensors()) out.push_back(t);
+    if (call.adapter_input.defined()) out.push_back(call.adapter_input);
+  }
+  return out;
+}
+
+TEST(LoraLinearRouted, EveryGradientMatchesFloat64AutogradInFloat64AndFloat32) {
+  for (const auto type : {torch::kDouble, torch::kFloat}) {
+    RoutedCase c = routed_case(type, /*with_all_rows_adapter=*/true);
+    const auto ours = tiedlora::functional::lora_linear(c.x, c.w, c.bias, c.calls);
+    const auto expected = routed_reference(c);
+    const double tol = type == torch::kDouble ? 1e-12 : 2e-5;
+    ASSERT_TRUE(all_close(ours.to(torch::kDouble), expected, tol, tol, "y"));
+    const auto leaves = routed_leaves(c);
+    const auto got = torch::autograd::grad({ours}, leaves, {c.dy});
+    const auto want = torch::autograd::grad({expected}, leaves, {c.dy.to(torch::kDouble)});
+    for (size_t i = 0; i < leaves.size(); ++i) {
+      ASSERT_TRUE(got[i].defined()) << "gradient " << i;
+      EXPECT_GT(want[i].abs().max().item<double>(), 0) << "gradient " << i << " is zero: the test would be blind";
+      EXPECT_TRUE(all_close(got[i].to(torch::kDouble), want[i], tol, tol * want[i].abs().max().item<double>(),
+                            std::string(c10::toString(type)) + " gradient " + std::to_string(i)));
+    }
+  }
+}
+
+// One adapter alone on its rows (the N = 1 call) gives the routed call's output on those rows and the same
+// gradients for that adapter, which sees only its own rows; a row no call serves is the plain layer.
+TEST(LoraLinearRouted, EachAdapterOnItsRowsEqualsTheOneAdapterCall) {
+  RoutedCase c = routed_case(torch::kDouble, /*with_all_rows_adapter=*/false);
+  const auto routed = tiedlora::functional::lora_linear(c.x, c.w, c.bias, c.calls);
+  for (size_t k = 0; k < c.calls.size(); ++k) {
+    const auto& call = c.calls[k];
+    const auto x_rows = c.x.detach().index_select(0, c.rows[k]).requires_grad_(true);
+    const auto alone = tiedlora::functional::lora_linear(x_rows, c.w, c.bias, call.update, call.adapter_input);
+    EXPECT_TRUE(all_close(routed.index_select(0, c.rows[k]), alone, 1e-13, 1e-13, "y of call " + std::to_string(k)));
+    std::vector<torch::Tensor> mine = call.update.tensors();
+    const auto from_routed = torch::autograd::grad({routed}, mine, {c.dy}, /*retain_graph=*/true);
+    const auto from_alone = torch::autograd::grad({alone}, mine, {c.dy.index_select(0, c.rows[k])});
+    for (size_t i = 0; i < mine.size(); ++i) {
+      EXPECT_TRUE(all_close(from_routed[i], from_alone[i], 1e-12, 1e-12,
+                            "call " + std::to_string(k) + " factor " + std::to_string(i)));
+    }
+  }
+  const auto plain = torch::addmm(c.bias, c.x.detach()[5], c.w.t());
+  EXPECT_TRUE(all_close(routed.detach()[5], plain, 1e-13, 1e-13, "row 5 (no adapter)"));
+}
+
+TEST(LoraLinearRouted, RejectsRowsThatDoNotFitTheInput) {
+  using tiedlora::functional::AdapterRows;
+  RoutedCase c = routed_case(torch::kFloat, false);
+  auto with_rows = [&](AdapterRows rows, at::Tensor adapter_input = {}) {
+    std::vector<tiedlora::functional::AdapterCall> calls{{c.calls[0].update, std::move(rows), std::move(adapter_input)}};
+    return tiedlora::testing::error_of([&] { tiedlora::functional::lora_linear(c.x, c.w, c.bias, calls); });
+  };
+  EXPECT_NE(with_rows(AdapterRows::range(4, 9)).find("rows [4, 9)"), std::string::npos);
+  EXPECT_NE(with_rows(AdapterRows::indices(torch::tensor({1.0}))).find("rows must be a 1-D int64"), std::string::npos);
+  EXPECT_NE(with_rows(AdapterRows::range(0, 2), torch::randn({3, 3, 7})).find("adapter_input must have the shape"),
+            std::string::npos);
+  std::vector<tiedlora::functional::AdapterCall> calls{{c.calls[0].update, AdapterRows::range(0, 1), {}}};
+  EXPECT_NE(tiedlora::testing::error_of([&] { tiedlora::functional::lora_linear(torch::randn({7}), c.w, c.bias, calls); }).find("batch dimension"),
+            std::string::npos);
+}
+
 TEST(LoraLinearFunctional, RejectsBadArgumentsNamingThem) {
   const auto x = torch::randn({4, 6});
   const auto w = torch::randn({5, 6});

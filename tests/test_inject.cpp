@@ -89,7 +89,10 @@ TEST(Inject, TiedGroupsSpanLayersAndCountsFollowMethodMd) {
   EXPECT_EQ(report.groups[0].name, "layers.*.self_attn.q_proj");
   EXPECT_EQ(report.groups[1].name, "layers.*.self_attn.v_proj");
   EXPECT_EQ(report.groups[0].modules.size(), static_cast<size_t>(kLayers));
-  EXPECT_EQ(report.groups[0].registered_as, "tiedlora_groups.layers-*-self_attn-q_proj");
+  EXPECT_EQ(report.groups[0].registered_as, "tiedlora_groups.default.layers-*-self_attn-q_proj");
+  // Checkpoints store the earlier layout's name of the group's factors.
+  EXPECT_EQ(tiedlora::stored_parameter_name(report.groups[0].registered_as + ".lora_A"),
+            "tiedlora_groups.layers-*-self_attn-q_proj.lora_A");
   const auto method = tiedlora::AdapterMethod::parse("tied-abuv");
   const int64_t q = tiedlora::trainable_parameter_count(method, 4, kLayers, {kDim, kDim});
   const int64_t v = tiedlora::trainable_parameter_count(method, 4, kLayers, {kDim, kDim / 2});
@@ -290,3 +293,34 @@ TEST(Inject, ASecondInjectionWithAnotherConfigurationIsRefusedUpFront) {
 }
 
 }  // namespace
+
+// The naming rule of adapter modules (tiedlora/core/adapter_set.h) and the names checkpoints store: the
+// layout before the rule, so checkpoints written earlier resume.
+TEST(AdapterNaming, StoredNamesAreThoseOfTheEarlierLayout) {
+  using tiedlora::stored_parameter_name;
+  EXPECT_EQ(stored_parameter_name("model.layers.0.q_proj.lora_adapters.default.lora_A"), "model.layers.0.q_proj.lora_A");
+  EXPECT_EQ(stored_parameter_name("q.lora_adapters.default.tied_factors.lora_B"), "q.tied_factors.lora_B");
+  EXPECT_EQ(stored_parameter_name("q.lora_adapters.fr.lora_A"), "q.lora_adapters.fr.lora_A");
+  EXPECT_EQ(stored_parameter_name("tiedlora_groups.default.layers-*-q.lora_A"), "tiedlora_groups.layers-*-q.lora_A");
+  EXPECT_EQ(stored_parameter_name("tiedlora_groups.fr.layers-*-q.lora_A"), "tiedlora_groups_fr.layers-*-q.lora_A");
+  EXPECT_EQ(stored_parameter_name("sub.tiedlora_groups.default.g.lora_B"), "sub.tiedlora_groups.g.lora_B");
+  EXPECT_EQ(stored_parameter_name("model.embed_tokens.weight"), "model.embed_tokens.weight");
+  EXPECT_EQ(stored_parameter_name("my_lora_adapters.default.x"), "my_lora_adapters.default.x");
+}
+
+// Selection never matches the library's own modules: a tied adapter on a top-level layer registers its
+// group under that layer's name, and a second adapter on the same target still finds only the layer.
+TEST(AdapterNaming, SelectionNeverMatchesTheLibrarysOwnModules) {
+  struct TopImpl : torch::nn::Module {
+    TopImpl() : proj(register_module("proj", tiedlora::LoraLinear(torch::nn::LinearOptions(6, 6)))) {}
+    tiedlora::LoraLinear proj;
+  };
+  auto top = std::make_shared<TopImpl>();
+  tiedlora::inject_adapters(*top, InjectOptions().targets({"proj"}).method("tied-abuv").lora(LoraOptions(2).seed(1)));
+  const auto report = tiedlora::inject_adapters(
+      *top, InjectOptions().targets({"proj"}).method("tied-abuv").lora(LoraOptions(2).seed(2)).adapter_name("second"));
+  ASSERT_EQ(report.groups.size(), 1u);
+  EXPECT_EQ(report.groups[0].modules, (std::vector<std::string>{"proj"}));
+  EXPECT_EQ(report.groups[0].registered_as, "tiedlora_groups.second.proj");
+  EXPECT_EQ(top->proj->adapter_names(), (std::vector<std::string>{"default", "second"}));
+}

@@ -9,6 +9,13 @@
 
 namespace {
 
+// Parameter names as trainer checkpoints store them (tiedlora::stored_parameter_name).
+std::vector<std::string> stored_names(const torch::nn::Module& module) {
+  std::vector<std::string> out;
+  for (const auto& name : module.named_parameters().keys()) out.push_back(tiedlora::stored_parameter_name(name));
+  return out;
+}
+
 using tiedlora::AdapterMethod;
 using tiedlora::LoraLinear;
 using tiedlora::LoraOptions;
@@ -219,7 +226,10 @@ TEST(LoraLinear, WithoutAdapterIsADropInTorchLinear) {
   EXPECT_TRUE(torch::equal(layer->forward(x), reference->forward(x)));
   layer->attach_lora(LoraOptions(2));
   EXPECT_FALSE(layer->weight.requires_grad());
-  EXPECT_EQ(layer->named_parameters().keys(), (std::vector<std::string>{"weight", "bias", "lora_A", "lora_B"}));
+  // One naming rule for every adapter (tiedlora/core/adapter_set.h); checkpoints store the earlier names.
+  EXPECT_EQ(layer->named_parameters().keys(), (std::vector<std::string>{"weight", "bias", "lora_adapters.default.lora_A",
+                                                                        "lora_adapters.default.lora_B"}));
+  EXPECT_EQ(stored_names(*layer), (std::vector<std::string>{"weight", "bias", "lora_A", "lora_B"}));
   EXPECT_TRUE(torch::allclose(layer->forward(x), reference->forward(x), 1e-6, 1e-6));
   layer->detach_adapter();
   EXPECT_EQ(layer->named_parameters().keys(), (std::vector<std::string>{"weight", "bias"}));
@@ -267,9 +277,12 @@ TEST(TiedLoraFactors, LayersOfOneGroupShareAAndB) {
   EXPECT_EQ(l1->lora_A().data_ptr(), l2->lora_A().data_ptr());
   EXPECT_NE(l1->lora_u.data_ptr(), l2->lora_u.data_ptr());
   // The first layer registers the shared tensors (nobody else did); the second only refers to them.
-  EXPECT_EQ(l1->named_parameters().keys(), (std::vector<std::string>{"weight", "bias", "lora_u", "lora_v",
-                                                                     "tied_factors.lora_A", "tied_factors.lora_B"}));
-  EXPECT_EQ(l2->named_parameters().keys(), (std::vector<std::string>{"weight", "bias", "lora_u", "lora_v"}));
+  EXPECT_EQ(l1->named_parameters().keys(),
+            (std::vector<std::string>{"weight", "bias", "lora_adapters.default.lora_u", "lora_adapters.default.lora_v",
+                                      "lora_adapters.default.tied_factors.lora_A", "lora_adapters.default.tied_factors.lora_B"}));
+  EXPECT_EQ(stored_names(*l1), (std::vector<std::string>{"weight", "bias", "lora_u", "lora_v", "tied_factors.lora_A",
+                                                         "tied_factors.lora_B"}));
+  EXPECT_EQ(stored_names(*l2), (std::vector<std::string>{"weight", "bias", "lora_u", "lora_v"}));
   EXPECT_THROW(LoraLinear(random_linear(8, 5), factors), c10::Error);  // shape mismatch
 }
 

@@ -118,65 +118,13 @@ void TiedLoraFactorsImpl::pretty_print(std::ostream& stream) const {
          << ", method=" << options.method().name() << ")";
 }
 
-// ---- adapter names and row routing ----------------------------------------------------------------------
-
-void check_adapter_name(const std::string& name) {
-  const bool valid_chars = std::all_of(name.begin(), name.end(), [](unsigned char c) {
-    return std::isalnum(c) || c == '_' || c == '-';
-  });
-  if (name.empty() || name.size() > 64 || !valid_chars || name == "__base__") {
-    throw ConfigError("invalid adapter name '" + name + "' (hint: 1 to 64 letters, digits, '_' or '-'; it names a "
-                      "module and a subfolder; \"__base__\" is PEFT's word for no adapter)");
-  }
-}
-
-RowAdapters::RowAdapters(std::vector<std::string> adapter_of_row) : adapter_of_row_(std::move(adapter_of_row)) {
-  std::map<std::string, std::vector<int64_t>> rows;
-  for (size_t i = 0; i < adapter_of_row_.size(); ++i) {
-    const std::string& name = adapter_of_row_[i];
-    if (name.empty()) continue;
-    check_adapter_name(name);
-    rows[name].push_back(static_cast<int64_t>(i));
-  }
-  for (auto& [name, list] : rows) {
-    adapters_.push_back(name);
-    rows_[name] = at::tensor(list, at::kLong);
-  }
-}
-
-at::Tensor RowAdapters::rows_of(const std::string& adapter, at::Device device) const {
-  auto it = rows_.find(adapter);
-  if (it == rows_.end()) return {};
-  if (device.is_cpu()) return it->second;
-  const std::lock_guard<std::mutex> lock(mutex_);
-  at::Tensor& cached = on_device_[{adapter, device.str()}];
-  if (!cached.defined()) cached = it->second.to(device);
-  return cached;
-}
-
-namespace {
-thread_local std::shared_ptr<const RowAdapters> t_routing;
-}  // namespace
-
-std::shared_ptr<const RowAdapters> RowAdapters::current() { return t_routing; }
-
-RowAdaptersScope::RowAdaptersScope(std::shared_ptr<const RowAdapters> routing) : previous_(std::move(t_routing)) {
-  t_routing = std::move(routing);
-}
-RowAdaptersScope::~RowAdaptersScope() { t_routing = std::move(previous_); }
-
 // ---- LoraLinear -----------------------------------------------------------------------------------------
 
 LoraLinearImpl::LoraLinearImpl(LoraLinearOptions options_) : options(std::move(options_)) {
   TORCH_CHECK(options.in_features() > 0 && options.out_features() > 0,
               "LoraLinear: in_features and out_features must be positive, got ", options.in_features(), " and ",
               options.out_features());
-  if (options.lora()) {
-    options.lora()->validate();
-    Slot& slot = adapters_[kDefaultAdapter];
-    slot.kind = AdapterKind::lora;
-    slot.lora = *options.lora();
-  }
+  if (options.lora()) options.lora()->validate();
   reset();
 }
 
@@ -200,11 +148,7 @@ LoraLinearImpl::LoraLinearImpl(const torch::nn::Linear& base, TiedLoraFactors fa
   attach_tied(std::move(factors));
 }
 
-LoraLinearImpl::~LoraLinearImpl() {
-  for (auto& [name, slot] : adapters_) {
-    if (slot.owns_factors && slot.factors) slot.factors->set_owned(false);
-  }
-}
+LoraLinearImpl::~LoraLinearImpl() { adapters_.release_factors(); }
 
 void LoraLinearImpl::reset() {
   const int64_t in = options.in_features(), out = options.out_features();
@@ -226,12 +170,8 @@ void LoraLinearImpl::reset() {
       bias.uniform_(-bound, bound);
     }
   }
-  // Only a plain LoRA default adapter reaches here (the constructor's, or a clone's: clone() refuses
-  // shared factors and named adapters), and it is drawn again.
-  if (auto it = adapters_.find(kDefaultAdapter); it != adapters_.end()) {
-    freeze_base();
-    register_adapter_tensors(kDefaultAdapter, it->second);
-  }
+  // The adapter of the options, drawn with the layer (LoraLinear(LoraLinearOptions(...).lora(...))).
+  if (options.lora() && !adapters_.contains(kDefaultAdapter)) attach_lora(*options.lora());
 }
 
 void LoraLinearImpl::freeze_base() {
@@ -240,51 +180,18 @@ void LoraLinearImpl::freeze_base() {
 }
 
 void LoraLinearImpl::sync_default_fields() {
-  auto it = adapters_.find(kDefaultAdapter);
-  lora_u = it == adapters_.end() ? at::Tensor() : it->second.u;
-  lora_v = it == adapters_.end() ? at::Tensor() : it->second.v;
+  const AdapterSlot* slot = adapters_.find(kDefaultAdapter);
+  lora_u = slot ? slot->u : at::Tensor();
+  lora_v = slot ? slot->v : at::Tensor();
 }
 
-// A new slot named `adapter`, its holder ready: this layer for the default adapter, else the module
-// `lora_adapters.<adapter>`.
-LoraLinearImpl::Slot& LoraLinearImpl::new_slot(const std::string& adapter, AdapterKind kind) {
-  check_adapter_name(adapter);
-  TORCH_CHECK(!adapters_.count(adapter), "LoraLinear: the layer already carries an adapter named '", adapter, "'");
-  unmerge_();  // a merged weight must not outlive the set of adapters it was merged from
-  if (adapter != kDefaultAdapter) {
-    if (!named_holders_) named_holders_ = register_module("lora_adapters", std::make_shared<torch::nn::Module>("LoraAdapters"));
-    named_holders_->register_module(adapter, std::make_shared<torch::nn::Module>("LoraAdapter"));
-  }
-  Slot slot;
-  slot.kind = kind;
-  return adapters_.emplace(adapter, std::move(slot)).first->second;
-}
-
-torch::nn::Module& LoraLinearImpl::holder(const std::string& adapter) {
-  if (adapter == kDefaultAdapter) return *this;
-  TORCH_INTERNAL_ASSERT(named_holders_, "LoraLinear: no holder for the adapter ", adapter);
-  for (const auto& item : named_holders_->named_children()) {
-    if (item.key() == adapter) return *item.value();
-  }
-  TORCH_INTERNAL_ASSERT(false, "LoraLinear: no holder for the adapter ", adapter);
-}
-
-const LoraLinearImpl::Slot& LoraLinearImpl::slot(const std::string& adapter, const char* what) const {
-  auto it = adapters_.find(adapter);
-  if (it != adapters_.end()) return it->second;
-  std::string carried;
-  for (const auto& [name, s] : adapters_) carried += (carried.empty() ? "" : ", ") + name;
-  throw ConfigError(std::string("LoraLinear::") + what + ": the layer carries no adapter named '" + adapter + "' (it carries " +
-                    (carried.empty() ? std::string("none") : carried) + ")");
-}
-
-// Registers and initialises the tensors the slot owns: lora_A and lora_B for plain LoRA, lora_u and lora_v
-// (when trained) for a tied adapter.
-void LoraLinearImpl::register_adapter_tensors(const std::string& adapter, Slot& slot) {
+// Registers and initialises the tensors the slot owns on its holder: lora_A and lora_B for plain LoRA,
+// lora_u and lora_v (when trained) for a tied adapter.
+void LoraLinearImpl::register_adapter_tensors(const std::string& adapter, AdapterSlot& slot) {
   at::NoGradGuard no_grad;
   const int64_t in = options.in_features(), out = options.out_features(), r = slot.lora.rank();
   Initializer init(slot.lora, weight.device());
-  torch::nn::Module& holder = this->holder(adapter);
+  torch::nn::Module& holder = adapters_.holder(*this, adapter);
   if (slot.kind == AdapterKind::lora) {
     slot.a = holder.register_parameter("lora_A", initial_a(init, slot.lora, in), /*requires_grad=*/true);
     slot.b = holder.register_parameter("lora_B", initial_b(init, slot.lora, slot.method, out), /*requires_grad=*/true);
@@ -298,7 +205,8 @@ void LoraLinearImpl::register_adapter_tensors(const std::string& adapter, Slot& 
 
 void LoraLinearImpl::attach_lora(const LoraOptions& lora, const std::string& adapter) {
   lora.validate();
-  Slot& slot = new_slot(adapter, AdapterKind::lora);
+  unmerge_();  // a merged weight must not outlive the set of adapters it was merged from
+  AdapterSlot& slot = adapters_.add(*this, adapter, AdapterKind::lora);
   slot.lora = lora;
   slot.method = AdapterMethod::lora();
   freeze_base();
@@ -315,13 +223,14 @@ void LoraLinearImpl::attach_tied(TiedLoraFactors factors, const std::string& ada
   TORCH_CHECK(factors->lora_A.device() == weight.device(), "LoraLinear::attach_tied: factors are on ",
               factors->lora_A.device(), " but the layer's weight is on ", weight.device(),
               " (hint: move the factors with factors->to(device) first)");
-  Slot& slot = new_slot(adapter, AdapterKind::tied);
+  unmerge_();
+  AdapterSlot& slot = adapters_.add(*this, adapter, AdapterKind::tied);
   slot.lora = factors->options.lora();
   slot.method = factors->options.method();
   slot.factors = factors.ptr();
   if (!factors->owned()) {
     // Nobody registers these factors yet: this layer does, so that they train, save and move with it.
-    holder(adapter).register_module("tied_factors", factors);
+    adapters_.holder(*this, adapter).register_module("tied_factors", factors);
     factors->set_owned(true);
     slot.owns_factors = true;
   }
@@ -329,29 +238,10 @@ void LoraLinearImpl::attach_tied(TiedLoraFactors factors, const std::string& ada
   register_adapter_tensors(adapter, slot);
 }
 
-// Unregisters the slot's tensors from its holder (the slot itself is erased by the caller).
-void LoraLinearImpl::release(const std::string& adapter, Slot& slot) {
-  if (adapter == kDefaultAdapter) {
-    for (const char* name : {"lora_A", "lora_B", "lora_u", "lora_v"}) {
-      if (parameters_.contains(name)) parameters_.erase(name);
-    }
-    if (slot.owns_factors) unregister_module("tied_factors");
-  }
-  if (slot.owns_factors) slot.factors->set_owned(false);  // layers still sharing them are refused by trainable_parameters()
-}
-
 void LoraLinearImpl::detach_adapter(const std::string& adapter) {
-  slot(adapter, "detach_adapter");  // throws, naming what the layer carries, when it is not there
+  adapters_.at(adapter, "detach_adapter");  // throws, naming what the layer carries, when it is not there
   unmerge_();
-  release(adapter, adapters_.at(adapter));
-  adapters_.erase(adapter);
-  if (adapter != kDefaultAdapter) {
-    named_holders_->unregister_module(adapter);
-    if (named_holders_->children().empty()) {
-      unregister_module("lora_adapters");
-      named_holders_.reset();
-    }
-  }
+  adapters_.remove(*this, adapter);
   sync_default_fields();
 }
 
@@ -359,25 +249,21 @@ void LoraLinearImpl::detach_adapter() {
   for (const auto& name : adapter_names()) detach_adapter(name);
 }
 
-std::vector<std::string> LoraLinearImpl::adapter_names() const {
-  std::vector<std::string> out;
-  for (const auto& [name, s] : adapters_) out.push_back(name);
-  return out;
-}
+std::vector<std::string> LoraLinearImpl::adapter_names() const { return adapters_.names(); }
 
 AdapterKind LoraLinearImpl::adapter_kind(const std::string& adapter) const {
-  auto it = adapters_.find(adapter);
-  return it == adapters_.end() ? AdapterKind::none : it->second.kind;
+  const AdapterSlot* slot = adapters_.find(adapter);
+  return slot ? slot->kind : AdapterKind::none;
 }
 
-const AdapterMethod& LoraLinearImpl::method(const std::string& adapter) const { return slot(adapter, "method").method; }
+const AdapterMethod& LoraLinearImpl::method(const std::string& adapter) const { return adapters_.at(adapter, "method").method; }
 const LoraOptions& LoraLinearImpl::lora_options(const std::string& adapter) const {
-  return slot(adapter, "lora_options").lora;
+  return adapters_.at(adapter, "lora_options").lora;
 }
 
 bool LoraLinearImpl::same_configuration(const AdapterMethod& method, const LoraOptions& lora,
                                         const std::string& adapter) const {
-  const Slot& s = slot(adapter, "same_configuration");
+  const AdapterSlot& s = adapters_.at(adapter, "same_configuration");
   return s.method == method && s.lora.rank() == lora.rank() && s.lora.effective_alpha() == lora.effective_alpha() &&
          s.lora.use_rslora() == lora.use_rslora();
 }
@@ -397,117 +283,81 @@ void LoraLinearImpl::tie_weight_(const at::Tensor& tied) {
   weight_tied_ = true;
 }
 
-const at::Tensor& LoraLinearImpl::lora_A(const std::string& adapter) const {
-  const Slot& s = slot(adapter, "lora_A");
-  return s.factors ? s.factors->lora_A : s.a;
-}
-const at::Tensor& LoraLinearImpl::lora_B(const std::string& adapter) const {
-  const Slot& s = slot(adapter, "lora_B");
-  return s.factors ? s.factors->lora_B : s.b;
-}
-const at::Tensor& LoraLinearImpl::lora_u_of(const std::string& adapter) const { return slot(adapter, "lora_u_of").u; }
-const at::Tensor& LoraLinearImpl::lora_v_of(const std::string& adapter) const { return slot(adapter, "lora_v_of").v; }
+const at::Tensor& LoraLinearImpl::lora_A(const std::string& adapter) const { return adapters_.at(adapter, "lora_A").lora_A(); }
+const at::Tensor& LoraLinearImpl::lora_B(const std::string& adapter) const { return adapters_.at(adapter, "lora_B").lora_B(); }
+const at::Tensor& LoraLinearImpl::lora_u_of(const std::string& adapter) const { return adapters_.at(adapter, "lora_u_of").u; }
+const at::Tensor& LoraLinearImpl::lora_v_of(const std::string& adapter) const { return adapters_.at(adapter, "lora_v_of").v; }
 
 functional::LowRankUpdate LoraLinearImpl::update(const std::string& adapter) const {
-  const Slot& s = slot(adapter, "update");
-  return {lora_A(adapter), lora_B(adapter), s.u, s.v, s.lora.scale()};
+  return adapters_.at(adapter, "update").update();
 }
 
 TiedLoraFactors LoraLinearImpl::factors(const std::string& adapter) const {
-  auto it = adapters_.find(adapter);
-  return it != adapters_.end() && it->second.factors ? TiedLoraFactors(it->second.factors) : TiedLoraFactors(nullptr);
+  const AdapterSlot* slot = adapters_.find(adapter);
+  return slot && slot->factors ? TiedLoraFactors(slot->factors) : TiedLoraFactors(nullptr);
 }
 
 void LoraLinearImpl::set_active_adapters(std::vector<std::string> adapters) {
-  for (const auto& name : adapters) check_adapter_name(name);
-  if (adapters != active_) unmerge_();
-  active_ = std::move(adapters);
+  if (adapters != adapters_.active()) unmerge_();
+  adapters_.set_active(std::move(adapters));
 }
 
 std::shared_ptr<torch::nn::Module> LoraLinearImpl::clone(const std::optional<torch::Device>& device) const {
-  for (const auto& [name, s] : adapters_) {
-    TORCH_CHECK(!s.factors,
-                "LoraLinear::clone: this layer uses shared Tied-LoRA factors; a clone would keep training the "
-                "original's A and B (hint: clone the base model and inject adapters into the clone)");
-    TORCH_CHECK(name == kDefaultAdapter, "LoraLinear::clone: the layer carries the named adapter '", name,
-                "', which cloning does not copy (hint: clone the base model and load the adapters into the clone)");
+  for (const auto& name : adapters_.names()) {
+    TORCH_CHECK(!adapters_.find(name)->factors,
+                "LoraLinear::clone: this layer uses shared Tied-LoRA factors (adapter '", name, "'); a clone would keep "
+                "training the original's A and B (hint: clone the base model and inject adapters into the clone)");
   }
-  return torch::nn::Cloneable<LoraLinearImpl>::clone(device);
-}
-
-at::Tensor LoraLinearImpl::adapter_input(const at::Tensor& input, const Slot& s) {
-  if (s.lora.dropout() > 0.0 && is_training()) return at::dropout(input, s.lora.dropout(), /*train=*/true);
-  return {};
-}
-
-at::Tensor LoraLinearImpl::routed_forward(const at::Tensor& input, const RowAdapters& routing) {
-  TORCH_CHECK(!merged(), "LoraLinear: a mixed-adapter batch cannot run on a merged layer (hint: unmerge_adapters_() "
-                         "first; merging bakes the active adapters into every row)");
-  std::vector<std::string> here;  // the routed adapters this layer carries; rows of others get the base only
-  for (const auto& name : routing.adapters()) {
-    if (adapters_.count(name)) here.push_back(name);
+  at::NoGradGuard no_grad;
+  auto copy_of = [&](const at::Tensor& t) { return device ? t.detach().to(*device, /*non_blocking=*/false, /*copy=*/true) : t.detach().clone(); };
+  auto copy = std::make_shared<LoraLinearImpl>(LoraLinearOptions(options).lora(std::nullopt).dtype(weight.scalar_type()));
+  copy->options = options;
+  copy->weight.set_data(copy_of(weight));
+  copy->weight.requires_grad_(weight.requires_grad());
+  if (bias.defined()) {
+    copy->bias.set_data(copy_of(bias));
+    copy->bias.requires_grad_(bias.requires_grad());
   }
-  if (here.empty()) return at::linear(input, weight, bias);
-  if (input.dim() < 2 || input.size(0) != routing.rows()) {
-    std::ostringstream shape;
-    shape << input.sizes();
-    throw ConfigError("LoraLinear (" + std::to_string(options.in_features()) + " -> " + std::to_string(options.out_features()) +
-                      "): the input " + shape.str() + " has " + std::to_string(input.dim() < 2 ? 1 : input.size(0)) +
-                      " rows in its first dimension, but the row routing (RowAdaptersScope) names adapters for " +
-                      std::to_string(routing.rows()) + " (hint: route the rows of the batch; a layer applied to "
-                      "flattened tokens, such as a head over selected positions, cannot serve a mixed batch)");
+  for (const auto& name : adapters_.names()) {
+    const AdapterSlot& mine = *adapters_.find(name);
+    copy->attach_lora(LoraOptions(mine.lora).seed(0), name);  // drawn from a fixed seed, then overwritten
+    AdapterSlot& theirs = copy->adapters_.at(name, "clone");
+    theirs.lora = mine.lora;
+    theirs.a.set_data(copy_of(mine.a));
+    theirs.b.set_data(copy_of(mine.b));
+    theirs.a.requires_grad_(mine.a.requires_grad());
+    theirs.b.requires_grad_(mine.b.requires_grad());
   }
-  std::vector<functional::RoutedUpdate> updates;
-  for (const auto& name : here) {
-    const Slot& s = adapters_.at(name);
-    const at::Tensor rows = routing.rows_of(name, input.device());
-    // Dropout on this adapter's rows only (its own mask, as each adapter has its own dropout in PEFT).
-    at::Tensor dropped;
-    if (s.lora.dropout() > 0.0 && is_training()) dropped = at::dropout(input.index_select(0, rows), s.lora.dropout(), true);
-    updates.push_back({update(name), rows, dropped});
-  }
-  return functional::lora_linear_routed(input, weight, bias, updates);
+  copy->adapters_.set_active(adapters_.active());
+  copy->adapters_.set_enabled(adapters_.enabled());
+  if (merged()) copy->original_weight_ = copy_of(original_weight_);
+  return copy;
 }
 
 at::Tensor LoraLinearImpl::forward(const at::Tensor& input) {
-  if (adapters_.empty() || !enabled_) return at::linear(input, weight, bias);
-  // The routing's raw pointer: the scope that set it outlives this call (no reference count per layer).
-  if (const RowAdapters* routing = t_routing.get()) return routed_forward(input, *routing);
-  if (merged()) {
-    TORCH_CHECK(!(is_training() && at::GradMode::is_enabled()),
-                "LoraLinear: the adapter is merged into the weight, so training it would have no effect "
-                "(hint: call unmerge_() before training, or eval() / torch::NoGradGuard for inference)");
-    return at::linear(input, weight, bias);
-  }
-  const std::string* first = nullptr;  // the first active adapter this layer carries
-  bool several = false;
-  for (const auto& name : active_) {
-    if (!adapters_.count(name)) continue;
-    several = first != nullptr;
-    if (several) break;
-    first = &name;
-  }
-  if (!first) return at::linear(input, weight, bias);
-  if (!several) return functional::lora_linear(input, weight, bias, update(*first), adapter_input(input, adapters_.at(*first)));
-  std::vector<functional::RoutedUpdate> updates;
-  for (const auto& name : active_) {
-    if (adapters_.count(name)) updates.push_back({update(name), {}, adapter_input(input, adapters_.at(name))});
-  }
-  return functional::lora_linear_routed(input, weight, bias, updates);
+  if (merged()) return merged_forward(input);
+  return functional::lora_linear(input, weight, bias, adapters_.calls(input, is_training(), current_routing()));
+}
+
+at::Tensor LoraLinearImpl::merged_forward(const at::Tensor& input) const {
+  TORCH_CHECK(!current_routing(), "LoraLinear: a mixed-adapter batch cannot run on a merged layer (hint: "
+                                  "unmerge_adapters_() first; merging bakes the active adapters into every row)");
+  TORCH_CHECK(!(is_training() && at::GradMode::is_enabled()),
+              "LoraLinear: the adapter is merged into the weight, so training it would have no effect "
+              "(hint: call unmerge_() before training, or eval() / torch::NoGradGuard for inference)");
+  return at::linear(input, weight, bias);
 }
 
 void LoraLinearImpl::set_adapter_enabled(bool enabled) {
   if (!enabled) unmerge_();  // a merged weight would still carry the update
-  enabled_ = enabled;
+  adapters_.set_enabled(enabled);
 }
 
 void LoraLinearImpl::merge_() {
   TORCH_CHECK(!adapters_.empty(), "LoraLinear::merge_: the layer carries no adapter");
   if (merged()) return;
   std::vector<functional::LowRankUpdate> updates;
-  for (const auto& name : active_) {
-    if (adapters_.count(name)) updates.push_back(update(name));
-  }
+  for (const auto& name : adapters_.active_here()) updates.push_back(update(name));
   if (updates.empty()) return;  // no active adapter here: nothing to merge, whatever the weight is tied to
   if (weight_tied_) {
     throw ConfigError("LoraLinear::merge_: this layer's weight is tied to another module (e.g. a language-model "
@@ -534,19 +384,20 @@ void LoraLinearImpl::pretty_print(std::ostream& stream) const {
   const bool tied = adapter_kind(kDefaultAdapter) == AdapterKind::tied;
   stream << (tied ? "tiedlora::TiedLoraLinear" : "tiedlora::LoraLinear") << "(in_features=" << options.in_features()
          << ", out_features=" << options.out_features() << ", bias=" << (options.bias() ? "true" : "false");
-  for (const auto& [name, s] : adapters_) {
+  for (const auto& name : adapters_.names()) {
+    const AdapterSlot& s = *adapters_.find(name);
     stream << ", " << (name == kDefaultAdapter ? "" : name + ": ") << "method=" << s.method.name()
            << ", rank=" << s.lora.rank() << ", alpha=" << s.lora.effective_alpha() << (s.lora.use_rslora() ? ", rslora" : "");
     if (s.lora.dropout() > 0) stream << ", dropout=" << s.lora.dropout();
   }
   if (!adapters_.empty()) {
-    if (active_ != std::vector<std::string>{kDefaultAdapter}) {
+    if (adapters_.active() != std::vector<std::string>{kDefaultAdapter}) {
       stream << ", active=[";
-      for (size_t i = 0; i < active_.size(); ++i) stream << (i ? "," : "") << active_[i];
+      for (size_t i = 0; i < adapters_.active().size(); ++i) stream << (i ? "," : "") << adapters_.active()[i];
       stream << "]";
     }
     if (merged()) stream << ", merged";
-    if (!enabled_) stream << ", disabled";
+    if (!adapters_.enabled()) stream << ", disabled";
   }
   stream << ")";
 }

@@ -17,7 +17,7 @@
 //   - the adapter factors keep their own dtype (fp32 by default, as PEFT keeps them); on the ATen path the
 //     low-rank branch h = x_a A^T, B_eff and their products run in fp32 (fp64 for double activations); the
 //     CUDA kernels take one operand dtype per GEMM, so there h and B_eff are rounded to the activation dtype
-//     (fp32 accumulation inside each GEMM; see Backend below);
+//     (fp32 accumulation inside each GEMM; see Backend in forward_context.h);
 //   - bf16 activations with an fp16 weight (or the reverse) are refused outside autocast;
 //   - y and dX are returned in the activation dtype; fp32 layers round once, bf16/fp16 layers round the
 //     GEMM's x W^T once and the sum with the update once more (at most one extra rounding of y);
@@ -31,6 +31,9 @@
 #include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include "tiedlora/core/forward_context.h"
 
 namespace tiedlora::functional {
 
@@ -52,58 +55,48 @@ struct LowRankUpdate {
   }
 };
 
-/// The adapted linear layer. `input`: (..., d_in); `weight`: (d_out, d_in), frozen; `bias`: (d_out) or
-/// undefined; `adapter_input`: the input of the low-rank branch when it differs from `input` (dropout),
-/// else undefined. Returns (..., d_out) in input's dtype. Checks shapes, dtypes and devices, naming the
-/// argument.
-at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                       const LowRankUpdate& update, const at::Tensor& adapter_input = {});
+/// The rows of the batch (the input's first dimension) one adapter serves.
+struct AdapterRows {
+  /// -1: every row; otherwise the first row of a consecutive run [begin, end), read in place as a slice.
+  int64_t begin = -1, end = -1;
+  /// Defined: the rows as int64 indices on the input's device (gathered, scattered back).
+  at::Tensor index;
 
-/// One adapter's part in a forward that serves several adapters (lora_linear_routed).
-struct RoutedUpdate {
+  static AdapterRows all() { return {}; }
+  static AdapterRows range(int64_t begin, int64_t end) { return {begin, end, {}}; }
+  static AdapterRows indices(at::Tensor index) { return {-1, -1, std::move(index)}; }
+  bool every_row() const { return begin < 0 && !index.defined(); }
+};
+
+/// One adapter applied by lora_linear(): its update, the rows it serves, and the input of its low-rank
+/// branch for those rows when it differs from the layer's input there (adapter dropout), else undefined.
+struct AdapterCall {
   LowRankUpdate update;
-  /// int64 indices into the first (batch) dimension of the input: the rows this adapter serves, on the
-  /// input's device. Undefined: every row (several adapters active at once add up).
-  at::Tensor rows;
-  /// The branch's input for this adapter's rows (input.index_select(0, rows), or the whole input without
-  /// rows) when it differs from the layer's input (this adapter's dropout), else undefined.
+  AdapterRows rows;
   at::Tensor adapter_input;
 };
 
-/// The adapted linear layer serving several adapters in one call (mixed-adapter batches):
-///   y = x W^T + bias,  then y[rows_k] += (x_a[rows_k] A_k^T) B_eff,k^T  for each adapter k.
-/// The frozen GEMM runs once over the whole input; each low-rank branch only on its rows (gathered with
-/// index_select, added back with index_add), so a row that names no adapter costs only the GEMM. The
-/// precision contract is lora_linear()'s (W in its dtype, the branches in fp32, autocast as Linear), and
-/// gradients reach each adapter from its own rows only. Runs on ATen ops on every device (the CUDA kernels
-/// serve lora_linear() only). Each update is checked as lora_linear() checks its one.
-at::Tensor lora_linear_routed(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                              const std::vector<RoutedUpdate>& updates);
+/// The adapted linear layer, the one choke point of every adapted layer, for any number of adapters:
+///
+///   y = x W^T + bias,   then for each call k:  y[rows_k] += (x_a,k A_k^T) B_eff,k^T
+///
+/// The frozen GEMM runs once over every row; each low-rank branch only on its rows (a slice when they are
+/// consecutive, else gathered and added back), so a row no adapter serves costs only the GEMM and several
+/// adapters on the same rows add up. One autograd Function: dX = dY W + sum_k dH_k A_k on the rows of each
+/// call, and every adapter's dA, dB, du, dv from its own rows only. `input`: (..., d_in), with a first (batch)
+/// dimension when a call names rows; `weight`: (d_out, d_in), frozen; `bias`: (d_out) or undefined. Returns
+/// (..., d_out) in the input's dtype under the precision contract above; no call is torch::nn::Linear's
+/// result. Checks shapes, dtypes, devices and rows, naming the argument. With BackendGuard(cuda_kernels),
+/// one call on every row of CUDA tensors takes the fused kernels (Backend).
+at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                       c10::ArrayRef<AdapterCall> calls);
 
-/// Which implementation runs lora_linear() and merged_weight() on CUDA tensors. `aten`: ATen ops (the
-/// default). `cuda_kernels`: tiedlora's own kernels (the cuBLASLt passes of kernels/lora_gemm.cu, the merge
-/// kernel of kernels/lora_merge.cu), experimental until the GPU checks listed in docs/cuda.md have passed.
-/// The kernels take fp32, bf16 and fp16 layers whose input and weight share a dtype; everything else (CPU
-/// tensors, double, mixed dtypes, a build without CUDA) keeps the ATen path. On the kernel path h = x A^T
-/// and B_eff are rounded to the activation dtype between the matmuls (fp32 accumulation inside each).
-enum class Backend { aten, cuda_kernels };
-
-/// Chooses the backend for the calling thread while it lives (the previous choice comes back after), so
-/// one thread can use the kernels while another stays on ATen. The choice is made at forward time and
-/// recorded in the autograd graph: backward takes the path its forward took, on whatever thread it runs.
-class BackendGuard {
- public:
-  explicit BackendGuard(Backend backend);
-  ~BackendGuard();
-  BackendGuard(const BackendGuard&) = delete;
-  BackendGuard& operator=(const BackendGuard&) = delete;
-
- private:
-  Backend previous_;
-};
-
-/// The calling thread's backend.
-Backend current_backend();
+/// One adapter on every row: `adapter_input` is the branch's input when it differs from `input` (dropout).
+inline at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                              const LowRankUpdate& update, const at::Tensor& adapter_input = {}) {
+  const AdapterCall call{update, AdapterRows::all(), adapter_input};
+  return lora_linear(input, weight, bias, c10::ArrayRef<AdapterCall>(call));
+}
 
 // ---- merging: the one home of W + dW (LoraLinear::merge_, merge-weights, export-lora, the merge kernel's
 // reference). The NaN/Inf policy of every merge: inputs are checked where they are read (adapter files:

@@ -1,7 +1,7 @@
 // tiedlora/core/modules.h: LoRA and Tied-LoRA layers in the PyTorch C++ frontend's shape
-// (Options + Impl + TORCH_MODULE).
+// (Options + Impl + TORCH_MODULE; the options are in tiedlora/core/options.h).
 //
-//   LoraLinear       a linear layer that can carry an adapter. Built from torch::nn::LinearOptions-like
+//   LoraLinear       a linear layer that can carry adapters. Built from torch::nn::LinearOptions-like
 //                    LoraLinearOptions, or wrapping an existing torch::nn::Linear (sharing its weight).
 //                    Without an adapter it is a drop-in torch::nn::Linear: declare the layers of your
 //                    model as LoraLinear and inject_adapters() attaches adapters in place, so member
@@ -11,21 +11,19 @@
 //
 // Attaching an adapter freezes the layer's weight and bias. Adapter parameters are kept in fp32 by default
 // (LoraOptions::dtype) whatever the base dtype, as PEFT does, and the math runs through
-// tiedlora::functional::lora_linear(). merge_() folds the update into the weight (fp32 accumulation,
-// rounded once) and keeps the original weight, so unmerge_() restores it bit for bit.
+// tiedlora::functional::lora_linear(), one call for all the adapters a forward applies. merge_() folds the
+// update into the weight (fp32 accumulation, rounded once) and keeps the original weight, so unmerge_()
+// restores it bit for bit.
 //
-// Named adapters (docs/adapters.md): a layer may carry several adapters under names, of any method, rank
-// or mask. The adapter named "default" (kDefaultAdapter) registers its tensors on the layer itself
-// (`lora_A`, `lora_B`, `lora_u`, `lora_v`, `tied_factors`), as a single adapter always has; another adapter
-// `NAME` registers them under the child `lora_adapters.NAME`. A forward applies the active adapters
-// (set_active_adapters; several add up), or, inside a RowAdaptersScope, the adapter each row of the batch
-// names (mixed-adapter batches).
+// Named adapters (docs/adapters.md): a layer may carry several adapters under names, of any method, rank or
+// mask, kept in its AdapterSet (tiedlora/core/adapter_set.h, which also states the one naming rule of their
+// modules: `lora_adapters.<name>.lora_A` ...). A forward applies the active adapters (set_active_adapters;
+// several add up), or, inside a RowAdaptersScope, the adapter each row of the batch names (mixed-adapter
+// batches).
 #pragma once
 
 #include <cstdint>
-#include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -34,108 +32,19 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include "tiedlora/core/adapter_set.h"
+#include "tiedlora/core/forward_context.h"
 #include "tiedlora/core/functional.h"
 #include "tiedlora/core/method.h"
+#include "tiedlora/core/options.h"
 
 namespace tiedlora {
 
-/// The adapter name used when none is given (PEFT's "default"): PEFT's multi-adapter folders keep it at
-/// the top of the folder, the others in subfolders by name.
-inline constexpr const char* kDefaultAdapter = "default";
-
-/// Throws tiedlora::ConfigError unless `name` can name an adapter: 1 to 64 letters, digits, '_' or '-' (it
-/// becomes a module name and a folder name), and not "__base__" (PEFT's name for "no adapter").
-void check_adapter_name(const std::string& name);
-
-/// The adapter each row of a batch uses: row i of every adapted layer's input (its first dimension) gets
-/// adapter `adapter_of_row[i]`, or none for "". A layer that does not carry a row's adapter computes that
-/// row without one (as PEFT's mixed batches do).
-class RowAdapters {
- public:
-  explicit RowAdapters(std::vector<std::string> adapter_of_row);
-  const std::vector<std::string>& adapter_of_row() const { return adapter_of_row_; }
-  int64_t rows() const { return static_cast<int64_t>(adapter_of_row_.size()); }
-  /// The distinct adapter names the rows use ("" excluded), sorted.
-  const std::vector<std::string>& adapters() const { return adapters_; }
-  /// The rows naming `adapter` as int64 indices on `device` (made once per device); undefined when none.
-  at::Tensor rows_of(const std::string& adapter, at::Device device) const;
-  /// The routing in force on the calling thread (RowAdaptersScope), or null.
-  static std::shared_ptr<const RowAdapters> current();
-
- private:
-  std::vector<std::string> adapter_of_row_;
-  std::vector<std::string> adapters_;
-  std::map<std::string, at::Tensor> rows_;  // on the CPU
-  mutable std::map<std::pair<std::string, std::string>, at::Tensor> on_device_;
-  mutable std::mutex mutex_;
-};
-
-/// Routes the forwards that run on this thread while it lives by `routing` (the previous routing comes
-/// back after). Activation checkpointing replays it in the backward pass. Use tiedlora::route_rows() to
-/// build one checked against a model's adapters.
-class RowAdaptersScope {
- public:
-  explicit RowAdaptersScope(std::shared_ptr<const RowAdapters> routing);
-  ~RowAdaptersScope();
-  RowAdaptersScope(const RowAdaptersScope&) = delete;
-  RowAdaptersScope& operator=(const RowAdaptersScope&) = delete;
-
- private:
-  std::shared_ptr<const RowAdapters> previous_;
-};
-
-/// Initialisation of A (and of B when B is not the factor that starts at zero).
-enum class LoraInit {
-  kaiming_uniform,  ///< PEFT's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming-uniform, a = sqrt(5))
-  gaussian,         ///< PEFT's init_lora_weights="gaussian": A ~ N(0, std = 1/r)
-};
-
-/// Hyper-parameters of one adapter.
-struct LoraOptions {
-  /* implicit */ LoraOptions(int64_t rank = 8) : rank_(rank) {}
-  /// Rank r of A and B.
-  TORCH_ARG(int64_t, rank);
-  /// Scale numerator; unset means alpha = r, so s = 1 (the Tied-LoRA paper's setting).
-  TORCH_ARG(std::optional<double>, alpha) = std::nullopt;
-  /// rsLoRA: s = alpha / sqrt(r) instead of alpha / r.
-  TORCH_ARG(bool, use_rslora) = false;
-  /// Dropout probability on the adapter's input (training mode only).
-  TORCH_ARG(double, dropout) = 0.0;
-  TORCH_ARG(LoraInit, init) = LoraInit::kaiming_uniform;
-  /// Seed for the initial values; unset draws from the global generator (torch::manual_seed).
-  TORCH_ARG(std::optional<uint64_t>, seed) = std::nullopt;
-  /// Mixed into the seed so that layers seeded alike draw different values; inject_adapters() sets it to
-  /// the module or tie-group name.
-  TORCH_ARG(std::string, seed_stream) = "";
-  /// dtype of the adapter parameters.
-  TORCH_ARG(c10::ScalarType, dtype) = c10::ScalarType::Float;
-
- public:
-  double effective_alpha() const { return alpha_ ? *alpha_ : static_cast<double>(rank_); }
-  /// The scale s of the update.
-  double scale() const;
-  /// Throws tiedlora::ConfigError for a non-positive rank, a dropout outside [0, 1) or a non-float dtype.
-  void validate() const;
-};
-
 // ---- TiedLoraFactors ----------------------------------------------------------------------------------
-
-struct TiedLoraFactorsOptions {
-  TiedLoraFactorsOptions(int64_t in_features, int64_t out_features,
-                         AdapterMethod method = AdapterMethod::parse("tied-abuv"), LoraOptions lora = {})
-      : in_features_(in_features), out_features_(out_features), method_(method), lora_(std::move(lora)) {}
-  TORCH_ARG(int64_t, in_features);
-  TORCH_ARG(int64_t, out_features);
-  /// Which of A, B, u, v train (A and B here; u and v live in each layer).
-  TORCH_ARG(AdapterMethod, method);
-  TORCH_ARG(LoraOptions, lora);
-  /// The tie group's name (inject_adapters() sets it; saved adapters record it).
-  TORCH_ARG(std::string, name) = "";
-};
 
 /// The A and B shared by a tie group. Exactly one module registers it, so each shared parameter appears
 /// once in parameters(), in every optimizer and in to(device): inject_adapters() registers it under the
-/// root as `tiedlora_groups.<group>`; otherwise the first layer attached to it registers it as its child
+/// root as `tiedlora_groups.<adapter>.<group>`; otherwise the first layer attached to it registers it as its child
 /// `tied_factors`, and later layers keep plain references. Do not register it yourself as well.
 class TiedLoraFactorsImpl : public torch::nn::Cloneable<TiedLoraFactorsImpl> {
  public:
@@ -165,23 +74,6 @@ TORCH_MODULE(TiedLoraFactors);
 
 // ---- LoraLinear -----------------------------------------------------------------------------------------
 
-struct LoraLinearOptions {
-  LoraLinearOptions(int64_t in_features, int64_t out_features)
-      : in_features_(in_features), out_features_(out_features) {}
-  TORCH_ARG(int64_t, in_features);
-  TORCH_ARG(int64_t, out_features);
-  TORCH_ARG(bool, bias) = true;
-  /// dtype of the weight and bias made by the layer; nullopt: LibTorch's default dtype, as torch::nn::Linear.
-  /// A model stored in bf16 is built in bf16 this way, never existing in fp32 first.
-  TORCH_ARG(std::optional<at::ScalarType>, dtype) = std::nullopt;
-  /// The LoRA adapter to create with the layer; nullopt (the default) builds a plain linear layer with no
-  /// adapter, a drop-in torch::nn::Linear.
-  TORCH_ARG(std::optional<LoraOptions>, lora) = std::nullopt;
-};
-
-/// What a LoraLinear currently carries.
-enum class AdapterKind { none, lora, tied };
-
 class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
  public:
   LoraLinearImpl(int64_t in_features, int64_t out_features)
@@ -202,7 +94,8 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
 
   void reset() override;
   void pretty_print(std::ostream& stream) const override;
-  /// Cloning a layer on shared factors would leave the clone training the original's A/B: refused.
+  /// A deep copy with its adapters. A layer on shared Tied-LoRA factors is refused: its clone would keep
+  /// training the original's A and B.
   std::shared_ptr<torch::nn::Module> clone(const std::optional<torch::Device>& device = std::nullopt) const override;
 
   at::Tensor forward(const at::Tensor& input);
@@ -222,7 +115,7 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
 
   /// Whether the layer carries any adapter; has_adapter(name): that one.
   bool has_adapter() const { return !adapters_.empty(); }
-  bool has_adapter(const std::string& adapter) const { return adapters_.count(adapter) > 0; }
+  bool has_adapter(const std::string& adapter) const { return adapters_.contains(adapter); }
   /// The names of the adapters the layer carries, sorted.
   std::vector<std::string> adapter_names() const;
   /// What the adapter `adapter` is; AdapterKind::none when the layer does not carry it.
@@ -245,11 +138,14 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
   /// The shared factors of a tied adapter (empty holder otherwise).
   TiedLoraFactors factors(const std::string& adapter = kDefaultAdapter) const;
 
+  /// The store of this layer's adapters (slots, active set, switch).
+  const AdapterSet& adapters() const { return adapters_; }
+
   /// The adapters a forward outside a RowAdaptersScope applies (their updates add up), and merge_()
   /// merges; names the layer does not carry are skipped. A merged layer is unmerged first. Default:
   /// {"default"}.
   void set_active_adapters(std::vector<std::string> adapters);
-  const std::vector<std::string>& active_adapters() const { return active_; }
+  const std::vector<std::string>& active_adapters() const { return adapters_.active(); }
 
   /// Makes this layer's weight the tensor `weight` (same shape), e.g. a language-model head tied to the
   /// token embedding; the tensor is shared, not copied.
@@ -258,7 +154,7 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
   /// Off: the layer computes x W^T + bias with the original W (the adapters stay attached; a merged
   /// layer is unmerged first).
   void set_adapter_enabled(bool enabled);
-  bool adapter_enabled() const { return enabled_; }
+  bool adapter_enabled() const { return adapters_.enabled(); }
 
   /// W <- round(W + dW) computed in fp32, dW the sum of the active adapters' updates (rank concatenation,
   /// one rounding); the original W is kept. A second call does nothing; with no active adapter on this
@@ -276,35 +172,17 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
   at::Tensor lora_v;  ///< the default adapter's v (d_out), defined when its method trains v
 
  private:
-  // One named adapter: its configuration and tensors, registered on holder(name) (this layer for the
-  // default adapter, `lora_adapters.<name>` otherwise; found by name, never kept as a pointer, which a
-  // copied layer, as Cloneable::clone of a parent makes, would keep pointing at the original).
-  struct Slot {
-    AdapterKind kind = AdapterKind::none;
-    AdapterMethod method = AdapterMethod::lora();
-    LoraOptions lora;
-    std::shared_ptr<TiedLoraFactorsImpl> factors;  // tied adapters
-    bool owns_factors = false;                     // registered as the holder's child "tied_factors"
-    at::Tensor a, b;                               // plain LoRA's own A and B
-    at::Tensor u, v;
-  };
-  Slot& new_slot(const std::string& adapter, AdapterKind kind);
-  const Slot& slot(const std::string& adapter, const char* what) const;
-  torch::nn::Module& holder(const std::string& adapter);
-  void register_adapter_tensors(const std::string& adapter, Slot& slot);
-  void release(const std::string& adapter, Slot& slot);
-  void sync_default_fields();
   void freeze_base();
-  at::Tensor adapter_input(const at::Tensor& input, const Slot& slot);
-  at::Tensor routed_forward(const at::Tensor& input, const RowAdapters& routing);
+  // The default adapter's u and v mirrored in the public fields lora_u / lora_v.
+  void sync_default_fields();
+  void register_adapter_tensors(const std::string& adapter, AdapterSlot& slot);
+  // A merged layer computes with W + dW alone; it refuses to train and to serve a mixed-adapter batch.
+  at::Tensor merged_forward(const at::Tensor& input) const;
 
-  std::map<std::string, Slot> adapters_;
-  std::vector<std::string> active_{kDefaultAdapter};
-  bool enabled_ = true;
-  std::shared_ptr<torch::nn::Module> named_holders_;  // the child "lora_adapters", while a named adapter exists
-  at::Tensor original_weight_;                        // defined while merged
-  at::Tensor wrapped_weight_, wrapped_bias_;          // handed from a wrapped torch::nn::Linear to reset()
-  bool weight_tied_ = false;                          // the weight is shared with another module (tie_weight_)
+  AdapterSet adapters_;
+  at::Tensor original_weight_;                // defined while merged
+  at::Tensor wrapped_weight_, wrapped_bias_;  // handed from a wrapped torch::nn::Linear to reset()
+  bool weight_tied_ = false;                  // the weight is shared with another module (tie_weight_)
 };
 TORCH_MODULE(LoraLinear);
 

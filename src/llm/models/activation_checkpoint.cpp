@@ -4,14 +4,11 @@
 #include <utility>
 
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
-#include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/custom_class.h>
 
-#include "tiedlora/core/functional.h"
-#include "tiedlora/core/modules.h"
+#include "tiedlora/core/forward_context.h"
 
 namespace tiedlora::models::detail {
 namespace {
@@ -19,76 +16,13 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Autocast as the forward found it, for the recomputation: the backward pass runs outside the caller's
-// autocast scope, and a block recomputed in another precision would give other gradients.
-struct AutocastState {
-  bool cpu = false, cuda = false, cache = true;
-  at::ScalarType cpu_dtype = at::kBFloat16, cuda_dtype = at::kHalf;
-  static AutocastState current() {
-    return {at::autocast::is_autocast_enabled(at::kCPU), at::autocast::is_autocast_enabled(at::kCUDA),
-            at::autocast::is_autocast_cache_enabled(), at::autocast::get_autocast_dtype(at::kCPU),
-            at::autocast::get_autocast_dtype(at::kCUDA)};
-  }
-  void apply() const {
-    at::autocast::set_autocast_enabled(at::kCPU, cpu);
-    at::autocast::set_autocast_enabled(at::kCUDA, cuda);
-    at::autocast::set_autocast_cache_enabled(cache);
-    at::autocast::set_autocast_dtype(at::kCPU, cpu_dtype);
-    at::autocast::set_autocast_dtype(at::kCUDA, cuda_dtype);
-  }
-};
-
-// What the backward pass needs besides tensors: the block, the random states and the autocast state it
-// started from.
+// What the backward pass needs besides tensors: the block and the forward context it ran in (the kernel
+// choice, the row routing, autocast and the dropout generator's state, per thread: on a GPU the backward
+// pass runs on the device's autograd thread, and a block recomputed in another context would compute
+// another forward).
 struct SavedBlock : torch::CustomClassHolder {
   BlockFunction block;
-  at::Tensor cpu_rng;
-  at::Tensor cuda_rng;  // undefined unless the input is on a GPU
-  c10::Device device = at::kCPU;
-  AutocastState autocast;
-  // The kernel choice is per thread, and on a GPU the backward pass runs on the device's autograd thread:
-  // the recomputation must use the forward's, or it computes another forward (and loses the kernels).
-  functional::Backend backend = functional::Backend::aten;
-  // Likewise the row routing of a mixed-adapter batch (per thread too): each row's adapter again.
-  std::shared_ptr<const RowAdapters> routing;
-};
-
-at::Generator cuda_generator(const c10::Device& device) { return at::globalContext().defaultGenerator(device); }
-
-// For the recomputation: the random states, the autocast state and the kernel choice of the forward, then
-// the caller's back, however the recomputation ends.
-class ReplayScope {
- public:
-  explicit ReplayScope(const SavedBlock& saved)
-      : saved_(saved), autocast_(AutocastState::current()), backend_(saved.backend), routing_(saved.routing) {
-    // The CUDA generator first: if it throws, nothing has been changed yet. The CPU generator's calls do
-    // not throw for a state it produced itself.
-    if (saved.cuda_rng.defined()) {
-      cuda_rng_ = cuda_generator(saved.device).get_state();
-      cuda_generator(saved.device).set_state(saved.cuda_rng);
-    }
-    at::Generator cpu = at::detail::getDefaultCPUGenerator();
-    cpu_rng_ = cpu.get_state();
-    cpu.set_state(saved.cpu_rng);
-    saved.autocast.apply();
-    at::autocast::increment_nesting();
-  }
-  ~ReplayScope() {
-    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-    autocast_.apply();
-    at::Generator cpu = at::detail::getDefaultCPUGenerator();
-    cpu.set_state(cpu_rng_);
-    if (cuda_rng_.defined()) cuda_generator(saved_.device).set_state(cuda_rng_);
-  }
-  ReplayScope(const ReplayScope&) = delete;
-  ReplayScope& operator=(const ReplayScope&) = delete;
-
- private:
-  const SavedBlock& saved_;
-  AutocastState autocast_;
-  functional::BackendGuard backend_;
-  RowAdaptersScope routing_;
-  at::Tensor cpu_rng_, cuda_rng_;
+  ForwardContext context;
 };
 
 struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
@@ -109,7 +43,7 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
     const at::Tensor input = kept[0].detach().requires_grad_(kept[0].requires_grad());
     at::Tensor output;
     {
-      const ReplayScope replay(*saved);
+      const ForwardContextReplay replay(saved->context);
       const at::AutoGradMode with_grad(true);
       output = saved->block(input);
     }
@@ -141,14 +75,7 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
 at::Tensor checkpointed(BlockFunction block, const at::Tensor& x, const std::vector<at::Tensor>& trainable) {
   auto saved = c10::make_intrusive<SavedBlock>();
   saved->block = std::move(block);
-  saved->cpu_rng = at::detail::getDefaultCPUGenerator().get_state();
-  saved->autocast = AutocastState::current();
-  saved->backend = functional::current_backend();
-  saved->routing = RowAdapters::current();
-  if (x.is_cuda()) {
-    saved->device = x.device();
-    saved->cuda_rng = cuda_generator(x.device()).get_state();
-  }
+  saved->context = ForwardContext::capture(x.device());
   return CheckpointFunction::apply(x, std::move(saved), at::TensorList(trainable))[0];
 }
 

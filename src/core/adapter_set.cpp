@@ -1,0 +1,165 @@
+// adapter_set.cpp: the store of a layer's named adapters and the naming rule of their modules (see
+// tiedlora/core/adapter_set.h).
+#include "tiedlora/core/adapter_set.h"
+
+#include <algorithm>
+#include <sstream>
+
+#include <ATen/ATen.h>
+
+#include "tiedlora/core/error.h"
+#include "tiedlora/core/modules.h"
+
+namespace tiedlora {
+
+std::string stored_parameter_name(const std::string& name) {
+  // `<layer>.lora_adapters.default.<tensor>` -> `<layer>.<tensor>`
+  const std::string holder = std::string(kAdapterHoldersModule) + "." + kDefaultAdapter + ".";
+  for (size_t at = name.find(holder); at != std::string::npos; at = name.find(holder, at + 1)) {
+    if (at == 0 || name[at - 1] == '.') return name.substr(0, at) + name.substr(at + holder.size());
+  }
+  // `tiedlora_groups.<adapter>.<group>...` -> `tiedlora_groups.<group>...` (default) or `tiedlora_groups_<adapter>...`
+  const std::string groups = std::string(kTieGroupsModule) + ".";
+  for (size_t at = name.find(groups); at != std::string::npos; at = name.find(groups, at + 1)) {
+    if (at != 0 && name[at - 1] != '.') continue;
+    const size_t adapter_begin = at + groups.size(), adapter_end = name.find('.', adapter_begin);
+    if (adapter_end == std::string::npos) break;
+    const std::string adapter = name.substr(adapter_begin, adapter_end - adapter_begin);
+    const std::string registry = adapter == kDefaultAdapter ? kTieGroupsModule : std::string(kTieGroupsModule) + "_" + adapter;
+    return name.substr(0, at) + registry + name.substr(adapter_end);
+  }
+  return name;
+}
+
+// ---- AdapterSlot ------------------------------------------------------------------------------------------
+
+const at::Tensor& AdapterSlot::lora_A() const { return factors ? factors->lora_A : a; }
+const at::Tensor& AdapterSlot::lora_B() const { return factors ? factors->lora_B : b; }
+functional::LowRankUpdate AdapterSlot::update() const { return {lora_A(), lora_B(), u, v, lora.scale()}; }
+
+// ---- AdapterSet -------------------------------------------------------------------------------------------
+
+std::vector<std::string> AdapterSet::names() const {
+  std::vector<std::string> out;
+  for (const auto& [name, slot] : slots_) out.push_back(name);
+  return out;
+}
+
+const AdapterSlot* AdapterSet::find(const std::string& name) const {
+  auto it = slots_.find(name);
+  return it == slots_.end() ? nullptr : &it->second;
+}
+
+const AdapterSlot& AdapterSet::at(const std::string& name, const char* what) const {
+  if (const AdapterSlot* slot = find(name)) return *slot;
+  std::string carried;
+  for (const auto& [n, s] : slots_) carried += (carried.empty() ? "" : ", ") + n;
+  throw ConfigError(std::string("LoraLinear::") + what + ": the layer carries no adapter named '" + name + "' (it carries " +
+                    (carried.empty() ? std::string("none") : carried) + ")");
+}
+
+AdapterSlot& AdapterSet::at(const std::string& name, const char* what) {
+  return const_cast<AdapterSlot&>(static_cast<const AdapterSet&>(*this).at(name, what));
+}
+
+namespace {
+
+std::shared_ptr<torch::nn::Module> child_named(const torch::nn::Module& parent, const std::string& name) {
+  for (const auto& item : parent.named_children()) {
+    if (item.key() == name) return item.value();
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+AdapterSlot& AdapterSet::add(torch::nn::Module& layer, const std::string& name, AdapterKind kind) {
+  check_adapter_name(name);
+  TORCH_CHECK(!contains(name), "LoraLinear: the layer already carries an adapter named '", name, "'");
+  std::shared_ptr<torch::nn::Module> holders = child_named(layer, kAdapterHoldersModule);
+  if (!holders) holders = layer.register_module(kAdapterHoldersModule, std::make_shared<torch::nn::Module>("LoraAdapters"));
+  holders->register_module(name, std::make_shared<torch::nn::Module>("LoraAdapter"));
+  AdapterSlot& slot = slots_[name];
+  slot.kind = kind;
+  return slot;
+}
+
+// Holders are found by name, never kept as pointers: a copied layer (Cloneable::clone of a parent copies it
+// into place) would keep pointing at the original's.
+torch::nn::Module& AdapterSet::holder(torch::nn::Module& layer, const std::string& name) const {
+  const std::shared_ptr<torch::nn::Module> holders = child_named(layer, kAdapterHoldersModule);
+  const std::shared_ptr<torch::nn::Module> found = holders ? child_named(*holders, name) : nullptr;
+  TORCH_INTERNAL_ASSERT(found, "LoraLinear: no holder for the adapter ", name);
+  return *found;
+}
+
+void AdapterSet::remove(torch::nn::Module& layer, const std::string& name) {
+  AdapterSlot& slot = at(name, "detach_adapter");
+  if (slot.owns_factors) slot.factors->set_owned(false);  // layers still sharing them are refused by trainable_parameters()
+  slots_.erase(name);
+  const std::shared_ptr<torch::nn::Module> holders = child_named(layer, kAdapterHoldersModule);
+  holders->unregister_module(name);
+  if (holders->children().empty()) layer.unregister_module(kAdapterHoldersModule);
+}
+
+void AdapterSet::release_factors() {
+  for (auto& [name, slot] : slots_) {
+    if (slot.owns_factors && slot.factors) slot.factors->set_owned(false);
+  }
+}
+
+void AdapterSet::set_active(std::vector<std::string> names) {
+  for (const auto& name : names) check_adapter_name(name);
+  active_ = std::move(names);
+}
+
+std::vector<std::string> AdapterSet::active_here() const {
+  std::vector<std::string> out;
+  for (const auto& name : active_) {
+    if (contains(name) && std::find(out.begin(), out.end(), name) == out.end()) out.push_back(name);
+  }
+  return out;
+}
+
+std::vector<functional::AdapterCall> AdapterSet::calls(const at::Tensor& input, bool training,
+                                                       const RowAdapters* routing) const {
+  std::vector<functional::AdapterCall> out;
+  if (slots_.empty() || !enabled_) return out;
+  // Adapter dropout on the rows an adapter serves, each adapter its own mask (as each has its own dropout
+  // in PEFT); undefined when it does not apply.
+  auto dropped = [&](const AdapterSlot& slot, const at::Tensor& rows) {
+    return slot.lora.dropout() > 0.0 && training ? adapter_dropout(rows, slot.lora.dropout()) : at::Tensor();
+  };
+  if (!routing) {
+    for (const auto& name : active_here()) {
+      const AdapterSlot& slot = slots_.at(name);
+      out.push_back({slot.update(), functional::AdapterRows::all(), dropped(slot, input)});
+    }
+    return out;
+  }
+  for (const auto& name : routing->adapters()) {
+    const AdapterSlot* slot = find(name);
+    if (!slot) continue;  // rows of adapters this layer does not carry get the base layer alone
+    if (input.dim() < 2 || input.size(0) != routing->rows()) {
+      std::ostringstream shape;
+      shape << input.sizes();
+      throw ConfigError("an adapted layer's input " + shape.str() + " has " +
+                        std::to_string(input.dim() < 2 ? 1 : input.size(0)) + " rows in its first dimension, but the "
+                        "row routing (RowAdaptersScope) names adapters for " + std::to_string(routing->rows()) +
+                        " (hint: route the rows of the batch; a layer applied to flattened tokens, such as a head over "
+                        "selected positions, cannot serve a mixed batch)");
+    }
+    if (const auto range = routing->range_of(name)) {
+      const auto rows = functional::AdapterRows::range(range->first, range->second);
+      const bool drop = slot->lora.dropout() > 0.0 && training;
+      out.push_back({slot->update(), rows, drop ? dropped(*slot, input.narrow(0, rows.begin, rows.end - rows.begin)) : at::Tensor()});
+    } else {
+      const auto rows = functional::AdapterRows::indices(routing->rows_of(name, input.device()));
+      const bool drop = slot->lora.dropout() > 0.0 && training;
+      out.push_back({slot->update(), rows, drop ? dropped(*slot, input.index_select(0, rows.index)) : at::Tensor()});
+    }
+  }
+  return out;
+}
+
+}  // namespace tiedlora
