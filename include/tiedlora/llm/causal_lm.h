@@ -1,6 +1,11 @@
-// tiedlora/llm/causal_lm.h: GPT-2 and Llama written with the LibTorch C++ frontend, with Hugging Face
-// module names (so adapter targets such as `c_attn` or `q_proj` mean what they mean in PEFT), loading
-// Hugging Face checkpoints, and greedy generation with a KV cache.
+// tiedlora/llm/causal_lm.h: decoder-only language models in the LibTorch C++ frontend.
+//   CausalLM       the model interface: logits, hidden states (also of packed rows), KV cache, activation
+//                  checkpointing; GPT-2 and Llama (also Mistral, Qwen2) implement it with Hugging Face module
+//                  names, so adapter targets such as `c_attn` or `q_proj` mean what they mean in PEFT
+//   build/load     build_model, load_hf_weights, load_pretrained, load_gguf_model, load_any; save_pretrained
+//   chat           chat_template_of (the model's Jinja template)
+//   generation     EvalModeGuard, generate_greedy, generate_greedy_batch (KV cache, left-padded batches)
+// Sources: src/llm/models/ (one file per concept: attention, gpt2, llama, load_hf, load_gguf, generate).
 //
 // Every linear layer is a tiedlora::LoraLinear, so inject_adapters() and load_adapter() attach adapters in
 // place and every adapted layer goes through tiedlora::functional::lora_linear().
@@ -64,7 +69,7 @@ class CausalLM : public torch::nn::Module {
   /// Training computes the head only where the loss needs it (the completion tokens), which saves most of
   /// the head's cost for a large vocabulary.
   at::Tensor hidden_states(const at::Tensor& input_ids, KVCache* cache = nullptr) {
-    return decode(input_ids, cache, nullptr);
+    return forward_hidden(input_ids, cache, nullptr);
   }
   /// The hidden states of packed rows (PackedLayout): equal, segment by segment, to running each segment
   /// alone. Throws tiedlora::ConfigError for another number of rows, a length that is not positive, or
@@ -82,8 +87,9 @@ class CausalLM : public torch::nn::Module {
   bool activation_checkpointing() const { return checkpoint_activations_; }
 
  protected:
-  /// The architecture's forward to the final hidden states; `packed` and `cache` are never both set.
-  virtual at::Tensor decode(const at::Tensor& input_ids, KVCache* cache, const PackedLayout* packed) = 0;
+  /// The architecture's forward pass through its transformer body, to the final hidden states (after the
+  /// last norm, before the output head); `packed` and `cache` are never both set.
+  virtual at::Tensor forward_hidden(const at::Tensor& input_ids, KVCache* cache, const PackedLayout* packed) = 0;
 
  private:
   bool checkpoint_activations_ = false;

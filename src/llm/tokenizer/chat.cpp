@@ -1,7 +1,13 @@
-// src/llm/tokenizer/chat_template.cpp: the ChatML chat template (SmolLM2, Qwen, ...) as plain string building,
-// and recognition of ChatML in a Jinja template. Not a Jinja interpreter, deliberately: ChatML is all the
-// models tiedlora runs need, and a partial Jinja would silently render other templates wrongly.
+// src/llm/tokenizer/chat.cpp: chat templates: a model's template found in its folder or GGUF file, the ChatML
+// template (SmolLM2, Qwen, ...) as plain string building, and recognition of ChatML in a Jinja template.
+// Not a Jinja interpreter, deliberately: ChatML is all the models tiedlora runs need, and a partial Jinja
+// would silently render other templates wrongly.
+#include "tiedlora/core/error.h"
+#include "tiedlora/formats/gguf.h"
+#include "tiedlora/llm/causal_lm.h"
 #include "tiedlora/llm/tokenizer.h"
+#include "util/files.h"
+#include "util/text.h"
 
 namespace tiedlora {
 
@@ -51,3 +57,33 @@ ChatTemplateInfo inspect_chat_template(const std::string& jinja) {
 }
 
 }  // namespace tiedlora
+
+namespace tiedlora::models {
+
+std::string chat_template_of(const std::string& model) {
+  if (is_gguf_path(model)) {
+    const io::GgufFile file = io::GgufFile::open(model);
+    return file.has_key("tokenizer.chat_template") ? file.get_string("tokenizer.chat_template") : "";
+  }
+  // transformers 5 (and 4.43+ by default) saves the template as its own file beside the tokenizer.
+  const std::string jinja = util::join_path(model, "chat_template.jinja");
+  if (util::is_regular_file(jinja)) return util::read_text_file(jinja);
+  const std::string config = util::join_path(model, "tokenizer_config.json");
+  if (!util::is_regular_file(config)) return "";
+  const auto j = util::parse_json_strict(util::read_text_file(config), config);  // malformed: FormatError
+  if (!j.is_object() || !j.contains("chat_template") || j.at("chat_template").is_null()) return "";
+  const auto& value = j.at("chat_template");
+  if (value.is_string()) return value.get<std::string>();
+  if (value.is_array()) {  // named templates (older transformers): the one named "default", if any
+    for (const auto& entry : value) {
+      if (entry.is_object() && entry.value("name", "") == "default" && entry.contains("template") &&
+          entry.at("template").is_string()) {
+        return entry.at("template").get<std::string>();
+      }
+    }
+    return "";
+  }
+  throw FormatError(config + ": field 'chat_template' must be a string or a list of named templates");
+}
+
+}  // namespace tiedlora::models
