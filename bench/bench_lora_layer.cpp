@@ -4,6 +4,10 @@
 //   peft_eager  PEFT's composition in ATen ops: x W^T + b + s (x A^T) B^T, autograd through each op
 //   lora        tiedlora::LoraLinear (plain LoRA) through functional::lora_linear
 //   tied_abuv   tiedlora::LoraLinear on shared factors with u and v (the paper's TL6)
+//   two_active  both adapters above on one layer, both active (one call of the choke point; target: the
+//               frozen layer plus at most the two adapters' own costs)
+//   mixed_rows  both adapters on one layer, each serving half of the rows (a mixed-adapter batch; target:
+//               at most 5 % over `lora` serving every row)
 // Run: build/bench/bench_lora_layer --benchmark_format=json > bench.json; python bench/report.py bench.json
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
@@ -23,8 +27,8 @@ constexpr Shape kShapes[] = {
 constexpr int64_t kTokens = 256;
 constexpr int64_t kRank = 16;
 
-enum Variant { kFrozen, kPeftEager, kLora, kTied };
-const char* kVariantNames[] = {"frozen", "peft_eager", "lora", "tied_abuv"};
+enum Variant { kFrozen, kPeftEager, kLora, kTied, kTwoActive, kMixedRows };
+const char* kVariantNames[] = {"frozen", "peft_eager", "lora", "tied_abuv", "two_active", "mixed_rows"};
 
 void run(benchmark::State& state, const Shape& shape, Variant variant, bool backward) {
   torch::manual_seed(0);
@@ -37,12 +41,21 @@ void run(benchmark::State& state, const Shape& shape, Variant variant, bool back
   auto a = (torch::randn({kRank, shape.in}) * 0.02).requires_grad_(true);
   auto b = (torch::randn({shape.out, kRank}) * 0.02).requires_grad_(true);
   tiedlora::LoraLinear lora(nullptr);
+  tiedlora::TiedLoraFactors factors(shape.in, shape.out, tiedlora::AdapterMethod::parse("tied-abuv"), tiedlora::LoraOptions(kRank));
   if (variant == kLora) {
     lora = tiedlora::LoraLinear(base, tiedlora::LoraOptions(kRank));
   } else if (variant == kTied) {
-    tiedlora::TiedLoraFactors factors(shape.in, shape.out, tiedlora::AdapterMethod::parse("tied-abuv"), tiedlora::LoraOptions(kRank));
     lora = tiedlora::LoraLinear(base, factors);
+  } else if (variant == kTwoActive || variant == kMixedRows) {
+    lora = tiedlora::LoraLinear(base, tiedlora::LoraOptions(kRank));
+    lora->attach_tied(factors, "tied");
+    lora->set_active_adapters({"default", "tied"});
   }
+  // The mixed batch: the first half of the rows through the LoRA adapter, the second through the tied one.
+  std::vector<std::string> halves(kTokens, "default");
+  std::fill(halves.begin() + kTokens / 2, halves.end(), "tied");
+  const auto routing = variant == kMixedRows ? std::make_shared<const tiedlora::RowAdapters>(halves) : nullptr;
+  const tiedlora::RowAdaptersScope scope(routing);
   const double scale = 2.0;
   auto forward = [&]() -> torch::Tensor {
     switch (variant) {
@@ -72,7 +85,7 @@ void run(benchmark::State& state, const Shape& shape, Variant variant, bool back
 int register_all() {
   for (const auto& shape : kShapes) {
     for (bool backward : {false, true}) {
-      for (int v = kFrozen; v <= kTied; ++v) {
+      for (int v = kFrozen; v <= kMixedRows; ++v) {
         const std::string name = std::string(shape.name) + (backward ? "/fwd_bwd/" : "/fwd/") + kVariantNames[v];
         benchmark::RegisterBenchmark(name.c_str(), [shape, v, backward](benchmark::State& s) {
           run(s, shape, static_cast<Variant>(v), backward);

@@ -445,6 +445,50 @@ TEST(Trainer, CheckpointsFromBeforePackingResumeAsPaddedRuns) {
   tiedlora::util::remove_tree(root);
 }
 
+// Checkpoints keep the parameter names of the layout before one naming rule held for every adapter (the
+// default adapter's tensors on the layer itself, tie groups under `tiedlora_groups.<group>`), so checkpoints
+// written before it resume; and a checkpoint written so resumes.
+TEST(Trainer, CheckpointsKeepTheEarlierParameterNames) {
+  const std::string root = make_temp_dir();
+  const auto train = varied_examples(16, 15);
+  for (const std::string method : {"lora", "tied-abuv"}) {
+    tt::TrainOptions o;
+    o.max_steps = 2;
+    o.batch_size = 4;
+    o.max_length = 24;
+    o.output_dir = root + "/" + method;
+    o.stop_at_step = 1;
+    auto model = tiny_model(root);
+    inject(*model, method);
+    tt::Trainer(*model, train, {}, o, 0).run();
+    const std::string checkpoint = tt::Trainer::latest_checkpoint(o.output_dir);
+    ASSERT_FALSE(checkpoint.empty());
+    const auto tensors = tiedlora::io::load_safetensors(checkpoint + "/state.safetensors");
+    size_t adapter_tensors = 0;
+    for (const auto& [name, t] : tensors) {
+      EXPECT_EQ(name.find("lora_adapters"), std::string::npos) << name;
+      EXPECT_EQ(name.find("tiedlora_groups.default"), std::string::npos) << name;
+      adapter_tensors += name.rfind("param.", 0) == 0;
+    }
+    EXPECT_GT(adapter_tensors, 0u);
+    if (method == "lora") {
+      EXPECT_TRUE(tensors.count("param.model.layers.0.self_attn.q_proj.lora_A"));
+    } else {
+      EXPECT_TRUE(tensors.count("param.model.layers.0.self_attn.q_proj.lora_u"));
+      EXPECT_TRUE(std::any_of(tensors.begin(), tensors.end(), [](const auto& item) {
+        return item.first.rfind("param.tiedlora_groups.", 0) == 0 && item.first.find("q_proj.lora_A") != std::string::npos;
+      }));
+    }
+    auto resumed_model = tiny_model(root);
+    inject(*resumed_model, method);
+    o.stop_at_step = 0;
+    tt::Trainer resumed(*resumed_model, train, {}, o, 0);
+    resumed.resume_from(checkpoint);
+    EXPECT_EQ(resumed.run().steps_done, 2) << method;
+  }
+  tiedlora::util::remove_tree(root);
+}
+
 TEST(Trainer, LengthGroupedOrderSortsEachRunOfTheShuffle) {
   const auto train = varied_examples(130, 14);
   tt::TrainOptions o;

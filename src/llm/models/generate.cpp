@@ -2,6 +2,8 @@
 // with its own adapter when asked (tiedlora/llm/causal_lm.h).
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <numeric>
 #include <string>
 
 #include <ATen/ATen.h>
@@ -10,10 +12,43 @@
 #include "tiedlora/core/error.h"
 
 namespace tiedlora::models {
+namespace {
+
+// Whether each adapter's prompts are consecutive (then every layer reads each adapter's rows as a slice).
+bool grouped_by_adapter(const std::vector<std::string>& adapter_of_prompt) {
+  std::map<std::string, std::pair<size_t, size_t>> seen;  // first index, count so far
+  for (size_t i = 0; i < adapter_of_prompt.size(); ++i) {
+    auto& [first, count] = seen.emplace(adapter_of_prompt[i], std::make_pair(i, size_t{0})).first->second;
+    if (i - first != count++) return false;
+  }
+  return true;
+}
+
+}  // namespace
 
 std::vector<std::vector<int64_t>> generate_greedy_batch(CausalLM& model, const std::vector<std::vector<int64_t>>& prompts,
                                                         const GenerateOptions& options) {
   if (prompts.empty()) return {};
+  // A mixed-adapter batch is ordered by adapter once, here, so that each adapter serves a contiguous slice
+  // of the rows in every layer (no gather and scatter per layer); the answers return in the caller's order.
+  const auto& adapters = options.prompt_adapters;
+  const bool all_non_empty = std::none_of(prompts.begin(), prompts.end(), [](const auto& p) { return p.empty(); });
+  if (adapters.size() == prompts.size() && all_non_empty && !grouped_by_adapter(adapters)) {
+    std::vector<size_t> order(prompts.size());
+    std::iota(order.begin(), order.end(), size_t{0});
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return adapters[a] < adapters[b]; });
+    std::vector<std::vector<int64_t>> grouped;
+    GenerateOptions grouped_options = options;
+    grouped_options.prompt_adapters.clear();
+    for (size_t i : order) {
+      grouped.push_back(prompts[i]);
+      grouped_options.prompt_adapters.push_back(adapters[i]);
+    }
+    std::vector<std::vector<int64_t>> answers = generate_greedy_batch(model, grouped, grouped_options);
+    std::vector<std::vector<int64_t>> out(prompts.size());
+    for (size_t k = 0; k < order.size(); ++k) out[order[k]] = std::move(answers[k]);
+    return out;
+  }
   const std::vector<int64_t> stops = options.stop_token_ids.empty() ? model.info().eos_token_ids : options.stop_token_ids;
   at::NoGradGuard no_grad;
   const EvalModeGuard eval_mode(model);

@@ -276,7 +276,9 @@ Trainer::Trainer(models::CausalLM& model, std::vector<TokenizedExample> train, s
   std::set<const void*> seen;
   for (const auto& item : model.named_parameters()) {
     if (item.value().requires_grad() && seen.insert(item.value().unsafeGetTensorImpl()).second) {
-      s_->params.emplace_back(item.key(), item.value());
+      // Checkpoints keep the names of the layout before one naming rule held for every adapter, so
+      // checkpoints written earlier still resume (tiedlora/core/adapter_set.h).
+      s_->params.emplace_back(stored_parameter_name(item.key()), item.value());
     }
   }
   if (s_->params.empty()) throw ConfigError("Trainer: the model has no trainable parameters (hint: inject adapters first)");
