@@ -127,13 +127,18 @@ std::vector<functional::AdapterCall> AdapterSet::calls(const at::Tensor& input, 
   if (slots_.empty() || !enabled_) return out;
   // Adapter dropout on the rows an adapter serves, each adapter its own mask (as each has its own dropout
   // in PEFT); undefined when it does not apply.
-  auto dropped = [&](const AdapterSlot& slot, const at::Tensor& rows) {
-    return slot.lora.dropout() > 0.0 && training ? adapter_dropout(rows, slot.lora.dropout()) : at::Tensor();
+  auto branch_input = [&](const AdapterSlot& slot, const functional::AdapterRows& rows) {
+    const double p = training ? slot.lora.dropout() : 0.0;
+    if (p == 0.0) return at::Tensor();
+    const at::Tensor mine = rows.index.defined() ? input.index_select(0, rows.index)
+                            : rows.begin >= 0    ? input.narrow(0, rows.begin, rows.end - rows.begin)
+                                                 : input;
+    return adapter_dropout(mine, p);
   };
   if (!routing) {
     for (const auto& name : active_here()) {
       const AdapterSlot& slot = slots_.at(name);
-      out.push_back({slot.update(), functional::AdapterRows::all(), dropped(slot, input)});
+      out.push_back({slot.update(), functional::AdapterRows::all(), branch_input(slot, functional::AdapterRows::all())});
     }
     return out;
   }
@@ -149,15 +154,10 @@ std::vector<functional::AdapterCall> AdapterSet::calls(const at::Tensor& input, 
                         " (hint: route the rows of the batch; a layer applied to flattened tokens, such as a head over "
                         "selected positions, cannot serve a mixed batch)");
     }
-    if (const auto range = routing->range_of(name)) {
-      const auto rows = functional::AdapterRows::range(range->first, range->second);
-      const bool drop = slot->lora.dropout() > 0.0 && training;
-      out.push_back({slot->update(), rows, drop ? dropped(*slot, input.narrow(0, rows.begin, rows.end - rows.begin)) : at::Tensor()});
-    } else {
-      const auto rows = functional::AdapterRows::indices(routing->rows_of(name, input.device()));
-      const bool drop = slot->lora.dropout() > 0.0 && training;
-      out.push_back({slot->update(), rows, drop ? dropped(*slot, input.index_select(0, rows.index)) : at::Tensor()});
-    }
+    const auto range = routing->range_of(name);
+    const auto rows = range ? functional::AdapterRows::range(range->first, range->second)
+                            : functional::AdapterRows::indices(routing->rows_of(name, input.device()));
+    out.push_back({slot->update(), rows, branch_input(*slot, rows)});
   }
   return out;
 }
