@@ -20,8 +20,8 @@
 #include <ATen/ATen.h>
 
 #include "tiedlora/formats/adapter.h"
+#include "tiedlora/formats/files.h"
 #include "tiedlora/formats/safetensors.h"
-#include "util/files.h"
 
 namespace {
 
@@ -63,7 +63,7 @@ int main(int argc, char** argv) {
   const std::string dir = argc > 1 ? argv[1] : "/tmp/tiedlora_bench_merge";
   const double gigabytes = argc > 2 ? std::stod(argv[2]) : 1.2;
   const std::string cli = TIEDLORA_CLI_PATH;
-  tiedlora::util::remove_tree(dir);
+  tiedlora::io::remove_tree(dir);
   ::mkdir(dir.c_str(), 0755);
   const std::string base = dir + "/base", adapter = dir + "/adapter", out = dir + "/merged";
 
@@ -111,6 +111,6 @@ int main(int argc, char** argv) {
   std::printf("| %.0f MB fp32, %d adapted | %zu | %.1f MB | %.2f s | %.0f MB/s | %.0f MB | %.0f MB | %.1f |\n", mb, layers,
               specs.size(), largest / 1e6, merge.seconds, mb / merge.seconds, merge.peak_rss_mb, baseline.peak_rss_mb,
               (merge.peak_rss_mb - baseline.peak_rss_mb) / (largest / 1e6));
-  tiedlora::util::remove_tree(dir);
+  tiedlora::io::remove_tree(dir);
   return 0;
 }

@@ -12,10 +12,13 @@
 // It also checks that the mixed run produced the separate runs' tokens, and measures the bytes one adapter
 // takes on disk (adapter_model.safetensors, fp32) for LoRA and the Tied-LoRA presets at rank 8, all-linear.
 // Prints Markdown tables (docs/benchmarks.md).
+#include <stdlib.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <functional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -25,8 +28,8 @@
 #include "model_discovery.h"
 #include "tiedlora/core/inject.h"
 #include "tiedlora/formats/adapter.h"
+#include "tiedlora/formats/files.h"
 #include "tiedlora/llm/causal_lm.h"
-#include "util/files.h"
 
 namespace {
 
@@ -146,18 +149,20 @@ int main(int argc, char** argv) {
     // Bytes per adapter on disk, SmolLM2 all-linear, rank 8, fp32 factors.
     std::printf("\n| method (rank 8, all-linear) | stored parameters | adapter_model.safetensors bytes | vs LoRA |\n"
                 "|---|---|---|---|\n");
-    const std::string scratch = tiedlora::util::make_temp_directory_beside("/tmp/tiedlora_bench_multi_adapter", "bench");
+    char scratch_template[] = "/tmp/tiedlora_bench_multi_adapter.XXXXXX";
+    if (!::mkdtemp(scratch_template)) throw std::runtime_error("cannot create a folder in /tmp");
+    const std::string scratch = scratch_template;
     double lora_bytes = 0;
     for (const char* method : {"lora", "tied-ab", "tied-abuv", "tied-uv"}) {
       auto fresh = tiedlora::models::load_any(path);
       const auto report = tiedlora::inject_adapters(*fresh, tiedlora::InjectOptions().targets({"all-linear"}).method(method)
                                                                 .lora(tiedlora::LoraOptions(8).seed(1)));
-      const std::string folder = tiedlora::util::join_path(scratch, method);
+      const std::string folder = tiedlora::io::join_path(scratch, method);
       tiedlora::save_adapter(*fresh, folder);
       const auto adapter = tiedlora::Adapter::read(folder);
       int64_t stored = 0;
       for (const auto& [name, t] : adapter.tensors()) stored += t.numel();
-      std::FILE* f = std::fopen(tiedlora::util::join_path(folder, "adapter_model.safetensors").c_str(), "rb");
+      std::FILE* f = std::fopen(tiedlora::io::join_path(folder, "adapter_model.safetensors").c_str(), "rb");
       std::fseek(f, 0, SEEK_END);
       const double bytes = static_cast<double>(std::ftell(f));
       std::fclose(f);
@@ -166,7 +171,7 @@ int main(int argc, char** argv) {
       std::printf("| %s | %lld | %.0f | %.2f %% |\n", label, static_cast<long long>(stored), bytes, 100.0 * bytes / lora_bytes);
       (void)report;
     }
-    tiedlora::util::remove_tree_quietly(scratch);
+    tiedlora::io::remove_tree(scratch);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_multi_adapter: error: %s\n", e.what());
     return 1;

@@ -53,7 +53,7 @@ int main(int argc, char** argv) {
     auto model = tiedlora::models::load_any(model_path);
     const auto tokenizer = tiedlora::load_tokenizer(model_path);
     const tt::PromptFormat format =
-        tt::prompt_format_for(*tokenizer, tiedlora::models::chat_template_of(model_path), std::nullopt);
+        tt::prompt_format_for(*tokenizer, tiedlora::chat_template_of(model_path), std::nullopt);
 
     // 2. The data: completion-only loss, so each example keeps its prompt and completion apart.
     const std::vector<tt::Example> train = tt::read_jsonl(train_path);

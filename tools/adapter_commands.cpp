@@ -6,10 +6,10 @@
 
 #include "commands.h"
 #include "tiedlora/formats/adapter.h"
+#include "tiedlora/formats/files.h"
 #include "tiedlora/core/error.h"
 #include "tiedlora/core/functional.h"
 #include "tiedlora/formats/safetensors.h"
-#include "util/files.h"
 
 namespace tiedlora::tools {
 namespace {
@@ -57,15 +57,15 @@ int run_inspect(const std::string& path, bool header_only) {
   out["path"] = path;
   out["files"] = nlohmann::ordered_json::array();
   int64_t bad = 0;
-  if (util::is_directory(path) && util::is_regular_file(util::join_path(path, "adapter_config.json"))) {
+  if (io::is_directory(path) && io::is_regular_file(io::join_path(path, "adapter_config.json"))) {
     // Validates config and tensors together, naming the file; NaN/Inf are counted below, not refused.
     Adapter::ReadOptions read;
     read.allow_non_finite = true;
     const Adapter adapter = Adapter::read(path, read);
     out["adapter_config"] =
-        nlohmann::ordered_json::parse(util::read_text_file(util::join_path(path, "adapter_config.json")));
+        nlohmann::ordered_json::parse(io::read_text_file(io::join_path(path, "adapter_config.json")));
     out["adapter_layers"] = adapter.modules().size();
-    bad += print_file(io::SafetensorsFile::open(util::join_path(path, "adapter_model.safetensors")), !header_only, out);
+    bad += print_file(io::SafetensorsFile::open(io::join_path(path, "adapter_model.safetensors")), !header_only, out);
   } else {
     const io::Checkpoint checkpoint = io::Checkpoint::open(path);
     for (const auto& file : checkpoint.files()) bad += print_file(file, !header_only, out);

@@ -10,19 +10,18 @@
 #include "commands.h"
 #include "model_discovery.h"
 #include "tiedlora/formats/adapter.h"
+#include "tiedlora/formats/files.h"
 #include "tiedlora/core/error.h"
 #include "tiedlora/core/modules.h"
 #include "tiedlora/formats/gguf.h"
 #include "tiedlora/formats/safetensors.h"
 #include "tiedlora/llm/causal_lm.h"
+#include "tiedlora/llm/chat.h"
 #include "tiedlora/llm/tokenizer.h"
-#include "tiedlora/llm/train.h"
-#include "util/files.h"
 
 namespace tiedlora::tools {
 namespace {
 
-using models::chat_template_of;
 using tools::resolve_model;
 
 std::string ids_json(const std::vector<TokenId>& ids) {
@@ -42,7 +41,7 @@ struct GenerateArgs {
 // "NAME=DIR" -> (NAME, DIR); a bare DIR (or a value that is itself an existing path) is the default adapter.
 std::pair<std::string, std::string> adapter_argument(const std::string& value) {
   const auto eq = value.find('=');
-  if (eq == std::string::npos || util::path_exists(value)) return {kDefaultAdapter, value};
+  if (eq == std::string::npos || io::path_exists(value)) return {kDefaultAdapter, value};
   const std::string name = value.substr(0, eq);
   try {
     check_adapter_name(name);
@@ -123,14 +122,10 @@ int run_generate(const GenerateArgs& args) {
                       std::string(chat_template.empty() ? "none" : "another one") +
                       " (hint: pass the formatted prompt yourself)");
   }
-  // The prompt as fine-tuning and evaluation encode it (train::prompt_ids), so an adapter sees at generation
-  // time the token ids it was trained on.
-  const train::PromptFormat format = train::prompt_format_for(*tokenizer, chat_template, args.chat);
-  auto encode = [&](const std::string& text) {
-    train::Example example;
-    example.prompt = text;
-    return train::prompt_ids(*tokenizer, example, format);
-  };
+  // The prompt as fine-tuning and evaluation encode it (prompt_ids), so an adapter sees at generation time
+  // the token ids it was trained on.
+  const PromptFormat format = prompt_format_for(*tokenizer, chat_template, args.chat);
+  auto encode = [&](const std::string& text) { return prompt_ids(*tokenizer, text, /*system=*/"", format); };
   std::vector<std::string> loaded;
   for (const auto& [name, dir] : adapters) loaded.push_back(name);
   const std::vector<PromptLine> lines =

@@ -4,6 +4,10 @@
 
 #include "tiedlora/formats.h"
 #include "tiedlora/llm/causal_lm.h"
+#include "tiedlora/llm/chat.h"
+#include "tiedlora/llm/data.h"
 #include "tiedlora/llm/distributed.h"
+#include "tiedlora/llm/evaluation.h"
 #include "tiedlora/llm/tokenizer.h"
 #include "tiedlora/llm/train.h"
+#include "tiedlora/llm/trainer.h"

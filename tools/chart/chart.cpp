@@ -12,8 +12,7 @@
 #include <fmt/format.h>
 
 #include "tiedlora/core/error.h"
-#include "util/files.h"
-#include "util/text.h"
+#include "tiedlora/formats/files.h"
 
 namespace tiedlora::chart {
 namespace {
@@ -155,8 +154,11 @@ void draw(cairo_t* cr, const std::vector<Series>& series, const ChartOptions& op
 void write_line_chart(const std::string& path, const std::vector<Series>& series, const ChartOptions& options) {
   if (series.size() > kMaxSeries) throw Error(fmt::format("{}: at most {} series per chart", path, kMaxSeries));
   const Bounds bounds = bounds_of(path, series);
-  const bool svg = util::ends_with(path, ".svg");
-  if (!svg && !util::ends_with(path, ".png")) throw Error(path + ": the chart's file name must end in .png or .svg");
+  auto ends_with = [&](const std::string& suffix) {
+    return path.size() >= suffix.size() && path.compare(path.size() - suffix.size(), suffix.size(), suffix) == 0;
+  };
+  const bool svg = ends_with(".svg");
+  if (!svg && !ends_with(".png")) throw Error(path + ": the chart's file name must end in .png or .svg");
   std::string bytes;
   const std::unique_ptr<cairo_surface_t, decltype(&cairo_surface_destroy)> surface(
       svg ? cairo_svg_surface_create_for_stream(append_to_string, &bytes, options.width, options.height)
@@ -172,7 +174,7 @@ void write_line_chart(const std::string& path, const std::vector<Series>& series
   }
   if (status == CAIRO_STATUS_SUCCESS) status = cairo_surface_status(surface.get());
   if (status != CAIRO_STATUS_SUCCESS) throw Error(path + ": cairo could not draw the chart: " + cairo_status_to_string(status));
-  util::write_file_atomically(path, [&](const util::ByteWriter& write) { write(bytes.data(), bytes.size()); });
+  io::write_text_file(path, bytes);
 }
 
 }  // namespace tiedlora::chart

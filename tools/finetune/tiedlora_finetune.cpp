@@ -30,6 +30,7 @@
 #include <torch/torch.h>
 
 #include "tiedlora/formats/adapter.h"
+#include "tiedlora/formats/files.h"
 #include "tiedlora/core/error.h"
 #include "tiedlora/core/functional.h"
 #include "tiedlora/core/inject.h"
@@ -136,7 +137,7 @@ void write_predictions(const std::string& path, const tt::ExactMatch& em) {
     text += json{{"task", p.task}, {"prompt", p.prompt}, {"expected", p.expected}, {"generated", p.generated}, {"correct", p.correct}}.dump();
     text += "\n";
   }
-  tt::write_text_file(path, text);
+  tiedlora::io::write_text_file(path, text);
 }
 
 json accuracy_json(const tt::ExactMatch& em) {
@@ -227,7 +228,7 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
   const auto tokenizer = tiedlora::load_tokenizer(model_path);
   const std::optional<bool> use_chat =
       args.chat == "auto" ? std::nullopt : std::optional<bool>(args.chat == "on");
-  const tt::PromptFormat format = tt::prompt_format_for(*tokenizer, tiedlora::models::chat_template_of(model_path), use_chat);
+  const tt::PromptFormat format = tt::prompt_format_for(*tokenizer, tiedlora::chat_template_of(model_path), use_chat);
   const int64_t pad_id = format.end_token;  // never a target: padding carries label -100
   auto read_tokenized = [&](const std::vector<tt::Example>& examples) {
     std::vector<tt::TokenizedExample> out;
@@ -297,7 +298,7 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
       summary["before"] = accuracy_json(em);
       if (main_rank) {
         write_predictions(args.output + "/predictions_before.jsonl", em);
-        tt::write_text_file(before_path, summary["before"].dump(2) + "\n");
+        tiedlora::io::write_text_file(before_path, summary["before"].dump(2) + "\n");
       }
     }
   }
@@ -328,7 +329,7 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
     if (profile.running()) {
       profiled = true;
       const std::string table = profile.stop();
-      tt::write_text_file(args.output + "/profile.md", table);
+      tiedlora::io::write_text_file(args.output + "/profile.md", table);
       progress.message(fmt::format("step {} profiled by operator: {}/profile.md", r.step, args.output));
     }
     progress.step(r);
@@ -445,7 +446,7 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
     summary["merged_generations_compared"] = shown;
   }
   summary["wall_seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  tt::write_text_file(args.output + "/summary.json", summary.dump(2) + "\n");
+  tiedlora::io::write_text_file(args.output + "/summary.json", summary.dump(2) + "\n");
   if (summary.contains("before") && summary.contains("after")) {
     fmt::print("held-out exact match: {:.1f}% before, {:.1f}% after ({} test examples)\n",
                100 * summary["before"]["exact_match"].get<double>(), 100 * summary["after"]["exact_match"].get<double>(),

@@ -3,7 +3,6 @@
 //                  checkpointing; GPT-2 and Llama (also Mistral, Qwen2) implement it with Hugging Face module
 //                  names, so adapter targets such as `c_attn` or `q_proj` mean what they mean in PEFT
 //   build/load     build_model, load_hf_weights, load_pretrained, load_gguf_model, load_any; save_pretrained
-//   chat           chat_template_of (the model's Jinja template)
 //   generation     EvalModeGuard, generate_greedy, generate_greedy_batch (KV cache, left-padded batches)
 // Sources: src/llm/models/ (one file per concept: attention, gpt2, llama, load_hf, load_gguf, generate).
 //
@@ -131,10 +130,6 @@ struct SavePretrainedOptions {
   uint64_t max_shard_bytes = uint64_t{5} << 30;
 };
 void save_pretrained(const CausalLM& model, const std::string& folder, const SavePretrainedOptions& options = {});
-
-/// The model's Jinja chat template: `tokenizer.chat_template` of a GGUF file, or `chat_template` in
-/// tokenizer_config.json of a folder; "" when there is none.
-std::string chat_template_of(const std::string& model_path);
 
 /// Puts `model` in eval mode for its lifetime and gives back the training mode it found, however the scope
 /// ends (decoding, validation inside a training loop).

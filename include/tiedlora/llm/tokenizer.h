@@ -20,6 +20,9 @@
 #include <utility>
 #include <vector>
 
+// The chat templates and prompt formats (ChatMessage, apply_chatml_template, ...) come with the tokenizers.
+#include "tiedlora/llm/chat.h"
+
 namespace tiedlora {
 
 namespace io {
@@ -164,29 +167,5 @@ bool sentencepiece_available();
 /// A Hugging Face folder (tokenizer.json, else vocab.json + merges.txt, else a SentencePiece tokenizer.model;
 /// bos/eos names from tokenizer_config.json when present), a tokenizer.json or .model file, or a .gguf file.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path);
-
-// ---- chat template --------------------------------------------------------------------------------------
-
-struct ChatMessage {
-  std::string role;     ///< "system", "user", "assistant"
-  std::string content;
-};
-
-/// ChatML, the template of SmolLM2, Qwen and many instruction models:
-///   <|im_start|>{role}\n{content}<|im_end|>\n   per message, then <|im_start|>assistant\n   when
-/// add_generation_prompt. When `default_system_prompt` is set and the first message is not a system one,
-/// a system message with it comes first (SmolLM2's template does this). This is ChatML only, not a Jinja
-/// interpreter: use it for models whose template is ChatML (inspect_chat_template tells).
-std::string apply_chatml_template(const std::vector<ChatMessage>& messages, bool add_generation_prompt,
-                                  const std::optional<std::string>& default_system_prompt = std::nullopt);
-
-/// What a Jinja chat template (tokenizer.chat_template, tokenizer_config.json) says about ChatML.
-struct ChatTemplateInfo {
-  bool is_chatml = false;                            ///< built from <|im_start|>role\n ... <|im_end|>
-  std::optional<std::string> default_system_prompt;  ///< the system message it inserts when none is given
-};
-/// Recognises ChatML templates by their markers and extracts a literal default system prompt; it does not
-/// interpret Jinja.
-ChatTemplateInfo inspect_chat_template(const std::string& jinja_template);
 
 }  // namespace tiedlora

@@ -1,7 +1,10 @@
-// src/llm/tokenizer/chat.cpp: chat templates: a model's template found in its folder or GGUF file, the ChatML
-// template (SmolLM2, Qwen, ...) as plain string building, and recognition of ChatML in a Jinja template.
+// src/llm/tokenizer/chat.cpp: chat and prompt formatting (tiedlora/llm/chat.h): a model's template found in
+// its folder or GGUF file, the ChatML template (SmolLM2, Qwen, ...) as plain string building, recognition of
+// ChatML in a Jinja template, and the prompt format that training, evaluation and generation share.
 // Not a Jinja interpreter, deliberately: ChatML is all the models tiedlora runs need, and a partial Jinja
 // would silently render other templates wrongly.
+#include "tiedlora/llm/chat.h"
+
 #include "tiedlora/core/error.h"
 #include "tiedlora/formats/gguf.h"
 #include "tiedlora/llm/causal_lm.h"
@@ -56,12 +59,8 @@ ChatTemplateInfo inspect_chat_template(const std::string& jinja) {
   return info;
 }
 
-}  // namespace tiedlora
-
-namespace tiedlora::models {
-
 std::string chat_template_of(const std::string& model) {
-  if (is_gguf_path(model)) {
+  if (models::is_gguf_path(model)) {
     const io::GgufFile file = io::GgufFile::open(model);
     return file.has_key("tokenizer.chat_template") ? file.get_string("tokenizer.chat_template") : "";
   }
@@ -86,4 +85,40 @@ std::string chat_template_of(const std::string& model) {
   throw FormatError(config + ": field 'chat_template' must be a string or a list of named templates");
 }
 
-}  // namespace tiedlora::models
+PromptFormat prompt_format_for(const Tokenizer& tokenizer, const std::string& chat_template, std::optional<bool> use_chat) {
+  PromptFormat format;
+  const ChatTemplateInfo info = inspect_chat_template(chat_template);
+  if (use_chat.value_or(info.is_chatml) && !info.is_chatml) {
+    throw ConfigError("the model's chat template is " + std::string(chat_template.empty() ? "missing" : "not ChatML") +
+                      " (hint: train on plain text without the chat option)");
+  }
+  format.chat = use_chat.value_or(info.is_chatml);
+  if (format.chat) {
+    format.default_system_prompt = info.default_system_prompt;
+    const auto end = tokenizer.token_to_id("<|im_end|>");
+    if (!end) throw ConfigError("ChatML needs the <|im_end|> token, which the tokenizer lacks");
+    format.end_token = *end;
+  } else {
+    const auto eos = tokenizer.eos_id();
+    if (!eos) throw ConfigError("the tokenizer has no end-of-sequence token to end completions with");
+    format.end_token = *eos;
+  }
+  return format;
+}
+
+std::string prompt_text(const std::string& prompt, const std::string& system, const PromptFormat& format) {
+  if (!format.chat) return prompt;
+  std::vector<ChatMessage> messages;
+  if (!system.empty()) messages.push_back({"system", system});
+  messages.push_back({"user", prompt});
+  return apply_chatml_template(messages, /*add_generation_prompt=*/true, format.default_system_prompt);
+}
+
+std::vector<int64_t> prompt_ids(const Tokenizer& tokenizer, const std::string& prompt, const std::string& system,
+                                const PromptFormat& format) {
+  // Special tokens of the template are in the text; a plain prompt gets what the tokenizer adds (a BOS).
+  const auto ids = tokenizer.encode(prompt_text(prompt, system, format), /*add_special_tokens=*/!format.chat);
+  return {ids.begin(), ids.end()};
+}
+
+}  // namespace tiedlora

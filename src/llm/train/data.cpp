@@ -1,5 +1,5 @@
-// data.cpp: JSONL prompt/completion data, prompt formats, padded batches, and exact-match evaluation by
-// greedy decoding (tiedlora/llm/train.h).
+// data.cpp: JSONL prompt/completion data, tokenized examples, and padded or packed batches
+// (tiedlora/llm/data.h).
 #include <algorithm>
 #include <cctype>
 #include <fstream>
@@ -9,7 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "tiedlora/core/error.h"
-#include "tiedlora/llm/train.h"
+#include "tiedlora/llm/data.h"
 #include "util/files.h"
 
 namespace tiedlora::train {
@@ -57,39 +57,12 @@ std::vector<Example> read_jsonl(const std::string& path) {
   return out;
 }
 
-PromptFormat prompt_format_for(const Tokenizer& tokenizer, const std::string& chat_template, std::optional<bool> use_chat) {
-  PromptFormat format;
-  const ChatTemplateInfo info = inspect_chat_template(chat_template);
-  if (use_chat.value_or(info.is_chatml) && !info.is_chatml) {
-    throw ConfigError("the model's chat template is " + std::string(chat_template.empty() ? "missing" : "not ChatML") +
-                      " (hint: train on plain text without the chat option)");
-  }
-  format.chat = use_chat.value_or(info.is_chatml);
-  if (format.chat) {
-    format.default_system_prompt = info.default_system_prompt;
-    const auto end = tokenizer.token_to_id("<|im_end|>");
-    if (!end) throw ConfigError("ChatML needs the <|im_end|> token, which the tokenizer lacks");
-    format.end_token = *end;
-  } else {
-    const auto eos = tokenizer.eos_id();
-    if (!eos) throw ConfigError("the tokenizer has no end-of-sequence token to end completions with");
-    format.end_token = *eos;
-  }
-  return format;
-}
-
 std::string prompt_text(const Example& example, const PromptFormat& format) {
-  if (!format.chat) return example.prompt;
-  std::vector<ChatMessage> messages;
-  if (!example.system.empty()) messages.push_back({"system", example.system});
-  messages.push_back({"user", example.prompt});
-  return apply_chatml_template(messages, /*add_generation_prompt=*/true, format.default_system_prompt);
+  return tiedlora::prompt_text(example.prompt, example.system, format);
 }
 
 std::vector<int64_t> prompt_ids(const Tokenizer& tokenizer, const Example& example, const PromptFormat& format) {
-  // Special tokens of the template are in the text; a plain prompt gets what the tokenizer adds (a BOS).
-  const auto ids = tokenizer.encode(prompt_text(example, format), /*add_special_tokens=*/!format.chat);
-  return {ids.begin(), ids.end()};
+  return tiedlora::prompt_ids(tokenizer, example.prompt, example.system, format);
 }
 
 TokenizedExample tokenize(const Tokenizer& tokenizer, const Example& example, const PromptFormat& format) {
@@ -202,75 +175,6 @@ Batch make_packed_batch(const std::vector<const TokenizedExample*>& examples, in
     batch.layout.segment_lengths.push_back(std::move(lengths));
   }
   return batch;
-}
-
-std::string normalize_answer(const std::string& text) {
-  std::string lower;
-  for (unsigned char c : text) {
-    if (std::ispunct(c)) continue;
-    lower += static_cast<char>(std::tolower(c));
-  }
-  std::istringstream words(lower);
-  std::string word, out;
-  while (words >> word) {
-    if (word == "a" || word == "an" || word == "the") continue;
-    if (!out.empty()) out += ' ';
-    out += word;
-  }
-  return out;
-}
-
-ExactMatch exact_match(models::CausalLM& model, const Tokenizer& tokenizer, const std::vector<Example>& examples,
-                       const PromptFormat& format, int64_t max_new_tokens, int64_t batch_size,
-                       const std::function<void(size_t, size_t)>& on_progress, distributed::ProcessGroup* group) {
-  if (group && group->world_size() > 1) {
-    // Each rank decodes its share; the predictions come back as JSON lines, in rank (hence example) order.
-    const auto [begin, end] = distributed::shard_range(static_cast<int64_t>(examples.size()), group->rank(), group->world_size());
-    const std::vector<Example> share(examples.begin() + begin, examples.begin() + end);
-    const ExactMatch mine = exact_match(model, tokenizer, share, format, max_new_tokens, batch_size, on_progress);
-    std::string lines;
-    for (const auto& p : mine.predictions) {
-      lines += nlohmann::json{{"task", p.task}, {"prompt", p.prompt}, {"expected", p.expected}, {"generated", p.generated},
-                              {"correct", p.correct}}.dump() + "\n";
-    }
-    ExactMatch result;
-    for (const std::string& text : distributed::all_gather_text(*group, lines, "the exact-match predictions")) {
-      std::istringstream in(text);
-      std::string line;
-      while (std::getline(in, line)) {
-        const auto j = nlohmann::json::parse(line);
-        Prediction p{j.at("task"), j.at("prompt"), j.at("expected"), j.at("generated"), j.at("correct")};
-        result.correct += p.correct;
-        result.predictions.push_back(std::move(p));
-      }
-    }
-    return result;
-  }
-  ExactMatch result;
-  models::GenerateOptions options;
-  options.max_new_tokens = max_new_tokens;
-  options.stop_token_ids = {format.end_token};
-  if (auto eos = tokenizer.eos_id(); eos && *eos != format.end_token) options.stop_token_ids.push_back(*eos);
-  for (size_t first = 0; first < examples.size(); first += static_cast<size_t>(std::max<int64_t>(1, batch_size))) {
-    const size_t last = std::min(examples.size(), first + static_cast<size_t>(std::max<int64_t>(1, batch_size)));
-    std::vector<std::vector<int64_t>> prompts;
-    for (size_t i = first; i < last; ++i) prompts.push_back(prompt_ids(tokenizer, examples[i], format));
-    const auto generated = models::generate_greedy_batch(model, prompts, options);
-    for (size_t i = first; i < last; ++i) {
-      const Example& e = examples[i];
-      const auto& tokens = generated[i - first];
-      Prediction p;
-      p.task = e.task;
-      p.prompt = e.prompt;
-      p.expected = e.completion;
-      p.generated = tokenizer.decode({tokens.begin(), tokens.end()}, /*skip_special_tokens=*/true);
-      p.correct = normalize_answer(p.generated) == normalize_answer(p.expected);
-      result.correct += p.correct;
-      result.predictions.push_back(std::move(p));
-    }
-    if (on_progress) on_progress(last, examples.size());
-  }
-  return result;
 }
 
 }  // namespace tiedlora::train
