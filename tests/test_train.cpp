@@ -608,6 +608,37 @@ TEST(Trainer, ResumeContinuesExactly) {
 // The library installs no signal handler: its long operations stop when their stop_requested callback says
 // so. The trainer checkpoints and returns; the merge abandons its temporary folder and writes nothing.
 // Without a stop, merge-weights and LoraLinear::merge_ give the same bits (one merge function).
+// The Trainer owns adapter dropout's generator: a run (with dropout, and with activation checkpointing,
+// which replays it) and a resume neither read nor write the global generator, and its masks do not depend
+// on the global generator's state.
+TEST(Trainer, OwnsItsRandomnessAndLeavesTheGlobalGeneratorAlone) {
+  const std::string root = make_temp_dir();
+  const auto train = tiny_task(24, 1);
+  auto losses_of_a_run = [&](uint64_t global_seed, bool checkpointing, const std::string& dir) {
+    torch::manual_seed(global_seed);
+    const at::Tensor global_before = at::detail::getDefaultCPUGenerator().get_state();
+    auto model = tiny_model(root);
+    inject(*model, "tied-abuv", /*dropout=*/0.3);
+    auto options = small_options(dir);
+    options.checkpoint_activations = checkpointing;
+    tt::Trainer(*model, train, {}, options, 0).run();
+    EXPECT_TRUE(torch::equal(at::detail::getDefaultCPUGenerator().get_state(), global_before))
+        << "the run moved the global generator";
+    std::vector<double> losses;
+    for (const auto& line : read_metrics(dir + "/metrics.jsonl")) {
+      if (line.contains("loss")) losses.push_back(line.at("loss").get<double>());
+    }
+    return losses;
+  };
+  const auto first = losses_of_a_run(1, false, root + "/a"), second = losses_of_a_run(12345, false, root + "/b");
+  ASSERT_FALSE(first.empty());
+  EXPECT_EQ(first, second) << "dropout masks followed the global generator";
+  const auto checkpointed = losses_of_a_run(7, true, root + "/c");
+  ASSERT_EQ(checkpointed.size(), first.size());
+  for (size_t i = 0; i < first.size(); ++i) EXPECT_NEAR(checkpointed[i], first[i], 1e-5 * std::abs(first[i])) << i;
+  tiedlora::util::remove_tree(root);
+}
+
 TEST(Cancellation, TrainerAndMergeStopWhenAsked) {
   const std::string root = make_temp_dir();
   auto model = tiny_model(root, "gpt2");  // Conv1D weights: merge-weights merges them transposed

@@ -6,7 +6,6 @@
 #include <fstream>
 
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
 
 #include "llm/train/trainer_state.h"
 #include "tiedlora/core/error.h"
@@ -98,11 +97,10 @@ std::string Trainer::State::write_checkpoint() {
     }
     if (!best.empty()) tensors.emplace_back("best." + name, best[i].cpu());
   }
-  tensors.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
-  // Adapter dropout on a GPU draws from that device's generator: its state too, one per device.
-  for (size_t i = 0; at::hasCUDA() && i < at::getNumGPUs(); ++i) {
-    const at::Device gpu(at::kCUDA, static_cast<c10::DeviceIndex>(i));
-    tensors.emplace_back("rng.cuda." + std::to_string(i), at::globalContext().defaultGenerator(gpu).get_state());
+  // Adapter dropout's generators (the Trainer's own): the CPU's, and on a GPU that device's too.
+  tensors.emplace_back("rng.cpu", cpu_dropout.get_state());
+  if (device_dropout.defined()) {
+    tensors.emplace_back("rng.cuda." + std::to_string(device_dropout.device().index()), device_dropout.get_state());
   }
   json meta = {{"format", kStateFormat},
                {"step", step},
@@ -202,13 +200,11 @@ void Trainer::State::load_checkpoint(const std::string& folder) {
     if (file.contains("best." + name)) best.push_back(file.tensor("best." + name).to(p.device()).clone());
   }
   if (!best.empty() && best.size() != params.size()) throw FormatError(tensors_path + ": the best adapter is incomplete");
-  at::Generator generator = at::detail::getDefaultCPUGenerator();  // shares the global generator
-  generator.set_state(file.tensor("rng.cpu").clone());
-  for (size_t i = 0; at::hasCUDA() && i < at::getNumGPUs(); ++i) {
-    const std::string name = "rng.cuda." + std::to_string(i);
-    if (!file.contains(name)) continue;  // written on a machine without this GPU: its generator stays seeded
-    at::Generator gpu = at::globalContext().defaultGenerator(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(i)));
-    gpu.set_state(file.tensor(name).clone());
+  cpu_dropout.set_state(file.tensor("rng.cpu").clone());
+  if (device_dropout.defined()) {
+    // Absent when written on a machine without this GPU: the generator then stays as seeded.
+    const std::string name = "rng.cuda." + std::to_string(device_dropout.device().index());
+    if (file.contains(name)) device_dropout.set_state(file.tensor(name).clone());
   }
   step = saved_step;
   best_step = saved_best_step;

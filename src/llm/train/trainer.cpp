@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/detail/CUDAHooksInterface.h>
 #include <torch/nn/utils/clip_grad.h>
 
 #include "llm/train/trainer_state.h"
@@ -146,6 +147,11 @@ Trainer::Trainer(models::CausalLM& model, std::vector<TokenizedExample> train, s
     }
   }
   if (s_->params.empty()) throw ConfigError("Trainer: the model has no trainable parameters (hint: inject adapters first)");
+  const at::Device device = s_->params.front().second.device();
+  if (device.is_cuda()) {  // adapter dropout on that GPU draws from a generator of the Trainer's own too
+    s_->device_dropout = at::detail::getCUDAHooks().getNewGenerator(device.index());
+    s_->device_dropout.set_current_seed(o.seed);
+  }
   // Every adapter with trainable tensors takes part in the forward, or the optimizer would hold it without
   // ever a gradient (a reference adapter loaded beside the one to train must be frozen or made active).
   const std::vector<std::string> active = active_adapters(model);
@@ -284,8 +290,13 @@ TrainResult Trainer::run(const TrainCallbacks& callbacks) {
   std::vector<at::Tensor> tensors;
   for (const auto& p : s.params) tensors.push_back(p.second);
   s.model.train();
-  // Adapter dropout: ranks other than 0 draw masks of their own (rank 0 keeps the stream a checkpoint saved).
-  if (!s.group->is_main()) at::manual_seed(o.seed + 1000003ULL * static_cast<uint64_t>(s.group->rank()) + s.step);
+  // Adapter dropout draws from the Trainer's generators; ranks other than 0 draw masks of their own (rank 0
+  // keeps the stream a checkpoint saved).
+  if (!s.group->is_main()) {
+    const uint64_t seed = o.seed + 1000003ULL * static_cast<uint64_t>(s.group->rank()) + static_cast<uint64_t>(s.step);
+    for (at::Generator& g : s.dropout_generators()) g.set_current_seed(seed);
+  }
+  const DropoutGeneratorScope dropout_generators(s.dropout_generators());
   // Checkpointing is this run's choice: the model gets its own setting back however the run ends.
   struct CheckpointingScope {
     models::CausalLM& model;

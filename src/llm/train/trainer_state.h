@@ -9,6 +9,8 @@
 #include <utility>
 #include <vector>
 
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 #include <nlohmann/json.hpp>
 #include <torch/optim/adamw.h>
@@ -44,13 +46,22 @@ struct Trainer::State {
   std::vector<at::Tensor> best;  // the best adapter's values (undefined until a validation)
   int64_t tokens = 0;
   double train_seconds = 0;
+  // Adapter dropout's generators: the Trainer's own (seeded from options.seed, saved in checkpoints), so a
+  // run never writes the global generators and its masks do not depend on what else drew from them.
+  at::Generator cpu_dropout;
+  at::Generator device_dropout;  // the trainable tensors' CUDA device's; undefined on the CPU
+  std::vector<at::Generator> dropout_generators() const {
+    return device_dropout.defined() ? std::vector<at::Generator>{cpu_dropout, device_dropout}
+                                    : std::vector<at::Generator>{cpu_dropout};
+  }
   // The permutation of the current epoch of the training stream.
   int64_t cached_epoch = -1;
   std::vector<int64_t> permutation;
 
   State(models::CausalLM& m, std::vector<TokenizedExample> t, std::vector<TokenizedExample> v, TrainOptions o, int64_t pad)
       : model(m), train(std::move(t)), validation(std::move(v)), options(std::move(o)), pad_id(pad),
-        group(options.process_group ? options.process_group : distributed::single_process()) {}
+        group(options.process_group ? options.process_group : distributed::single_process()),
+        cpu_dropout(at::detail::createCPUGenerator(options.seed)) {}
 
   int world() const { return group->world_size(); }
   // Rank 0's values of `tensors` on every rank.
