@@ -615,10 +615,10 @@ TEST(Trainer, OwnsItsRandomnessAndLeavesTheGlobalGeneratorAlone) {
   const std::string root = make_temp_dir();
   const auto train = tiny_task(24, 1);
   auto losses_of_a_run = [&](uint64_t global_seed, bool checkpointing, const std::string& dir) {
-    torch::manual_seed(global_seed);
-    const at::Tensor global_before = at::detail::getDefaultCPUGenerator().get_state();
     auto model = tiny_model(root);
     inject(*model, "tied-abuv", /*dropout=*/0.3);
+    torch::manual_seed(global_seed);
+    const at::Tensor global_before = at::detail::getDefaultCPUGenerator().get_state();
     auto options = small_options(dir);
     options.checkpoint_activations = checkpointing;
     tt::Trainer(*model, train, {}, options, 0).run();
