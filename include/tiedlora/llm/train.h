@@ -10,7 +10,8 @@
 //                              loss is averaged over every completion token of the accumulated batch, so
 //                              accumulation equals a larger batch), clipping by global norm, early stopping on
 //                              validation loss with a patience (the best adapter is restored at the end);
-//                              checkpoints (adapter tensors, AdamW moments, the early-stopping state, the RNG)
+//                              checkpoints (adapter tensors, AdamW moments, the early-stopping state, the state of
+//                              the Trainer's own dropout generators; no global generator is touched)
 //                              written atomically; resuming from one continues exactly: on the CPU the same
 //                              losses, bit for bit, as an uninterrupted run; on a GPU as close as its
 //                              nondeterministic kernels allow (CUDA generator states are saved;
