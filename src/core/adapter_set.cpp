@@ -15,18 +15,18 @@ namespace tiedlora {
 std::string stored_parameter_name(const std::string& name) {
   // `<layer>.lora_adapters.default.<tensor>` -> `<layer>.<tensor>`
   const std::string holder = std::string(kAdapterHoldersModule) + "." + kDefaultAdapter + ".";
-  for (size_t at = name.find(holder); at != std::string::npos; at = name.find(holder, at + 1)) {
-    if (at == 0 || name[at - 1] == '.') return name.substr(0, at) + name.substr(at + holder.size());
+  for (size_t pos = name.find(holder); pos != std::string::npos; pos = name.find(holder, pos + 1)) {
+    if (pos == 0 || name[pos - 1] == '.') return name.substr(0, pos) + name.substr(pos + holder.size());
   }
   // `tiedlora_groups.<adapter>.<group>...` -> `tiedlora_groups.<group>...` (default) or `tiedlora_groups_<adapter>...`
   const std::string groups = std::string(kTieGroupsModule) + ".";
-  for (size_t at = name.find(groups); at != std::string::npos; at = name.find(groups, at + 1)) {
-    if (at != 0 && name[at - 1] != '.') continue;
-    const size_t adapter_begin = at + groups.size(), adapter_end = name.find('.', adapter_begin);
+  for (size_t pos = name.find(groups); pos != std::string::npos; pos = name.find(groups, pos + 1)) {
+    if (pos != 0 && name[pos - 1] != '.') continue;
+    const size_t adapter_begin = pos + groups.size(), adapter_end = name.find('.', adapter_begin);
     if (adapter_end == std::string::npos) break;
     const std::string adapter = name.substr(adapter_begin, adapter_end - adapter_begin);
     const std::string registry = adapter == kDefaultAdapter ? kTieGroupsModule : std::string(kTieGroupsModule) + "_" + adapter;
-    return name.substr(0, at) + registry + name.substr(adapter_end);
+    return name.substr(0, pos) + registry + name.substr(adapter_end);
   }
   return name;
 }
