@@ -3,26 +3,25 @@
 # compiled by nvcc for sm_80 and sm_90 even on machines without a GPU, so CI proves they build and link.
 # One dispatch file per kernel family (src/core/cuda/*_dispatch.cpp) crosses between tensors and kernels; a
 # CPU-only build compiles src/core/cuda/dispatch_stub.cpp instead, which throws a clear error.
-set(TIEDLORA_WITH_CUDA OFF)
-if(NOT TIEDLORA_CUDA STREQUAL "OFF")
-  include(CheckLanguage)
-  check_language(CUDA)
-  set(_torch_has_cuda OFF)
-  if(TARGET torch_cuda OR TORCH_CUDA_LIBRARIES)
-    set(_torch_has_cuda ON)
-  endif()
-  if(CMAKE_CUDA_COMPILER AND _torch_has_cuda)
-    set(TIEDLORA_WITH_CUDA ON)
-  elseif(TIEDLORA_CUDA STREQUAL "ON")
-    message(FATAL_ERROR "TIEDLORA_CUDA=ON but nvcc (${CMAKE_CUDA_COMPILER}) or a CUDA LibTorch (${_torch_has_cuda}) is missing")
-  endif()
-endif()
 
 # LibTorch's CMake sets CMAKE_CUDA_ARCHITECTURES to OFF (it passes its own -gencode flags instead), so the
 # architectures of our kernels are a variable of their own, set on the target.
 # No kernel uses sm_90a-only instructions (wgmma, TMA) yet, so plain sm_90 code serves Hopper; a kernel that
 # does will add 90a here.
 set(TIEDLORA_CUDA_ARCHITECTURES "80;90" CACHE STRING "CUDA architectures of tiedlora's kernels")
+
+function(tiedlora_probe_cuda found detail)
+  include(CheckLanguage)
+  check_language(CUDA)
+  if(NOT CMAKE_CUDA_COMPILER)
+    tiedlora_probe_answer(OFF "nvcc not found")
+  elseif(NOT (TARGET torch_cuda OR TORCH_CUDA_LIBRARIES))
+    tiedlora_probe_answer(OFF "LibTorch was built without CUDA")
+  else()
+    tiedlora_probe_answer(ON "${CMAKE_CUDA_COMPILER}, architectures ${TIEDLORA_CUDA_ARCHITECTURES}")
+  endif()
+endfunction()
+tiedlora_optional_feature(CUDA DOC "CUDA kernels" PROBE tiedlora_probe_cuda HINT "nvcc and a CUDA LibTorch")
 
 set(TIEDLORA_KERNEL_SOURCES ${PROJECT_SOURCE_DIR}/kernels/lora_gemm.cu ${PROJECT_SOURCE_DIR}/kernels/lora_merge.cu
   ${PROJECT_SOURCE_DIR}/kernels/effective_b.cu)
@@ -46,8 +45,6 @@ if(TIEDLORA_WITH_CUDA)
   target_compile_options(tiedlora_kernels PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -lineinfo>)
   set(TIEDLORA_DISPATCH_SOURCES ${PROJECT_SOURCE_DIR}/src/core/cuda/lora_dispatch.cpp
     ${PROJECT_SOURCE_DIR}/src/core/cuda/effective_b_dispatch.cpp)
-  message(STATUS "tiedlora: CUDA kernels ON (nvcc ${CMAKE_CUDA_COMPILER_VERSION}, architectures ${TIEDLORA_CUDA_ARCHITECTURES})")
 else()
   set(TIEDLORA_DISPATCH_SOURCES "${PROJECT_SOURCE_DIR}/src/core/cuda/dispatch_stub.cpp")
-  message(STATUS "tiedlora: CUDA kernels OFF")
 endif()

@@ -1,9 +1,9 @@
 # Install rules and the package config that makes find_package(tiedlora) work for consumers.
 include(CMakePackageConfigHelpers)
 set(TIEDLORA_CMAKE_DIR "${CMAKE_INSTALL_LIBDIR}/cmake/tiedlora")
-# The layers are shared libraries: the kernels (static, PIC), nlohmann_json, sentencepiece and cudart are
-# private to them. Each is a component of the package (find_package(tiedlora COMPONENTS core)).
-install(TARGETS tiedlora_core tiedlora_formats tiedlora_llm tiedlora EXPORT tiedloraTargets
+# The layers are shared libraries: the kernels and util (static, PIC), nlohmann_json, sentencepiece, MPI, NCCL
+# and cudart are private to them. Each is a component of the package (find_package(tiedlora COMPONENTS core)).
+install(TARGETS tiedlora_core tiedlora_formats tiedlora_llm tiedlora_distributed tiedlora EXPORT tiedloraTargets
   LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
   ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
   RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR}

@@ -1,18 +1,25 @@
 # check_layering.cmake: no layer includes a layer above it (docs/design.md, "The libraries, in layers"):
-#   kernels/ (no torch, no host header) <- core <- formats (with src/util/) <- llm <- programs (tools/)
+#   kernels/ (no torch, no host header) <- core <- formats (and src/util/, its private helpers and llm's) <- llm
+#   <- distributed <- programs (tools/, bench/, examples/)
 # A header or source of a layer may include its own layer's headers and those below; no library includes a
-# program's header; public headers (include/) include no private one (src/); no include climbs with "../".
+# program's header; public headers (include/) include no private one (src/); programs include public headers
+# only; no include climbs with "../".
 # The script first proves that it catches a planted upward include, then checks the tree.
 # Run: cmake -DSOURCE_DIR=<repo> [-DWORK_DIR=<scratch>] -P check_layering.cmake
 set(include_line "^[ \t]*#[ \t]*include[ \t]*[<\"]")
 set(programs "chart/|signals\\.h|model_discovery\\.h|commands\\.h")
 set(forbidden_kernels "${include_line}(torch/|ATen/|c10/|tiedlora/|core/|util/|llm/|formats/)")
-set(forbidden_core "${include_line}(tiedlora/(formats|llm|tiedlora)[/.]|util/|llm/|formats/|${programs})")
-set(forbidden_formats "${include_line}(tiedlora/(llm|tiedlora)[/.]|llm/|${programs})")
+set(forbidden_core "${include_line}(tiedlora/(formats|llm|distributed|tiedlora)[/.]|util/|llm/|formats/|distributed/|${programs})")
+set(forbidden_formats "${include_line}(tiedlora/(llm|distributed|tiedlora)[/.]|llm/|distributed/|${programs})")
 set(forbidden_util "${forbidden_formats}")
-set(forbidden_llm "${include_line}(tiedlora/tiedlora\\.h|${programs})")
+set(forbidden_llm "${include_line}(tiedlora/(distributed|tiedlora)[/.]|distributed/|${programs})")
+set(forbidden_distributed "${include_line}(tiedlora/tiedlora\\.h|${programs})")
+set(forbidden_programs "${include_line}(util/|core/|formats/|llm/|distributed/)")
 set(forbidden_everywhere "${include_line}[^>\"]*\\.\\./")
-set(forbidden_public "${include_line}(util/|core/cuda/|llm/tokenizer/)")
+set(forbidden_public "${include_line}(util/|core/cuda/|llm/tokenizer/|distributed/)")
+# bench_lora_cuda times the kernels' dispatch layer itself (src/core/cuda/dispatch.h), below the public API:
+# an internal benchmark, the one program allowed a private header.
+set(programs_with_private_headers "bench/bench_lora_cuda.cpp")
 
 # Appends to `violations` every line of `files` that matches `regex`, with the file and the layer named.
 function(find_violations label regex)
@@ -34,7 +41,7 @@ function(check_tree root)
   find_violations(kernels "${forbidden_kernels}" ${kernel_files})
   list(LENGTH kernel_files n)
   math(EXPR count "${count} + ${n}")
-  foreach(layer core formats llm)
+  foreach(layer core formats llm distributed)
     file(GLOB_RECURSE layer_files "${root}/include/tiedlora/${layer}/*.h" "${root}/src/${layer}/*.cpp"
          "${root}/src/${layer}/*.h" "${root}/include/tiedlora/${layer}.h")
     if(NOT layer_files)
@@ -48,9 +55,17 @@ function(check_tree root)
   find_violations(util "${forbidden_util}" ${util_files})
   file(GLOB_RECURSE public_headers "${root}/include/*.h")
   find_violations(public "${forbidden_public}" ${public_headers})
+  file(GLOB_RECURSE program_files "${root}/tools/*.cpp" "${root}/tools/*.h" "${root}/bench/*.cpp" "${root}/bench/*.h"
+       "${root}/examples/*.cpp" "${root}/examples/*.h")
+  foreach(allowed IN LISTS programs_with_private_headers)
+    list(REMOVE_ITEM program_files "${root}/${allowed}")
+  endforeach()
+  find_violations(programs "${forbidden_programs}" ${program_files})
+  list(LENGTH program_files n)
+  math(EXPR count "${count} + ${n}")
   # Nothing of the library is left outside the layer folders.
   file(GLOB stray "${root}/include/tiedlora/*.h" "${root}/src/*.cpp" "${root}/src/*.h")
-  foreach(umbrella tiedlora core formats llm)
+  foreach(umbrella tiedlora core formats llm distributed)
     list(REMOVE_ITEM stray "${root}/include/tiedlora/${umbrella}.h")
   endforeach()
   foreach(f IN LISTS stray)
@@ -60,21 +75,22 @@ function(check_tree root)
   set(checked ${count} PARENT_SCOPE)
 endfunction()
 
-# 1. The check catches what it is for: a copy of core and formats with one planted include each.
+# 1. The check catches what it is for: a copy of the tree with one planted include in core, formats and tools.
 if(NOT WORK_DIR)
   set(WORK_DIR "${CMAKE_CURRENT_BINARY_DIR}/layering_self_test")
 endif()
 file(REMOVE_RECURSE "${WORK_DIR}")
-foreach(sub include src kernels)
+foreach(sub include src kernels tools bench examples)
   file(COPY "${SOURCE_DIR}/${sub}" DESTINATION "${WORK_DIR}")
 endforeach()
 set(planted "${WORK_DIR}/src/core/planted_upward.cpp")
 file(WRITE "${planted}" "#  include \"tiedlora/formats/adapter.h\"\n#include <tiedlora/tiedlora.h>\n")
 file(WRITE "${WORK_DIR}/include/tiedlora/formats/planted_private.h" "#include \"util/files.h\"\n")
+file(WRITE "${WORK_DIR}/tools/planted_private.cpp" "#include \"llm/models/decoder.h\"\n")
 check_tree("${WORK_DIR}")
 list(LENGTH violations caught)
-if(NOT caught EQUAL 3)
-  message(FATAL_ERROR "the layering check should catch the 3 planted includes, it caught ${caught}: ${violations}")
+if(NOT caught EQUAL 4)
+  message(FATAL_ERROR "the layering check should catch the 4 planted includes, it caught ${caught}: ${violations}")
 endif()
 file(REMOVE_RECURSE "${WORK_DIR}")
 

@@ -27,6 +27,7 @@
 #include "chart/chart.h"
 #include "tiedlora/core/error.h"
 #include "tiedlora/core/inject.h"
+#include "tiedlora/distributed/launch.h"
 #include "tiedlora/formats/adapter.h"
 #include "tiedlora/formats/hf_config.h"
 #include "tiedlora/formats/merge_checkpoint.h"

@@ -37,6 +37,7 @@
 #include "tiedlora/formats/safetensors.h"
 #include "tiedlora/formats/merge_checkpoint.h"
 #include "tiedlora/core/module_selection.h"
+#include "tiedlora/distributed/launch.h"
 #include "tiedlora/llm/causal_lm.h"
 #include "tiedlora/llm/distributed.h"
 #include "tiedlora/llm/tokenizer.h"

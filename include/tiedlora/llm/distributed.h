@@ -1,14 +1,12 @@
-// tiedlora/llm/distributed.h: data-parallel training on an existing collective engine: NCCL through PyTorch's
-// c10d for CUDA processes (launched by torchrun), OpenMPI for CPU processes (launched by mpirun). LibTorch
-// has no C++ DistributedDataParallel; the Trainer needs only what this file offers: an all-reduce (sum) and a
-// broadcast of flat tensors, each bounded by a timeout, so a dead or hung rank ends the run with an error
-// instead of a hang. docs/distributed.md says why these two engines and what is reduced when.
-//
-//   auto group = tiedlora::distributed::init_from_environment(options);  // a world of 1 when not launched
-//   train_options.process_group = group;                                  // the Trainer shards and reduces
+// tiedlora/llm/distributed.h: the process group the Trainer trains over (data parallelism): a rank, a world
+// size and the two collectives it needs, an all-reduce (sum) and a broadcast of flat tensors, each bounded by
+// a timeout, so a dead or hung rank ends the run with an error instead of a hang. A world of 1
+// (single_process) needs no engine; the engines (NCCL through PyTorch's c10d for CUDA processes, OpenMPI for
+// CPU processes) and init_from_environment are the distributed component's (tiedlora/distributed/launch.h,
+// target tiedlora::distributed), so linking tiedlora::llm never pulls in MPI or NCCL. LibTorch has no C++
+// DistributedDataParallel; docs/distributed.md says why these two engines and what is reduced when.
 #pragma once
 
-#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
@@ -18,24 +16,6 @@
 #include "tiedlora/core/error.h"
 
 namespace tiedlora::distributed {
-
-/// What the launcher put in the environment. torchrun: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
-/// MASTER_ADDR, MASTER_PORT, TORCHELASTIC_USE_AGENT_STORE, TORCHELASTIC_RESTART_COUNT. mpirun (OpenMPI):
-/// OMPI_COMM_WORLD_RANK, _SIZE, _LOCAL_RANK, _LOCAL_SIZE. Neither: a world of 1.
-struct LaunchEnvironment {
-  enum class Launcher { none, torchrun, mpirun };
-  Launcher launcher = Launcher::none;
-  int rank = 0, world_size = 1, local_rank = 0, local_world_size = 1;
-  std::string master_addr;  ///< torchrun: the store's host
-  int master_port = 0;      ///< torchrun: the store's port
-  bool agent_store = false; ///< torchrun's agent hosts the store: every rank connects as a client
-  int restart_count = 0;    ///< torchrun's restarts so far (a fresh store prefix each time)
-
-  /// Reads the environment; a malformed or inconsistent variable (RANK beyond WORLD_SIZE, a port that is
-  /// not a number) is a ConfigError naming it.
-  static LaunchEnvironment from_environment();
-  const char* launcher_name() const;
-};
 
 /// The collectives the Trainer uses. Tensors are flat and contiguous, on the CPU or on the group's device;
 /// every rank calls the same collectives in the same order with tensors of the same size and dtype (as in
@@ -68,19 +48,6 @@ class Timeout : public Error {
  public:
   using Error::Error;
 };
-
-struct DistributedOptions {
-  /// "cpu" or "cuda": CUDA processes use NCCL on device LOCAL_RANK; CPU processes use OpenMPI.
-  std::string device = "cpu";
-  /// Longest wait of one collective (and of the store's rendezvous) before a Timeout.
-  std::chrono::milliseconds timeout = std::chrono::minutes(10);
-};
-
-/// The process group the launcher's environment describes: OpenMPI for CPU processes under mpirun; NCCL for
-/// CUDA processes under torchrun (or its variables set by hand), even one; otherwise a world of 1 when there is
-/// one process. A combination that cannot be served (several CPU processes under torchrun, CUDA processes
-/// under mpirun, a build without MPI or NCCL) is a ConfigError with the command that works.
-std::shared_ptr<ProcessGroup> init_from_environment(const DistributedOptions& options = {});
 
 /// A world of 1: every collective returns its input.
 std::shared_ptr<ProcessGroup> single_process();

@@ -11,7 +11,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
-#include "llm/distributed/backends.h"
+#include "distributed/backends.h"
 
 namespace tiedlora::distributed::detail {
 

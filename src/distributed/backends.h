@@ -6,7 +6,7 @@
 #include <memory>
 #include <string>
 
-#include "tiedlora/llm/distributed.h"
+#include "tiedlora/distributed/launch.h"
 
 namespace tiedlora::distributed::detail {
 

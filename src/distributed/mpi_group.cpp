@@ -8,7 +8,7 @@
 
 #include <ATen/ATen.h>
 
-#include "llm/distributed/backends.h"
+#include "distributed/backends.h"
 
 namespace tiedlora::distributed::detail {
 
