@@ -105,10 +105,14 @@ TEST(SmolLM2, PackedBatchGivesThePaddedBatchsLossAndGradients) {
       const auto& [name, truth] = padded64.gradients[i];
       const double padded_error = relative(padded32.gradients[i].second, truth);
       const double packed_error = relative(packed32.gradients[i].second, truth);
-      EXPECT_LE(packed_error, 2 * padded_error + 1e-6) << method << " " << name << ": packing added error in fp32";
+      // Per tensor: at most twice the padded batch's error, above a floor of 1e-5 relative, the fp32 level of
+      // a gradient after 30 blocks (a tensor where the padded run happens to land closer to fp64 than that,
+      // 1.3e-5 against a packed 2.8e-5 on one VM's CPU, is not packing's error; the worst tensors are ~5e-5).
+      EXPECT_LE(packed_error, 2 * padded_error + 1e-5) << method << " " << name << ": packing added error in fp32";
       worst_padded = std::max(worst_padded, padded_error);
       worst_packed = std::max(worst_packed, packed_error);
     }
+    EXPECT_LE(worst_packed, 2 * worst_padded) << method << ": packing added error in fp32 (worst tensor)";
     std::cout << "[SmolLM2 " << method << "] loss padded " << padded32.loss << ", packed " << packed32.loss
               << "; fp32 gradients against fp64: worst tensor padded " << worst_padded << ", packed " << worst_packed
               << "; packed vs padded, all gradients together " << together << "\n";
