@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include "core/tie_groups.h"
 #include "tiedlora/core/error.h"
 #include "tiedlora/core/modules.h"
 
@@ -62,21 +63,12 @@ AdapterSlot& AdapterSet::at(const std::string& name, const char* what) {
   return const_cast<AdapterSlot&>(static_cast<const AdapterSet&>(*this).at(name, what));
 }
 
-namespace {
-
-std::shared_ptr<torch::nn::Module> child_named(const torch::nn::Module& parent, const std::string& name) {
-  for (const auto& item : parent.named_children()) {
-    if (item.key() == name) return item.value();
-  }
-  return nullptr;
-}
-
-}  // namespace
+using detail::child_of;
 
 AdapterSlot& AdapterSet::add(torch::nn::Module& layer, const std::string& name, AdapterKind kind) {
   check_adapter_name(name);
   TORCH_CHECK(!contains(name), "LoraLinear: the layer already carries an adapter named '", name, "'");
-  std::shared_ptr<torch::nn::Module> holders = child_named(layer, kAdapterHoldersModule);
+  std::shared_ptr<torch::nn::Module> holders = child_of(layer, kAdapterHoldersModule);
   if (!holders) holders = layer.register_module(kAdapterHoldersModule, std::make_shared<torch::nn::Module>("LoraAdapters"));
   holders->register_module(name, std::make_shared<torch::nn::Module>("LoraAdapter"));
   AdapterSlot& slot = slots_[name];
@@ -87,8 +79,8 @@ AdapterSlot& AdapterSet::add(torch::nn::Module& layer, const std::string& name, 
 // Holders are found by name, never kept as pointers: a copied layer (Cloneable::clone of a parent copies it
 // into place) would keep pointing at the original's.
 torch::nn::Module& AdapterSet::holder(torch::nn::Module& layer, const std::string& name) const {
-  const std::shared_ptr<torch::nn::Module> holders = child_named(layer, kAdapterHoldersModule);
-  const std::shared_ptr<torch::nn::Module> found = holders ? child_named(*holders, name) : nullptr;
+  const std::shared_ptr<torch::nn::Module> holders = child_of(layer, kAdapterHoldersModule);
+  const std::shared_ptr<torch::nn::Module> found = holders ? child_of(*holders, name) : nullptr;
   TORCH_INTERNAL_ASSERT(found, "LoraLinear: no holder for the adapter ", name);
   return *found;
 }
@@ -97,7 +89,7 @@ void AdapterSet::remove(torch::nn::Module& layer, const std::string& name) {
   AdapterSlot& slot = at(name, "detach_adapter");
   if (slot.owns_factors) slot.factors->set_owned(false);  // layers still sharing them are refused by trainable_parameters()
   slots_.erase(name);
-  const std::shared_ptr<torch::nn::Module> holders = child_named(layer, kAdapterHoldersModule);
+  const std::shared_ptr<torch::nn::Module> holders = child_of(layer, kAdapterHoldersModule);
   holders->unregister_module(name);
   if (holders->children().empty()) layer.unregister_module(kAdapterHoldersModule);
 }
@@ -136,9 +128,11 @@ std::vector<functional::AdapterCall> AdapterSet::calls(const at::Tensor& input, 
     return adapter_dropout(mine, p);
   };
   if (!routing) {
-    for (const auto& name : active_here()) {
-      const AdapterSlot& slot = slots_.at(name);
-      out.push_back({slot.update(), functional::AdapterRows::all(), branch_input(slot, functional::AdapterRows::all())});
+    // The active adapters carried here, each once (no list of names built per forward).
+    for (auto it = active_.begin(); it != active_.end(); ++it) {
+      const AdapterSlot* slot = find(*it);
+      if (!slot || std::find(active_.begin(), it, *it) != it) continue;
+      out.push_back({slot->update(), functional::AdapterRows::all(), branch_input(*slot, functional::AdapterRows::all())});
     }
     return out;
   }

@@ -98,8 +98,11 @@ DropoutGeneratorScope::DropoutGeneratorScope(std::vector<at::Generator> generato
 }
 DropoutGeneratorScope::~DropoutGeneratorScope() { t_state.dropout_generators = std::move(previous_); }
 
-at::Generator dropout_generator(at::Device device) {
-  for (const at::Generator& g : t_state.dropout_generators) {
+namespace {
+
+// The generator of `generators` for tensors on `device`, else the device's default generator.
+at::Generator generator_for(const std::vector<at::Generator>& generators, at::Device device) {
+  for (const at::Generator& g : generators) {
     if (g.defined() && g.device().type() == device.type() &&
         (device.is_cpu() || !device.has_index() || g.device().index() == device.index())) {
       return g;
@@ -107,6 +110,10 @@ at::Generator dropout_generator(at::Device device) {
   }
   return default_generator(device);
 }
+
+}  // namespace
+
+at::Generator dropout_generator(at::Device device) { return generator_for(t_state.dropout_generators, device); }
 
 at::Tensor adapter_dropout(const at::Tensor& input, double p) {
   // at::dropout's CPU formula (a Bernoulli(1 - p) mask divided by 1 - p, times the input), with the
@@ -144,14 +151,9 @@ void apply_autocast(const ForwardContext::Autocast& a) {
 }  // namespace
 
 ForwardContextReplay::ForwardContextReplay(const ForwardContext& context)
-    : previous_(ForwardContext::capture(context.device)) {
+    : previous_(ForwardContext::capture(context.device)),
+      generator_(generator_for(context.dropout_generators, context.device)) {
   // The generator first: if setting its state throws, nothing has been changed yet.
-  {
-    const std::vector<at::Generator> saved = std::move(t_state.dropout_generators);
-    t_state.dropout_generators = context.dropout_generators;
-    generator_ = dropout_generator(context.device);
-    t_state.dropout_generators = saved;
-  }
   previous_.random_state = generator_.get_state();
   generator_.set_state(context.random_state);
   t_state.backend = context.backend;

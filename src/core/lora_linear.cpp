@@ -271,8 +271,9 @@ at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const 
     set_token_rows(slots, call.rows, per_row);
     layout->calls.push_back(std::move(slots));
   }
+  const CallSlots& first = layout->calls.front();
   layout->cuda_kernels = calls.size() == 1 && calls[0].rows.every_row() &&
-                         use_cuda_kernels(x, cast(calls[0].adapter_input), w, b0, calls[0].update);
+                         use_cuda_kernels(x, first.adapter_x >= 0 ? list[first.adapter_x] : at::Tensor(), w, b0, calls[0].update);
   return LoraLinearFunction::apply(at::TensorList(list), layout);
 }
 
