@@ -3,6 +3,7 @@
 // tests/reference/make_peft_lora_reference.py) in fp32 and bf16.
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <ATen/autocast_mode.h>
@@ -238,6 +239,39 @@ TEST(LoraLinearRouted, EveryGradientMatchesFloat64AutogradInFloat64AndFloat32) {
       EXPECT_GT(want[i].abs().max().item<double>(), 0) << "gradient " << i << " is zero: the test would be blind";
       EXPECT_TRUE(all_close(got[i].to(torch::kDouble), want[i], tol, tol * want[i].abs().max().item<double>(),
                             std::string(c10::toString(type)) + " gradient " + std::to_string(i)));
+    }
+  }
+}
+
+// Without gradients (generation, evaluation) lora_linear skips the autograd node, and plain-LoRA calls on few
+// rows run as one grouped pair of GEMMs: both give the float64 reference and the training path's output, for
+// plain-LoRA calls on slices and every row (the grouped case) and for the mixed kinds of routed_case (u, v,
+// gathered rows, an adapter's own input: the per-call case).
+TEST(LoraLinearRouted, WithoutGradientsTheSameOutputAsWithThem) {
+  using tiedlora::functional::AdapterRows;
+  for (const auto type : {torch::kDouble, torch::kFloat}) {
+    RoutedCase mixed_kinds = routed_case(type, /*with_all_rows_adapter=*/true);
+    RoutedCase plain = routed_case(type, /*with_all_rows_adapter=*/false);
+    plain.calls.clear();
+    plain.rows.clear();
+    const int64_t in = plain.w.size(1), out = plain.w.size(0);
+    auto leaf = [&](std::vector<int64_t> shape) { return torch::randn(shape).to(type).requires_grad_(true); };
+    for (const auto& [first, last, rank, scale] : {std::tuple{0, 2, 3, 0.5}, {2, 5, 4, 2.0}, {5, 6, 2, 1.25}}) {
+      plain.calls.push_back({{leaf({rank, in}), leaf({out, rank}), {}, {}, scale}, AdapterRows::range(first, last), {}});
+      plain.rows.push_back(torch::arange(first, last));
+    }
+    plain.calls.push_back({{leaf({2, in}), leaf({out, 2}), {}, {}, 0.75}, AdapterRows::all(), {}});
+    plain.rows.emplace_back();
+    for (const RoutedCase* c : {&plain, &mixed_kinds}) {
+      const auto with_grad = tiedlora::functional::lora_linear(c->x, c->w, c->bias, c->calls);
+      torch::NoGradGuard no_grad;
+      const auto without = tiedlora::functional::lora_linear(c->x, c->w, c->bias, c->calls);
+      const double tol = type == torch::kDouble ? 1e-12 : 2e-5;
+      const std::string what = std::string(c == &plain ? "plain LoRA calls" : "mixed kinds") + " in " +
+                               c10::toString(type);
+      EXPECT_FALSE(without.requires_grad()) << what;
+      EXPECT_TRUE(all_close(without.to(torch::kDouble), routed_reference(*c), tol, tol, what + " against float64"));
+      EXPECT_TRUE(all_close(without, with_grad.detach(), tol, tol, what + " against the training path"));
     }
   }
 }

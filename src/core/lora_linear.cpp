@@ -47,11 +47,21 @@ at::Tensor rows_of(const at::Tensor& t, const CallSlots& c) {
   return c.begin >= 0 ? t.narrow(0, c.begin, c.count) : t;
 }
 
-// t[rows] += p q, in place (a slice is a view of t; gathered rows are added back with index_add_).
-void add_product_to_rows(const at::Tensor& t, const CallSlots& c, const at::Tensor& p, const at::Tensor& q) {
-  if (c.index.defined()) t.index_add_(0, c.index, p.mm(q));
-  else if (c.begin >= 0) t.narrow(0, c.begin, c.count).addmm_(p, q);
-  else t.addmm_(p, q);
+// t[rows] += alpha p q, in place (a slice is a view of t; gathered rows are added back with index_add_).
+void add_product_to_rows(const at::Tensor& t, const CallSlots& c, const at::Tensor& p, const at::Tensor& q,
+                         double alpha = 1.0) {
+  if (c.index.defined()) t.index_add_(0, c.index, p.mm(q), alpha);
+  else if (c.begin >= 0) t.narrow(0, c.begin, c.count).addmm_(p, q, 1.0, alpha);
+  else t.addmm_(p, q, 1.0, alpha);
+}
+
+// y[rows] += h B_eff^T of one call. Plain LoRA scales the product (s (h B^T), PEFT's order) instead of making a
+// scaled copy of B per call; with u or v, B_eff = s diag(v) B diag(u) is formed.
+void add_update_to_rows(const at::Tensor& y, const CallSlots& c, const at::Tensor& h, at::TensorList t,
+                        at::ScalarType type) {
+  if (c.u < 0 && c.v < 0) return add_product_to_rows(y, c, h, as(t[c.b], type).t(), c.scale);
+  const at::Tensor u = c.u >= 0 ? t[c.u] : at::Tensor(), v = c.v >= 0 ? t[c.v] : at::Tensor();
+  add_product_to_rows(y, c, h, effective_b_as(t[c.b], u, v, c.scale, type).t());
 }
 
 // dB, du, dv from dB_eff (docs/method.md), each rounded once to its parameter's dtype.
@@ -79,48 +89,113 @@ void factor_grads(const at::Tensor& db_eff, const at::Tensor& b, const at::Tenso
   }
 }
 
+// x W^T + bias over every row in W's storage dtype (fp32 accumulation inside the GEMM; W is never converted,
+// the activations are when they differ), returned in `type`: a tensor of the caller's own either way, so the
+// branches add to it in place.
+at::Tensor frozen_rows(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& bias, at::ScalarType type) {
+  const at::Tensor xg = as(x2, weight.scalar_type());
+  return as(bias.defined() ? at::addmm(as(bias, weight.scalar_type()), xg, weight.t()) : xg.mm(weight.t()), type);
+}
+
+// Inference with several plain-LoRA adapters on few rows (the decode steps of a mixed batch): there each small
+// GEMM costs a fixed amount (dispatch, waking the threads) far above its arithmetic, so all branches run as two
+// GEMMs, H = x [A_1; ...; A_N]^T with each row's entries outside its own adapter's columns zeroed and the rest
+// scaled by s_k, then y += H [B_1, ..., B_N]^T. That is N times the branches' arithmetic, so it is taken only
+// while the extra multiply-adds cost less than the GEMMs saved, kSmallGemmMacs each (about 10 us on the
+// project's 2-core CPU; docs/benchmarks.md, "Many adapters on one base"). The sums are the per-call path's, plus
+// added zeros.
+constexpr double kSmallGemmMacs = 250e3;
+
+bool grouped_pays(at::TensorList t, const CallLayout& layout, int64_t rows) {
+  if (layout.calls.size() < 2 || layout.cuda_kernels || !t[kX].is_cpu()) return false;
+  const int64_t width = t[kWeight].size(0) + t[kWeight].size(1);
+  double per_call_macs = 0, grouped_macs = 0;
+  for (const CallSlots& c : layout.calls) {
+    if (c.adapter_x >= 0 || c.u >= 0 || c.v >= 0 || c.index.defined()) return false;
+    const double rank = static_cast<double>(t[c.a].size(0));
+    per_call_macs += static_cast<double>(c.begin >= 0 ? c.count : rows) * rank * width;
+    grouped_macs += static_cast<double>(rows) * rank * width;
+  }
+  return grouped_macs - per_call_macs < 2.0 * static_cast<double>(layout.calls.size() - 1) * kSmallGemmMacs;
+}
+
+at::Tensor forward_grouped(at::TensorList t, const CallLayout& layout) {
+  const at::Tensor &x = t[kX], &weight = t[kWeight];
+  const auto type = compute_type(x.scalar_type());
+  const at::Tensor x2 = x.reshape({-1, weight.size(1)});
+  const int64_t rows = x2.size(0);
+  std::vector<at::Tensor> a, b;
+  for (const CallSlots& c : layout.calls) {
+    a.push_back(as(t[c.a], type));
+    b.push_back(as(t[c.b], type));
+  }
+  const at::Tensor a_all = at::cat(a), b_all = at::cat(b, 1);
+  const int64_t ranks = a_all.size(0);
+  const at::Tensor mask = at::zeros({rows, ranks}, x2.options().dtype(type));
+  AT_DISPATCH_FLOATING_TYPES(type, "lora_linear_grouped", [&] {
+    scalar_t* m = mask.data_ptr<scalar_t>();
+    int64_t column = 0;
+    for (size_t k = 0; k < a.size(); ++k) {
+      const CallSlots& c = layout.calls[k];
+      const int64_t first = c.begin >= 0 ? c.begin : 0, last = c.begin >= 0 ? c.begin + c.count : rows;
+      for (int64_t i = first; i < last; ++i) {
+        std::fill_n(m + i * ranks + column, a[k].size(0), static_cast<scalar_t>(c.scale));
+      }
+      column += a[k].size(0);
+    }
+  });
+  at::Tensor y = frozen_rows(x2, weight, layout.bias >= 0 ? t[layout.bias] : at::Tensor(), type);
+  y.addmm_(as(x2, type).mm(a_all.t()).mul_(mask), b_all.t());
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = weight.size(0);
+  return as(y, x.scalar_type()).reshape(out_shape);
+}
+
+// y = x W^T + bias + each call's update on its rows. `saved`, when given, gets h of each call (the backward's
+// saved tensors after the list).
+at::Tensor forward_rows(at::TensorList t, const CallLayout& layout, std::vector<at::Tensor>* saved) {
+  const at::Tensor &x = t[kX], &weight = t[kWeight];
+  const at::Tensor bias = layout.bias >= 0 ? t[layout.bias] : at::Tensor();
+  auto opt = [&](int64_t i) { return i >= 0 ? t[i] : at::Tensor(); };
+  const int64_t in = weight.size(1), out = weight.size(0);
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = out;
+
+  if (layout.cuda_kernels) {  // cuBLASLt: y = x W^T + bias, then y += h B_eff^T in x's dtype; h kept in x's dtype
+    const CallSlots& c = layout.calls[0];
+    const auto dtype = x.scalar_type();
+    const at::Tensor x2 = row_strided(x.reshape({-1, in}));
+    const at::Tensor xa2 = c.adapter_x >= 0 ? row_strided(t[c.adapter_x].reshape({-1, in})) : at::Tensor();
+    at::Tensor y = at::empty({x2.size(0), out}, x.options());
+    at::Tensor h = at::empty({x2.size(0), t[c.a].size(0)}, x.options());
+    cuda::lora_forward_out(y, h, x2, xa2, row_strided(weight), bias.defined() ? as(bias, dtype).contiguous() : bias,
+                           row_strided(as(t[c.a], dtype)), cuda::effective_b(t[c.b], opt(c.u), opt(c.v), c.scale, dtype));
+    if (saved) saved->push_back(h);
+    return y.reshape(out_shape);
+  }
+
+  // The frozen matmul once over every row (frozen_rows), each branch in fp32 (fp64 for double activations) on
+  // its rows. fp32 weights: one accumulator, one rounding; bf16/fp16 weights: the GEMM's
+  // rounding of x W^T, then the updates added in fp32 and rounded once more (PEFT rounds as often).
+  const auto type = compute_type(x.scalar_type());
+  const at::Tensor x2 = x.reshape({-1, in});
+  const at::Tensor y = frozen_rows(x2, weight, bias, type);
+  for (const CallSlots& c : layout.calls) {
+    const at::Tensor branch_in = c.adapter_x >= 0 ? t[c.adapter_x].reshape({-1, in}) : rows_of(x2, c);
+    const at::Tensor h = as(branch_in, type).mm(as(t[c.a], type).t());  // (rows, r), kept for dB_eff
+    add_update_to_rows(y, c, h, t, type);
+    if (saved) saved->push_back(h);
+  }
+  return as(y, x.scalar_type()).reshape(out_shape);
+}
+
 struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
   static at::Tensor forward(AutogradContext* ctx, at::TensorList t, const c10::intrusive_ptr<CallLayout>& layout) {
-    const at::Tensor &x = t[kX], &weight = t[kWeight];
-    const at::Tensor bias = layout->bias >= 0 ? t[layout->bias] : at::Tensor();
-    auto opt = [&](int64_t i) { return i >= 0 ? t[i] : at::Tensor(); };
-    const int64_t in = weight.size(1), out = weight.size(0);
-    auto out_shape = x.sizes().vec();
-    out_shape.back() = out;
     std::vector<at::Tensor> saved(t.begin(), t.end());  // then h of each call
+    at::Tensor y = forward_rows(t, *layout, &saved);
     ctx->saved_data["layout"] = at::IValue::make_capsule(layout);
-
-    if (layout->cuda_kernels) {  // cuBLASLt: y = x W^T + bias, then y += h B_eff^T in x's dtype; h kept in x's dtype
-      const CallSlots& c = layout->calls[0];
-      const auto dtype = x.scalar_type();
-      const at::Tensor x2 = row_strided(x.reshape({-1, in}));
-      const at::Tensor xa2 = c.adapter_x >= 0 ? row_strided(t[c.adapter_x].reshape({-1, in})) : at::Tensor();
-      at::Tensor y = at::empty({x2.size(0), out}, x.options());
-      at::Tensor h = at::empty({x2.size(0), t[c.a].size(0)}, x.options());
-      cuda::lora_forward_out(y, h, x2, xa2, row_strided(weight), bias.defined() ? as(bias, dtype).contiguous() : bias,
-                             row_strided(as(t[c.a], dtype)), cuda::effective_b(t[c.b], opt(c.u), opt(c.v), c.scale, dtype));
-      saved.push_back(h);
-      ctx->save_for_backward(saved);
-      return y.reshape(out_shape);
-    }
-
-    // The frozen matmul once over every row in W's storage dtype (fp32 accumulation inside the GEMM); W is
-    // never converted, the activations are when they differ. Each branch in fp32 (fp64 for double
-    // activations) on its rows. fp32 weights: one accumulator, one rounding; bf16/fp16 weights: the GEMM's
-    // rounding of x W^T, then the updates added in fp32 and rounded once more (PEFT rounds as often).
-    const auto type = compute_type(x.scalar_type());
-    const at::Tensor x2 = x.reshape({-1, in});
-    const at::Tensor xg = as(x2, weight.scalar_type());
-    at::Tensor y = bias.defined() ? at::addmm(as(bias, weight.scalar_type()), xg, weight.t()) : xg.mm(weight.t());
-    y = as(y, type);  // a tensor of this function's own either way, so the branches add in place
-    for (const CallSlots& c : layout->calls) {
-      const at::Tensor branch_in = c.adapter_x >= 0 ? t[c.adapter_x].reshape({-1, in}) : rows_of(x2, c);
-      const at::Tensor h = as(branch_in, type).mm(as(t[c.a], type).t());  // (rows, r), kept for dB_eff
-      add_product_to_rows(y, c, h, effective_b_as(t[c.b], opt(c.u), opt(c.v), c.scale, type).t());
-      saved.push_back(h);
-    }
     ctx->save_for_backward(saved);
-    return as(y, x.scalar_type()).reshape(out_shape);
+    return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -274,6 +349,12 @@ at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const 
   const CallSlots& first = layout->calls.front();
   layout->cuda_kernels = calls.size() == 1 && calls[0].rows.every_row() &&
                          use_cuda_kernels(x, first.adapter_x >= 0 ? list[first.adapter_x] : at::Tensor(), w, b0, calls[0].update);
+  // Nothing to differentiate (generation and evaluation run under NoGradGuard): the same forward without an
+  // autograd node and its saved tensors, which a decode step would otherwise pay per layer.
+  if (!at::GradMode::is_enabled()) {
+    const int64_t rows = w.size(1) > 0 ? x.numel() / w.size(1) : 0;
+    return grouped_pays(list, *layout, rows) ? forward_grouped(list, *layout) : forward_rows(list, *layout, nullptr);
+  }
   return LoraLinearFunction::apply(at::TensorList(list), layout);
 }
 
