@@ -14,10 +14,6 @@
 // Build: part of the CUDA build (bench/CMakeLists.txt, TIEDLORA_WITH_CUDA). Run on a GPU machine:
 //   build/bench/bench_lora_cuda [--quick] [--no-aten] [--reps N] [--shapes gpt2|llama|all]
 // Without a GPU it says so and exits with status 2.
-#include <ATen/cuda/CUDAContext.h>
-#include <cuda_runtime.h>
-#include <torch/torch.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -28,6 +24,10 @@
 #include <functional>
 #include <string>
 #include <vector>
+
+#include <ATen/cuda/CUDAContext.h>
+#include <cuda_runtime.h>
+#include <torch/torch.h>
 
 #include "core/cuda/dispatch.h"
 #include "tiedlora/core/functional.h"

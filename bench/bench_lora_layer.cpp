@@ -21,8 +21,9 @@ struct Shape {
   int64_t in, out;
 };
 constexpr Shape kShapes[] = {
-    {"gpt2_c_attn_768x2304", 768, 2304}, {"gpt2_attn_c_proj_768x768", 768, 768}, {"gpt2_c_fc_768x3072", 768, 3072},
-    {"gpt2_mlp_c_proj_3072x768", 3072, 768}, {"llama_4096x4096", 4096, 4096}, {"llama_up_4096x11008", 4096, 11008},
+    {"gpt2_c_attn_768x2304", 768, 2304}, {"gpt2_attn_c_proj_768x768", 768, 768},
+    {"gpt2_c_fc_768x3072", 768, 3072},   {"gpt2_mlp_c_proj_3072x768", 3072, 768},
+    {"llama_4096x4096", 4096, 4096},     {"llama_up_4096x11008", 4096, 11008},
 };
 constexpr int64_t kTokens = 256;
 constexpr int64_t kRank = 16;
@@ -41,7 +42,8 @@ void run(benchmark::State& state, const Shape& shape, Variant variant, bool back
   auto a = (torch::randn({kRank, shape.in}) * 0.02).requires_grad_(true);
   auto b = (torch::randn({shape.out, kRank}) * 0.02).requires_grad_(true);
   tiedlora::LoraLinear lora(nullptr);
-  tiedlora::TiedLoraFactors factors(shape.in, shape.out, tiedlora::AdapterMethod::parse("tied-abuv"), tiedlora::LoraOptions(kRank));
+  tiedlora::TiedLoraFactors factors(shape.in, shape.out, tiedlora::AdapterMethod::parse("tied-abuv"),
+                                    tiedlora::LoraOptions(kRank));
   if (variant == kLora) {
     lora = tiedlora::LoraLinear(base, tiedlora::LoraOptions(kRank));
   } else if (variant == kTied) {
@@ -90,9 +92,11 @@ int register_all() {
     for (bool backward : {false, true}) {
       for (int v = kFrozen; v <= kMixedRows; ++v) {
         const std::string name = std::string(shape.name) + (backward ? "/fwd_bwd/" : "/fwd/") + kVariantNames[v];
-        benchmark::RegisterBenchmark(name.c_str(), [shape, v, backward](benchmark::State& s) {
-          run(s, shape, static_cast<Variant>(v), backward);
-        })->Unit(benchmark::kMillisecond)->MinTime(0.5);
+        benchmark::RegisterBenchmark(
+            name.c_str(),
+            [shape, v, backward](benchmark::State& s) { run(s, shape, static_cast<Variant>(v), backward); })
+            ->Unit(benchmark::kMillisecond)
+            ->MinTime(0.5);
       }
     }
   }

@@ -74,7 +74,8 @@ int main(int argc, char** argv) {
   std::vector<tiedlora::io::TensorSpec> specs;
   specs.push_back({"model.embed_tokens.weight", tiedlora::io::SafetensorsDtype::F32, {8000, 1024}});
   for (int i = 0; i < layers; ++i) {
-    specs.push_back({"model.layers." + std::to_string(i) + ".proj.weight", tiedlora::io::SafetensorsDtype::F32, {rows, cols}});
+    specs.push_back(
+        {"model.layers." + std::to_string(i) + ".proj.weight", tiedlora::io::SafetensorsDtype::F32, {rows, cols}});
   }
   uint64_t total = 0, largest = 0;
   for (const auto& s : specs) {
@@ -99,18 +100,20 @@ int main(int argc, char** argv) {
   tiedlora::write_adapter_folder(adapter, config, adapter_tensors);
 
   const ChildResult baseline = run_child({cli, "inspect", "--header-only", adapter}, dir + "/inspect.out");
-  const ChildResult merge =
-      run_child({cli, "merge-weights", "--base", base, "--adapter", adapter, "--out", out, "--quiet"}, dir + "/merge.out");
+  const ChildResult merge = run_child(
+      {cli, "merge-weights", "--base", base, "--adapter", adapter, "--out", out, "--quiet"}, dir + "/merge.out");
   if (baseline.status != 0 || merge.status != 0) {
     std::fprintf(stderr, "bench_merge: a child failed (inspect %d, merge %d)\n", baseline.status, merge.status);
     return 1;
   }
   const double mb = total / 1e6;
-  std::printf("| checkpoint | tensors | largest tensor | wall time | throughput | peak RSS | RSS of the tool idle | (peak - idle) / largest |\n");
+  std::printf(
+      "| checkpoint | tensors | largest tensor | wall time | throughput | peak RSS | RSS of the tool idle | (peak - "
+      "idle) / largest |\n");
   std::printf("|---|---:|---:|---:|---:|---:|---:|---:|\n");
-  std::printf("| %.0f MB fp32, %d adapted | %zu | %.1f MB | %.2f s | %.0f MB/s | %.0f MB | %.0f MB | %.1f |\n", mb, layers,
-              specs.size(), largest / 1e6, merge.seconds, mb / merge.seconds, merge.peak_rss_mb, baseline.peak_rss_mb,
-              (merge.peak_rss_mb - baseline.peak_rss_mb) / (largest / 1e6));
+  std::printf("| %.0f MB fp32, %d adapted | %zu | %.1f MB | %.2f s | %.0f MB/s | %.0f MB | %.0f MB | %.1f |\n", mb,
+              layers, specs.size(), largest / 1e6, merge.seconds, mb / merge.seconds, merge.peak_rss_mb,
+              baseline.peak_rss_mb, (merge.peak_rss_mb - baseline.peak_rss_mb) / (largest / 1e6));
   tiedlora::io::remove_tree(dir);
   return 0;
 }

@@ -16,7 +16,8 @@
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: bench_model_forward <model.gguf|folder|smollm2> [tokens=128] [repetitions=5] [threads=2]\n");
+    std::fprintf(stderr,
+                 "usage: bench_model_forward <model.gguf|folder|smollm2> [tokens=128] [repetitions=5] [threads=2]\n");
     return 2;
   }
   std::string path = argv[1];

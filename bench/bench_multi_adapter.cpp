@@ -59,8 +59,10 @@ int main(int argc, char** argv) {
     std::vector<std::string> names;
     for (int n = 0; n < adapters; ++n) {
       names.push_back("a" + std::to_string(n));
-      tiedlora::inject_adapters(*model, tiedlora::InjectOptions().targets({"all-linear"})
-                                            .lora(tiedlora::LoraOptions(8).seed(100 + n)).adapter_name(names.back()));
+      tiedlora::inject_adapters(*model, tiedlora::InjectOptions()
+                                            .targets({"all-linear"})
+                                            .lora(tiedlora::LoraOptions(8).seed(100 + n))
+                                            .adapter_name(names.back()));
     }
     {
       at::NoGradGuard no_grad;
@@ -117,10 +119,11 @@ int main(int argc, char** argv) {
       std::function<void()> run;
       std::vector<double> times;
     };
-    std::vector<Mode> modes = {{"N separate runs (one adapter active each)", [&] { run_separate(false); }, {}},
-                               {"N separate runs, adapter merged (merge + unmerge included)", [&] { run_separate(true); }, {}},
-                               {"one mixed run (each row its adapter)", run_mixed, {}},
-                               {"ceiling: the same batch, one adapter for all rows (nothing routed)", run_one_adapter, {}}};
+    std::vector<Mode> modes = {
+        {"N separate runs (one adapter active each)", [&] { run_separate(false); }, {}},
+        {"N separate runs, adapter merged (merge + unmerge included)", [&] { run_separate(true); }, {}},
+        {"one mixed run (each row its adapter)", run_mixed, {}},
+        {"ceiling: the same batch, one adapter for all rows (nothing routed)", run_one_adapter, {}}};
     for (auto& mode : modes) mode.run();  // warm-up
     for (int r = 0; r < repetitions; ++r) {
       for (auto& mode : modes) {
@@ -136,10 +139,12 @@ int main(int argc, char** argv) {
 
     const double generated = static_cast<double>(prompt_count) * static_cast<double>(new_tokens);
     const double baseline = median(modes[0].times);
-    std::printf("\n%d LoRA adapters (r = 8, all-linear) x %d prompts (%lld prompt tokens, 12-40 each), %lld new tokens "
-                "each, greedy with KV cache, %d threads, median of %d runs; identical tokens, mixed vs separate: %d of %d prompts\n\n",
-                adapters, prompt_count, static_cast<long long>(prompt_tokens), static_cast<long long>(new_tokens),
-                at::get_num_threads(), repetitions, identical, prompt_count);
+    std::printf(
+        "\n%d LoRA adapters (r = 8, all-linear) x %d prompts (%lld prompt tokens, 12-40 each), %lld new tokens "
+        "each, greedy with KV cache, %d threads, median of %d runs; identical tokens, mixed vs separate: %d of %d "
+        "prompts\n\n",
+        adapters, prompt_count, static_cast<long long>(prompt_tokens), static_cast<long long>(new_tokens),
+        at::get_num_threads(), repetitions, identical, prompt_count);
     std::printf("| mode | seconds | generated tokens/s | speed vs separate runs |\n|---|---|---|---|\n");
     for (const auto& mode : modes) {
       const double t = median(mode.times);
@@ -147,16 +152,18 @@ int main(int argc, char** argv) {
     }
 
     // Bytes per adapter on disk, SmolLM2 all-linear, rank 8, fp32 factors.
-    std::printf("\n| method (rank 8, all-linear) | stored parameters | adapter_model.safetensors bytes | vs LoRA |\n"
-                "|---|---|---|---|\n");
+    std::printf(
+        "\n| method (rank 8, all-linear) | stored parameters | adapter_model.safetensors bytes | vs LoRA |\n"
+        "|---|---|---|---|\n");
     char scratch_template[] = "/tmp/tiedlora_bench_multi_adapter.XXXXXX";
     if (!::mkdtemp(scratch_template)) throw std::runtime_error("cannot create a folder in /tmp");
     const std::string scratch = scratch_template;
     double lora_bytes = 0;
     for (const char* method : {"lora", "tied-ab", "tied-abuv", "tied-uv"}) {
       auto fresh = tiedlora::models::load_any(path);
-      const auto report = tiedlora::inject_adapters(*fresh, tiedlora::InjectOptions().targets({"all-linear"}).method(method)
-                                                                .lora(tiedlora::LoraOptions(8).seed(1)));
+      const auto report = tiedlora::inject_adapters(
+          *fresh,
+          tiedlora::InjectOptions().targets({"all-linear"}).method(method).lora(tiedlora::LoraOptions(8).seed(1)));
       const std::string folder = tiedlora::io::join_path(scratch, method);
       tiedlora::save_adapter(*fresh, folder);
       const auto adapter = tiedlora::Adapter::read(folder);
@@ -167,8 +174,11 @@ int main(int argc, char** argv) {
       const double bytes = static_cast<double>(std::ftell(f));
       std::fclose(f);
       if (lora_bytes == 0) lora_bytes = bytes;
-      const char* label = std::string(method) == "tied-ab" ? "tied-ab (TL5)" : std::string(method) == "tied-abuv" ? "tied-abuv (TL6)" : method;
-      std::printf("| %s | %lld | %.0f | %.2f %% |\n", label, static_cast<long long>(stored), bytes, 100.0 * bytes / lora_bytes);
+      const char* label = std::string(method) == "tied-ab"     ? "tied-ab (TL5)"
+                          : std::string(method) == "tied-abuv" ? "tied-abuv (TL6)"
+                                                               : method;
+      std::printf("| %s | %lld | %.0f | %.2f %% |\n", label, static_cast<long long>(stored), bytes,
+                  100.0 * bytes / lora_bytes);
       (void)report;
     }
     tiedlora::io::remove_tree(scratch);

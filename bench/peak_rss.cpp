@@ -21,7 +21,7 @@ int main(int argc, char** argv) {
     ::_exit(127);
   }
   int status = 0;
-  struct rusage usage {};
+  struct rusage usage{};
   if (::wait4(pid, &status, 0, &usage) < 0) return 2;
   std::printf("%ld\n", usage.ru_maxrss);
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);

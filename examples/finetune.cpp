@@ -28,7 +28,8 @@ std::vector<std::string> attention_targets(const tiedlora::models::CausalLM& mod
 }
 
 std::vector<tt::TokenizedExample> tokenize_all(const tiedlora::Tokenizer& tokenizer,
-                                               const std::vector<tt::Example>& examples, const tt::PromptFormat& format) {
+                                               const std::vector<tt::Example>& examples,
+                                               const tt::PromptFormat& format) {
   std::vector<tt::TokenizedExample> out;
   for (const auto& example : examples) out.push_back(tt::tokenize(tokenizer, example, format));
   return out;
@@ -73,14 +74,14 @@ int main(int argc, char** argv) {
 
     // 4. The adapter: Tied-LoRA rank 8, alpha = rank (scale 1, as in the paper); only u, v, A, B train.
     torch::manual_seed(options.seed);
-    const auto report = tiedlora::inject_adapters(
-        *model, tiedlora::InjectOptions()
-                    .targets(attention_targets(*model))
-                    .method("tied-abuv")
-                    .lora(tiedlora::LoraOptions(8).seed(options.seed)));
-    std::printf("%s: %lld trainable of %lld parameters (%.4f%%)\n", model_path.c_str(),
-                static_cast<long long>(report.trainable_parameters), static_cast<long long>(report.total_parameters),
-                100.0 * static_cast<double>(report.trainable_parameters) / static_cast<double>(report.total_parameters));
+    const auto report = tiedlora::inject_adapters(*model, tiedlora::InjectOptions()
+                                                              .targets(attention_targets(*model))
+                                                              .method("tied-abuv")
+                                                              .lora(tiedlora::LoraOptions(8).seed(options.seed)));
+    std::printf(
+        "%s: %lld trainable of %lld parameters (%.4f%%)\n", model_path.c_str(),
+        static_cast<long long>(report.trainable_parameters), static_cast<long long>(report.total_parameters),
+        100.0 * static_cast<double>(report.trainable_parameters) / static_cast<double>(report.total_parameters));
     std::printf("exact match before training: %.1f%%\n", exact_match(*model, *tokenizer, test, format));
 
     // 5. Train. The end-of-turn token pads batches; padding never carries a target.

@@ -70,7 +70,8 @@ torch::Tensor make_batch(const torch::Tensor& perm, torch::Generator& gen) {
 
 double loss_of(TinyLm& model, const torch::Tensor& ids) {
   auto logits = model->forward(ids.slice(1, 0, kSeq));
-  return torch::nn::functional::cross_entropy(logits.reshape({-1, kVocab}), ids.slice(1, 1).reshape({-1})).item<double>();
+  return torch::nn::functional::cross_entropy(logits.reshape({-1, kVocab}), ids.slice(1, 1).reshape({-1}))
+      .item<double>();
 }
 
 }  // namespace
@@ -82,11 +83,10 @@ int main() {
     const auto perm = torch::randperm(kVocab, gen);
     TinyLm model;
 
-    auto report = tiedlora::inject_adapters(
-        *model, tiedlora::InjectOptions()
-                    .targets({"q_proj", "v_proj", "o_proj", "up_proj", "down_proj"})
-                    .method("tied-abuv")
-                    .lora(tiedlora::LoraOptions(8).alpha(16.0).seed(7)));
+    auto report = tiedlora::inject_adapters(*model, tiedlora::InjectOptions()
+                                                        .targets({"q_proj", "v_proj", "o_proj", "up_proj", "down_proj"})
+                                                        .method("tied-abuv")
+                                                        .lora(tiedlora::LoraOptions(8).alpha(16.0).seed(7)));
     std::cout << report.summary();
 
     const auto eval_ids = make_batch(perm, gen);
@@ -105,8 +105,8 @@ int main() {
     }
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     const double trained = loss_of(model, eval_ids);
-    std::printf("held-out loss: %.4f before training, %.4f after %d steps (%.1f s, %.0f tokens/s)\n", initial,
-                trained, steps, seconds, steps * kBatch * kSeq / seconds);
+    std::printf("held-out loss: %.4f before training, %.4f after %d steps (%.1f s, %.0f tokens/s)\n", initial, trained,
+                steps, seconds, steps * kBatch * kSeq / seconds);
 
     model->eval();
     torch::NoGradGuard no_grad;
@@ -122,7 +122,8 @@ int main() {
                 max_diff / max_ref);
     tiedlora::unmerge_adapters_(*model);
     bool restored = true;
-    for (const auto& p : model->named_parameters()) restored = restored && torch::equal(p.value(), original.at(p.key()));
+    for (const auto& p : model->named_parameters())
+      restored = restored && torch::equal(p.value(), original.at(p.key()));
     std::printf("unmerge restores every weight bit for bit: %s\n", restored ? "yes" : "NO");
     const bool ok = trained < initial && max_diff <= 1e-5 * max_ref && restored;
     std::printf("%s\n", ok ? "showcase: OK" : "showcase: FAILED");

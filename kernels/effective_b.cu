@@ -2,7 +2,6 @@
 // output dtype.
 // Built by nvcc for sm_80 and sm_90 (cmake/TiedloraCuda.cmake); called from src/core/cuda/effective_b_dispatch.cpp.
 #include "effective_b.cuh"
-
 #include "element_convert.cuh"
 
 namespace tiedlora::kernels {
@@ -30,8 +29,8 @@ cudaError_t launch_typed(const EffectiveBParams& p, cudaStream_t stream) {
   const long long wanted = (n + threads - 1) / threads;
   const int blocks = static_cast<int>(wanted < 65535 ? wanted : 65535);
   effective_b_kernel<T, Out><<<blocks, threads, 0, stream>>>(static_cast<const T*>(p.b), static_cast<const T*>(p.u),
-                                                              static_cast<const T*>(p.v), static_cast<Out*>(p.out),
-                                                              p.d_out, p.rank, p.scale);
+                                                             static_cast<const T*>(p.v), static_cast<Out*>(p.out),
+                                                             p.d_out, p.rank, p.scale);
   return cudaGetLastError();
 }
 

@@ -2,8 +2,6 @@
 // matmul wrapper with cached handles, workspaces and algorithms, and the forward and backward passes built
 // from it. Built by nvcc for sm_80 and sm_90 (cmake/TiedloraCuda.cmake) into tiedlora_kernels, linked with
 // cuBLASLt; called from src/core/cuda/lora_dispatch.cpp and the CUDA benchmark.
-#include <cublasLt.h>
-
 #include <cstdint>
 #include <cstdio>
 #include <map>
@@ -11,6 +9,8 @@
 #include <tuple>
 #include <utility>
 #include <vector>
+
+#include <cublasLt.h>
 
 #include "element_convert.cuh"
 #include "lora_gemm.cuh"
@@ -21,11 +21,8 @@ const char* describe(const Status& status, char* buffer, int buffer_size) {
   const char* code = "ok";
   const char* library = "";
   switch (status.code) {
-    case StatusCode::ok:
-      break;
-    case StatusCode::invalid_argument:
-      code = "invalid argument";
-      break;
+    case StatusCode::ok: break;
+    case StatusCode::invalid_argument: code = "invalid argument"; break;
     case StatusCode::cuda_error:
       code = "CUDA error";
       library = cudaGetErrorString(static_cast<cudaError_t>(status.detail));
@@ -34,9 +31,7 @@ const char* describe(const Status& status, char* buffer, int buffer_size) {
       code = "cuBLASLt error";
       library = cublasLtGetStatusString(static_cast<cublasStatus_t>(status.detail));
       break;
-    case StatusCode::no_algorithm:
-      code = "cuBLASLt offers no algorithm";
-      break;
+    case StatusCode::no_algorithm: code = "cuBLASLt offers no algorithm"; break;
   }
   std::snprintf(buffer, static_cast<size_t>(buffer_size), "%s%s%s (at %s)", code, library[0] ? ": " : "", library,
                 status.where ? status.where : "?");
@@ -101,12 +96,9 @@ Status cached_workspace(int device, cudaStream_t stream, void** workspace) {
 
 cudaDataType_t cuda_type(DType dtype) {
   switch (dtype) {
-    case DType::f32:
-      return CUDA_R_32F;
-    case DType::bf16:
-      return CUDA_R_16BF;
-    case DType::f16:
-      return CUDA_R_16F;
+    case DType::f32: return CUDA_R_32F;
+    case DType::bf16: return CUDA_R_16BF;
+    case DType::f16: return CUDA_R_16F;
   }
   return CUDA_R_32F;
 }

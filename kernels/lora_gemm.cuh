@@ -11,9 +11,9 @@
 // host (functional.cpp). No torch headers; launchers return a Status and never throw.
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include <cstddef>
+
+#include <cuda_runtime.h>
 
 #include "kernel_types.cuh"
 

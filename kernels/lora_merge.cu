@@ -166,12 +166,9 @@ Status launch_lora_merge(const LoraMergeParams& p, cudaStream_t stream) {
   if ((p.d_out + kTileRows - 1) / kTileRows > 65535)
     return invalid_argument("lora_merge: d_out too large for the grid");
   switch (p.dtype) {
-    case DType::f32:
-      return launch_typed<float>(p, stream);
-    case DType::bf16:
-      return launch_typed<__nv_bfloat16>(p, stream);
-    case DType::f16:
-      return launch_typed<__half>(p, stream);
+    case DType::f32: return launch_typed<float>(p, stream);
+    case DType::bf16: return launch_typed<__nv_bfloat16>(p, stream);
+    case DType::f16: return launch_typed<__half>(p, stream);
   }
   return invalid_argument("lora_merge: dtype");
 }

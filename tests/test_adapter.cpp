@@ -8,15 +8,14 @@
 #include <limits>
 
 #include <nlohmann/json.hpp>
-
 #include <torch/torch.h>
 
 #include "test_support.h"
-#include "tiedlora/formats/adapter.h"
 #include "tiedlora/core/error.h"
 #include "tiedlora/core/functional.h"
-#include "tiedlora/formats/hf_config.h"
 #include "tiedlora/core/inject.h"
+#include "tiedlora/formats/adapter.h"
+#include "tiedlora/formats/hf_config.h"
 #include "tiedlora/formats/safetensors.h"
 #include "util/files.h"
 
@@ -44,8 +43,10 @@ std::shared_ptr<torch::nn::Module> tree_from_config(const std::string& config) {
     const std::string parent = dot == std::string::npos ? "" : m.name.substr(0, dot);
     const std::string key = dot == std::string::npos ? m.name : m.name.substr(dot + 1);
     std::shared_ptr<torch::nn::Module> node =
-        m.is_linear ? tiedlora::LoraLinear(torch::nn::LinearOptions(m.shape.in_features, m.shape.out_features).bias(false)).ptr()
-                    : std::make_shared<torch::nn::Module>();
+        m.is_linear
+            ? tiedlora::LoraLinear(torch::nn::LinearOptions(m.shape.in_features, m.shape.out_features).bias(false))
+                  .ptr()
+            : std::make_shared<torch::nn::Module>();
     nodes.at(parent)->register_module(key, node);
     nodes[m.name] = node;
   }
@@ -145,7 +146,6 @@ TEST(Adapter, TiedAdapterRoundTripsAndExportsExactly) {
     EXPECT_TRUE(torch::equal(a[i].second->lora_B(), b[i].second->lora_B()));
     EXPECT_TRUE(torch::equal(a[i].second->lora_u, b[i].second->lora_u));
     EXPECT_TRUE(torch::equal(a[i].second->lora_v, b[i].second->lora_v));
-
   }
   // Shared factors stay shared after loading.
   EXPECT_EQ(b[0].second->lora_A().data_ptr(), b[3].second->lora_A().data_ptr());  // layers 0 and 1 q_proj
@@ -167,7 +167,9 @@ TEST(Adapter, TiedAdapterRoundTripsAndExportsExactly) {
 TEST(Adapter, Gpt2TiedAdapterRecordsFanInFanOut) {
   torch::manual_seed(5);
   auto model = tree_from_config(ref("gpt2_base/config.json"));
-  tiedlora::inject_adapters(*model, tiedlora::InjectOptions().targets({"c_attn", "mlp.c_fc"}).method("tied-abuv")
+  tiedlora::inject_adapters(*model, tiedlora::InjectOptions()
+                                        .targets({"c_attn", "mlp.c_fc"})
+                                        .method("tied-abuv")
                                         .lora(tiedlora::LoraOptions(4).alpha(4.0).seed(1)));
   randomize(*model);
   const std::string folder = ref("cpp_gpt2_tied");
@@ -181,8 +183,9 @@ TEST(Adapter, Gpt2TiedAdapterRecordsFanInFanOut) {
 TEST(Adapter, LoraIsSavedInPeftsLayout) {
   torch::manual_seed(4);
   auto model = tree_from_config(ref("llama_base/config.json"));
-  tiedlora::inject_adapters(*model, tiedlora::InjectOptions().targets({"q_proj", "v_proj"}).method("lora")
-                                        .lora(tiedlora::LoraOptions(4).alpha(8.0)));
+  tiedlora::inject_adapters(
+      *model,
+      tiedlora::InjectOptions().targets({"q_proj", "v_proj"}).method("lora").lora(tiedlora::LoraOptions(4).alpha(8.0)));
   randomize(*model);
   const std::string folder = ref("cpp_llama_lora");
   tiedlora::util::remove_tree(folder);
@@ -190,7 +193,8 @@ TEST(Adapter, LoraIsSavedInPeftsLayout) {
   const auto file = tiedlora::io::load_safetensors(folder + "/adapter_model.safetensors");
   EXPECT_EQ(file.size(), 8u);
   EXPECT_TRUE(file.count("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"));
-  const auto config = tiedlora::parse_adapter_config(tiedlora::util::read_text_file(folder + "/adapter_config.json"), "x");
+  const auto config =
+      tiedlora::parse_adapter_config(tiedlora::util::read_text_file(folder + "/adapter_config.json"), "x");
   EXPECT_EQ(config.type, tiedlora::AdapterType::lora);
   EXPECT_EQ(config.rank, 4);
   EXPECT_DOUBLE_EQ(config.alpha, 8.0);
@@ -236,27 +240,48 @@ TEST(Adapter, MalformedFoldersGetClearErrors) {
     tiedlora::io::save_safetensors(dir + "/adapter_model.safetensors", tensors);
   };
   const std::vector<BrokenFolder> cases = {
-      {"bad_json", [&](const std::string& d) { write_text(d + "/adapter_config.json", "{\"r\": 8,"); }, "not valid JSON"},
-      {"not_object", [&](const std::string& d) { write_text(d + "/adapter_config.json", "[1, 2]"); }, "must be a JSON object"},
-      {"no_type", [&](const std::string& d) { write_text(d + "/adapter_config.json", "{\"r\": 8}"); }, "field 'peft_type' is missing"},
-      {"unknown_type", [&](const std::string& d) { write_text(d + "/adapter_config.json", replace(config, "\"LORA\"", "\"IA3\"")); },
+      {"bad_json", [&](const std::string& d) { write_text(d + "/adapter_config.json", "{\"r\": 8,"); },
+       "not valid JSON"},
+      {"not_object", [&](const std::string& d) { write_text(d + "/adapter_config.json", "[1, 2]"); },
+       "must be a JSON object"},
+      {"no_type", [&](const std::string& d) { write_text(d + "/adapter_config.json", "{\"r\": 8}"); },
+       "field 'peft_type' is missing"},
+      {"unknown_type",
+       [&](const std::string& d) { write_text(d + "/adapter_config.json", replace(config, "\"LORA\"", "\"IA3\"")); },
        "\"IA3\" is not supported"},
-      {"dora", [&](const std::string& d) { write_text(d + "/adapter_config.json", replace(config, "\"use_dora\": false", "\"use_dora\": true")); },
+      {"dora",
+       [&](const std::string& d) {
+         write_text(d + "/adapter_config.json", replace(config, "\"use_dora\": false", "\"use_dora\": true"));
+       },
        "DoRA"},
-      {"rank_is_text", [&](const std::string& d) { write_text(d + "/adapter_config.json", replace(config, "\"r\": 8", "\"r\": \"8\"")); },
+      {"rank_is_text",
+       [&](const std::string& d) {
+         write_text(d + "/adapter_config.json", replace(config, "\"r\": 8", "\"r\": \"8\""));
+       },
        "field 'r' must be a positive integer"},
-      {"duplicate_key", [&](const std::string& d) { write_text(d + "/adapter_config.json", replace(config, "\"r\": 8", "\"r\": 8, \"r\": 4")); },
+      {"duplicate_key",
+       [&](const std::string& d) {
+         write_text(d + "/adapter_config.json", replace(config, "\"r\": 8", "\"r\": 8, \"r\": 4"));
+       },
        "key 'r' appears twice"},
-      {"wrong_rank", [&](const std::string& d) { write_text(d + "/adapter_config.json", replace(config, "\"r\": 8", "\"r\": 4")); },
+      {"wrong_rank",
+       [&](const std::string& d) { write_text(d + "/adapter_config.json", replace(config, "\"r\": 8", "\"r\": 4")); },
        "has rank 8 but the config says r = 4"},
-      {"missing_b", [&](const std::string& d) { drop_tensor(d, "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"); },
+      {"missing_b",
+       [&](const std::string& d) { drop_tensor(d, "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"); },
        "lora_B.weight' is missing"},
-      {"unexpected_tensor", [&](const std::string& d) { add_tensor(d, "base_model.model.lm_head.lora_embedding_A", torch::ones({2})); },
+      {"unexpected_tensor",
+       [&](const std::string& d) { add_tensor(d, "base_model.model.lm_head.lora_embedding_A", torch::ones({2})); },
        "is not a LoRA A/B tensor"},
-      {"integer_tensor", [&](const std::string& d) { add_tensor(d, "base_model.model.x.lora_A.weight", torch::ones({8, 2}, torch::kInt)); },
+      {"integer_tensor",
+       [&](const std::string& d) {
+         add_tensor(d, "base_model.model.x.lora_A.weight", torch::ones({8, 2}, torch::kInt));
+       },
        "must be floating point"},
-      {"no_weights", [&](const std::string& d) { ::unlink((d + "/adapter_model.safetensors").c_str()); }, "missing adapter_model.safetensors"},
-      {"truncated_weights", [&](const std::string& d) { ::truncate((d + "/adapter_model.safetensors").c_str(), 100); }, "adapter_model.safetensors"},
+      {"no_weights", [&](const std::string& d) { ::unlink((d + "/adapter_model.safetensors").c_str()); },
+       "missing adapter_model.safetensors"},
+      {"truncated_weights", [&](const std::string& d) { ::truncate((d + "/adapter_model.safetensors").c_str(), 100); },
+       "adapter_model.safetensors"},
   };
   expect_each_refused(good, "malformed_", cases);
 }
@@ -270,21 +295,26 @@ TEST(Adapter, NonFiniteValuesTargetModulesAndPatternsAreCheckedAtLoad) {
   };
   const std::string b_name = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight";
   const std::vector<BrokenFolder> cases = {
-      {"nan", [&](const std::string& d) {
+      {"nan",
+       [&](const std::string& d) {
          auto tensors = tiedlora::io::load_safetensors(d + "/adapter_model.safetensors");
          tensors[b_name] = tensors.at(b_name).clone();
          tensors[b_name][0][0] = std::numeric_limits<float>::quiet_NaN();
          tensors[b_name][1][0] = std::numeric_limits<float>::infinity();
          tiedlora::io::save_safetensors(d + "/adapter_model.safetensors", tensors);
-       }, "tensor '" + b_name + "' holds 2 NaN or Inf"},
-      {"other_targets", [&](const std::string& d) { edit_config(d, [](auto& j) { j["target_modules"] = {"x_proj"}; }); },
+       },
+       "tensor '" + b_name + "' holds 2 NaN or Inf"},
+      {"other_targets",
+       [&](const std::string& d) { edit_config(d, [](auto& j) { j["target_modules"] = {"x_proj"}; }); },
        "target_modules ['x_proj'] does not select layer 'model.layers.0.mlp.down_proj'"},
-      {"target_regex", [&](const std::string& d) {
-         edit_config(d, [](auto& j) { j["target_modules"] = R"(.*\.(q|v)_proj)"; });
-       }, "does not select layer 'model.layers.0.mlp.down_proj'"},
-      {"python_only_pattern", [&](const std::string& d) {
+      {"target_regex",
+       [&](const std::string& d) { edit_config(d, [](auto& j) { j["target_modules"] = R"(.*\.(q|v)_proj)"; }); },
+       "does not select layer 'model.layers.0.mlp.down_proj'"},
+      {"python_only_pattern",
+       [&](const std::string& d) {
          edit_config(d, [](auto& j) { j["alpha_pattern"] = {{"(?<=layers\\.0\\.)q_proj", 4}}; });
-       }, "lookbehind"},
+       },
+       "lookbehind"},
   };
   expect_each_refused(good, "checked_", cases);
   // An explicit option reads a non-finite adapter (for inspection).
@@ -294,7 +324,8 @@ TEST(Adapter, NonFiniteValuesTargetModulesAndPatternsAreCheckedAtLoad) {
   // The regex target_modules that selects exactly the adapted layers passes.
   const std::string regex_ok = scratch("checked_regex_ok");
   copy_folder(good, regex_ok);
-  edit_config(regex_ok, [](auto& j) { j["target_modules"] = R"(model\.layers\.\d+\.(self_attn\.(q|v)_proj|mlp\.down_proj))"; });
+  edit_config(regex_ok,
+              [](auto& j) { j["target_modules"] = R"(model\.layers\.\d+\.(self_attn\.(q|v)_proj|mlp\.down_proj))"; });
   EXPECT_EQ(tiedlora::Adapter::read(regex_ok).modules().size(), 6u);
 }
 
@@ -302,7 +333,8 @@ TEST(Adapter, PatternsAndVeraExportAreRefusedWhereUnsupported) {
   auto model = tree_from_config(ref("llama_base/config.json"));
   auto message = error_of([&] { tiedlora::load_adapter(*model, ref("llama_lora_rank_pattern")); });
   EXPECT_NE(message.find("rank_pattern"), std::string::npos) << message;
-  message = error_of([&] { tiedlora::export_lora(tiedlora::Adapter::read(ref("llama_vera")), scratch("vera_export")); });
+  message =
+      error_of([&] { tiedlora::export_lora(tiedlora::Adapter::read(ref("llama_vera")), scratch("vera_export")); });
   EXPECT_NE(message.find("merge-weights"), std::string::npos) << message;
 }
 

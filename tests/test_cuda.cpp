@@ -19,11 +19,11 @@
 #include "core/cuda/dispatch.h"
 #include "test_support.h"
 #include "tiedlora/core/error.h"
-#include "tiedlora/formats/adapter.h"
 #include "tiedlora/core/functional.h"
-#include "tiedlora/formats/safetensors.h"
-#include "tiedlora/formats/merge_checkpoint.h"
 #include "tiedlora/core/modules.h"
+#include "tiedlora/formats/adapter.h"
+#include "tiedlora/formats/merge_checkpoint.h"
+#include "tiedlora/formats/safetensors.h"
 #include "util/files.h"
 
 namespace {
@@ -38,8 +38,7 @@ namespace functional = tiedlora::functional;
 
 // Turns tiedlora's CUDA kernels on (or off) for one scope, on this thread.
 struct KernelSwitch {
-  explicit KernelSwitch(bool on)
-      : guard(on ? functional::Backend::cuda_kernels : functional::Backend::aten) {}
+  explicit KernelSwitch(bool on) : guard(on ? functional::Backend::cuda_kernels : functional::Backend::aten) {}
   functional::BackendGuard guard;
 };
 
@@ -118,8 +117,8 @@ TEST(CudaEffectiveB, MatchesAtenForEveryDtypeAndOptionalScaling) {
       for (bool use_u : {false, true}) {
         for (bool use_v : {false, true}) {
           const auto uu = use_u ? u : torch::Tensor(), vv = use_v ? v : torch::Tensor();
-          const auto expected = functional::effective_b({{}, b.cpu(), use_u ? u.cpu() : torch::Tensor(),
-                                                         use_v ? v.cpu() : torch::Tensor(), 0.5});
+          const auto expected = functional::effective_b(
+              {{}, b.cpu(), use_u ? u.cpu() : torch::Tensor(), use_v ? v.cpu() : torch::Tensor(), 0.5});
           EXPECT_TRUE(tiedlora::testing::all_close(tiedlora::cuda::effective_b(b, uu, vv, 0.5).cpu(), expected, 1e-6,
                                                    1e-6, "effective_b"));
           for (auto out_type : kDtypes) {  // rounded once from the fp32 value
@@ -484,7 +483,8 @@ TEST(CudaLoraLinear, RoutedRowsOnTheGpuMatchTheCpu) {
       auto a1 = torch::randn({8, 64}, torch::requires_grad()), b1 = torch::randn({48, 8}, torch::requires_grad());
       auto a2 = torch::randn({4, 64}, torch::requires_grad()), b2 = torch::randn({48, 4}, torch::requires_grad());
       auto v2 = torch::randn({48}, torch::requires_grad());
-      const auto rows1 = torch::tensor({0, 3, 4}, torch::kLong), rows2 = torch::tensor({1}, torch::kLong);  // 2, 5: none
+      const auto rows1 = torch::tensor({0, 3, 4}, torch::kLong),
+                 rows2 = torch::tensor({1}, torch::kLong);  // 2, 5: none
       auto run = [&](torch::Device device) {
         auto xd = x.to(device).detach().requires_grad_(true);
         std::vector<torch::Tensor> leaves;
@@ -530,10 +530,12 @@ TEST(CudaKernelSwitch, TheChoiceIsPerThreadAndScoped) {
 TEST(CudaKernelSwitch, DoubleAndMixedDtypesKeepTheAtenPathBitForBit) {
   SKIP_WITHOUT_GPU();
   torch::manual_seed(10);
-  for (const auto& [x_type, w_type] : {std::pair{torch::kDouble, torch::kDouble}, std::pair{torch::kFloat, torch::kBFloat16}}) {
+  for (const auto& [x_type, w_type] :
+       {std::pair{torch::kDouble, torch::kDouble}, std::pair{torch::kFloat, torch::kBFloat16}}) {
     auto x = torch::randn({5, 16}, torch::kCUDA).to(x_type).requires_grad_(true);
     auto w = torch::randn({12, 16}, torch::kCUDA).to(w_type);
-    auto a = torch::randn({4, 16}, torch::kCUDA).requires_grad_(true), b = torch::randn({12, 4}, torch::kCUDA).requires_grad_(true);
+    auto a = torch::randn({4, 16}, torch::kCUDA).requires_grad_(true),
+         b = torch::randn({12, 4}, torch::kCUDA).requires_grad_(true);
     const auto dy = torch::randn({5, 12}, torch::kCUDA).to(x_type);
     auto run = [&](bool on) {
       KernelSwitch kernels(on);
@@ -591,7 +593,8 @@ TEST(CudaAutocast, LoraLinearReturnsWhatTorchLinearReturnsOnBothBackends) {
       const auto y = layer(x);  // a fresh adapter: dW = 0
       ASSERT_EQ(y.scalar_type(), dtype);
       if (kernels) {  // cuBLASLt's GEMM may round differently from the cuBLAS call behind torch::nn::Linear
-        EXPECT_TRUE(tiedlora::testing::all_close(y.to(torch::kFloat), expected.to(torch::kFloat), 1e-2, 1e-2, "kernels under autocast"));
+        EXPECT_TRUE(tiedlora::testing::all_close(y.to(torch::kFloat), expected.to(torch::kFloat), 1e-2, 1e-2,
+                                                 "kernels under autocast"));
       } else {
         EXPECT_TRUE(torch::equal(y, expected)) << dtype << ": the ATen path differs from torch::nn::Linear";
       }
@@ -624,8 +627,9 @@ TEST(CudaMerge, MergeWeightsOnTheGpuEqualsTheCpuMerge) {
       config.alpha = 16;
       config.fan_in_fan_out = transposed;
       config.target_modules = {"proj"};
-      tiedlora::write_adapter_folder(adapter, config, {{"base_model.model.model.layers.0.proj.lora_A.weight", torch::randn({8, 96})},
-                                                       {"base_model.model.model.layers.0.proj.lora_B.weight", torch::randn({80, 8})}});
+      tiedlora::write_adapter_folder(adapter, config,
+                                     {{"base_model.model.model.layers.0.proj.lora_A.weight", torch::randn({8, 96})},
+                                      {"base_model.model.model.layers.0.proj.lora_B.weight", torch::randn({80, 8})}});
       torch::Tensor merged[2];
       for (const bool gpu : {false, true}) {
         tiedlora::MergeOptions options;
@@ -634,7 +638,8 @@ TEST(CudaMerge, MergeWeightsOnTheGpuEqualsTheCpuMerge) {
         options.out = dir + "/merged_" + tag + (gpu ? "_gpu" : "_cpu");
         options.device = gpu ? "cuda" : "cpu";
         tiedlora::merge_checkpoint(options);
-        merged[gpu] = tiedlora::io::load_safetensors(options.out + "/model.safetensors").at("model.layers.0.proj.weight");
+        merged[gpu] =
+            tiedlora::io::load_safetensors(options.out + "/model.safetensors").at("model.layers.0.proj.weight");
       }
       ASSERT_EQ(merged[1].scalar_type(), dtype);
       const double ulp = dtype == torch::kFloat ? std::ldexp(1.0, -23) : std::ldexp(1.0, -7);
@@ -671,8 +676,9 @@ TEST(CudaPrecision, ABf16WeightIsNeverCopiedIntoFp32) {
     const int64_t fp32_weight = d * d * 4;
     // Activations are a few hundred KiB; the cuBLASLt path also takes a 32 MiB workspace per call.
     EXPECT_LT(peak, fp32_weight / 4) << (kernels ? "kernels" : "ATen") << ": a weight-sized allocation happened";
-    std::cout << "[bf16 8192x8192 on the GPU, " << (kernels ? "kernels" : "ATen") << "] peak allocated in forward+backward: "
-              << peak << " bytes (an fp32 copy of W: " << fp32_weight << ")\n";
+    std::cout << "[bf16 8192x8192 on the GPU, " << (kernels ? "kernels" : "ATen")
+              << "] peak allocated in forward+backward: " << peak << " bytes (an fp32 copy of W: " << fp32_weight
+              << ")\n";
   }
 }
 #endif

@@ -12,10 +12,10 @@
 
 #include "test_support.h"
 #include "tiedlora/core/functional.h"
-#include "tiedlora/formats/safetensors.h"
-#include "tiedlora/core/method.h"
 #include "tiedlora/core/inject.h"
+#include "tiedlora/core/method.h"
 #include "tiedlora/core/modules.h"
+#include "tiedlora/formats/safetensors.h"
 
 namespace {
 
@@ -62,7 +62,7 @@ torch::Tensor ours_forward(const Inputs& p) {
 
 std::vector<std::pair<std::string, torch::Tensor>> differentiable(const Inputs& p) {
   std::vector<std::pair<std::string, torch::Tensor>> out = {{"x", p.x}, {"xa", p.xa}, {"A", p.a},
-                                                            {"B", p.b}, {"u", p.u},  {"v", p.v}};
+                                                            {"B", p.b}, {"u", p.u},   {"v", p.v}};
   std::vector<std::pair<std::string, torch::Tensor>> kept;
   for (auto& [name, t] : out) {
     if (t.defined() && t.requires_grad()) kept.emplace_back(name, t);
@@ -76,9 +76,9 @@ std::vector<torch::Tensor> gradients(const torch::Tensor& y, const Inputs& p) {
   return torch::autograd::grad({y}, targets, {p.dy});
 }
 
-const std::vector<std::string> kMasks = {"lora",      "tied-ab",   "tied-abuv", "tied-uv",     "tied-b",
-                                         "tied-v",    "tied-bv",   "tied-abv",  "tied-abu",    "tied-av",
-                                         "tied-buv",  "tied-auv",  "tied-bu",   "untied-abuv", "untied-bv"};
+const std::vector<std::string> kMasks = {"lora",     "tied-ab",  "tied-abuv", "tied-uv",     "tied-b",
+                                         "tied-v",   "tied-bv",  "tied-abv",  "tied-abu",    "tied-av",
+                                         "tied-buv", "tied-auv", "tied-bu",   "untied-abuv", "untied-bv"};
 
 class EveryMask : public ::testing::TestWithParam<std::string> {};
 
@@ -95,8 +95,9 @@ TEST_P(EveryMask, GradientsMatchAutogradThroughAtenInFloat64) {
       const auto names = differentiable(p);
       ASSERT_FALSE(names.empty());
       for (size_t i = 0; i < names.size(); ++i) {
-        EXPECT_TRUE(all_close(ours[i], expected[i], 1e-11, 1e-11,
-                              GetParam() + " d" + names[i].first + (bias ? " bias" : "") + (dropout_input ? " xa" : "")));
+        EXPECT_TRUE(
+            all_close(ours[i], expected[i], 1e-11, 1e-11,
+                      GetParam() + " d" + names[i].first + (bias ? " bias" : "") + (dropout_input ? " xa" : "")));
       }
     }
   }
@@ -123,7 +124,8 @@ TEST_P(EveryMask, GradientsMatchCentralFiniteDifferences) {
       flat[k].fill_(original);
       const double numeric = (plus - minus) / (2 * eps);
       const double exact = analytic[i].view({-1})[k].item<double>();
-      EXPECT_NEAR(exact, numeric, 1e-6 * (1 + std::abs(numeric))) << GetParam() << " d" << names[i].first << "[" << k << "]";
+      EXPECT_NEAR(exact, numeric, 1e-6 * (1 + std::abs(numeric)))
+          << GetParam() << " d" << names[i].first << "[" << k << "]";
     }
   }
 }
@@ -185,9 +187,11 @@ RoutedCase routed_case(torch::ScalarType type, bool with_all_rows_adapter) {
   auto leaf = [&](std::vector<int64_t> shape) { return torch::randn(shape, o).to(type).requires_grad_(true); };
   c.calls.push_back({{leaf({3, in}), leaf({out, 3}), {}, {}, 0.5}, AdapterRows::range(0, 2), {}});
   c.rows.push_back(torch::arange(0, 2));
-  c.calls.push_back({{leaf({4, in}), leaf({out, 4}), leaf({4}), leaf({out}), 1.5}, AdapterRows::indices(torch::tensor({2, 4})), {}});
+  c.calls.push_back(
+      {{leaf({4, in}), leaf({out, 4}), leaf({4}), leaf({out}), 1.5}, AdapterRows::indices(torch::tensor({2, 4})), {}});
   c.rows.push_back(torch::tensor({2, 4}));
-  c.calls.push_back({{leaf({2, in}), leaf({out, 2}), {}, leaf({out}), 2.0}, AdapterRows::range(3, 4), leaf({1, 3, in})});
+  c.calls.push_back(
+      {{leaf({2, in}), leaf({out, 2}), {}, leaf({out}), 2.0}, AdapterRows::range(3, 4), leaf({1, 3, in})});
   c.rows.push_back(torch::arange(3, 4));
   if (with_all_rows_adapter) {
     c.calls.push_back({{leaf({2, in}), leaf({out, 2}), {}, {}, 0.25}, AdapterRows::all(), {}});
@@ -203,8 +207,8 @@ torch::Tensor routed_reference(const RoutedCase& c) {
   for (size_t k = 0; k < c.calls.size(); ++k) {
     const auto& u = c.calls[k].update;
     const torch::Tensor rows_in = c.calls[k].adapter_input.defined() ? f64(c.calls[k].adapter_input)
-                                  : c.rows[k].defined()               ? f64(c.x).index_select(0, c.rows[k])
-                                                                      : f64(c.x);
+                                  : c.rows[k].defined()              ? f64(c.x).index_select(0, c.rows[k])
+                                                                     : f64(c.x);
     torch::Tensor h = torch::matmul(rows_in, f64(u.lora_a).t());
     if (u.u.defined()) h = h * f64(u.u);
     torch::Tensor low = torch::matmul(h, f64(u.lora_b).t());
@@ -257,7 +261,8 @@ TEST(LoraLinearRouted, WithoutGradientsTheSameOutputAsWithThem) {
     const int64_t in = plain.w.size(1), out = plain.w.size(0);
     auto leaf = [&](std::vector<int64_t> shape) { return torch::randn(shape).to(type).requires_grad_(true); };
     for (const auto& [first, last, rank, scale] : {std::tuple{0, 2, 3, 0.5}, {2, 5, 4, 2.0}, {5, 6, 2, 1.25}}) {
-      plain.calls.push_back({{leaf({rank, in}), leaf({out, rank}), {}, {}, scale}, AdapterRows::range(first, last), {}});
+      plain.calls.push_back(
+          {{leaf({rank, in}), leaf({out, rank}), {}, {}, scale}, AdapterRows::range(first, last), {}});
       plain.rows.push_back(torch::arange(first, last));
     }
     plain.calls.push_back({{leaf({2, in}), leaf({out, 2}), {}, {}, 0.75}, AdapterRows::all(), {}});
@@ -267,8 +272,8 @@ TEST(LoraLinearRouted, WithoutGradientsTheSameOutputAsWithThem) {
       torch::NoGradGuard no_grad;
       const auto without = tiedlora::functional::lora_linear(c->x, c->w, c->bias, c->calls);
       const double tol = type == torch::kDouble ? 1e-12 : 2e-5;
-      const std::string what = std::string(c == &plain ? "plain LoRA calls" : "mixed kinds") + " in " +
-                               c10::toString(type);
+      const std::string what =
+          std::string(c == &plain ? "plain LoRA calls" : "mixed kinds") + " in " + c10::toString(type);
       EXPECT_FALSE(without.requires_grad()) << what;
       EXPECT_TRUE(all_close(without.to(torch::kDouble), routed_reference(*c), tol, tol, what + " against float64"));
       EXPECT_TRUE(all_close(without, with_grad.detach(), tol, tol, what + " against the training path"));
@@ -302,7 +307,8 @@ TEST(LoraLinearRouted, RejectsRowsThatDoNotFitTheInput) {
   using tiedlora::functional::AdapterRows;
   RoutedCase c = routed_case(torch::kFloat, false);
   auto with_rows = [&](AdapterRows rows, at::Tensor adapter_input = {}) {
-    std::vector<tiedlora::functional::AdapterCall> calls{{c.calls[0].update, std::move(rows), std::move(adapter_input)}};
+    std::vector<tiedlora::functional::AdapterCall> calls{
+        {c.calls[0].update, std::move(rows), std::move(adapter_input)}};
     return tiedlora::testing::error_of([&] { tiedlora::functional::lora_linear(c.x, c.w, c.bias, calls); });
   };
   EXPECT_NE(with_rows(AdapterRows::range(4, 9)).find("rows [4, 9)"), std::string::npos);
@@ -310,7 +316,9 @@ TEST(LoraLinearRouted, RejectsRowsThatDoNotFitTheInput) {
   EXPECT_NE(with_rows(AdapterRows::range(0, 2), torch::randn({3, 3, 7})).find("adapter_input must have the shape"),
             std::string::npos);
   std::vector<tiedlora::functional::AdapterCall> calls{{c.calls[0].update, AdapterRows::range(0, 1), {}}};
-  EXPECT_NE(tiedlora::testing::error_of([&] { tiedlora::functional::lora_linear(torch::randn({7}), c.w, c.bias, calls); }).find("batch dimension"),
+  EXPECT_NE(tiedlora::testing::error_of([&] {
+              tiedlora::functional::lora_linear(torch::randn({7}), c.w, c.bias, calls);
+            }).find("batch dimension"),
             std::string::npos);
 }
 
@@ -328,16 +336,23 @@ TEST(LoraLinearFunctional, RejectsBadArgumentsNamingThem) {
     return std::string("no error");
   };
   using tiedlora::functional::lora_linear;
-  EXPECT_NE(message_of([&] { lora_linear(torch::randn({4, 7}), w, {}, {a, b, {}, {}, 1.0}); }).find("d_in = 6"), std::string::npos);
-  EXPECT_NE(message_of([&] { lora_linear(x, w, {}, {torch::randn({2, 5}), b, {}, {}, 1.0}); }).find("lora_a"), std::string::npos);
-  EXPECT_NE(message_of([&] { lora_linear(x, w, {}, {a, torch::randn({5, 3}), {}, {}, 1.0}); }).find("lora_b"), std::string::npos);
-  EXPECT_NE(message_of([&] { lora_linear(x, w, {}, {a, b, torch::randn({3}), {}, 1.0}); }).find("u must be"), std::string::npos);
-  EXPECT_NE(message_of([&] { lora_linear(x, w, {}, {a, b, {}, torch::randn({4}), 1.0}); }).find("v must be"), std::string::npos);
-  EXPECT_NE(message_of([&] { lora_linear(x, w, torch::randn({3}), {a, b, {}, {}, 1.0}); }).find("bias"), std::string::npos);
+  EXPECT_NE(message_of([&] { lora_linear(torch::randn({4, 7}), w, {}, {a, b, {}, {}, 1.0}); }).find("d_in = 6"),
+            std::string::npos);
+  EXPECT_NE(message_of([&] { lora_linear(x, w, {}, {torch::randn({2, 5}), b, {}, {}, 1.0}); }).find("lora_a"),
+            std::string::npos);
+  EXPECT_NE(message_of([&] { lora_linear(x, w, {}, {a, torch::randn({5, 3}), {}, {}, 1.0}); }).find("lora_b"),
+            std::string::npos);
+  EXPECT_NE(message_of([&] { lora_linear(x, w, {}, {a, b, torch::randn({3}), {}, 1.0}); }).find("u must be"),
+            std::string::npos);
+  EXPECT_NE(message_of([&] { lora_linear(x, w, {}, {a, b, {}, torch::randn({4}), 1.0}); }).find("v must be"),
+            std::string::npos);
+  EXPECT_NE(message_of([&] { lora_linear(x, w, torch::randn({3}), {a, b, {}, {}, 1.0}); }).find("bias"),
+            std::string::npos);
   EXPECT_NE(message_of([&] { lora_linear(x, w.clone().requires_grad_(true), {}, {a, b, {}, {}, 1.0}); }).find("frozen"),
             std::string::npos);
-  EXPECT_NE(message_of([&] { lora_linear(x.to(torch::kInt), w, {}, {a, b, {}, {}, 1.0}); }).find("input must be a floating"),
-            std::string::npos);
+  EXPECT_NE(
+      message_of([&] { lora_linear(x.to(torch::kInt), w, {}, {a, b, {}, {}, 1.0}); }).find("input must be a floating"),
+      std::string::npos);
 }
 
 // ---- against PEFT -----------------------------------------------------------------------------------------
@@ -374,7 +389,9 @@ OurRun run_ours(const PeftCase& c) {
     if (c.t.count("bias")) base->bias.set_data(c.t.at("bias").clone());
   }
   const int64_t rank = std::stoll(c.meta.at("rank"));
-  tiedlora::LoraLinear layer(base, tiedlora::LoraOptions(rank).alpha(std::stod(c.meta.at("alpha"))).use_rslora(c.meta.at("use_rslora") == "true"));
+  tiedlora::LoraLinear layer(
+      base,
+      tiedlora::LoraOptions(rank).alpha(std::stod(c.meta.at("alpha"))).use_rslora(c.meta.at("use_rslora") == "true"));
   EXPECT_DOUBLE_EQ(layer->scale(), std::stod(c.meta.at("peft_scaling")));
   {
     torch::NoGradGuard no_grad;
@@ -470,7 +487,8 @@ TEST(LoraLinearAutocast, ReturnsWhatTorchLinearReturnsUnderTheSameAutocast) {
       const auto expected = plain(x);
       const auto y = layer(x);  // a fresh adapter: dW = 0
       ASSERT_EQ(y.scalar_type(), dtype) << method;
-      EXPECT_TRUE(torch::equal(y, expected)) << method << " in " << dtype << ": the base path differs from torch::nn::Linear";
+      EXPECT_TRUE(torch::equal(y, expected))
+          << method << " in " << dtype << ": the base path differs from torch::nn::Linear";
       y.sum().backward();
       EXPECT_EQ(x.grad().scalar_type(), torch::kFloat);
       EXPECT_TRUE(torch::isfinite(x.grad()).all().item<bool>());
@@ -573,7 +591,8 @@ TEST(LoraLinearPrecision, ABf16OrFp16WeightIsNeverCopiedIntoFp32) {
     EXPECT_LT(counting.largest.load(), fp32_weight / 4) << dtype << ": a weight-sized allocation happened";
     EXPECT_LT(counting.total.load(), fp32_weight / 2) << dtype << ": " << counting.total.load() << " bytes allocated";
     std::cout << "[" << dtype << " 1024x1024 layer, forward+backward of 4 rows] " << counting.total.load()
-              << " bytes allocated, largest " << counting.largest.load() << " (an fp32 copy of W: " << fp32_weight << ")\n";
+              << " bytes allocated, largest " << counting.largest.load() << " (an fp32 copy of W: " << fp32_weight
+              << ")\n";
   }
 }
 

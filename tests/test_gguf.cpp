@@ -9,12 +9,12 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <map>
-#include <tuple>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <random>
 #include <sstream>
+#include <tuple>
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -66,8 +66,8 @@ uint32_t float_bits(float f) {
     float expected;
     std::memcpy(&expected, bytes + 4 * i, 4);
     if (float_bits(ours[i]) != float_bits(expected)) {
-      return ::testing::AssertionFailure() << name << ": value " << i << " is " << ours[i] << ", gguf-py gives "
-                                           << expected << " (bits differ)";
+      return ::testing::AssertionFailure()
+             << name << ": value " << i << " is " << ours[i] << ", gguf-py gives " << expected << " (bits differ)";
     }
   }
   return ::testing::AssertionSuccess();
@@ -144,7 +144,8 @@ TEST(Gguf, ReadsEveryMetadataTypeInVersions2And3) {
     ASSERT_EQ(file.contents().metadata.size(), manifest["metadata"].size()) << name;
     for (const auto& [key, e] : manifest["metadata"].items()) {
       ASSERT_TRUE(file.has_key(key)) << key;
-      expect_value(file.value(key), e["type"].get<std::string>(), e.value("element_type", std::string()), e["value"], key);
+      expect_value(file.value(key), e["type"].get<std::string>(), e.value("element_type", std::string()), e["value"],
+                   key);
     }
     expect_same_table(file, manifest);
   }
@@ -204,8 +205,9 @@ TEST(Gguf, UndoesTheLlamaQKPermutation) {
   const auto expected = tiedlora::io::SafetensorsFile::open(reference("expected.safetensors"));
   const int64_t n_head = static_cast<int64_t>(file.get_uint("llama.attention.head_count"));
   const int64_t n_kv = static_cast<int64_t>(file.get_uint("llama.attention.head_count_kv"));
-  for (const auto& [name, heads, key] : {std::tuple<std::string, int64_t, std::string>{"blk.0.attn_q.weight", n_head, "permuted.q_hf"},
-                                         {"blk.0.attn_k.weight", n_kv, "permuted.k_hf"}}) {
+  for (const auto& [name, heads, key] :
+       {std::tuple<std::string, int64_t, std::string>{"blk.0.attn_q.weight", n_head, "permuted.q_hf"},
+        {"blk.0.attn_k.weight", n_kv, "permuted.k_hf"}}) {
     const auto& info = file.tensor(name);
     const int64_t rows = static_cast<int64_t>(info.ne[1]), cols = static_cast<int64_t>(info.ne[0]);
     const at::Tensor t = tiedlora::io::unpermute_llama_qk_rows(tiedlora::io::load_gguf_tensor(file, name), heads);
@@ -288,7 +290,8 @@ TEST(GgufSmolLM2, SelectedTensorsInFullAndHuggingFaceProjections) {
          {std::tuple<std::string, std::string, int64_t>{"attn_q", "q_proj", 9}, {"attn_k", "k_proj", 3}}) {
       const at::Tensor ours = tiedlora::io::unpermute_llama_qk_rows(
           tiedlora::io::load_gguf_tensor(file, "blk." + std::to_string(layer) + "." + gguf_name + ".weight"), heads);
-      const at::Tensor hf = expected.tensor("hf.model.layers." + std::to_string(layer) + ".self_attn." + hf_name + ".weight");
+      const at::Tensor hf =
+          expected.tensor("hf.model.layers." + std::to_string(layer) + ".self_attn." + hf_name + ".weight");
       EXPECT_TRUE(at::equal(ours, hf)) << "layer " << layer << " " << hf_name;
     }
   }
@@ -332,8 +335,8 @@ struct TensorSpec {
 };
 
 // A complete file: header, `kv` (already encoded entries), tensor infos, padding, `data_bytes` of data.
-std::string gguf_file(const std::vector<std::string>& kv, const std::vector<TensorSpec>& tensors, std::size_t data_bytes,
-                      uint32_t version = 3, std::size_t alignment = 32) {
+std::string gguf_file(const std::vector<std::string>& kv, const std::vector<TensorSpec>& tensors,
+                      std::size_t data_bytes, uint32_t version = 3, std::size_t alignment = 32) {
   Bytes b;
   b.raw("GGUF", 4).u32(version).u64(tensors.size()).u64(kv.size());
   for (const auto& e : kv) b.data += e;
@@ -375,7 +378,8 @@ TEST(GgufMalformed, EachCheckGivesAClearError) {
   expect_format_error(gguf_file(arch, {w}, 256, 0x03000000), "big-endian");
   expect_format_error(Bytes().raw("GGUF", 4).u32(3).u64(0).u64(1ull << 60).data, "metadata entries");
   expect_format_error(Bytes().raw("GGUF", 4).u32(3).u64(1ull << 60).u64(0).data, "tensors, more than");
-  expect_format_error(gguf_file({Bytes().str("k").u32(8).u64(1ull << 40).data}, {}, 0), "metadata 'k': the length of the string value");
+  expect_format_error(gguf_file({Bytes().str("k").u32(8).u64(1ull << 40).data}, {}, 0),
+                      "metadata 'k': the length of the string value");
   expect_format_error(gguf_file({Bytes().str("k").u32(13).u32(0).data}, {}, 0), "metadata 'k': unknown value type 13");
   expect_format_error(gguf_file({Bytes().str("k").u32(9).u32(77).u64(1).data}, {}, 0), "unknown array element type 77");
   expect_format_error(gguf_file({Bytes().str("k").u32(9).u32(4).u64(1ull << 61).data}, {}, 0), "cannot fit");
@@ -401,7 +405,8 @@ TEST(GgufMalformed, EachCheckGivesAClearError) {
   expect_format_error(gguf_file(arch, {{"w", {8}, 0, 4}}, 256), "not a multiple of the alignment 32");
   expect_format_error(gguf_file(arch, {w}, 255), "the file is truncated");
   expect_format_error(gguf_file(arch, {{"w", {32}, 0, 1ull << 62}}, 256), "needs bytes");
-  expect_format_error(gguf_file(arch, {w, {"v", {32}, 0, 64}}, 512), "tensor 'v': data [64, 192) overlaps tensor 'w' [0, 256)");
+  expect_format_error(gguf_file(arch, {w, {"v", {32}, 0, 64}}, 512),
+                      "tensor 'v': data [64, 192) overlaps tensor 'w' [0, 256)");
   expect_format_error(gguf_file(arch, {w, {"w", {8}, 0, 256}}, 512), "tensor 'w': duplicate tensor name");
   {
     std::string no_data = gguf_file(arch, {w}, 0);
@@ -428,7 +433,8 @@ TEST(GgufMalformed, HugeCountsNeverDriveAnAllocation) {
       tiedlora::io::parse_gguf(static_cast<const uint8_t*>(address), size, "huge.gguf");
       ADD_FAILURE() << "accepted a header claiming " << tensors << " tensors and " << kv << " metadata entries";
     } catch (const FormatError& e) {
-      EXPECT_NE(std::string(e.what()).find(kv ? "duplicate key" : "duplicate tensor name"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(kv ? "duplicate key" : "duplicate tensor name"), std::string::npos)
+          << e.what();
     } catch (const std::bad_alloc&) {
       ADD_FAILURE() << "std::bad_alloc for a header claiming " << tensors << " tensors and " << kv << " entries";
     }
@@ -453,15 +459,16 @@ TEST(GgufMalformed, EveryTruncationOfAValidFileIsRejected) {
     }
   }
   EXPECT_EQ(rejected, needed);
-  std::printf("[ info ] %zu truncations rejected, %zu accepted (trailing padding only)\n", rejected, bytes.size() - rejected);
+  std::printf("[ info ] %zu truncations rejected, %zu accepted (trailing padding only)\n", rejected,
+              bytes.size() - rejected);
 }
 
 TEST(GgufMalformed, RandomCorruptionsGiveFormatErrorsOrValidFiles) {
   const std::string original = read_file(reference("all_types.gguf"));
   std::mt19937_64 rng(1234);
   std::size_t rejected = 0, accepted = 0;
-  const std::size_t header_end = tiedlora::io::parse_gguf(reinterpret_cast<const uint8_t*>(original.data()),
-                                                          original.size(), "x").data_offset;
+  const std::size_t header_end =
+      tiedlora::io::parse_gguf(reinterpret_cast<const uint8_t*>(original.data()), original.size(), "x").data_offset;
   for (int trial = 0; trial < 20000; ++trial) {
     std::vector<uint8_t> bytes(original.begin(), original.end());
     const int edits = 1 + static_cast<int>(rng() % 4);
@@ -470,15 +477,9 @@ TEST(GgufMalformed, RandomCorruptionsGiveFormatErrorsOrValidFiles) {
       const std::size_t limit = rng() % 4 ? header_end : bytes.size();
       const std::size_t at = rng() % limit;
       switch (rng() % 3) {
-        case 0:
-          bytes[at] ^= static_cast<uint8_t>(1u << (rng() % 8));
-          break;
-        case 1:
-          bytes[at] = static_cast<uint8_t>(rng());
-          break;
-        default:
-          bytes[at] = (rng() % 2) ? 0xFF : 0x00;
-          break;
+        case 0: bytes[at] ^= static_cast<uint8_t>(1u << (rng() % 8)); break;
+        case 1: bytes[at] = static_cast<uint8_t>(rng()); break;
+        default: bytes[at] = (rng() % 2) ? 0xFF : 0x00; break;
       }
     }
     if (rng() % 8 == 0) bytes.resize(rng() % bytes.size());
@@ -486,7 +487,8 @@ TEST(GgufMalformed, RandomCorruptionsGiveFormatErrorsOrValidFiles) {
       const auto contents = tiedlora::io::parse_gguf(bytes.data(), bytes.size(), "corrupt");
       // Whatever is accepted must be safe to use: dequantize every tensor that can be.
       for (const auto& t : contents.tensors) {
-        if (!tiedlora::io::ggml_type_info(static_cast<uint32_t>(t.type))->dequantizable || t.numel > (1u << 20)) continue;
+        if (!tiedlora::io::ggml_type_info(static_cast<uint32_t>(t.type))->dequantizable || t.numel > (1u << 20))
+          continue;
         std::vector<float> out(t.numel);
         tiedlora::io::dequantize(t.type, bytes.data() + contents.data_offset + t.offset, t.numel, out.data());
       }

@@ -84,7 +84,8 @@ int64_t count(const std::vector<torch::Tensor>& tensors) {
 TEST(Inject, TiedGroupsSpanLayersAndCountsFollowMethodMd) {
   torch::manual_seed(1);
   TinyLm model;
-  auto report = tiedlora::inject_adapters(*model, InjectOptions().targets({"q_proj", "v_proj"}).method("tied-abuv").lora(LoraOptions(4)));
+  auto report = tiedlora::inject_adapters(
+      *model, InjectOptions().targets({"q_proj", "v_proj"}).method("tied-abuv").lora(LoraOptions(4)));
   ASSERT_EQ(report.groups.size(), 2u);
   EXPECT_EQ(report.groups[0].name, "layers.*.self_attn.q_proj");
   EXPECT_EQ(report.groups[1].name, "layers.*.self_attn.v_proj");
@@ -117,11 +118,13 @@ TEST(Inject, TiedGroupsSpanLayersAndCountsFollowMethodMd) {
 TEST(Inject, ReportMatchesTheFormulaForEveryPreset) {
   for (const std::string name : {"lora", "tied-ab", "tied-abuv", "tied-uv", "tied-bv", "untied-abuv"}) {
     TinyLm model;
-    auto report = tiedlora::inject_adapters(*model, InjectOptions().targets({"all-linear"}).method(name).lora(LoraOptions(2)));
+    auto report =
+        tiedlora::inject_adapters(*model, InjectOptions().targets({"all-linear"}).method(name).lora(LoraOptions(2)));
     const auto method = tiedlora::AdapterMethod::parse(name);
     int64_t expected = 0;
     for (const auto& g : report.groups) {
-      const int64_t formula = tiedlora::trainable_parameter_count(method, 2, static_cast<int64_t>(g.modules.size()), g.shape);
+      const int64_t formula =
+          tiedlora::trainable_parameter_count(method, 2, static_cast<int64_t>(g.modules.size()), g.shape);
       EXPECT_EQ(g.trainable_parameters, formula) << name << " " << g.name;
       expected += formula;
     }
@@ -138,7 +141,8 @@ TEST(Inject, InjectedModelStartsUnchangedThenLearns) {
   auto ids = torch::randint(0, kVocab, {4, 7});
   auto targets = torch::randint(0, kVocab, {4, 7});
   const auto before = model->forward(ids).detach();
-  tiedlora::inject_adapters(*model, InjectOptions().targets({"all-linear"}).method("tied-abuv").lora(LoraOptions(4).alpha(8.0)));
+  tiedlora::inject_adapters(
+      *model, InjectOptions().targets({"all-linear"}).method("tied-abuv").lora(LoraOptions(4).alpha(8.0)));
   EXPECT_TRUE(all_close(model->forward(ids), before, 1e-5, 1e-5, "zero delta after injection"));
   const auto frozen_before = model->embed_tokens->weight.detach().clone();
   torch::optim::AdamW optimizer(tiedlora::trainable_parameters(*model), torch::optim::AdamWOptions(1e-2));
@@ -170,8 +174,11 @@ TEST(Inject, InjectedModelStartsUnchangedThenLearns) {
 
 TEST(Inject, SelectionByRegexExcludeAndLayerIndex) {
   TinyLm model;
-  auto report = tiedlora::inject_adapters(
-      *model, InjectOptions().targets({"re:.*\\.(q|k)_proj"}).exclude({"layers.1.self_attn.k_proj"}).layers({1, 2}).method("lora"));
+  auto report = tiedlora::inject_adapters(*model, InjectOptions()
+                                                      .targets({"re:.*\\.(q|k)_proj"})
+                                                      .exclude({"layers.1.self_attn.k_proj"})
+                                                      .layers({1, 2})
+                                                      .method("lora"));
   std::vector<std::string> adapted;
   for (const auto& [name, layer] : tiedlora::adapted_layers(*model)) adapted.push_back(name);
   EXPECT_EQ(adapted, (std::vector<std::string>{"layers.1.self_attn.q_proj", "layers.2.self_attn.q_proj",
@@ -187,7 +194,8 @@ TEST(Inject, ExplicitTieGroupsAndMixedShapesAreReported) {
 
   TinyLm other;
   const auto message = error_of([&] {
-    tiedlora::inject_adapters(*other, InjectOptions().targets({"q_proj", "k_proj"}).method("tied-ab").tie_groups({{"re:.*", "all"}}));
+    tiedlora::inject_adapters(
+        *other, InjectOptions().targets({"q_proj", "k_proj"}).method("tied-ab").tie_groups({{"re:.*", "all"}}));
   });
   EXPECT_NE(message.find("tie group 'all' mixes shapes"), std::string::npos) << message;
   EXPECT_NE(message.find("layers.0.self_attn.k_proj"), std::string::npos) << message;
@@ -228,8 +236,10 @@ struct RegistryOnlyImpl : torch::nn::Module {
   }
   torch::Tensor forward(torch::Tensor x) {
     for (const auto& child : named_children()) {
-      if (auto* lora = child.value()->as<tiedlora::LoraLinearImpl>()) x = lora->forward(x);
-      else x = child.value()->as<torch::nn::LinearImpl>()->forward(x);
+      if (auto* lora = child.value()->as<tiedlora::LoraLinearImpl>())
+        x = lora->forward(x);
+      else
+        x = child.value()->as<torch::nn::LinearImpl>()->forward(x);
     }
     return x;
   }
@@ -247,7 +257,8 @@ TEST(Inject, PlainTorchLinearIsReplacedWhenSafeAndRefusedWhenAMemberHoldsIt) {
   RegistryOnly model;
   auto x = torch::randn({3, 8});
   const auto before = model->forward(x).detach();
-  auto report = tiedlora::inject_adapters(*model, InjectOptions().targets({"fc1", "fc2"}).method("lora").lora(LoraOptions(2)));
+  auto report =
+      tiedlora::inject_adapters(*model, InjectOptions().targets({"fc1", "fc2"}).method("lora").lora(LoraOptions(2)));
   EXPECT_EQ(tiedlora::adapted_layers(*model).size(), 2u);
   EXPECT_TRUE(all_close(model->forward(x), before, 1e-6, 1e-6, "replaced layers, zero delta"));
   EXPECT_EQ(count(tiedlora::trainable_parameters(*model)), 2 * (8 + 6) + 2 * (6 + 4));
@@ -298,7 +309,8 @@ TEST(Inject, ASecondInjectionWithAnotherConfigurationIsRefusedUpFront) {
 // layout before the rule, so checkpoints written earlier resume.
 TEST(AdapterNaming, StoredNamesAreThoseOfTheEarlierLayout) {
   using tiedlora::stored_parameter_name;
-  EXPECT_EQ(stored_parameter_name("model.layers.0.q_proj.lora_adapters.default.lora_A"), "model.layers.0.q_proj.lora_A");
+  EXPECT_EQ(stored_parameter_name("model.layers.0.q_proj.lora_adapters.default.lora_A"),
+            "model.layers.0.q_proj.lora_A");
   EXPECT_EQ(stored_parameter_name("q.lora_adapters.default.tied_factors.lora_B"), "q.tied_factors.lora_B");
   EXPECT_EQ(stored_parameter_name("q.lora_adapters.fr.lora_A"), "q.lora_adapters.fr.lora_A");
   EXPECT_EQ(stored_parameter_name("tiedlora_groups.default.layers-*-q.lora_A"), "tiedlora_groups.layers-*-q.lora_A");

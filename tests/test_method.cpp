@@ -6,9 +6,9 @@
 #include <gtest/gtest.h>
 
 #include "tiedlora/core/error.h"
-#include "tiedlora/formats/hf_config.h"
 #include "tiedlora/core/method.h"
 #include "tiedlora/core/module_selection.h"
+#include "tiedlora/formats/hf_config.h"
 
 namespace {
 
@@ -37,8 +37,9 @@ TEST(ParameterCounts, ReproduceThePapersLlama2Numbers) {
   EXPECT_DOUBLE_EQ(524544.0 / 4194304.0, 0.12506103515625);  // the paper's "13 %"
   // GPT-2B: L = 24, d = 2048, fused QKV 2048 -> 6144: TL6 is 13.55 % of LoRA.
   const LinearShape gpt2b{2048, 6144};
-  const double ratio = static_cast<double>(tiedlora::trainable_parameter_count(AdapterMethod::parse("tied-abuv"), 8, 24, gpt2b)) /
-                       static_cast<double>(tiedlora::trainable_parameter_count(AdapterMethod::parse("lora"), 8, 24, gpt2b));
+  const double ratio =
+      static_cast<double>(tiedlora::trainable_parameter_count(AdapterMethod::parse("tied-abuv"), 8, 24, gpt2b)) /
+      static_cast<double>(tiedlora::trainable_parameter_count(AdapterMethod::parse("lora"), 8, 24, gpt2b));
   EXPECT_NEAR(ratio, 0.1355, 5e-5);
   // Stored (trained + frozen random) parameters of the VeRA-like method include the frozen A and B.
   EXPECT_EQ(tiedlora::stored_parameter_count(AdapterMethod::parse("tied-uv"), 8, 32, qkv), 131072 + 393472);
@@ -73,7 +74,8 @@ std::string write_config(const std::string& name, const std::string& json) {
 }
 
 TEST(HfConfig, Gpt2GroupsSeparateAttentionAndMlpProjections) {
-  const auto path = write_config("gpt2", R"({"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257})");
+  const auto path = write_config(
+      "gpt2", R"({"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257})");
   const auto modules = tiedlora::describe_hf_model(path);
   tiedlora::SelectionOptions options;
   options.targets = {"c_proj"};
@@ -110,8 +112,10 @@ TEST(HfConfig, MalformedConfigsNameTheFileAndKey) {
     }
     return std::string("no error");
   };
-  EXPECT_NE(message_of(R"({"model_type": "gpt2", "n_layer": 2, "vocab_size": 5})").find("missing key 'n_embd'"), std::string::npos);
-  EXPECT_NE(message_of(R"({"model_type": "gpt2", "n_embd": -4, "n_layer": 2, "vocab_size": 5})").find("'n_embd' must be a positive integer"),
+  EXPECT_NE(message_of(R"({"model_type": "gpt2", "n_layer": 2, "vocab_size": 5})").find("missing key 'n_embd'"),
+            std::string::npos);
+  EXPECT_NE(message_of(R"({"model_type": "gpt2", "n_embd": -4, "n_layer": 2, "vocab_size": 5})")
+                .find("'n_embd' must be a positive integer"),
             std::string::npos);
   EXPECT_NE(message_of(R"({"model_type": "bert"})").find("'bert' is not supported"), std::string::npos);
   EXPECT_NE(message_of(R"({"model_type": )").find("not valid JSON"), std::string::npos);

@@ -7,9 +7,9 @@
 #include <torch/torch.h>
 
 #include "test_support.h"
-#include "tiedlora/formats/adapter.h"
 #include "tiedlora/core/error.h"
 #include "tiedlora/core/inject.h"
+#include "tiedlora/formats/adapter.h"
 #include "tiedlora/formats/safetensors.h"
 #include "tiedlora/llm/causal_lm.h"
 #include "util/files.h"
@@ -75,7 +75,8 @@ TEST_P(EveryModel, PeftLoraLoadedByNameGivesPeftsLogits) {
                         GetParam() + " logits through PEFT's LoRA"));
   // Merged into the weights: the same logits.
   tiedlora::merge_adapters_(*model);
-  EXPECT_TRUE(all_close(model->forward(ref.at("ids")), logits, 1e-5, 1e-5 * logits.abs().max().item<double>(), "merged"));
+  EXPECT_TRUE(
+      all_close(model->forward(ref.at("ids")), logits, 1e-5, 1e-5 * logits.abs().max().item<double>(), "merged"));
 }
 
 TEST_P(EveryModel, TiedLoraInjectsByHuggingFaceNames) {
@@ -99,8 +100,9 @@ TEST_P(EveryModel, TiedLoraInjectsByHuggingFaceNames) {
   const std::string folder = models_dir() + "/" + GetParam() + "_cpp_tied";
   tiedlora::util::remove_tree(folder);
   tiedlora::save_adapter(*model, folder, {GetParam(), model->info().fan_in_fan_out, false});
-  tiedlora::io::save_safetensors(folder + "_logits.safetensors",
-                                 std::map<std::string, torch::Tensor>{{"ids", ref.at("ids")}, {"logits", logits.contiguous()}});
+  tiedlora::io::save_safetensors(
+      folder + "_logits.safetensors",
+      std::map<std::string, torch::Tensor>{{"ids", ref.at("ids")}, {"logits", logits.contiguous()}});
 }
 
 TEST(Models, MergingATiedHeadIsRefusedAndLoadingOverAnAdapterToo) {

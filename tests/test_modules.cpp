@@ -33,7 +33,8 @@ torch::nn::Linear random_linear(int64_t in, int64_t out, torch::Dtype dtype = to
 LoraLinear make_layer(const std::string& method_name, torch::nn::Linear base, LoraOptions lora = LoraOptions(4)) {
   const AdapterMethod method = AdapterMethod::parse(method_name);
   if (method.is_plain_lora()) return LoraLinear(base, lora);
-  TiedLoraFactors factors(TiedLoraFactorsOptions(base->options.in_features(), base->options.out_features(), method, lora));
+  TiedLoraFactors factors(
+      TiedLoraFactorsOptions(base->options.in_features(), base->options.out_features(), method, lora));
   return LoraLinear(base, factors);
 }
 
@@ -227,8 +228,9 @@ TEST(LoraLinear, WithoutAdapterIsADropInTorchLinear) {
   layer->attach_lora(LoraOptions(2));
   EXPECT_FALSE(layer->weight.requires_grad());
   // One naming rule for every adapter (tiedlora/core/adapter_set.h); checkpoints store the earlier names.
-  EXPECT_EQ(layer->named_parameters().keys(), (std::vector<std::string>{"weight", "bias", "lora_adapters.default.lora_A",
-                                                                        "lora_adapters.default.lora_B"}));
+  EXPECT_EQ(
+      layer->named_parameters().keys(),
+      (std::vector<std::string>{"weight", "bias", "lora_adapters.default.lora_A", "lora_adapters.default.lora_B"}));
   EXPECT_EQ(stored_names(*layer), (std::vector<std::string>{"weight", "bias", "lora_A", "lora_B"}));
   EXPECT_TRUE(torch::allclose(layer->forward(x), reference->forward(x), 1e-6, 1e-6));
   layer->detach_adapter();
@@ -241,7 +243,7 @@ TEST(LoraLinear, SeededInitialisationIsReproducibleAndFollowsPeft) {
   auto a3 = LoraLinear(random_linear(64, 8), LoraOptions(4).seed(43));
   EXPECT_TRUE(torch::equal(a1->lora_A(), a2->lora_A()));
   EXPECT_FALSE(torch::equal(a1->lora_A(), a3->lora_A()));
-  EXPECT_EQ(a1->lora_B().abs().max().item<float>(), 0.0f);  // B carries the zero
+  EXPECT_EQ(a1->lora_B().abs().max().item<float>(), 0.0f);         // B carries the zero
   EXPECT_LE(a1->lora_A().abs().max().item<float>(), 1.0f / 8.0f);  // kaiming-uniform bound 1/sqrt(64)
   EXPECT_GT(a1->lora_A().abs().max().item<float>(), 0.1f);
   auto g = LoraLinear(random_linear(64, 8), LoraOptions(4).seed(1).init(tiedlora::LoraInit::gaussian));
@@ -279,7 +281,8 @@ TEST(TiedLoraFactors, LayersOfOneGroupShareAAndB) {
   // The first layer registers the shared tensors (nobody else did); the second only refers to them.
   EXPECT_EQ(l1->named_parameters().keys(),
             (std::vector<std::string>{"weight", "bias", "lora_adapters.default.lora_u", "lora_adapters.default.lora_v",
-                                      "lora_adapters.default.tied_factors.lora_A", "lora_adapters.default.tied_factors.lora_B"}));
+                                      "lora_adapters.default.tied_factors.lora_A",
+                                      "lora_adapters.default.tied_factors.lora_B"}));
   EXPECT_EQ(stored_names(*l1), (std::vector<std::string>{"weight", "bias", "lora_u", "lora_v", "tied_factors.lora_A",
                                                          "tied_factors.lora_B"}));
   EXPECT_EQ(stored_names(*l2), (std::vector<std::string>{"weight", "bias", "lora_u", "lora_v"}));
@@ -340,7 +343,9 @@ TEST(TiedLoraFactors, FactorsNobodyRegistersAreRefusedNotSilentlyFrozen) {
 
 TEST(TiedLoraFactors, OwnershipFollowsTheOwnerAndDoubleRegistrationIsRefused) {
   TiedLoraFactors factors(TiedLoraFactorsOptions(8, 6, AdapterMethod::parse("tied-abuv"), LoraOptions(2)));
-  { Pair first(factors); }  // its layers are gone: the factors belong to nobody again
+  {
+    Pair first(factors);
+  }  // its layers are gone: the factors belong to nobody again
   EXPECT_FALSE(factors->owned());
   Pair second(factors);
   int a_count = 0;

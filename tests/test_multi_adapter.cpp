@@ -27,7 +27,9 @@ using tiedlora::testing::difference;
 using tiedlora::testing::error_of;
 
 std::string multi_dir() { return tiedlora::testing::reference_dir() + "/multi"; }
-std::map<std::string, at::Tensor> reference() { return tiedlora::io::load_safetensors(multi_dir() + "/mixed.safetensors"); }
+std::map<std::string, at::Tensor> reference() {
+  return tiedlora::io::load_safetensors(multi_dir() + "/mixed.safetensors");
+}
 
 std::shared_ptr<tiedlora::models::CausalLM> base_model() {
   auto model = tiedlora::models::load_pretrained(multi_dir() + "/base");
@@ -51,7 +53,8 @@ at::Tensor random_ids(int64_t rows, int64_t length, uint64_t seed) {
   return at::randint(3, 97, {rows, length}, generator, at::kLong);
 }
 
-at::Tensor logits_with_rows(tiedlora::models::CausalLM& model, const at::Tensor& ids, const std::vector<std::string>& rows) {
+at::Tensor logits_with_rows(tiedlora::models::CausalLM& model, const at::Tensor& ids,
+                            const std::vector<std::string>& rows) {
   const RowAdaptersScope scope(tiedlora::route_rows(model, rows));
   return model.forward(ids);
 }
@@ -66,11 +69,16 @@ std::map<std::string, at::Tensor> weights_of(const tiedlora::models::CausalLM& m
 // A model with three adapters of different methods, ranks and targets, every adapter tensor random.
 std::shared_ptr<tiedlora::models::CausalLM> model_with_three_adapters(uint64_t seed) {
   auto model = base_model();
-  tiedlora::inject_adapters(*model, InjectOptions().targets({"q_proj", "v_proj"}).lora(LoraOptions(4).alpha(8.0).seed(1)));
-  tiedlora::inject_adapters(*model, InjectOptions().targets({"all-linear"}).method("tied-abuv")
-                                        .lora(LoraOptions(3).seed(2)).adapter_name("tied"));
-  tiedlora::inject_adapters(*model, InjectOptions().targets({"v_proj", "down_proj"}).method("tied-uv")
-                                        .lora(LoraOptions(5).seed(3)).adapter_name("vera_like"));
+  tiedlora::inject_adapters(*model,
+                            InjectOptions().targets({"q_proj", "v_proj"}).lora(LoraOptions(4).alpha(8.0).seed(1)));
+  tiedlora::inject_adapters(
+      *model,
+      InjectOptions().targets({"all-linear"}).method("tied-abuv").lora(LoraOptions(3).seed(2)).adapter_name("tied"));
+  tiedlora::inject_adapters(*model, InjectOptions()
+                                        .targets({"v_proj", "down_proj"})
+                                        .method("tied-uv")
+                                        .lora(LoraOptions(5).seed(3))
+                                        .adapter_name("vera_like"));
   tiedlora::testing::randomize_trainable(*model, seed, 0.3);
   return model;
 }
@@ -109,8 +117,9 @@ TEST(NamedAdapters, MixedGenerationWithKvCacheMatchesPeft) {
     EXPECT_EQ(generated[i], std::vector<int64_t>(want.data_ptr<int64_t>(), want.data_ptr<int64_t>() + want.numel()))
         << "prompt " << i << " (" << options.prompt_adapters[i] << ")";
     // ... and what the prompt gives alone with its adapter active.
-    tiedlora::set_active_adapters(*model, options.prompt_adapters[i].empty() ? std::vector<std::string>{}
-                                                                             : std::vector<std::string>{options.prompt_adapters[i]});
+    tiedlora::set_active_adapters(*model, options.prompt_adapters[i].empty()
+                                              ? std::vector<std::string>{}
+                                              : std::vector<std::string>{options.prompt_adapters[i]});
     tiedlora::models::GenerateOptions alone = options;
     alone.prompt_adapters.clear();
     EXPECT_EQ(tiedlora::models::generate_greedy(*model, prompts[i], alone), generated[i]) << "prompt " << i << " alone";
@@ -162,7 +171,8 @@ TEST(NamedAdapters, ActiveSetsAddUpAndMergeThemWithOneRoundingAndUnmergeExactly)
     // W + dW_default + dW_tied in fp32, rounded once.
     at::Tensor want = original.at(name).to(at::kDouble);
     for (const std::string adapter : {"default", "tied"}) {
-      if (layer->has_adapter(adapter)) want += tiedlora::functional::low_rank_delta(layer->update(adapter)).to(at::kDouble);
+      if (layer->has_adapter(adapter))
+        want += tiedlora::functional::low_rank_delta(layer->update(adapter)).to(at::kDouble);
     }
     EXPECT_TRUE(all_close(layer->weight, want, 0, 2e-7 * want.abs().max().item<double>(), name + " merged weight"));
   }
@@ -199,15 +209,20 @@ TEST(NamedAdapters, DeleteSaveAndLoadTheMultiAdapterLayout) {
   const std::vector<std::string> rows = {"tied", "default", ""};
   EXPECT_TRUE(at::equal(logits_with_rows(*reloaded, ids, rows), logits_with_rows(*model, ids, rows)));
   // Errors name what is wrong.
-  EXPECT_NE(error_of([&] { tiedlora::load_adapter(*reloaded, folder + "/tied", "tied"); }).find("already carries an adapter named 'tied'"),
+  EXPECT_NE(error_of([&] {
+              tiedlora::load_adapter(*reloaded, folder + "/tied", "tied");
+            }).find("already carries an adapter named 'tied'"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { tiedlora::route_rows(*reloaded, {"tied", "nope"}); }).find("row 1: the model carries no adapter named 'nope'"),
+  EXPECT_NE(error_of([&] {
+              tiedlora::route_rows(*reloaded, {"tied", "nope"});
+            }).find("row 1: the model carries no adapter named 'nope'"),
             std::string::npos);
   EXPECT_NE(error_of([&] { tiedlora::set_active_adapters(*reloaded, {"nope"}); }).find("(it carries default, tied)"),
             std::string::npos);
   EXPECT_NE(error_of([&] { logits_with_rows(*reloaded, ids, {"tied"}); }).find("3 rows"), std::string::npos);
-  EXPECT_NE(error_of([&] { tiedlora::inject_adapters(*reloaded, InjectOptions().targets({"q_proj"}).adapter_name("a.b")); })
-                .find("invalid adapter name 'a.b'"),
+  EXPECT_NE(error_of([&] {
+              tiedlora::inject_adapters(*reloaded, InjectOptions().targets({"q_proj"}).adapter_name("a.b"));
+            }).find("invalid adapter name 'a.b'"),
             std::string::npos);
   tiedlora::util::remove_tree_quietly(folder);
 }
@@ -229,7 +244,8 @@ TEST(NamedAdapters, ChangingTheActiveSetOfAMergedModelUnmergesExactly) {
   }
   tiedlora::merge_adapters_(*model);
   tiedlora::delete_adapter(*model, "tied");  // detaching a merged adapter unmerges it first
-  for (const auto& [name, layer] : tiedlora::adapted_layers(*model)) EXPECT_TRUE(at::equal(layer->weight, original.at(name))) << name;
+  for (const auto& [name, layer] : tiedlora::adapted_layers(*model))
+    EXPECT_TRUE(at::equal(layer->weight, original.at(name))) << name;
   // The only active adapter deleted: the first remaining one becomes active (PEFT's choice).
   EXPECT_EQ(tiedlora::active_adapters(*model), std::vector<std::string>{"default"});
 }
@@ -265,7 +281,8 @@ TEST(NamedAdapters, LoadAdaptersIsAllOrNothing) {
     std::ofstream(file, std::ios::binary | std::ios::trunc) << "garbage";
   }
   auto target = base_model();
-  tiedlora::inject_adapters(*target, InjectOptions().targets({"o_proj"}).lora(LoraOptions(2).seed(9)).adapter_name("mine"));
+  tiedlora::inject_adapters(*target,
+                            InjectOptions().targets({"o_proj"}).lora(LoraOptions(2).seed(9)).adapter_name("mine"));
   std::vector<bool> trainable_before;
   for (const auto& p : target->parameters()) trainable_before.push_back(p.requires_grad());
   const std::string message = error_of([&] { tiedlora::load_adapters(*target, folder); });
@@ -282,7 +299,8 @@ TEST(NamedAdapters, LoadAdaptersIsAllOrNothing) {
 // model's, and gradients flow through the routed branch.
 TEST(NamedAdapters, DropoutOfAMixedBatchTouchesOnlyItsRows) {
   auto model = base_model();
-  tiedlora::inject_adapters(*model, InjectOptions().targets({"q_proj", "v_proj"}).lora(LoraOptions(4).dropout(0.5).seed(1)));
+  tiedlora::inject_adapters(*model,
+                            InjectOptions().targets({"q_proj", "v_proj"}).lora(LoraOptions(4).dropout(0.5).seed(1)));
   tiedlora::testing::randomize_trainable(*model, 3, 0.3);
   const at::Tensor ids = random_ids(2, 8, 45);
   at::Tensor base;
@@ -352,7 +370,9 @@ TEST(NamedAdapters, TrainingTwoAdaptersInOneStepEqualsTrainingEachAlone) {
     }
     return out;
   };
-  auto trained_params = [&](tiedlora::models::CausalLM& model, const std::string& adapter) { return trained(model, adapter, false); };
+  auto trained_params = [&](tiedlora::models::CausalLM& model, const std::string& adapter) {
+    return trained(model, adapter, false);
+  };
   double worst_gradient_ratio = 0;  // printed: the float-rounding level the 1e-5 bound leaves room for
   for (const bool checkpointing : {false, true}) {
     auto together = model_with_three_adapters(13);
@@ -374,9 +394,10 @@ TEST(NamedAdapters, TrainingTwoAdaptersInOneStepEqualsTrainingEachAlone) {
         // One forward over the mixed batch; each adapter's loss is the mean over its own rows.
         const RowAdaptersScope scope(tiedlora::route_rows(*together, rows));
         const at::Tensor logits = together->forward(ids.narrow(1, 0, 9));
-        const at::Tensor token_loss =
-            at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), ids.narrow(1, 1, 9).reshape({-1}),
-                                   {}, at::Reduction::None).reshape({4, 9}).mean(1);
+        const at::Tensor token_loss = at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}),
+                                                             ids.narrow(1, 1, 9).reshape({-1}), {}, at::Reduction::None)
+                                          .reshape({4, 9})
+                                          .mean(1);
         const at::Tensor is_tied = at::tensor({0.0f, 1.0f, 1.0f, 0.0f});
         ((token_loss * (1 - is_tied)).sum() / 2 + (token_loss * is_tied).sum() / 2).backward();
       }
@@ -392,8 +413,8 @@ TEST(NamedAdapters, TrainingTwoAdaptersInOneStepEqualsTrainingEachAlone) {
           const auto d = difference(got[i], want[i]);
           EXPECT_GT(d.max_ref, 0) << name << " gradient " << i << " is zero: the test would be blind";
           worst_gradient_ratio = std::max(worst_gradient_ratio, d.max_abs / d.max_ref);
-          EXPECT_LE(d.max_abs, 1e-5 * d.max_ref) << name << " gradient " << i << " at step " << step
-                                                 << (checkpointing ? " (checkpointing)" : "");
+          EXPECT_LE(d.max_abs, 1e-5 * d.max_ref)
+              << name << " gradient " << i << " at step " << step << (checkpointing ? " (checkpointing)" : "");
         }
         opt_alone[name]->step();
       }
@@ -405,15 +426,17 @@ TEST(NamedAdapters, TrainingTwoAdaptersInOneStepEqualsTrainingEachAlone) {
     for (const std::string name : {"default", "tied"}) {
       const auto got = trained_params(*together, name), want = trained_params(*alone[name], name);
       for (size_t i = 0; i < got.size(); ++i) {
-        EXPECT_TRUE(all_close(got[i], want[i], 1e-4, 1e-5, name + " tensor " + std::to_string(i) +
-                                                               (checkpointing ? " (checkpointing)" : "")));
+        EXPECT_TRUE(all_close(got[i], want[i], 1e-4, 1e-5,
+                              name + " tensor " + std::to_string(i) + (checkpointing ? " (checkpointing)" : "")));
       }
     }
     // The third adapter saw no row: untouched in both runs.
-    const auto untouched = trained_params(*together, "vera_like"), initial = trained_params(*model_with_three_adapters(13), "vera_like");
+    const auto untouched = trained_params(*together, "vera_like"),
+               initial = trained_params(*model_with_three_adapters(13), "vera_like");
     for (size_t i = 0; i < untouched.size(); ++i) EXPECT_TRUE(at::equal(untouched[i], initial[i]));
   }
-  std::printf("[two adapters in one step] largest gradient difference: %.3g of the largest entry\n", worst_gradient_ratio);
+  std::printf("[two adapters in one step] largest gradient difference: %.3g of the largest entry\n",
+              worst_gradient_ratio);
 }
 
 TEST(Combination, LoraCatEqualsPeftAndTheWeightedSumAndPeftLoadsIt) {
@@ -433,7 +456,8 @@ TEST(Combination, LoraCatEqualsPeftAndTheWeightedSumAndPeftLoadsIt) {
     at::Tensor want = at::zeros({layer->options.out_features(), layer->options.in_features()}, at::kDouble);
     for (size_t k = 0; k < 2; ++k) {
       const std::string source = k == 0 ? "default" : "second";
-      if (layer->has_adapter(source)) want += weights[k] * tiedlora::functional::low_rank_delta(layer->update(source)).to(at::kDouble);
+      if (layer->has_adapter(source))
+        want += weights[k] * tiedlora::functional::low_rank_delta(layer->update(source)).to(at::kDouble);
     }
     const at::Tensor got = tiedlora::functional::low_rank_delta(layer->update("mix"));
     EXPECT_TRUE(all_close(got, want, 0, 1e-6 * want.abs().max().item<double>(), name + " delta"));
@@ -442,7 +466,8 @@ TEST(Combination, LoraCatEqualsPeftAndTheWeightedSumAndPeftLoadsIt) {
   torch::NoGradGuard no_grad;
   tiedlora::set_active_adapters(*model, {"mix"});
   const at::Tensor logits = model->forward(ref.at("ids"));
-  EXPECT_TRUE(all_close(logits, ref.at("logits_mix"), 1e-5, 1e-5 * logits.abs().max().item<double>(), "mix logits vs PEFT"));
+  EXPECT_TRUE(
+      all_close(logits, ref.at("logits_mix"), 1e-5, 1e-5 * logits.abs().max().item<double>(), "mix logits vs PEFT"));
   // Saved for tests/multi/check_peft_loads.py: PEFT loads our "mix" and computes the same logits.
   const std::string out = multi_dir() + "/cpp_saved";
   tiedlora::util::remove_tree_quietly(out);
@@ -453,12 +478,21 @@ TEST(Combination, LoraCatEqualsPeftAndTheWeightedSumAndPeftLoadsIt) {
 TEST(Combination, TiedAdaptersCombineIntoATiedAdapterOrExactLora) {
   auto model = base_model();
   // Two tied adapters without v on the same groups (the default grouping): a tied result.
-  tiedlora::inject_adapters(*model, InjectOptions().targets({"q_proj", "v_proj", "up_proj"}).method("tied-abu")
-                                        .lora(LoraOptions(4).alpha(8.0).dropout(0.1).seed(1)).adapter_name("t1"));
-  tiedlora::inject_adapters(*model, InjectOptions().targets({"q_proj", "v_proj", "up_proj"}).method("tied-ab")
-                                        .lora(LoraOptions(2).seed(2)).adapter_name("t2"));
-  tiedlora::inject_adapters(*model, InjectOptions().targets({"q_proj", "o_proj"}).method("tied-abuv")
-                                        .lora(LoraOptions(3).seed(3)).adapter_name("t3"));
+  tiedlora::inject_adapters(*model, InjectOptions()
+                                        .targets({"q_proj", "v_proj", "up_proj"})
+                                        .method("tied-abu")
+                                        .lora(LoraOptions(4).alpha(8.0).dropout(0.1).seed(1))
+                                        .adapter_name("t1"));
+  tiedlora::inject_adapters(*model, InjectOptions()
+                                        .targets({"q_proj", "v_proj", "up_proj"})
+                                        .method("tied-ab")
+                                        .lora(LoraOptions(2).seed(2))
+                                        .adapter_name("t2"));
+  tiedlora::inject_adapters(*model, InjectOptions()
+                                        .targets({"q_proj", "o_proj"})
+                                        .method("tied-abuv")
+                                        .lora(LoraOptions(3).seed(3))
+                                        .adapter_name("t3"));
   tiedlora::testing::randomize_trainable(*model, 9, 0.3);
   const std::vector<double> weights = {1.5, -0.25};
   const at::Tensor rng = at::detail::getDefaultCPUGenerator().get_state();
@@ -467,17 +501,21 @@ TEST(Combination, TiedAdaptersCombineIntoATiedAdapterOrExactLora) {
   EXPECT_TRUE(at::equal(at::detail::getDefaultCPUGenerator().get_state(), rng)) << "the global generator moved";
   // Refusals leave the model as it was.
   const auto names = tiedlora::adapter_names(*model);
-  EXPECT_NE(error_of([&] { tiedlora::add_weighted_adapter(*model, {"t1", "nope"}, weights, "x"); }).find("'nope'"), std::string::npos);
-  EXPECT_NE(error_of([&] { tiedlora::add_weighted_adapter(*model, {"t1"}, weights, "x"); }).find("one weight per source"), std::string::npos);
+  EXPECT_NE(error_of([&] { tiedlora::add_weighted_adapter(*model, {"t1", "nope"}, weights, "x"); }).find("'nope'"),
+            std::string::npos);
+  EXPECT_NE(
+      error_of([&] { tiedlora::add_weighted_adapter(*model, {"t1"}, weights, "x"); }).find("one weight per source"),
+      std::string::npos);
   EXPECT_EQ(tiedlora::adapter_names(*model), names);
   int64_t tied_layers = 0;
   for (const auto& [name, layer] : tiedlora::adapted_layers(*model)) {
-    for (const auto& [mix, sources] : std::map<std::string, std::vector<std::string>>{{"tied_mix", {"t1", "t2"}},
-                                                                                       {"lora_mix", {"t1", "t3"}}}) {
+    for (const auto& [mix, sources] :
+         std::map<std::string, std::vector<std::string>>{{"tied_mix", {"t1", "t2"}}, {"lora_mix", {"t1", "t3"}}}) {
       if (!layer->has_adapter(mix)) continue;
       at::Tensor want = at::zeros({layer->options.out_features(), layer->options.in_features()}, at::kDouble);
       for (size_t k = 0; k < 2; ++k) {
-        if (layer->has_adapter(sources[k])) want += weights[k] * tiedlora::functional::low_rank_delta(layer->update(sources[k])).to(at::kDouble);
+        if (layer->has_adapter(sources[k]))
+          want += weights[k] * tiedlora::functional::low_rank_delta(layer->update(sources[k])).to(at::kDouble);
       }
       const at::Tensor got = tiedlora::functional::low_rank_delta(layer->update(mix));
       EXPECT_TRUE(all_close(got, want, 0, 1e-6 * want.abs().max().item<double>(), name + " " + mix));
@@ -505,7 +543,8 @@ TEST(Combination, TiedAdaptersCombineIntoATiedAdapterOrExactLora) {
     const auto it = std::find_if(original.begin(), original.end(), [&](const auto& p) { return p.first == name; });
     ASSERT_NE(it, original.end());
     EXPECT_TRUE(at::equal(tiedlora::functional::low_rank_delta(layer->update("tied_mix")),
-                          tiedlora::functional::low_rank_delta(it->second->update("tied_mix")))) << name;
+                          tiedlora::functional::low_rank_delta(it->second->update("tied_mix"))))
+        << name;
   }
   tiedlora::util::remove_tree_quietly(folder);
 }

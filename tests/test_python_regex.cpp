@@ -8,8 +8,8 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include "tiedlora/formats/adapter_config.h"
 #include "tiedlora/core/error.h"
+#include "tiedlora/formats/adapter_config.h"
 #include "util/python_regex.h"
 
 namespace {

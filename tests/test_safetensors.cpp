@@ -5,9 +5,7 @@
 // and values, so reading is checked without trusting any safetensors parser. Files this test writes go
 // to $TIEDLORA_SAFETENSORS_OUT, where tests/reference/check_safetensors_written.py then reads them back
 // with Python. Malformed inputs are made here, in a scratch folder beside it.
-#include <ATen/ATen.h>
 #include <dirent.h>
-#include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -16,11 +14,14 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
-#include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include "tiedlora/core/error.h"
 #include "tiedlora/formats/safetensors.h"
@@ -36,7 +37,7 @@ namespace {
 // std::filesystem operations that override the system's, and remove_all crashes with GCC 12's libstdc++.
 
 bool exists(const std::string& path) {
-  struct stat st {};
+  struct stat st{};
   return ::stat(path.c_str(), &st) == 0;
 }
 
@@ -60,7 +61,7 @@ void make_dirs(const std::string& path) {
 }
 
 void remove_tree(const std::string& path) {
-  struct stat st {};
+  struct stat st{};
   if (::lstat(path.c_str(), &st) != 0) return;
   if (S_ISDIR(st.st_mode)) {
     for (const auto& n : list_dir(path)) remove_tree(path + "/" + n);
@@ -735,11 +736,12 @@ TEST(SafetensorsWriter, HeaderSerializationDetails) {
   e.begin = 0;
   e.end = 2;
   const std::string h = tiedlora::io::serialize_safetensors_header({e}, {});
-  EXPECT_EQ(h,
-            "{\"q\\\"\\\\\\n\\u0001\x7f\xc3\xa9\":{\"dtype\":\"BF16\",\"shape\":[],\"data_offsets\":[0,2]}}   ");  // as
-                                                                                                                   // Python
-                                                                                                                   // writes
-                                                                                                                   // it
+  EXPECT_EQ(
+      h,
+      "{\"q\\\"\\\\\\n\\u0001\x7f\xc3\xa9\":{\"dtype\":\"BF16\",\"shape\":[],\"data_offsets\":[0,2]}}   ");  // as
+                                                                                                             // Python
+                                                                                                             // writes
+                                                                                                             // it
   EXPECT_EQ(h.size() % 8, 0u);
   for (int d = 0; d <= static_cast<int>(SafetensorsDtype::F64); ++d) {
     const auto dtype = static_cast<SafetensorsDtype>(d);

@@ -7,12 +7,12 @@
 
 #include <torch/torch.h>
 
+#include "model_discovery.h"
 #include "test_support.h"
 #include "tiedlora/core/error.h"
 #include "tiedlora/core/inject.h"
 #include "tiedlora/formats/adapter.h"
 #include "tiedlora/formats/safetensors.h"
-#include "model_discovery.h"
 #include "tiedlora/llm/causal_lm.h"
 #include "tiedlora/llm/train.h"
 #include "util/files.h"
@@ -64,9 +64,11 @@ TEST(SmolLM2, PackedBatchGivesThePaddedBatchsLossAndGradients) {
   torch::manual_seed(1);
   std::vector<tiedlora::train::TokenizedExample> examples(6);
   for (auto& e : examples) {
-    const int64_t prompt = torch::randint(20, 90, {1}).item<int64_t>(), completion = torch::randint(4, 20, {1}).item<int64_t>();
+    const int64_t prompt = torch::randint(20, 90, {1}).item<int64_t>(),
+                  completion = torch::randint(4, 20, {1}).item<int64_t>();
     const auto ids = torch::randint(100, 20000, {prompt + completion});
-    for (int64_t t = 0; t < prompt + completion; ++t) (t < prompt ? e.prompt : e.completion).push_back(ids[t].item<int64_t>());
+    for (int64_t t = 0; t < prompt + completion; ++t)
+      (t < prompt ? e.prompt : e.completion).push_back(ids[t].item<int64_t>());
   }
   std::vector<const tiedlora::train::TokenizedExample*> items;
   for (const auto& e : examples) items.push_back(&e);
@@ -86,8 +88,9 @@ TEST(SmolLM2, PackedBatchGivesThePaddedBatchsLossAndGradients) {
   };
   for (const std::string method : {"lora", "tied-abuv"}) {
     auto model = tiedlora::models::load_gguf_model(gguf);
-    tiedlora::inject_adapters(*model, tiedlora::InjectOptions().targets({"all-linear"}).method(method)
-                                          .lora(tiedlora::LoraOptions(8).seed(0)));
+    tiedlora::inject_adapters(
+        *model,
+        tiedlora::InjectOptions().targets({"all-linear"}).method(method).lora(tiedlora::LoraOptions(8).seed(0)));
     tiedlora::testing::randomize_trainable(*model, 2, 0.02);
     model->train();
     auto run = [&](const tiedlora::train::Batch& batch) {
@@ -99,7 +102,8 @@ TEST(SmolLM2, PackedBatchGivesThePaddedBatchsLossAndGradients) {
     ASSERT_GT(padded64.gradients.size(), 200u);
     EXPECT_TRUE(tiedlora::testing::same_loss_and_gradients(packed64, padded64, 1e-10)) << method << " in fp64";
     EXPECT_NEAR(packed32.loss, padded32.loss, 1e-5 * padded32.loss) << method;
-    const double together = (flat(packed32) - flat(padded32)).norm().item<double>() / flat(padded32).norm().item<double>();
+    const double together =
+        (flat(packed32) - flat(padded32)).norm().item<double>() / flat(padded32).norm().item<double>();
     double worst_padded = 0, worst_packed = 0;
     for (size_t i = 0; i < padded64.gradients.size(); ++i) {
       const auto& [name, truth] = padded64.gradients[i];
@@ -131,8 +135,9 @@ TEST(SmolLM2, TrainsStoredInBf16WithAnFp32Adapter) {
     if (seen.insert(p.unsafeGetTensorImpl()).second) base_bytes += p.numel() * p.element_size();
   }
   EXPECT_LT(base_bytes, 300'000'000);  // 135M parameters in 2 bytes (fp32 would be 540 MB)
-  tiedlora::inject_adapters(*model, tiedlora::InjectOptions().targets({"all-linear"}).method("tied-abuv")
-                                        .lora(tiedlora::LoraOptions(8).seed(0)));
+  tiedlora::inject_adapters(
+      *model,
+      tiedlora::InjectOptions().targets({"all-linear"}).method("tied-abuv").lora(tiedlora::LoraOptions(8).seed(0)));
   for (const auto& p : tiedlora::trainable_parameters(*model)) EXPECT_EQ(p.scalar_type(), torch::kFloat);
   // Two short examples with a completion to learn, the same batch every step.
   torch::manual_seed(0);
@@ -167,8 +172,9 @@ TEST(SmolLM2, TrainsStoredInBf16WithAnFp32Adapter) {
   ASSERT_NE(::mkdtemp(root.data()), nullptr);
   tiedlora::save_adapter(*model, root + "/adapter");
   int asked = 0;
-  EXPECT_THROW(tiedlora::train::merge_trained(*model, gguf, root + "/adapter", root + "/merged", [&] { return ++asked > 0; }),
-               tiedlora::Cancelled);
+  EXPECT_THROW(
+      tiedlora::train::merge_trained(*model, gguf, root + "/adapter", root + "/merged", [&] { return ++asked > 0; }),
+      tiedlora::Cancelled);
   EXPECT_GE(asked, 1);
   EXPECT_EQ(tiedlora::util::list_directory(root), std::vector<std::string>{"adapter"});
   tiedlora::util::remove_tree_quietly(root);

@@ -4,9 +4,8 @@
 
 #include <cstdlib>
 #include <functional>
-#include <string>
-
 #include <set>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -99,7 +98,8 @@ inline ::testing::AssertionResult same_loss_and_gradients(const LossAndGradients
     if (!reference.defined() || !g.defined()) return ::testing::AssertionFailure() << name << ": no gradient";
     const Difference d = difference(g, reference);
     if (!(d.max_ref > 0) || !(d.max_abs <= relative * d.max_ref)) {
-      return ::testing::AssertionFailure() << name << ": max |diff| " << d.max_abs << " against max |gradient| " << d.max_ref;
+      return ::testing::AssertionFailure()
+             << name << ": max |diff| " << d.max_abs << " against max |gradient| " << d.max_ref;
     }
   }
   return ::testing::AssertionSuccess();
@@ -110,7 +110,8 @@ inline ::testing::AssertionResult same_loss_and_gradients(const LossAndGradients
 class ScopedAutocast {
  public:
   ScopedAutocast(at::DeviceType device, at::ScalarType dtype)
-      : device_(device), was_enabled_(at::autocast::is_autocast_enabled(device)),
+      : device_(device),
+        was_enabled_(at::autocast::is_autocast_enabled(device)),
         previous_(at::autocast::get_autocast_dtype(device)) {
     at::autocast::set_autocast_dtype(device, dtype);
     at::autocast::set_autocast_enabled(device, true);

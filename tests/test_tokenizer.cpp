@@ -16,10 +16,10 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "llm/tokenizer/pre_tokenize.h"
 #include "tiedlora/core/error.h"
 #include "tiedlora/formats/gguf.h"
 #include "tiedlora/llm/tokenizer.h"
-#include "llm/tokenizer/pre_tokenize.h"
 
 namespace {
 
@@ -67,8 +67,9 @@ const BpeTokenizer& tokenizer(const std::string& name) {
   auto it = cache.find(name);
   if (it != cache.end()) return it->second;
   if (name == "gpt2") {
-    return cache.emplace(name, BpeTokenizer::from_vocab_and_merges(source("tests/data/gpt2/encoder.json"),
-                                                                   source("tests/data/gpt2/vocab.bpe")))
+    return cache
+        .emplace(name, BpeTokenizer::from_vocab_and_merges(source("tests/data/gpt2/encoder.json"),
+                                                           source("tests/data/gpt2/vocab.bpe")))
         .first->second;
   }
   if (name == "smollm2_gguf") {
@@ -109,9 +110,10 @@ TEST(TokenizerUnicode, ClassesMatchTokenizersOnEveryCodePoint) {
     if (c >= 0xD800 && c <= 0xDFFF) continue;
     ++checked;
     if (tiedlora::tokenizer_detail::char_class(c) != expected[c]) {
-      if (++wrong < 10) ADD_FAILURE() << "U+" << std::hex << c << ": class " << int(tiedlora::tokenizer_detail::char_class(c))
-                                      << ", tokenizers " << classes["tokenizers"] << " says " << int(expected[c])
-                                      << " (hint: run src/llm/tokenizer/gen_unicode_table.py)";
+      if (++wrong < 10)
+        ADD_FAILURE() << "U+" << std::hex << c << ": class " << int(tiedlora::tokenizer_detail::char_class(c))
+                      << ", tokenizers " << classes["tokenizers"] << " says " << int(expected[c])
+                      << " (hint: run src/llm/tokenizer/gen_unicode_table.py)";
     }
   }
   EXPECT_EQ(checked, 1112064u);
@@ -143,8 +145,8 @@ TEST_P(WholeText, EveryIdMatchesTokenizers) {
   const std::vector<TokenId> ids = tok.encode(text, /*add_special_tokens=*/true);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   EXPECT_TRUE(same_ids(ids, expected)) << c.tokenizer << " on " << c.text;
-  std::printf("[ info ] %s on %s: %zu ids compared, %.1f MB/s\n", c.tokenizer.c_str(), c.text.c_str(),
-              expected.size(), text.size() / seconds / 1e6);
+  std::printf("[ info ] %s on %s: %zu ids compared, %.1f MB/s\n", c.tokenizer.c_str(), c.text.c_str(), expected.size(),
+              text.size() / seconds / 1e6);
   if (summary()[c.reference_name + "_" + c.text + "_round_trip"].get<bool>()) {
     EXPECT_TRUE(tok.decode(ids) == text) << "decode(encode(text)) differs from the text";
   } else {
@@ -170,8 +172,8 @@ TEST(Tokenizer, GptTwoFromTokenizerJsonEqualsFromVocabAndMerges) {
 }
 
 TEST(Tokenizer, EncodeIsThreadSafe) {
-  const BpeTokenizer gpt2 = BpeTokenizer::from_vocab_and_merges(source("tests/data/gpt2/encoder.json"),
-                                                                source("tests/data/gpt2/vocab.bpe"));
+  const BpeTokenizer gpt2 =
+      BpeTokenizer::from_vocab_and_merges(source("tests/data/gpt2/encoder.json"), source("tests/data/gpt2/vocab.bpe"));
   const std::string text = read_file(reference("sotu.txt")).substr(0, 400000);
   const std::vector<TokenId> expected = tokenizer("gpt2").encode(text);
   std::vector<std::vector<TokenId>> results(4);
@@ -186,9 +188,9 @@ TEST(Tokenizer, EncodeIsThreadSafe) {
 TEST(Tokenizer, AdversarialCasesMatchTokenizers) {
   const json cases = json::parse(read_file(reference("cases.json")));
   ASSERT_GT(cases.size(), 50u);
-  const std::map<std::string, std::string> loaded = {{"gpt2", "gpt2"},   {"gpt2_prefix", "gpt2_prefix"},
-                                                      {"llama3", "llama3"}, {"qwen2", "qwen2"},
-                                                      {"smollm2", "smollm2"}, {"smollm2_gguf", "smollm2"}};
+  const std::map<std::string, std::string> loaded = {{"gpt2", "gpt2"},       {"gpt2_prefix", "gpt2_prefix"},
+                                                     {"llama3", "llama3"},   {"qwen2", "qwen2"},
+                                                     {"smollm2", "smollm2"}, {"smollm2_gguf", "smollm2"}};
   const std::map<std::string, std::string> splitters = {
       {"gpt2", "gpt2"}, {"digits_gpt2", "smollm2"}, {"llama3", "llama3"}, {"qwen2", "qwen2"}};
   std::size_t compared = 0;
@@ -224,7 +226,8 @@ TEST(Tokenizer, RoundTripsExactlyWhenEveryByteIsInTheVocabulary) {
   const BpeTokenizer& gpt2 = tokenizer("gpt2");
   std::string all_bytes;
   for (int b = 0; b < 256; ++b) all_bytes += static_cast<char>(b);
-  for (const std::string& text : {all_bytes, std::string("<|endoftext|> a<|endoftext|>b "), std::string("\xF0\x9F\x98\x80 x")}) {
+  for (const std::string& text :
+       {all_bytes, std::string("<|endoftext|> a<|endoftext|>b "), std::string("\xF0\x9F\x98\x80 x")}) {
     EXPECT_EQ(gpt2.decode(gpt2.encode(text)), text);
   }
   // SmolLM2's vocabulary lacks 21 byte symbols (e.g. byte 0x04): tokenizers drops them, and so do we.
@@ -316,9 +319,11 @@ TEST(ChatTemplate, ChatmlMatchesTransformersRenderingOfSmolLM2Template) {
             info.default_system_prompt);
   for (const auto& r : chat["rendered"]) {
     std::vector<tiedlora::ChatMessage> messages;
-    for (const auto& m : r["messages"]) messages.push_back({m["role"].get<std::string>(), m["content"].get<std::string>()});
-    EXPECT_EQ(tiedlora::apply_chatml_template(messages, r["add_generation_prompt"].get<bool>(), info.default_system_prompt),
-              r["text"].get<std::string>());
+    for (const auto& m : r["messages"])
+      messages.push_back({m["role"].get<std::string>(), m["content"].get<std::string>()});
+    EXPECT_EQ(
+        tiedlora::apply_chatml_template(messages, r["add_generation_prompt"].get<bool>(), info.default_system_prompt),
+        r["text"].get<std::string>());
   }
   EXPECT_FALSE(tiedlora::inspect_chat_template("{{ bos_token }}{% for m in messages %}[INST] ...").is_chatml);
 }
@@ -343,11 +348,13 @@ TEST(Tokenizer, UnsupportedTokenizerJsonIsRefusedWithTheKey) {
   expect_refused([](json& j) { j["model"]["type"] = "Unigram"; }, "model.type");
   expect_refused([](json& j) { j["normalizer"] = json{{"type", "NFC"}}; }, "normalizer");
   expect_refused([](json& j) { j["pre_tokenizer"] = json{{"type", "Metaspace"}}; }, "pre_tokenizer");
-  expect_refused([](json& j) {
-    j["pre_tokenizer"] = json::parse(R"({"type": "Sequence", "pretokenizers": [
+  expect_refused(
+      [](json& j) {
+        j["pre_tokenizer"] = json::parse(R"({"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": "\\w+"}, "behavior": "Isolated", "invert": false},
         {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]})");
-  }, "Split regex");
+      },
+      "Split regex");
   expect_refused([](json& j) { j["model"]["merges"].push_back("Ġ nosuchtoken"); }, "not in the vocabulary");
   expect_refused([](json& j) { j["model"]["merges"].push_back("a b c"); }, "merge rule");
   expect_refused([](json& j) { j["added_tokens"][0]["single_word"] = true; }, "single_word");
@@ -373,10 +380,12 @@ TEST(Tokenizer, ConfigWithMissingMergeTokenIsRefused) {
 namespace {
 
 TEST(Tokenizer, AnEmptyVocabularyIsRefusedAtLoad) {
-  expect_refused([](json& j) {
-    j["model"]["vocab"] = json::object();
-    j["model"]["merges"] = json::array();
-  }, "the vocabulary is empty");
+  expect_refused(
+      [](json& j) {
+        j["model"]["vocab"] = json::object();
+        j["model"]["merges"] = json::array();
+      },
+      "the vocabulary is empty");
 }
 
 TEST(Tokenizer, LongJsonInMessagesIsCutBetweenTokensNotInsideAWord) {

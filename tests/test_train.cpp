@@ -23,8 +23,8 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
-#include "test_support.h"
 #include "chart/chart.h"
+#include "test_support.h"
 #include "tiedlora/core/error.h"
 #include "tiedlora/core/inject.h"
 #include "tiedlora/distributed/launch.h"
@@ -37,13 +37,14 @@
 #include "util/files.h"
 
 namespace tt = tiedlora::train;
-using tiedlora::models::CausalLM;
 using nlohmann::json;
+using tiedlora::models::CausalLM;
 
 namespace {
 
 std::string make_temp_dir() {
-  std::string pattern = (std::getenv("TMPDIR") ? std::string(std::getenv("TMPDIR")) : std::string("/tmp")) + "/tiedlora_train_XXXXXX";
+  std::string pattern =
+      (std::getenv("TMPDIR") ? std::string(std::getenv("TMPDIR")) : std::string("/tmp")) + "/tiedlora_train_XXXXXX";
   if (!::mkdtemp(pattern.data())) throw std::runtime_error("mkdtemp failed");
   return pattern;
 }
@@ -51,12 +52,13 @@ std::string make_temp_dir() {
 constexpr int64_t kVocab = 61;
 
 std::string write_config(const std::string& dir, const std::string& type) {
-  json config = type == "gpt2" ? json{{"model_type", "gpt2"}, {"vocab_size", kVocab}, {"n_positions", 64}, {"n_embd", 32},
-                                      {"n_layer", 2}, {"n_head", 4}, {"eos_token_id", 1}}
-                               : json{{"model_type", "llama"}, {"vocab_size", kVocab}, {"hidden_size", 32},
-                                      {"intermediate_size", 64}, {"num_hidden_layers", 2}, {"num_attention_heads", 4},
-                                      {"num_key_value_heads", 2}, {"rms_norm_eps", 1e-5}, {"tie_word_embeddings", false},
-                                      {"eos_token_id", 1}};
+  json config = type == "gpt2"
+                    ? json{{"model_type", "gpt2"}, {"vocab_size", kVocab}, {"n_positions", 64}, {"n_embd", 32},
+                           {"n_layer", 2},         {"n_head", 4},          {"eos_token_id", 1}}
+                    : json{{"model_type", "llama"},    {"vocab_size", kVocab},   {"hidden_size", 32},
+                           {"intermediate_size", 64},  {"num_hidden_layers", 2}, {"num_attention_heads", 4},
+                           {"num_key_value_heads", 2}, {"rms_norm_eps", 1e-5},   {"tie_word_embeddings", false},
+                           {"eos_token_id", 1}};
   std::ofstream(dir + "/config.json") << config.dump(2);
   return dir + "/config.json";
 }
@@ -83,11 +85,12 @@ std::vector<tt::TokenizedExample> tiny_task(int count, uint64_t seed) {
 
 void inject(CausalLM& model, const std::string& method, double dropout = 0.0) {
   const bool gpt2 = model.info().model_type == "gpt2";
-  tiedlora::inject_adapters(model, tiedlora::InjectOptions()
-                                       .targets(gpt2 ? std::vector<std::string>{"c_attn", "c_fc"}
-                                                     : std::vector<std::string>{"q_proj", "v_proj", "up_proj", "down_proj"})
-                                       .method(method)
-                                       .lora(tiedlora::LoraOptions(4).dropout(dropout).seed(7)));
+  tiedlora::inject_adapters(model,
+                            tiedlora::InjectOptions()
+                                .targets(gpt2 ? std::vector<std::string>{"c_attn", "c_fc"}
+                                              : std::vector<std::string>{"q_proj", "v_proj", "up_proj", "down_proj"})
+                                .method(method)
+                                .lora(tiedlora::LoraOptions(4).dropout(dropout).seed(7)));
 }
 
 std::vector<json> read_metrics(const std::string& path) {
@@ -119,9 +122,9 @@ tt::TrainOptions small_options(const std::string& dir) {
 TEST(Schedule, WarmupThenCosine) {
   // Warmup counts the current step: 1/4, 2/4, 3/4, 4/4 of the peak.
   for (int s = 0; s < 4; ++s) EXPECT_DOUBLE_EQ(tt::cosine_with_warmup(s, 20, 4, 2.0), 2.0 * (s + 1) / 4);
-  EXPECT_DOUBLE_EQ(tt::cosine_with_warmup(4, 20, 4, 2.0), 2.0);                  // cosine starts at the peak
-  EXPECT_NEAR(tt::cosine_with_warmup(12, 20, 4, 2.0), 1.0, 1e-12);              // half way: half the peak
-  EXPECT_NEAR(tt::cosine_with_warmup(12, 20, 4, 2.0, 0.5), 1.5, 1e-12);         // floor at peak * min_ratio
+  EXPECT_DOUBLE_EQ(tt::cosine_with_warmup(4, 20, 4, 2.0), 2.0);          // cosine starts at the peak
+  EXPECT_NEAR(tt::cosine_with_warmup(12, 20, 4, 2.0), 1.0, 1e-12);       // half way: half the peak
+  EXPECT_NEAR(tt::cosine_with_warmup(12, 20, 4, 2.0, 0.5), 1.5, 1e-12);  // floor at peak * min_ratio
   EXPECT_NEAR(tt::cosine_with_warmup(20, 20, 4, 2.0, 0.1), 0.2, 1e-12);
   double previous = 3.0;
   for (int s = 4; s < 20; ++s) {
@@ -158,8 +161,10 @@ std::vector<tt::TokenizedExample> varied_examples(int count, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::vector<tt::TokenizedExample> out(count);
   for (auto& e : out) {
-    for (uint64_t j = 0, n = 3 + rng() % 12; j < n; ++j) e.prompt.push_back(2 + static_cast<int64_t>(rng() % (kVocab - 2)));
-    for (uint64_t j = 0, n = 2 + rng() % 5; j < n; ++j) e.completion.push_back(2 + static_cast<int64_t>(rng() % (kVocab - 2)));
+    for (uint64_t j = 0, n = 3 + rng() % 12; j < n; ++j)
+      e.prompt.push_back(2 + static_cast<int64_t>(rng() % (kVocab - 2)));
+    for (uint64_t j = 0, n = 2 + rng() % 5; j < n; ++j)
+      e.completion.push_back(2 + static_cast<int64_t>(rng() % (kVocab - 2)));
   }
   return out;
 }
@@ -178,8 +183,8 @@ TEST(Data, PackedBatchLaysExamplesEndToEnd) {
   ASSERT_EQ(packed.input_ids.sizes(), (std::vector<int64_t>{1, 15}));
   EXPECT_EQ(packed.layout.segment_lengths, (std::vector<std::vector<int64_t>>{{7, 5, 3}}));
   EXPECT_TRUE(torch::equal(packed.input_ids[0], torch::tensor({5, 6, 7, 10, 11, 12, 13, 5, 6, 7, 8, 9, 20, 21, 22})));
-  EXPECT_TRUE(torch::equal(packed.labels[0], torch::tensor({-100, -100, -100, -100, -100, 13, 1, -100, -100, 8, 9, 1,
-                                                            -100, 22, 1})));
+  EXPECT_TRUE(torch::equal(packed.labels[0],
+                           torch::tensor({-100, -100, -100, -100, -100, 13, 1, -100, -100, 8, 9, 1, -100, 22, 1})));
   EXPECT_EQ(packed.tokens, padded.tokens);
   EXPECT_EQ(packed.target_tokens, padded.target_tokens);
   EXPECT_FALSE(padded.packed());
@@ -190,7 +195,8 @@ TEST(Data, PackedBatchLaysExamplesEndToEnd) {
   EXPECT_EQ(rows.labels[0][7].item<int64_t>(), -100);
   EXPECT_EQ(rows.tokens, padded.tokens);
   // An example longer than the limit gets a row of its own.
-  EXPECT_EQ(tt::make_packed_batch({&a, &b}, 0, 64, 4).layout.segment_lengths, (std::vector<std::vector<int64_t>>{{7}, {5}}));
+  EXPECT_EQ(tt::make_packed_batch({&a, &b}, 0, 64, 4).layout.segment_lengths,
+            (std::vector<std::vector<int64_t>>{{7}, {5}}));
   tt::TokenizedExample lone{{5}, {}};
   EXPECT_THROW(tt::make_packed_batch({&lone}, 0, 64), tiedlora::ConfigError);
 }
@@ -225,7 +231,8 @@ TEST(Packing, LossAndGradientsEqualThePaddedBatch) {
           *model, [&] { return tt::completion_loss_sum(*model, tt::make_batch(items, 0, 24)); });
       for (int64_t row_limit : {0, 20}) {
         const tt::Batch batch = tt::make_packed_batch(items, 0, 24, row_limit);
-        const auto packed = tiedlora::testing::loss_and_gradients(*model, [&] { return tt::completion_loss_sum(*model, batch); });
+        const auto packed =
+            tiedlora::testing::loss_and_gradients(*model, [&] { return tt::completion_loss_sum(*model, batch); });
         EXPECT_TRUE(tiedlora::testing::same_loss_and_gradients(packed, padded, 1e-5))
             << type << " " << method << " row_limit " << row_limit;
       }
@@ -267,12 +274,14 @@ TEST(ActivationCheckpointing, SameGradientsWithDropoutAndSharedFactors) {
       auto run = [&](bool checkpoint) {
         model->set_activation_checkpointing(checkpoint);
         torch::manual_seed(9);  // the same dropout masks in both runs
-        auto result = tiedlora::testing::loss_and_gradients(*model, [&] { return tt::completion_loss_sum(*model, batch); });
+        auto result =
+            tiedlora::testing::loss_and_gradients(*model, [&] { return tt::completion_loss_sum(*model, batch); });
         drawn_after.push_back(torch::rand({4}));
         return result;
       };
       const auto plain = run(false), checkpointed = run(true);
-      EXPECT_TRUE(tiedlora::testing::same_loss_and_gradients(checkpointed, plain, 1e-6)) << type << " packed " << packed;
+      EXPECT_TRUE(tiedlora::testing::same_loss_and_gradients(checkpointed, plain, 1e-6))
+          << type << " packed " << packed;
       EXPECT_TRUE(torch::equal(drawn_after[0], drawn_after[1])) << "the recomputation left the random state changed";
       // The blocks really ran under checkpointing (and do not outside training).
       const auto ids = tt::make_batch(items, 0, 24).input_ids;
@@ -300,7 +309,8 @@ TEST(ActivationCheckpointing, SameGradientsWithDropoutAndSharedFactors) {
       });
     };
     const auto plain = autocast_run(false), checkpointed = autocast_run(true);
-    EXPECT_TRUE(tiedlora::testing::same_loss_and_gradients(checkpointed, plain, 1e-6)) << type << " under bf16 autocast";
+    EXPECT_TRUE(tiedlora::testing::same_loss_and_gradients(checkpointed, plain, 1e-6))
+        << type << " under bf16 autocast";
     model->set_activation_checkpointing(false);
   }
   tiedlora::util::remove_tree(root);
@@ -353,7 +363,8 @@ TEST(Trainer, PackedRunFollowsThePaddedRunAndPackingIsOnWhereExact) {
   const auto plain_losses = std::get<1>(run(true, "tied-abuv", 0.1));
   const auto checkpointed_losses = std::get<1>(run(true, "tied-abuv", 0.1, /*checkpoint=*/true));
   ASSERT_EQ(checkpointed_losses.size(), plain_losses.size());
-  for (size_t i = 0; i < plain_losses.size(); ++i) EXPECT_NEAR(checkpointed_losses[i], plain_losses[i], 1e-6 * plain_losses[i]);
+  for (size_t i = 0; i < plain_losses.size(); ++i)
+    EXPECT_NEAR(checkpointed_losses[i], plain_losses[i], 1e-6 * plain_losses[i]);
   tiedlora::util::remove_tree(root);
 }
 
@@ -364,10 +375,14 @@ TEST(Trainer, TrainsTheActiveNamedAdapterAndRefusesTrainableInactiveOnes) {
   const std::string root = make_temp_dir();
   const auto train = varied_examples(12, 5);
   auto model = tiny_model(root);
-  tiedlora::inject_adapters(*model, tiedlora::InjectOptions().targets({"q_proj", "v_proj"}).method("tied-abuv")
-                                        .lora(tiedlora::LoraOptions(4).seed(3)).adapter_name("candidate"));
-  tiedlora::inject_adapters(*model, tiedlora::InjectOptions().targets({"q_proj"}).lora(tiedlora::LoraOptions(2).seed(4))
-                                        .adapter_name("reference"));
+  tiedlora::inject_adapters(*model, tiedlora::InjectOptions()
+                                        .targets({"q_proj", "v_proj"})
+                                        .method("tied-abuv")
+                                        .lora(tiedlora::LoraOptions(4).seed(3))
+                                        .adapter_name("candidate"));
+  tiedlora::inject_adapters(
+      *model,
+      tiedlora::InjectOptions().targets({"q_proj"}).lora(tiedlora::LoraOptions(2).seed(4)).adapter_name("reference"));
   ASSERT_EQ(tiedlora::active_adapters(*model), std::vector<std::string>{"candidate"});
   tt::TrainOptions o;
   o.max_steps = 2;
@@ -427,7 +442,8 @@ TEST(Trainer, CheckpointsFromBeforePackingResumeAsPaddedRuns) {
     std::ofstream(checkpoint + "/trainer_state.json") << state.dump(2);
   }
   auto [auto_model, automatic] = trainer_for(std::nullopt, root + "/old");
-  EXPECT_NE(tiedlora::testing::error_of([&] { automatic->resume_from(checkpoint); }).find("--no-packing"), std::string::npos);
+  EXPECT_NE(tiedlora::testing::error_of([&] { automatic->resume_from(checkpoint); }).find("--no-packing"),
+            std::string::npos);
   auto [padded_model, padded] = trainer_for(false, root + "/old");
   padded->resume_from(checkpoint);
   EXPECT_EQ(padded->run().steps_done, 4);
@@ -440,8 +456,9 @@ TEST(Trainer, CheckpointsFromBeforePackingResumeAsPaddedRuns) {
     tt::Trainer(*model, train, {}, packed_run, 0).run();
   }
   auto [other_model, other] = trainer_for(false, root + "/packed");
-  EXPECT_NE(tiedlora::testing::error_of([&] { other->resume_from(tt::Trainer::latest_checkpoint(root + "/packed")); })
-                .find("packing"),
+  EXPECT_NE(tiedlora::testing::error_of([&] {
+              other->resume_from(tt::Trainer::latest_checkpoint(root + "/packed"));
+            }).find("packing"),
             std::string::npos);
   tiedlora::util::remove_tree(root);
 }
@@ -477,7 +494,8 @@ TEST(Trainer, CheckpointsKeepTheEarlierParameterNames) {
     } else {
       EXPECT_TRUE(tensors.count("param.model.layers.0.self_attn.q_proj.lora_u"));
       EXPECT_TRUE(std::any_of(tensors.begin(), tensors.end(), [](const auto& item) {
-        return item.first.rfind("param.tiedlora_groups.", 0) == 0 && item.first.find("q_proj.lora_A") != std::string::npos;
+        return item.first.rfind("param.tiedlora_groups.", 0) == 0 &&
+               item.first.find("q_proj.lora_A") != std::string::npos;
       }));
     }
     auto resumed_model = tiny_model(root);
@@ -493,7 +511,7 @@ TEST(Trainer, CheckpointsKeepTheEarlierParameterNames) {
 TEST(Trainer, LengthGroupedOrderSortsEachRunOfTheShuffle) {
   const auto train = varied_examples(130, 14);
   tt::TrainOptions o;
-  o.batch_size = 2;  // runs of 100 examples
+  o.batch_size = 2;   // runs of 100 examples
   o.max_length = 12;  // truncation counts: lengths are capped
   o.seed = 4;
   for (int64_t epoch : {0, 1}) {
@@ -507,7 +525,8 @@ TEST(Trainer, LengthGroupedOrderSortsEachRunOfTheShuffle) {
       // The same examples in each run, longest first.
       EXPECT_TRUE(std::is_permutation(grouped.begin() + first, grouped.begin() + last, shuffled.begin() + first));
       for (int64_t i = first + 1; i < last; ++i) {
-        EXPECT_GE(tt::batch_length(train[grouped[i - 1]], o.max_length), tt::batch_length(train[grouped[i]], o.max_length));
+        EXPECT_GE(tt::batch_length(train[grouped[i - 1]], o.max_length),
+                  tt::batch_length(train[grouped[i]], o.max_length));
       }
     }
   }
@@ -687,10 +706,16 @@ TEST(Cancellation, TrainerAndMergeStopWhenAsked) {
 // Mistral's sliding window is honoured up to the window and refused beyond it.
 TEST(ModelConfig, ParamsAndBuilderDescribeTheSameModel) {
   const std::string root = make_temp_dir();
-  const json llama = {{"vocab_size", kVocab}, {"hidden_size", 32}, {"intermediate_size", 48}, {"num_hidden_layers", 2},
-                      {"num_attention_heads", 4}, {"num_key_value_heads", 2}, {"eos_token_id", 1}};
-  std::vector<json> configs = {{{"model_type", "gpt2"}, {"vocab_size", kVocab}, {"n_positions", 64}, {"n_embd", 32},
-                                {"n_layer", 2}, {"n_head", 4}, {"n_inner", 40}}};
+  const json llama = {{"vocab_size", kVocab},   {"hidden_size", 32},        {"intermediate_size", 48},
+                      {"num_hidden_layers", 2}, {"num_attention_heads", 4}, {"num_key_value_heads", 2},
+                      {"eos_token_id", 1}};
+  std::vector<json> configs = {{{"model_type", "gpt2"},
+                                {"vocab_size", kVocab},
+                                {"n_positions", 64},
+                                {"n_embd", 32},
+                                {"n_layer", 2},
+                                {"n_head", 4},
+                                {"n_inner", 40}}};
   for (const char* type : {"llama", "mistral", "qwen2"}) {
     json c = llama;
     c["model_type"] = type;
@@ -738,8 +763,10 @@ TEST(ModelConfig, ParamsAndBuilderDescribeTheSameModel) {
   std::ofstream(root + "/qwen2_window.json") << windowed.dump();
   for (int which = 0; which < 2; ++which) {
     try {
-      if (which == 0) tiedlora::describe_hf_model(root + "/qwen2_window.json");
-      else tiedlora::models::build_model(root + "/qwen2_window.json");
+      if (which == 0)
+        tiedlora::describe_hf_model(root + "/qwen2_window.json");
+      else
+        tiedlora::models::build_model(root + "/qwen2_window.json");
       ADD_FAILURE() << "a Qwen2 config with use_sliding_window was accepted";
     } catch (const tiedlora::FormatError& e) {
       EXPECT_NE(std::string(e.what()).find("use_sliding_window"), std::string::npos) << e.what();
@@ -861,7 +888,8 @@ TEST(Generation, BatchedEqualsOnePromptAtATime) {
       torch::NoGradGuard no_grad;
       for (auto& p : model->parameters()) p.mul_(3.0);
     }
-    std::vector<std::vector<int64_t>> prompts = {{5, 9, 13}, {7, 8, 9, 10, 11, 12, 13, 14, 15}, {20}, {33, 2, 40, 41, 3}};
+    std::vector<std::vector<int64_t>> prompts = {
+        {5, 9, 13}, {7, 8, 9, 10, 11, 12, 13, 14, 15}, {20}, {33, 2, 40, 41, 3}};
     tiedlora::models::GenerateOptions options;
     options.max_new_tokens = 8;
     options.stop_token_ids = {1};
@@ -928,9 +956,10 @@ namespace {
 class ScopedEnvironment {
  public:
   explicit ScopedEnvironment(std::vector<std::pair<std::string, std::string>> values) {
-    for (const char* name : {"OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK",
-                             "OMPI_COMM_WORLD_LOCAL_SIZE", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                             "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT"}) {
+    for (const char* name :
+         {"OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE",
+          "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+          "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT"}) {
       const char* old = std::getenv(name);
       saved_.emplace_back(name, old ? std::optional<std::string>(old) : std::nullopt);
       ::unsetenv(name);
@@ -939,8 +968,10 @@ class ScopedEnvironment {
   }
   ~ScopedEnvironment() {
     for (const auto& [name, value] : saved_) {
-      if (value) ::setenv(name.c_str(), value->c_str(), 1);
-      else ::unsetenv(name.c_str());
+      if (value)
+        ::setenv(name.c_str(), value->c_str(), 1);
+      else
+        ::unsetenv(name.c_str());
     }
   }
 
@@ -979,9 +1010,14 @@ TEST(Distributed, LauncherEnvironments) {
     EXPECT_EQ(dist::all_gather_text(*group, "mine", "text"), std::vector<std::string>{"mine"});
   }
   {
-    const ScopedEnvironment env({{"WORLD_SIZE", "4"}, {"RANK", "3"}, {"LOCAL_RANK", "1"}, {"LOCAL_WORLD_SIZE", "2"},
-                                 {"MASTER_ADDR", "node0"}, {"MASTER_PORT", "29500"},
-                                 {"TORCHELASTIC_USE_AGENT_STORE", "True"}, {"TORCHELASTIC_RESTART_COUNT", "2"}});
+    const ScopedEnvironment env({{"WORLD_SIZE", "4"},
+                                 {"RANK", "3"},
+                                 {"LOCAL_RANK", "1"},
+                                 {"LOCAL_WORLD_SIZE", "2"},
+                                 {"MASTER_ADDR", "node0"},
+                                 {"MASTER_PORT", "29500"},
+                                 {"TORCHELASTIC_USE_AGENT_STORE", "True"},
+                                 {"TORCHELASTIC_RESTART_COUNT", "2"}});
     const auto launch = dist::LaunchEnvironment::from_environment();
     EXPECT_EQ(std::string(launch.launcher_name()), "torchrun");
     EXPECT_EQ(std::make_tuple(launch.rank, launch.world_size, launch.local_rank, launch.local_world_size),
@@ -999,8 +1035,10 @@ TEST(Distributed, LauncherEnvironments) {
     }
   }
   {
-    const ScopedEnvironment env({{"OMPI_COMM_WORLD_SIZE", "2"}, {"OMPI_COMM_WORLD_RANK", "1"},
-                                 {"OMPI_COMM_WORLD_LOCAL_RANK", "1"}, {"OMPI_COMM_WORLD_LOCAL_SIZE", "2"}});
+    const ScopedEnvironment env({{"OMPI_COMM_WORLD_SIZE", "2"},
+                                 {"OMPI_COMM_WORLD_RANK", "1"},
+                                 {"OMPI_COMM_WORLD_LOCAL_RANK", "1"},
+                                 {"OMPI_COMM_WORLD_LOCAL_SIZE", "2"}});
     const auto launch = dist::LaunchEnvironment::from_environment();
     EXPECT_EQ(std::string(launch.launcher_name()), "mpirun");
     EXPECT_EQ(std::make_tuple(launch.rank, launch.world_size, launch.local_world_size), std::make_tuple(1, 2, 2));
@@ -1061,7 +1099,8 @@ class ThreadGroup final : public tiedlora::distributed::ProcessGroup {
       meeting_->arrived = 0;
       ++meeting_->round;
       meeting_->arrived_all.notify_all();
-    } else if (!meeting_->arrived_all.wait_for(lock, std::chrono::minutes(1), [&] { return meeting_->round != round; })) {
+    } else if (!meeting_->arrived_all.wait_for(lock, std::chrono::minutes(1),
+                                               [&] { return meeting_->round != round; })) {
       throw tiedlora::distributed::Timeout("rank " + std::to_string(rank()) + ": " + what + " timed out");
     }
   }

@@ -1,14 +1,13 @@
 // adapter_commands.cpp: `tiedlora export-lora` and `tiedlora inspect`.
 #include <iostream>
 
-
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
-#include "tiedlora/formats/adapter.h"
-#include "tiedlora/formats/files.h"
 #include "tiedlora/core/error.h"
 #include "tiedlora/core/functional.h"
+#include "tiedlora/formats/adapter.h"
+#include "tiedlora/formats/files.h"
 #include "tiedlora/formats/safetensors.h"
 
 namespace tiedlora::tools {
@@ -39,8 +38,8 @@ int64_t print_file(const io::SafetensorsFile& file, bool scan, nlohmann::ordered
   nlohmann::ordered_json tensors = nlohmann::ordered_json::array();
   int64_t total_bad = 0;
   for (const auto& e : file.header().tensors) {
-    nlohmann::ordered_json entry = {{"name", e.name}, {"dtype", io::dtype_name(e.dtype)}, {"shape", e.shape},
-                                    {"bytes", e.end - e.begin}};
+    nlohmann::ordered_json entry = {
+        {"name", e.name}, {"dtype", io::dtype_name(e.dtype)}, {"shape", e.shape}, {"bytes", e.end - e.begin}};
     if (scan) {
       const int64_t bad = non_finite_count(file, e.name);
       entry["non_finite"] = bad;
@@ -84,8 +83,8 @@ int run_inspect(const std::string& path, bool header_only) {
 
 Command add_export_command(CLI::App& app) {
   auto args = std::make_shared<ExportArgs>();
-  CLI::App* cmd = app.add_subcommand(
-      "export-lora", "Write the exact per-layer LoRA equivalent (PEFT format) of a Tied-LoRA adapter");
+  CLI::App* cmd = app.add_subcommand("export-lora",
+                                     "Write the exact per-layer LoRA equivalent (PEFT format) of a Tied-LoRA adapter");
   cmd->add_option("--adapter", args->adapter, "Tied-LoRA (or LoRA) adapter folder")->required();
   cmd->add_option("--out", args->out, "Output adapter folder")->required();
   cmd->add_flag("--force", args->force, "Replace an existing output folder");
@@ -96,10 +95,12 @@ Command add_inspect_command(CLI::App& app) {
   auto path = std::make_shared<std::string>();
   auto header_only = std::make_shared<bool>(false);
   CLI::App* cmd = app.add_subcommand(
-      "inspect", "List the tensors (dtype, shape, NaN/Inf count), metadata and adapter config of a file or folder, "
-                 "as JSON");
+      "inspect",
+      "List the tensors (dtype, shape, NaN/Inf count), metadata and adapter config of a file or folder, "
+      "as JSON");
   cmd->add_option("path", *path, "A .safetensors file, a Hugging Face folder, or an adapter folder")->required();
-  cmd->add_flag("--header-only", *header_only, "Read only the headers: skip counting NaN/Inf values (fast on large files)");
+  cmd->add_flag("--header-only", *header_only,
+                "Read only the headers: skip counting NaN/Inf values (fast on large files)");
   return [path, header_only] { return run_inspect(*path, *header_only); };
 }
 

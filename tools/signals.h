@@ -18,7 +18,7 @@ class StopOnSignals {
   StopOnSignals() {
     received_ = 0;  // before the handlers: a signal from now on counts
     for (int i = 0; i < kSignals; ++i) {
-      struct sigaction action {};
+      struct sigaction action{};
       action.sa_handler = on_signal;
       sigemptyset(&action.sa_mask);
       action.sa_flags = SA_RESTART;  // as std::signal on glibc: a write to a pipe is not cut short by Ctrl-C

@@ -26,7 +26,8 @@ std::string stored_parameter_name(const std::string& name) {
     const size_t adapter_begin = pos + groups.size(), adapter_end = name.find('.', adapter_begin);
     if (adapter_end == std::string::npos) break;
     const std::string adapter = name.substr(adapter_begin, adapter_end - adapter_begin);
-    const std::string registry = adapter == kDefaultAdapter ? kTieGroupsModule : std::string(kTieGroupsModule) + "_" + adapter;
+    const std::string registry =
+        adapter == kDefaultAdapter ? kTieGroupsModule : std::string(kTieGroupsModule) + "_" + adapter;
     return name.substr(0, pos) + registry + name.substr(adapter_end);
   }
   return name;
@@ -55,8 +56,8 @@ const AdapterSlot& AdapterSet::at(const std::string& name, const char* what) con
   if (const AdapterSlot* slot = find(name)) return *slot;
   std::string carried;
   for (const auto& [n, s] : slots_) carried += (carried.empty() ? "" : ", ") + n;
-  throw ConfigError(std::string("LoraLinear::") + what + ": the layer carries no adapter named '" + name + "' (it carries " +
-                    (carried.empty() ? std::string("none") : carried) + ")");
+  throw ConfigError(std::string("LoraLinear::") + what + ": the layer carries no adapter named '" + name +
+                    "' (it carries " + (carried.empty() ? std::string("none") : carried) + ")");
 }
 
 AdapterSlot& AdapterSet::at(const std::string& name, const char* what) {
@@ -69,7 +70,8 @@ AdapterSlot& AdapterSet::add(torch::nn::Module& layer, const std::string& name, 
   check_adapter_name(name);
   TORCH_CHECK(!contains(name), "LoraLinear: the layer already carries an adapter named '", name, "'");
   std::shared_ptr<torch::nn::Module> holders = child_of(layer, kAdapterHoldersModule);
-  if (!holders) holders = layer.register_module(kAdapterHoldersModule, std::make_shared<torch::nn::Module>("LoraAdapters"));
+  if (!holders)
+    holders = layer.register_module(kAdapterHoldersModule, std::make_shared<torch::nn::Module>("LoraAdapters"));
   holders->register_module(name, std::make_shared<torch::nn::Module>("LoraAdapter"));
   AdapterSlot& slot = slots_[name];
   slot.kind = kind;
@@ -87,7 +89,8 @@ torch::nn::Module& AdapterSet::holder(torch::nn::Module& layer, const std::strin
 
 void AdapterSet::remove(torch::nn::Module& layer, const std::string& name) {
   AdapterSlot& slot = at(name, "detach_adapter");
-  if (slot.owns_factors) slot.factors->set_owned(false);  // layers still sharing them are refused by trainable_parameters()
+  if (slot.owns_factors)
+    slot.factors->set_owned(false);  // layers still sharing them are refused by trainable_parameters()
   slots_.erase(name);
   const std::shared_ptr<torch::nn::Module> holders = child_of(layer, kAdapterHoldersModule);
   holders->unregister_module(name);
@@ -132,7 +135,8 @@ std::vector<functional::AdapterCall> AdapterSet::calls(const at::Tensor& input, 
     for (auto it = active_.begin(); it != active_.end(); ++it) {
       const AdapterSlot* slot = find(*it);
       if (!slot || std::find(active_.begin(), it, *it) != it) continue;
-      out.push_back({slot->update(), functional::AdapterRows::all(), branch_input(*slot, functional::AdapterRows::all())});
+      out.push_back(
+          {slot->update(), functional::AdapterRows::all(), branch_input(*slot, functional::AdapterRows::all())});
     }
     return out;
   }
@@ -143,8 +147,10 @@ std::vector<functional::AdapterCall> AdapterSet::calls(const at::Tensor& input, 
       std::ostringstream shape;
       shape << input.sizes();
       throw ConfigError("an adapted layer's input " + shape.str() + " has " +
-                        std::to_string(input.dim() < 2 ? 1 : input.size(0)) + " rows in its first dimension, but the "
-                        "row routing (RowAdaptersScope) names adapters for " + std::to_string(routing->rows()) +
+                        std::to_string(input.dim() < 2 ? 1 : input.size(0)) +
+                        " rows in its first dimension, but the "
+                        "row routing (RowAdaptersScope) names adapters for " +
+                        std::to_string(routing->rows()) +
                         " (hint: route the rows of the batch; a layer applied to flattened tokens, such as a head over "
                         "selected positions, cannot serve a mixed batch)");
     }

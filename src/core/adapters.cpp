@@ -33,8 +33,10 @@ void merge_and_unload_(torch::nn::Module& module) {
     throw;
   }
   for (auto& [name, layer] : layers) {
-    if (layer->adapter_enabled()) layer->merge_and_detach_();
-    else layer->detach_adapter();
+    if (layer->adapter_enabled())
+      layer->merge_and_detach_();
+    else
+      layer->detach_adapter();
   }
   if (detail::child_of(module, kTieGroupsModule)) module.unregister_module(kTieGroupsModule);
 }
@@ -49,7 +51,8 @@ std::vector<std::pair<std::string, LoraLinear>> adapted_layers(const torch::nn::
   return out;
 }
 
-std::vector<std::pair<std::string, LoraLinear>> adapted_layers(const torch::nn::Module& module, const std::string& adapter) {
+std::vector<std::pair<std::string, LoraLinear>> adapted_layers(const torch::nn::Module& module,
+                                                               const std::string& adapter) {
   std::vector<std::pair<std::string, LoraLinear>> out;
   for (auto& [name, layer] : adapted_layers(module)) {
     if (layer->has_adapter(adapter)) out.emplace_back(name, layer);
@@ -127,7 +130,8 @@ void delete_adapter(torch::nn::Module& module, const std::string& adapter) {
   for (auto* layer : lora_layers(module)) layer->set_active_adapters(active);
 }
 
-std::shared_ptr<const RowAdapters> route_rows(const torch::nn::Module& module, std::vector<std::string> adapter_of_row) {
+std::shared_ptr<const RowAdapters> route_rows(const torch::nn::Module& module,
+                                              std::vector<std::string> adapter_of_row) {
   const auto known = adapter_names(module);
   for (size_t i = 0; i < adapter_of_row.size(); ++i) {
     if (!adapter_of_row[i].empty()) require_adapter(known, adapter_of_row[i], "row " + std::to_string(i));
@@ -148,7 +152,8 @@ void add_weighted_adapter(torch::nn::Module& module, const std::vector<std::stri
   }
   for (size_t k = 0; k < sources.size(); ++k) {
     require_adapter(known, sources[k], "add_weighted_adapter");
-    if (!std::isfinite(weights[k])) throw ConfigError("add_weighted_adapter: the weight of '" + sources[k] + "' is not finite");
+    if (!std::isfinite(weights[k]))
+      throw ConfigError("add_weighted_adapter: the weight of '" + sources[k] + "' is not finite");
   }
   // The layers any source adapts.
   std::vector<std::pair<std::string, LoraLinear>> layers;
@@ -227,17 +232,20 @@ void add_weighted_adapter(torch::nn::Module& module, const std::vector<std::stri
         if (it == made.end()) {
           std::vector<at::Tensor> a, b;
           for (size_t k = 0; k < sources.size(); ++k) {
-            a.push_back(layer->factors(sources[k])->lora_A.to(at::kFloat).mul(weights[k]).mul(layer->scale(sources[k])));
+            a.push_back(
+                layer->factors(sources[k])->lora_A.to(at::kFloat).mul(weights[k]).mul(layer->scale(sources[k])));
             b.push_back(layer->factors(sources[k])->lora_B.to(at::kFloat));
           }
-          TiedLoraFactors factors(TiedLoraFactorsOptions(first->options.in_features(), first->options.out_features(), method, lora)
-                                      .name(first->options.name()));
+          TiedLoraFactors factors(
+              TiedLoraFactorsOptions(first->options.in_features(), first->options.out_features(), method, lora)
+                  .name(first->options.name()));
           factors->to(first->lora_A.device());
           factors->lora_A.copy_(at::cat(a, 0));
           factors->lora_B.copy_(at::cat(b, 1));
           factors->set_owned(true);
           const std::string key = registry_key(first->options.name().empty() ? layer_name : first->options.name());
-          if (registry->contains(key)) throw ConfigError("add_weighted_adapter: two tie groups map to the module name '" + key + "'");
+          if (registry->contains(key))
+            throw ConfigError("add_weighted_adapter: two tie groups map to the module name '" + key + "'");
           registry->update({{key, factors.ptr()}});
           it = made.emplace(first.get(), factors).first;
         }
@@ -246,7 +254,9 @@ void add_weighted_adapter(torch::nn::Module& module, const std::vector<std::stri
           std::vector<at::Tensor> u;
           for (size_t k = 0; k < sources.size(); ++k) {
             const at::Tensor& uk = layer->lora_u_of(sources[k]);
-            u.push_back(uk.defined() ? uk.to(at::kFloat) : at::ones({layer->lora_options(sources[k]).rank()}, layer->weight.options().dtype(at::kFloat)));
+            u.push_back(uk.defined() ? uk.to(at::kFloat)
+                                     : at::ones({layer->lora_options(sources[k]).rank()},
+                                                layer->weight.options().dtype(at::kFloat)));
           }
           layer->lora_u_of(name).copy_(at::cat(u, 0));
         }

@@ -40,11 +40,11 @@ Backend current_backend() { return t_state.backend; }
 // ---- adapter names and row routing ------------------------------------------------------------------------
 
 void check_adapter_name(const std::string& name) {
-  const bool valid_chars = std::all_of(name.begin(), name.end(), [](unsigned char c) {
-    return std::isalnum(c) || c == '_' || c == '-';
-  });
+  const bool valid_chars =
+      std::all_of(name.begin(), name.end(), [](unsigned char c) { return std::isalnum(c) || c == '_' || c == '-'; });
   if (name.empty() || name.size() > 64 || !valid_chars || name == "__base__") {
-    throw ConfigError("invalid adapter name '" + name + "' (hint: 1 to 64 letters, digits, '_' or '-'; it names a "
+    throw ConfigError("invalid adapter name '" + name +
+                      "' (hint: 1 to 64 letters, digits, '_' or '-'; it names a "
                       "module and a subfolder; \"__base__\" is PEFT's word for no adapter)");
   }
 }

@@ -103,7 +103,8 @@ void check_extension(const torch::nn::Module& root, const InjectOptions& options
   const std::string& adapter = options.adapter_name();
   if (detail::tie_groups_of(root, adapter)) {
     throw ConfigError("the model already carries the tied adapter '" + adapter + "' (it has a '" +
-                      detail::tie_group_module_name(adapter, "*") + "' module) (hint: inject under another "
+                      detail::tie_group_module_name(adapter, "*") +
+                      "' module) (hint: inject under another "
                       "adapter_name, or delete_adapter() it first)");
   }
   for (const auto& [name, layer] : adapted_layers(root, adapter)) {
@@ -111,7 +112,8 @@ void check_extension(const torch::nn::Module& root, const InjectOptions& options
       throw ConfigError("the model already carries a " + layer->method(adapter).name() + " adapter '" + adapter +
                         "' of rank " + std::to_string(layer->lora_options(adapter).rank()) + " (on '" + name +
                         "'), and one adapter has one configuration, so " + options.method().name() + " at rank " +
-                        std::to_string(options.lora().rank()) + " cannot be added to it (hint: inject with the same "
+                        std::to_string(options.lora().rank()) +
+                        " cannot be added to it (hint: inject with the same "
                         "method, rank and alpha, or under another adapter_name)");
     }
   }
@@ -131,7 +133,8 @@ std::map<std::string, Plan> plan_layers(torch::nn::Module& root, const std::vect
       std::shared_ptr<torch::nn::Module> module = child_of(parent, key);
       TORCH_INTERNAL_ASSERT(module, "selected module ", name, " vanished from the tree");
       if (auto lora = std::dynamic_pointer_cast<LoraLinearImpl>(module)) {
-        if (lora->has_adapter(adapter)) throw ConfigError("'" + name + "' already carries the adapter '" + adapter + "'");
+        if (lora->has_adapter(adapter))
+          throw ConfigError("'" + name + "' already carries the adapter '" + adapter + "'");
         plan.in_place = std::move(lora);
       } else {
         // Held by the parent's registry and by `module` here; anything more is a member holder, a
@@ -203,7 +206,8 @@ InjectionReport inject_adapters(torch::nn::Module& root, const InjectOptions& op
   options.lora().validate();
   check_extension(root, options);
   const std::vector<std::string> names_before = adapter_names(root);
-  const std::vector<std::string> active = names_before.empty() ? std::vector<std::string>{adapter} : active_adapters(root);
+  const std::vector<std::string> active =
+      names_before.empty() ? std::vector<std::string>{adapter} : active_adapters(root);
 
   // Plan and check every layer before changing anything.
   const SelectionOptions selection{options.targets(), options.exclude(), options.layers(), options.output_heads(),
@@ -226,8 +230,10 @@ InjectionReport inject_adapters(torch::nn::Module& root, const InjectOptions& op
       layer = LoraLinear(plan.to_replace).ptr();
       (plan.parent ? *plan.parent : root).replace_module(plan.child_key, layer);
     }
-    if (factors.is_empty()) layer->attach_lora(options_for(options.lora(), plan.name), adapter);
-    else layer->attach_tied(factors, adapter);
+    if (factors.is_empty())
+      layer->attach_lora(options_for(options.lora(), plan.name), adapter);
+    else
+      layer->attach_tied(factors, adapter);
     return layer;
   };
   // Shared factors, registered below under tiedlora_groups.<adapter>, so the layers only refer to them.
@@ -300,8 +306,10 @@ std::vector<at::Tensor> trainable_parameters(const torch::nn::Module& module) {
   // Shared factors that no module of this tree registers would silently never train: refuse.
   for (const auto& [name, layer] : adapted_layers(module)) {
     for (const auto& adapter : layer->adapter_names()) {
-      if (layer->adapter_kind(adapter) == AdapterKind::tied && !registered.count(layer->lora_A(adapter).unsafeGetTensorImpl())) {
-        throw ConfigError("layer '" + name + "' uses Tied-LoRA factors (adapter '" + adapter + "') that no module of "
+      if (layer->adapter_kind(adapter) == AdapterKind::tied &&
+          !registered.count(layer->lora_A(adapter).unsafeGetTensorImpl())) {
+        throw ConfigError("layer '" + name + "' uses Tied-LoRA factors (adapter '" + adapter +
+                          "') that no module of "
                           "this model registers, so they would not train (hint: keep the layer that owns them, the "
                           "first one attached, in the model, or inject with inject_adapters())");
       }
@@ -337,11 +345,12 @@ std::string InjectionReport::summary() const {
   std::ostringstream out;
   out << "tiedlora: " << method.name() << ", rank " << rank << ", scale " << scale << "\n";
   for (const auto& g : groups) {
-    out << "  " << g.name << "  " << g.modules.size() << " x (" << g.shape.in_features << " -> "
-        << g.shape.out_features << ")  trainable " << g.trainable_parameters << "\n";
+    out << "  " << g.name << "  " << g.modules.size() << " x (" << g.shape.in_features << " -> " << g.shape.out_features
+        << ")  trainable " << g.trainable_parameters << "\n";
   }
   out << "  trainable " << trainable_parameters << " of " << total_parameters << " parameters ("
-      << (total_parameters ? 100.0 * static_cast<double>(trainable_parameters) / static_cast<double>(total_parameters) : 0.0)
+      << (total_parameters ? 100.0 * static_cast<double>(trainable_parameters) / static_cast<double>(total_parameters)
+                           : 0.0)
       << " %)\n";
   return out.str();
 }

@@ -50,9 +50,12 @@ at::Tensor rows_of(const at::Tensor& t, const CallSlots& c) {
 // t[rows] += alpha p q, in place (a slice is a view of t; gathered rows are added back with index_add_).
 void add_product_to_rows(const at::Tensor& t, const CallSlots& c, const at::Tensor& p, const at::Tensor& q,
                          double alpha = 1.0) {
-  if (c.index.defined()) t.index_add_(0, c.index, p.mm(q), alpha);
-  else if (c.begin >= 0) t.narrow(0, c.begin, c.count).addmm_(p, q, 1.0, alpha);
-  else t.addmm_(p, q, 1.0, alpha);
+  if (c.index.defined())
+    t.index_add_(0, c.index, p.mm(q), alpha);
+  else if (c.begin >= 0)
+    t.narrow(0, c.begin, c.count).addmm_(p, q, 1.0, alpha);
+  else
+    t.addmm_(p, q, 1.0, alpha);
 }
 
 // y[rows] += h B_eff^T of one call. Plain LoRA scales the product (s (h B^T), PEFT's order) instead of making a
@@ -65,9 +68,9 @@ void add_update_to_rows(const at::Tensor& y, const CallSlots& c, const at::Tenso
 }
 
 // dB, du, dv from dB_eff (docs/method.md), each rounded once to its parameter's dtype.
-void factor_grads(const at::Tensor& db_eff, const at::Tensor& b, const at::Tensor& u, const at::Tensor& v,
-                  double scale, at::ScalarType type, bool need_b, bool need_u, bool need_v, at::Tensor& grad_b,
-                  at::Tensor& grad_u, at::Tensor& grad_v) {
+void factor_grads(const at::Tensor& db_eff, const at::Tensor& b, const at::Tensor& u, const at::Tensor& v, double scale,
+                  at::ScalarType type, bool need_b, bool need_u, bool need_v, at::Tensor& grad_b, at::Tensor& grad_u,
+                  at::Tensor& grad_v) {
   const at::Tensor u_row = u.defined() ? as(u, type).unsqueeze(0) : at::Tensor();
   const at::Tensor v_col = v.defined() ? as(v, type).unsqueeze(1) : at::Tensor();
   if (need_b) {
@@ -169,7 +172,8 @@ at::Tensor forward_rows(at::TensorList t, const CallLayout& layout, std::vector<
     at::Tensor y = at::empty({x2.size(0), out}, x.options());
     at::Tensor h = at::empty({x2.size(0), t[c.a].size(0)}, x.options());
     cuda::lora_forward_out(y, h, x2, xa2, row_strided(weight), bias.defined() ? as(bias, dtype).contiguous() : bias,
-                           row_strided(as(t[c.a], dtype)), cuda::effective_b(t[c.b], opt(c.u), opt(c.v), c.scale, dtype));
+                           row_strided(as(t[c.a], dtype)),
+                           cuda::effective_b(t[c.b], opt(c.u), opt(c.v), c.scale, dtype));
     if (saved) saved->push_back(h);
     return y.reshape(out_shape);
   }
@@ -204,7 +208,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     const variable_list saved = ctx->get_saved_variables();
     const auto layout = c10::static_intrusive_pointer_cast<CallLayout>(ctx->saved_data["layout"].toCapsule());
     const size_t listed = saved.size() - layout->calls.size();  // the tensor list; h of each call after it
-    variable_list grads(listed + 1);                             // the layout gets no gradient
+    variable_list grads(listed + 1);                            // the layout gets no gradient
     const at::Tensor& grad_y = grad_outputs[0];
     if (!grad_y.defined()) return grads;
     auto opt = [&](int64_t i) { return i >= 0 ? saved[i] : at::Tensor(); };
@@ -275,7 +279,8 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
         grads[c.adapter_x] = as(dh[k].mm(a_c[k]), adapter_x.scalar_type()).reshape(adapter_x.sizes());
       }
       if (needs(c.a)) {
-        const at::Tensor branch_in = adapter_x.defined() ? adapter_x.reshape({-1, in}) : rows_of(x.reshape({-1, in}), c);
+        const at::Tensor branch_in =
+            adapter_x.defined() ? adapter_x.reshape({-1, in}) : rows_of(x.reshape({-1, in}), c);
         grads[c.a] = as(dh[k].t().mm(as(branch_in, type)), saved[c.a].scalar_type());
       }
       const bool need_b = needs(c.b), need_u = needs(c.u), need_v = needs(c.v);
@@ -294,8 +299,9 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
 // Rows of the first dimension as rows of the flattened (tokens, features) input: `per_row` tokens each.
 void set_token_rows(CallSlots& slots, const AdapterRows& rows, int64_t per_row) {
   if (rows.index.defined()) {
-    slots.index = per_row == 1 ? rows.index
-                               : (rows.index.unsqueeze(1) * per_row + at::arange(per_row, rows.index.options())).reshape({-1});
+    slots.index = per_row == 1
+                      ? rows.index
+                      : (rows.index.unsqueeze(1) * per_row + at::arange(per_row, rows.index.options())).reshape({-1});
   } else if (rows.begin >= 0) {
     slots.begin = rows.begin * per_row;
     slots.count = (rows.end - rows.begin) * per_row;
@@ -347,8 +353,9 @@ at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const 
     layout->calls.push_back(std::move(slots));
   }
   const CallSlots& first = layout->calls.front();
-  layout->cuda_kernels = calls.size() == 1 && calls[0].rows.every_row() &&
-                         use_cuda_kernels(x, first.adapter_x >= 0 ? list[first.adapter_x] : at::Tensor(), w, b0, calls[0].update);
+  layout->cuda_kernels =
+      calls.size() == 1 && calls[0].rows.every_row() &&
+      use_cuda_kernels(x, first.adapter_x >= 0 ? list[first.adapter_x] : at::Tensor(), w, b0, calls[0].update);
   // Nothing to differentiate (generation and evaluation run under NoGradGuard): the same forward without an
   // autograd node and its saved tensors, which a decode step would otherwise pay per layer.
   if (!at::GradMode::is_enabled()) {

@@ -22,15 +22,18 @@ void check_same_device(const at::Tensor& t, const at::Tensor& weight, const char
 
 std::vector<int64_t> rows_shape(const at::Tensor& input, const AdapterRows& rows) {
   auto shape = input.sizes().vec();
-  if (rows.index.defined()) shape[0] = rows.index.numel();
-  else if (rows.begin >= 0) shape[0] = rows.end - rows.begin;
+  if (rows.index.defined())
+    shape[0] = rows.index.numel();
+  else if (rows.begin >= 0)
+    shape[0] = rows.end - rows.begin;
   return shape;
 }
 
 }  // namespace
 
 void check_layer(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias) {
-  TORCH_CHECK(weight.defined() && weight.dim() == 2, "lora_linear: weight must be 2-D (d_out, d_in), got ", sizes_of(weight));
+  TORCH_CHECK(weight.defined() && weight.dim() == 2, "lora_linear: weight must be 2-D (d_out, d_in), got ",
+              sizes_of(weight));
   const int64_t in = weight.size(1), out = weight.size(0);
   TORCH_CHECK(input.defined() && input.dim() >= 1 && input.size(-1) == in,
               "lora_linear: input's last dimension must be d_in = ", in, ", got input of shape ", sizes_of(input));
@@ -49,13 +52,14 @@ void check_call(const at::Tensor& input, const at::Tensor& weight, const Adapter
   const LowRankUpdate& update = call.update;
   const at::Tensor &lora_a = update.lora_a, &lora_b = update.lora_b, &u = update.u, &v = update.v;
   const int64_t in = weight.size(1), out = weight.size(0);
-  TORCH_CHECK(lora_a.defined() && lora_a.dim() == 2 && lora_a.size(1) == in, "lora_linear: lora_a must be (r, d_in = ",
-              in, "), got ", sizes_of(lora_a));
+  TORCH_CHECK(lora_a.defined() && lora_a.dim() == 2 && lora_a.size(1) == in,
+              "lora_linear: lora_a must be (r, d_in = ", in, "), got ", sizes_of(lora_a));
   const int64_t r = lora_a.size(0);
   TORCH_CHECK(r > 0, "lora_linear: rank must be positive");
   TORCH_CHECK(lora_b.defined() && lora_b.dim() == 2 && lora_b.size(0) == out && lora_b.size(1) == r,
               "lora_linear: lora_b must be (d_out = ", out, ", r = ", r, "), got ", sizes_of(lora_b));
-  TORCH_CHECK(!u.defined() || (u.dim() == 1 && u.size(0) == r), "lora_linear: u must be (r = ", r, "), got ", sizes_of(u));
+  TORCH_CHECK(!u.defined() || (u.dim() == 1 && u.size(0) == r), "lora_linear: u must be (r = ", r, "), got ",
+              sizes_of(u));
   TORCH_CHECK(!v.defined() || (v.dim() == 1 && v.size(0) == out), "lora_linear: v must be (d_out = ", out, "), got ",
               sizes_of(v));
   check_floating(lora_a, "lora_a");
@@ -66,7 +70,8 @@ void check_call(const at::Tensor& input, const at::Tensor& weight, const Adapter
   if (v.defined()) check_same_device(v, weight, "v");
   const AdapterRows& rows = call.rows;
   if (!rows.every_row()) {
-    TORCH_CHECK(input.dim() >= 2, "lora_linear: input must have a batch dimension to route rows, got shape ", input.sizes());
+    TORCH_CHECK(input.dim() >= 2, "lora_linear: input must have a batch dimension to route rows, got shape ",
+                input.sizes());
   }
   if (rows.index.defined()) {
     TORCH_CHECK(rows.index.dim() == 1 && rows.index.scalar_type() == at::kLong && rows.index.device() == input.device(),
@@ -78,8 +83,9 @@ void check_call(const at::Tensor& input, const at::Tensor& weight, const Adapter
   }
   if (call.adapter_input.defined()) {
     const auto expected = rows_shape(input, rows);
-    TORCH_CHECK(call.adapter_input.sizes() == at::IntArrayRef(expected), "lora_linear: adapter_input must have the shape ",
-                at::IntArrayRef(expected), " of the input's rows it replaces, got ", call.adapter_input.sizes());
+    TORCH_CHECK(call.adapter_input.sizes() == at::IntArrayRef(expected),
+                "lora_linear: adapter_input must have the shape ", at::IntArrayRef(expected),
+                " of the input's rows it replaces, got ", call.adapter_input.sizes());
     check_floating(call.adapter_input, "adapter_input");
     check_same_device(call.adapter_input, weight, "adapter_input");
   }
@@ -97,10 +103,11 @@ std::optional<at::ScalarType> autocast_dtype(const at::Tensor& input) {
 
 void check_16bit_pair(const at::Tensor& input, const at::Tensor& weight) {
   const auto reduced = [](at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; };
-  TORCH_CHECK(!(reduced(input.scalar_type()) && reduced(weight.scalar_type()) && input.scalar_type() != weight.scalar_type()),
-              "lora_linear: input is ", input.scalar_type(), " but weight is ", weight.scalar_type(),
-              "; the frozen matmul runs in the weight's dtype, and converting one 16-bit format into the other can "
-              "overflow or lose precision (hint: load the model in the activations' dtype, or use autocast)");
+  TORCH_CHECK(
+      !(reduced(input.scalar_type()) && reduced(weight.scalar_type()) && input.scalar_type() != weight.scalar_type()),
+      "lora_linear: input is ", input.scalar_type(), " but weight is ", weight.scalar_type(),
+      "; the frozen matmul runs in the weight's dtype, and converting one 16-bit format into the other can "
+      "overflow or lose precision (hint: load the model in the activations' dtype, or use autocast)");
 }
 
 }  // namespace tiedlora::functional::detail

@@ -17,8 +17,8 @@ using namespace detail;
 
 LowRankUpdate concatenated(const std::vector<LowRankUpdate>& updates, const std::vector<double>& weights) {
   TORCH_CHECK(!updates.empty() && updates.size() == weights.size(),
-              "concatenated: needs one weight per update and at least one update, got ", updates.size(), " updates and ",
-              weights.size(), " weights");
+              "concatenated: needs one weight per update and at least one update, got ", updates.size(),
+              " updates and ", weights.size(), " weights");
   at::ScalarType type = at::kFloat;
   for (const auto& update : updates) {
     if (update_compute_type(update) == at::kDouble) type = at::kDouble;
@@ -27,7 +27,8 @@ LowRankUpdate concatenated(const std::vector<LowRankUpdate>& updates, const std:
   std::vector<at::Tensor> a, b;
   for (size_t i = 0; i < updates.size(); ++i) {
     TORCH_CHECK(std::isfinite(weights[i]), "concatenated: weight ", i, " is not finite");
-    TORCH_CHECK(updates[i].lora_a.size(1) == updates[0].lora_a.size(1) && updates[i].lora_b.size(0) == updates[0].lora_b.size(0),
+    TORCH_CHECK(updates[i].lora_a.size(1) == updates[0].lora_a.size(1) &&
+                    updates[i].lora_b.size(0) == updates[0].lora_b.size(0),
                 "concatenated: update ", i, " is ", updates[i].lora_a.size(1), " -> ", updates[i].lora_b.size(0),
                 " but update 0 is ", updates[0].lora_a.size(1), " -> ", updates[0].lora_b.size(0));
     // PEFT's "cat" layout: the weight and the scale on A (A * w * s, in PEFT's order), v on B.
@@ -91,12 +92,14 @@ void merge_into(at::Tensor& out, const at::Tensor& weight, const LowRankUpdate& 
   const at::Tensor &a = update.lora_a, &b = update.lora_b;
   TORCH_CHECK(weight.dim() == 2 && a.dim() == 2 && b.dim() == 2, "merge of ", what, ": weight ", weight.sizes(),
               ", lora_a ", a.sizes(), " and lora_b ", b.sizes(), " must be 2-D");
-  const int64_t d_out = transposed ? weight.size(1) : weight.size(0), d_in = transposed ? weight.size(0) : weight.size(1);
-  TORCH_CHECK(a.size(1) == d_in && b.size(0) == d_out && b.size(1) == a.size(0),
-              "merge of ", what, ": weight ", weight.sizes(), (transposed ? " (stored transposed)" : ""), ", lora_a ",
-              a.sizes(), " and lora_b ", b.sizes(), " do not fit W + B A");
+  const int64_t d_out = transposed ? weight.size(1) : weight.size(0),
+                d_in = transposed ? weight.size(0) : weight.size(1);
+  TORCH_CHECK(a.size(1) == d_in && b.size(0) == d_out && b.size(1) == a.size(0), "merge of ", what, ": weight ",
+              weight.sizes(), (transposed ? " (stored transposed)" : ""), ", lora_a ", a.sizes(), " and lora_b ",
+              b.sizes(), " do not fit W + B A");
   TORCH_CHECK(out.sizes() == weight.sizes() && at::isFloatingType(out.scalar_type()) && out.device() == a.device(),
-              "merge of ", what, ": the output must be a floating tensor of the weight's shape on the adapter's device");
+              "merge of ", what,
+              ": the output must be a floating tensor of the weight's shape on the adapter's device");
   at::NoGradGuard no_grad;
   const auto nonfinite = [&] {
     return Error(std::string("merge of ") + what + " produced NaN or Inf in " + c10::toString(out.scalar_type()) +

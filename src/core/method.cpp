@@ -31,13 +31,17 @@ AdapterMethod AdapterMethod::parse(const std::string& text) {
   for (char c : mask) {
     bool* flag = nullptr;
     switch (c) {
-      case 'a': case 'A': flag = &method.train_a; break;
-      case 'b': case 'B': flag = &method.train_b; break;
-      case 'u': case 'U': flag = &method.train_u; break;
-      case 'v': case 'V': flag = &method.train_v; break;
+      case 'a':
+      case 'A': flag = &method.train_a; break;
+      case 'b':
+      case 'B': flag = &method.train_b; break;
+      case 'u':
+      case 'U': flag = &method.train_u; break;
+      case 'v':
+      case 'V': flag = &method.train_v; break;
       default:
-        throw ConfigError("adapter method '" + text + "': '" + std::string(1, c) +
-                          "' is not one of a, b, u, v (" + kAcceptedForms + ")");
+        throw ConfigError("adapter method '" + text + "': '" + std::string(1, c) + "' is not one of a, b, u, v (" +
+                          kAcceptedForms + ")");
     }
     if (*flag) throw ConfigError("adapter method '" + text + "' names '" + std::string(1, c) + "' twice");
     *flag = true;
@@ -70,8 +74,8 @@ void AdapterMethod::validate() const {
                       "' trains neither B nor v: tiedlora starts the update at zero by zeroing a trained "
                       "output-side factor (v, else B, as PEFT zeros B), and a non-zero start would change the "
                       "model before training (hint: add b or v to the mask, e.g. '" +
-                      std::string(tied ? "tied-" : "untied-") + (train_a ? "a" : "") + "b" +
-                      (train_u ? "u" : "") + "')");
+                      std::string(tied ? "tied-" : "untied-") + (train_a ? "a" : "") + "b" + (train_u ? "u" : "") +
+                      "')");
   }
 }
 
@@ -87,8 +91,8 @@ int64_t trainable_parameter_count(const AdapterMethod& method, int64_t rank, int
 
 int64_t stored_parameter_count(const AdapterMethod& method, int64_t rank, int64_t layers, LinearShape shape) {
   const int64_t factor_copies = method.tied ? 1 : layers;
-  return factor_copies * rank * (shape.in_features + shape.out_features) +
-         (method.has_u() ? layers * rank : 0) + (method.has_v() ? layers * shape.out_features : 0);
+  return factor_copies * rank * (shape.in_features + shape.out_features) + (method.has_u() ? layers * rank : 0) +
+         (method.has_v() ? layers * shape.out_features : 0);
 }
 
 double adapter_scale(double alpha, int64_t rank, bool use_rslora) {

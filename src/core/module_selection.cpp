@@ -87,8 +87,8 @@ std::string default_tie_group(const std::string& name) {
   return out;
 }
 
-std::vector<ModuleGroup> select_modules(const std::vector<ModuleDescription>& modules,
-                                        const SelectionOptions& options, const AdapterMethod& method) {
+std::vector<ModuleGroup> select_modules(const std::vector<ModuleDescription>& modules, const SelectionOptions& options,
+                                        const AdapterMethod& method) {
   if (options.targets.empty()) {
     throw ConfigError("no target modules given (hint: name layers such as 'q_proj,v_proj', or 'all-linear'; " +
                       name_hint(modules) + ")");
@@ -115,8 +115,8 @@ std::vector<ModuleGroup> select_modules(const std::vector<ModuleDescription>& mo
       if (!module.is_linear) {
         if (is_regex(target)) continue;  // a regex may sweep over containers; only linear layers count
         throw ConfigError("target '" + target + "' matches '" + module.name + "', a " + module.type_name +
-                          ", not a linear layer (hint: target the linear layers inside it; " +
-                          name_hint(modules) + ")");
+                          ", not a linear layer (hint: target the linear layers inside it; " + name_hint(modules) +
+                          ")");
       }
       target_used[target] = true;
       selected = true;
@@ -146,14 +146,14 @@ std::vector<ModuleGroup> select_modules(const std::vector<ModuleDescription>& mo
   for (const auto& target : options.targets) {
     if (!target_used.count(target)) {
       throw ConfigError("target '" + target + "' matches no " +
-                        std::string(target == kAllLinear ? "linear layer" : "module") + " (hint: " +
-                        name_hint(modules) + ")");
+                        std::string(target == kAllLinear ? "linear layer" : "module") +
+                        " (hint: " + name_hint(modules) + ")");
     }
   }
   for (const auto& pattern : options.exclude) {
     if (!exclude_used.count(pattern)) {
-      throw ConfigError("exclude pattern '" + pattern + "' matches no selected module (hint: " +
-                        name_hint(modules) + ")");
+      throw ConfigError("exclude pattern '" + pattern + "' matches no selected module (hint: " + name_hint(modules) +
+                        ")");
     }
   }
   for (int64_t index : options.layers) {

@@ -16,9 +16,9 @@
 
 namespace tiedlora {
 
-using detail::Initializer;
 using detail::initial_a;
 using detail::initial_b;
+using detail::Initializer;
 
 // ---- TiedLoraFactors ------------------------------------------------------------------------------------
 
@@ -26,8 +26,9 @@ TiedLoraFactorsImpl::TiedLoraFactorsImpl(TiedLoraFactorsOptions options_) : opti
   options.lora().validate();
   options.method().validate();
   if (options.method().is_plain_lora()) {
-    throw ConfigError("TiedLoraFactors: method 'lora' has no shared factors (hint: plain LoRA layers own their A "
-                      "and B: use LoraLinear(base, LoraOptions(r)), or a tied method such as 'tied-abuv')");
+    throw ConfigError(
+        "TiedLoraFactors: method 'lora' has no shared factors (hint: plain LoRA layers own their A "
+        "and B: use LoraLinear(base, LoraOptions(r)), or a tied method such as 'tied-abuv')");
   }
   TORCH_CHECK(options.in_features() > 0 && options.out_features() > 0,
               "TiedLoraFactors: in_features and out_features must be positive, got ", options.in_features(), " and ",
@@ -68,7 +69,8 @@ LoraLinearImpl::LoraLinearImpl(LoraLinearOptions options_) : options(std::move(o
 }
 
 LoraLinearImpl::LoraLinearImpl(const torch::nn::LinearOptions& linear)
-    : LoraLinearImpl(LoraLinearOptions(linear.in_features(), linear.out_features()).bias(linear.bias()).lora(std::nullopt)) {}
+    : LoraLinearImpl(
+          LoraLinearOptions(linear.in_features(), linear.out_features()).bias(linear.bias()).lora(std::nullopt)) {}
 
 LoraLinearImpl::LoraLinearImpl(const torch::nn::Linear& base)
     : options(LoraLinearOptions(base->options.in_features(), base->options.out_features())
@@ -195,7 +197,9 @@ AdapterKind LoraLinearImpl::adapter_kind(const std::string& adapter) const {
   return slot ? slot->kind : AdapterKind::none;
 }
 
-const AdapterMethod& LoraLinearImpl::method(const std::string& adapter) const { return adapters_.at(adapter, "method").method; }
+const AdapterMethod& LoraLinearImpl::method(const std::string& adapter) const {
+  return adapters_.at(adapter, "method").method;
+}
 const LoraOptions& LoraLinearImpl::lora_options(const std::string& adapter) const {
   return adapters_.at(adapter, "lora_options").lora;
 }
@@ -222,10 +226,18 @@ void LoraLinearImpl::tie_weight_(const at::Tensor& tied) {
   weight_tied_ = true;
 }
 
-const at::Tensor& LoraLinearImpl::lora_A(const std::string& adapter) const { return adapters_.at(adapter, "lora_A").lora_A(); }
-const at::Tensor& LoraLinearImpl::lora_B(const std::string& adapter) const { return adapters_.at(adapter, "lora_B").lora_B(); }
-const at::Tensor& LoraLinearImpl::lora_u_of(const std::string& adapter) const { return adapters_.at(adapter, "lora_u_of").u; }
-const at::Tensor& LoraLinearImpl::lora_v_of(const std::string& adapter) const { return adapters_.at(adapter, "lora_v_of").v; }
+const at::Tensor& LoraLinearImpl::lora_A(const std::string& adapter) const {
+  return adapters_.at(adapter, "lora_A").lora_A();
+}
+const at::Tensor& LoraLinearImpl::lora_B(const std::string& adapter) const {
+  return adapters_.at(adapter, "lora_B").lora_B();
+}
+const at::Tensor& LoraLinearImpl::lora_u_of(const std::string& adapter) const {
+  return adapters_.at(adapter, "lora_u_of").u;
+}
+const at::Tensor& LoraLinearImpl::lora_v_of(const std::string& adapter) const {
+  return adapters_.at(adapter, "lora_v_of").v;
+}
 
 functional::LowRankUpdate LoraLinearImpl::update(const std::string& adapter) const {
   return adapters_.at(adapter, "update").update();
@@ -244,12 +256,16 @@ void LoraLinearImpl::set_active_adapters(std::vector<std::string> adapters) {
 std::shared_ptr<torch::nn::Module> LoraLinearImpl::clone(const std::optional<torch::Device>& device) const {
   for (const auto& name : adapters_.names()) {
     TORCH_CHECK(!adapters_.find(name)->factors,
-                "LoraLinear::clone: this layer uses shared Tied-LoRA factors (adapter '", name, "'); a clone would keep "
+                "LoraLinear::clone: this layer uses shared Tied-LoRA factors (adapter '", name,
+                "'); a clone would keep "
                 "training the original's A and B (hint: clone the base model and inject adapters into the clone)");
   }
   at::NoGradGuard no_grad;
-  auto copy_of = [&](const at::Tensor& t) { return device ? t.detach().to(*device, /*non_blocking=*/false, /*copy=*/true) : t.detach().clone(); };
-  auto copy = std::make_shared<LoraLinearImpl>(LoraLinearOptions(options).lora(std::nullopt).dtype(weight.scalar_type()));
+  auto copy_of = [&](const at::Tensor& t) {
+    return device ? t.detach().to(*device, /*non_blocking=*/false, /*copy=*/true) : t.detach().clone();
+  };
+  auto copy =
+      std::make_shared<LoraLinearImpl>(LoraLinearOptions(options).lora(std::nullopt).dtype(weight.scalar_type()));
   copy->options = options;
   copy->weight.set_data(copy_of(weight));
   copy->weight.requires_grad_(weight.requires_grad());
@@ -279,8 +295,9 @@ at::Tensor LoraLinearImpl::forward(const at::Tensor& input) {
 }
 
 at::Tensor LoraLinearImpl::merged_forward(const at::Tensor& input) const {
-  TORCH_CHECK(!current_routing(), "LoraLinear: a mixed-adapter batch cannot run on a merged layer (hint: "
-                                  "unmerge_adapters_() first; merging bakes the active adapters into every row)");
+  TORCH_CHECK(!current_routing(),
+              "LoraLinear: a mixed-adapter batch cannot run on a merged layer (hint: "
+              "unmerge_adapters_() first; merging bakes the active adapters into every row)");
   TORCH_CHECK(!(is_training() && at::GradMode::is_enabled()),
               "LoraLinear: the adapter is merged into the weight, so training it would have no effect "
               "(hint: call unmerge_() before training, or eval() / torch::NoGradGuard for inference)");
@@ -299,14 +316,16 @@ void LoraLinearImpl::merge_() {
   for (const auto& name : adapters_.active_here()) updates.push_back(update(name));
   if (updates.empty()) return;  // no active adapter here: nothing to merge, whatever the weight is tied to
   if (weight_tied_) {
-    throw ConfigError("LoraLinear::merge_: this layer's weight is tied to another module (e.g. a language-model "
-                      "head tied to the token embedding), which merging would change too (hint: keep the adapter "
-                      "unmerged, or untie the weights first)");
+    throw ConfigError(
+        "LoraLinear::merge_: this layer's weight is tied to another module (e.g. a language-model "
+        "head tied to the token embedding), which merging would change too (hint: keep the adapter "
+        "unmerged, or untie the weights first)");
   }
   at::NoGradGuard no_grad;
   // Several active adapters: their rank concatenation, so the sum of the deltas is rounded once.
   const functional::LowRankUpdate merged_update =
-      updates.size() == 1 ? updates.front() : functional::concatenated(updates, std::vector<double>(updates.size(), 1.0));
+      updates.size() == 1 ? updates.front()
+                          : functional::concatenated(updates, std::vector<double>(updates.size(), 1.0));
   at::Tensor merged_value = functional::merged_weight(weight, merged_update, "LoraLinear weight");
   original_weight_ = weight.clone();
   weight.copy_(merged_value);
@@ -326,7 +345,8 @@ void LoraLinearImpl::pretty_print(std::ostream& stream) const {
   for (const auto& name : adapters_.names()) {
     const AdapterSlot& s = *adapters_.find(name);
     stream << ", " << (name == kDefaultAdapter ? "" : name + ": ") << "method=" << s.method.name()
-           << ", rank=" << s.lora.rank() << ", alpha=" << s.lora.effective_alpha() << (s.lora.use_rslora() ? ", rslora" : "");
+           << ", rank=" << s.lora.rank() << ", alpha=" << s.lora.effective_alpha()
+           << (s.lora.use_rslora() ? ", rslora" : "");
     if (s.lora.dropout() > 0) stream << ", dropout=" << s.lora.dropout();
   }
   if (!adapters_.empty()) {

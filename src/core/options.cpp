@@ -1,4 +1,6 @@
 // options.cpp: LoraOptions' scale and checks, and the initial values of adapter factors (initialization.h).
+#include "tiedlora/core/options.h"
+
 #include <cmath>
 
 #include <ATen/ATen.h>
@@ -6,7 +8,6 @@
 
 #include "core/initialization.h"
 #include "tiedlora/core/error.h"
-#include "tiedlora/core/options.h"
 
 namespace tiedlora {
 
@@ -23,8 +24,10 @@ void LoraOptions::validate() const {
     throw ConfigError(std::string("adapter dtype must be floating point, got ") + c10::toString(dtype_));
   }
   if (alpha_ && !(std::isfinite(*alpha_) && *alpha_ > 0)) {
-    throw ConfigError("adapter alpha must be a positive finite number (zero or negative disables or inverts the "
-                      "adapter), got " + std::to_string(*alpha_));
+    throw ConfigError(
+        "adapter alpha must be a positive finite number (zero or negative disables or inverts the "
+        "adapter), got " +
+        std::to_string(*alpha_));
   }
 }
 

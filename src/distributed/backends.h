@@ -14,7 +14,8 @@ std::shared_ptr<ProcessGroup> make_mpi_group(const LaunchEnvironment& env, std::
 std::shared_ptr<ProcessGroup> make_nccl_group(const LaunchEnvironment& env, std::chrono::milliseconds timeout);
 
 /// "rank R: the all-reduce of WHAT did not finish within S s ..." (both engines word it the same).
-std::string timeout_message(int rank, const char* operation, const std::string& what, std::chrono::milliseconds timeout);
+std::string timeout_message(int rank, const char* operation, const std::string& what,
+                            std::chrono::milliseconds timeout);
 /// "rank R: the all-reduce of WHAT failed: REASON".
 std::string failure_message(int rank, const char* operation, const std::string& what, const std::string& reason);
 

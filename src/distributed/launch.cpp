@@ -1,11 +1,12 @@
 // launch.cpp: the launcher's environment and the choice of engine (tiedlora/distributed/launch.h); the
 // engines are mpi_group.cpp and nccl_group.cpp, each built only when the build has it.
+#include "tiedlora/distributed/launch.h"
+
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
 #include "distributed/backends.h"
-#include "tiedlora/distributed/launch.h"
 
 namespace tiedlora::distributed {
 
@@ -48,7 +49,8 @@ LaunchEnvironment LaunchEnvironment::from_environment() {
     env.master_port = integer_variable("MASTER_PORT", 0);
     if (const char* flag = variable("TORCHELASTIC_USE_AGENT_STORE")) env.agent_store = std::strcmp(flag, "True") == 0;
     if (env.world_size > 1 && (env.master_addr.empty() || env.master_port == 0 || env.master_port > 65535)) {
-      throw ConfigError("WORLD_SIZE=" + std::to_string(env.world_size) + " but MASTER_ADDR/MASTER_PORT do not name the "
+      throw ConfigError("WORLD_SIZE=" + std::to_string(env.world_size) +
+                        " but MASTER_ADDR/MASTER_PORT do not name the "
                         "store (hint: launch with torchrun, which sets them)");
     }
   }
@@ -58,8 +60,8 @@ LaunchEnvironment LaunchEnvironment::from_environment() {
                       std::to_string(env.world_size));
   }
   if (env.local_world_size < 1 || env.local_rank >= env.local_world_size) {
-    throw ConfigError("the launcher's local rank " + std::to_string(env.local_rank) + " is not below its local world size " +
-                      std::to_string(env.local_world_size));
+    throw ConfigError("the launcher's local rank " + std::to_string(env.local_rank) +
+                      " is not below its local world size " + std::to_string(env.local_world_size));
   }
   return env;
 }
@@ -81,7 +83,8 @@ std::shared_ptr<ProcessGroup> init_from_environment(const DistributedOptions& op
   if (env.world_size == 1 && !nccl) return single_process();
   if (options.device == "cuda") {
     if (!nccl) {
-      throw ConfigError("distributed: " + std::to_string(env.world_size) + " CUDA processes under mpirun: CUDA processes "
+      throw ConfigError("distributed: " + std::to_string(env.world_size) +
+                        " CUDA processes under mpirun: CUDA processes "
                         "reduce with NCCL, so launch them with torchrun (hint: torchrun --nproc-per-node " +
                         std::to_string(env.world_size) + " --no-python tiedlora_finetune --device cuda ...)");
     }
@@ -89,16 +92,20 @@ std::shared_ptr<ProcessGroup> init_from_environment(const DistributedOptions& op
   }
   if (options.device != "cpu") throw ConfigError("distributed: device '" + options.device + "' (cpu or cuda expected)");
   if (env.launcher != LaunchEnvironment::Launcher::mpirun) {
-    throw ConfigError("distributed: " + std::to_string(env.world_size) + " CPU processes under torchrun: CPU processes "
-                      "reduce with OpenMPI, so launch them with mpirun (hint: mpirun -np " + std::to_string(env.world_size) +
-                      " tiedlora_finetune ...; torchrun is for CUDA processes, with --device cuda; docs/distributed.md)");
+    throw ConfigError(
+        "distributed: " + std::to_string(env.world_size) +
+        " CPU processes under torchrun: CPU processes "
+        "reduce with OpenMPI, so launch them with mpirun (hint: mpirun -np " +
+        std::to_string(env.world_size) +
+        " tiedlora_finetune ...; torchrun is for CUDA processes, with --device cuda; docs/distributed.md)");
   }
   return detail::make_mpi_group(env, options.timeout);
 }
 
 namespace detail {
 
-std::string timeout_message(int rank, const char* operation, const std::string& what, std::chrono::milliseconds timeout) {
+std::string timeout_message(int rank, const char* operation, const std::string& what,
+                            std::chrono::milliseconds timeout) {
   char seconds[32];
   std::snprintf(seconds, sizeof seconds, "%.1f", static_cast<double>(timeout.count()) / 1000.0);
   return "rank " + std::to_string(rank) + ": the " + operation + " of " + what + " did not finish within " + seconds +
@@ -112,13 +119,15 @@ std::string failure_message(int rank, const char* operation, const std::string& 
 
 #if !TIEDLORA_WITH_MPI
 std::shared_ptr<ProcessGroup> make_mpi_group(const LaunchEnvironment& env, std::chrono::milliseconds) {
-  throw ConfigError("distributed: launched by mpirun with " + std::to_string(env.world_size) + " processes, but this "
+  throw ConfigError("distributed: launched by mpirun with " + std::to_string(env.world_size) +
+                    " processes, but this "
                     "build has no MPI (hint: apt-get install libopenmpi-dev openmpi-bin and configure again)");
 }
 #endif
 #if !TIEDLORA_WITH_NCCL
 std::shared_ptr<ProcessGroup> make_nccl_group(const LaunchEnvironment& env, std::chrono::milliseconds) {
-  throw ConfigError("distributed: " + std::to_string(env.world_size) + " CUDA processes need NCCL, but this build has "
+  throw ConfigError("distributed: " + std::to_string(env.world_size) +
+                    " CUDA processes need NCCL, but this build has "
                     "no CUDA (hint: configure with TIEDLORA_CUDA=ON against a CUDA LibTorch)");
 }
 #endif

@@ -1,12 +1,11 @@
 // mpi_group.cpp: CPU processes launched by mpirun reduce with OpenMPI. Every collective is non-blocking and
 // polled against a deadline, so a hung rank turns into a Timeout instead of a hang (MPI has no timeout of
 // its own); a dead rank is mpirun's to report: it ends the job when a process dies.
-#include <mpi.h>
-
 #include <chrono>
 #include <thread>
 
 #include <ATen/ATen.h>
+#include <mpi.h>
 
 #include "distributed/backends.h"
 
@@ -21,8 +20,9 @@ MPI_Datatype mpi_type(const at::Tensor& t, const std::string& what) {
     case at::kLong: return MPI_INT64_T;
     case at::kInt: return MPI_INT32_T;
     case at::kByte: return MPI_UINT8_T;
-    default: throw ConfigError("distributed (mpi): " + what + ": dtype " + std::string(c10::toString(t.scalar_type())) +
-                               " is not reduced (float32, float64, int32, int64, uint8 are)");
+    default:
+      throw ConfigError("distributed (mpi): " + what + ": dtype " + std::string(c10::toString(t.scalar_type())) +
+                        " is not reduced (float32, float64, int32, int64, uint8 are)");
   }
 }
 
@@ -91,7 +91,8 @@ class MpiGroup final : public ProcessGroup {
     if (!tensor.device().is_cpu() || !tensor.is_contiguous()) {
       throw ConfigError("distributed (mpi): " + what + ": a contiguous CPU tensor expected");
     }
-    if (tensor.numel() > std::numeric_limits<int>::max()) throw ConfigError("distributed (mpi): " + what + " is too large");
+    if (tensor.numel() > std::numeric_limits<int>::max())
+      throw ConfigError("distributed (mpi): " + what + " is too large");
   }
 
   // Polls the request until it completes or the deadline passes. The sleep between polls starts short (a

@@ -23,8 +23,8 @@ class NcclGroup final : public ProcessGroup {
       : ProcessGroup(env.rank, env.world_size), timeout_(timeout) {
     const int devices = static_cast<int>(c10::cuda::device_count());
     if (env.local_rank >= devices) {
-      throw ConfigError("distributed (nccl): local rank " + std::to_string(env.local_rank) + " but " + std::to_string(devices) +
-                        " CUDA devices (hint: --nproc-per-node at most the GPUs of a node)");
+      throw ConfigError("distributed (nccl): local rank " + std::to_string(env.local_rank) + " but " +
+                        std::to_string(devices) + " CUDA devices (hint: --nproc-per-node at most the GPUs of a node)");
     }
     device_ = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(env.local_rank));
     c10::cuda::set_device(device_.index());
@@ -38,7 +38,8 @@ class NcclGroup final : public ProcessGroup {
     store_options.timeout = timeout;
     auto store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, store_options);
     // A fresh key space per torchrun restart: keys of a failed attempt never meet the next one's.
-    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("tiedlora/attempt_" + std::to_string(env.restart_count), store);
+    auto prefixed =
+        c10::make_intrusive<c10d::PrefixStore>("tiedlora/attempt_" + std::to_string(env.restart_count), store);
     auto options = c10d::ProcessGroupNCCL::Options::create();
     options->timeout = timeout;
     group_ = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, env.rank, env.world_size, options);
@@ -47,7 +48,7 @@ class NcclGroup final : public ProcessGroup {
   ~NcclGroup() override {
     try {
       group_->shutdown();  // what destroy_process_group() does: the communicators end cleanly
-    } catch (...) {  // nothing to do about it at exit
+    } catch (...) {        // nothing to do about it at exit
     }
   }
 

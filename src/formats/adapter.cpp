@@ -30,7 +30,8 @@ std::string shape_text(const at::Tensor& t) { return util::list_text(t.sizes());
 // The module path inside "base_model.model.<module>.<suffix>", or "" when `name` is not of that form.
 std::string module_of(const std::string& name, const std::string& suffix) {
   const std::string prefix = kModelPrefix;
-  if (name.rfind(prefix, 0) != 0 || !util::ends_with(name, suffix) || name.size() <= prefix.size() + suffix.size()) return "";
+  if (name.rfind(prefix, 0) != 0 || !util::ends_with(name, suffix) || name.size() <= prefix.size() + suffix.size())
+    return "";
   return name.substr(prefix.size(), name.size() - prefix.size() - suffix.size());
 }
 
@@ -86,8 +87,9 @@ Adapter Adapter::read(const std::string& folder, const ReadOptions& options) {
     for (const auto& [name, t] : adapter.tensors_) {
       const std::string a_module = module_of(name, ".lora_A.weight"), b_module = module_of(name, ".lora_B.weight");
       if (a_module.empty() && b_module.empty()) {
-        fail(name, "is not a LoRA A/B tensor (hint: embedding adapters, DoRA magnitudes and trained biases are not "
-                   "supported)");
+        fail(name,
+             "is not a LoRA A/B tensor (hint: embedding adapters, DoRA magnitudes and trained biases are not "
+             "supported)");
       }
       if (a_module.empty()) continue;
       const std::string b_name = std::string(kModelPrefix) + a_module + ".lora_B.weight";
@@ -113,7 +115,8 @@ Adapter Adapter::read(const std::string& folder, const ReadOptions& options) {
     }
   } else if (c.type == AdapterType::vera) {
     if (!c.vera_save_projection) {
-      throw FormatError(config_path + ": VeRA adapter saved without its projections (save_projection = false); "
+      throw FormatError(config_path +
+                        ": VeRA adapter saved without its projections (save_projection = false); "
                         "tiedlora does not regenerate them from projection_prng_key (hint: save it with "
                         "VeraConfig(save_projection=True))");
     }
@@ -125,7 +128,8 @@ Adapter Adapter::read(const std::string& folder, const ReadOptions& options) {
       expected.insert(n);
       if (!a) a = &it->second;
     }
-    if (a->size(0) != c.rank) fail("base_model.vera_A", "has rank " + std::to_string(a->size(0)) + " but r = " + std::to_string(c.rank));
+    if (a->size(0) != c.rank)
+      fail("base_model.vera_A", "has rank " + std::to_string(a->size(0)) + " but r = " + std::to_string(c.rank));
     expect_shape("base_model.vera_B", {adapter.tensors_.at("base_model.vera_B").size(0), c.rank}, "");
     for (const auto& [name, t] : adapter.tensors_) {
       const std::string module = module_of(name, ".vera_lambda_d");
@@ -163,7 +167,12 @@ Adapter Adapter::read(const std::string& folder, const ReadOptions& options) {
     }
   }
   for (const auto& [name, t] : adapter.tensors_) {
-    if (!expected.count(name)) fail(name, "is not part of a " + std::string(c.type == AdapterType::vera ? "VeRA" : c.type == AdapterType::lora ? "LoRA" : "TIEDLORA") + " adapter of this config (unexpected tensor)");
+    if (!expected.count(name))
+      fail(name, "is not part of a " +
+                     std::string(c.type == AdapterType::vera   ? "VeRA"
+                                 : c.type == AdapterType::lora ? "LoRA"
+                                                               : "TIEDLORA") +
+                     " adapter of this config (unexpected tensor)");
   }
   std::set<std::string> modules;
   if (c.type == AdapterType::tiedlora) {
@@ -264,7 +273,8 @@ void export_lora(const Adapter& adapter, const std::string& out_folder, const Ex
   }
   const AdapterConfig& in = adapter.config();
   if (in.type == AdapterType::vera) {
-    throw ConfigError(adapter.source() + ": export-lora needs a LoRA or TIEDLORA adapter; VeRA layers take their "
+    throw ConfigError(adapter.source() +
+                      ": export-lora needs a LoRA or TIEDLORA adapter; VeRA layers take their "
                       "shapes from the base model (hint: merge it with merge-weights instead)");
   }
   AdapterConfig out;
@@ -316,7 +326,8 @@ std::pair<AdapterConfig, NamedTensors> collect_adapter(const torch::nn::Module& 
                                                        const SaveAdapterOptions& options) {
   const auto layers = adapted_layers(model, adapter);
   if (layers.empty()) {
-    throw ConfigError("save_adapter: the model carries no adapter named '" + adapter + "' (hint: call inject_adapters "
+    throw ConfigError("save_adapter: the model carries no adapter named '" + adapter +
+                      "' (hint: call inject_adapters "
                       "first; adapter_names() lists what it carries)");
   }
   trainable_parameters(model);  // refuses tied factors that no module registers (they never trained)
@@ -356,13 +367,15 @@ std::pair<AdapterConfig, NamedTensors> collect_adapter(const torch::nn::Module& 
       auto [it, inserted] = group_of.emplace(factors.get(), c.groups.size());
       if (inserted) {
         AdapterGroup group;
-        group.name = factors->options.name().empty() ? "group" + std::to_string(c.groups.size()) : factors->options.name();
+        group.name =
+            factors->options.name().empty() ? "group" + std::to_string(c.groups.size()) : factors->options.name();
         group.key = group.name;
         for (char& ch : group.key) {
           if (ch == '.') ch = '-';
         }
         for (const auto& other : c.groups) {
-          if (other.key == group.key) throw ConfigError("save_adapter: two tie groups are both named '" + group.name + "'");
+          if (other.key == group.key)
+            throw ConfigError("save_adapter: two tie groups are both named '" + group.name + "'");
         }
         tensors.emplace_back(kGroupsPrefix + group.key + ".lora_A", factors->lora_A.detach());
         tensors.emplace_back(kGroupsPrefix + group.key + ".lora_B", factors->lora_B.detach());
@@ -386,7 +399,8 @@ void save_adapter(const torch::nn::Module& model, const std::string& folder, con
 
 void save_adapters(const torch::nn::Module& model, const std::string& folder, const SaveAdapterOptions& options) {
   const std::vector<std::string> names = adapter_names(model);
-  if (names.empty()) throw ConfigError("save_adapters: the model carries no adapter (hint: call inject_adapters first)");
+  if (names.empty())
+    throw ConfigError("save_adapters: the model carries no adapter (hint: call inject_adapters first)");
   if (util::path_exists(folder) && !options.overwrite) {
     throw Error(folder + ": already exists (hint: choose another folder or allow overwriting)");
   }
@@ -405,15 +419,14 @@ void save_adapters(const torch::nn::Module& model, const std::string& folder, co
   staged.publish(options.overwrite);
 }
 
-
-
 void load_adapter(torch::nn::Module& model, const std::string& folder, const std::string& adapter_name) {
   check_adapter_name(adapter_name);
   const Adapter adapter = Adapter::read(folder);
   const AdapterConfig& c = adapter.config();
   if (!adapted_layers(model, adapter_name).empty()) {
     throw ConfigError(folder + ": the model already carries an adapter named '" + adapter_name + "' (on '" +
-                      adapted_layers(model, adapter_name).front().first + "') (hint: load it under another name, or "
+                      adapted_layers(model, adapter_name).front().first +
+                      "') (hint: load it under another name, or "
                       "delete_adapter() the one there)");
   }
   // Check every layer against the model before anything changes.
@@ -431,8 +444,8 @@ void load_adapter(torch::nn::Module& model, const std::string& folder, const std
   for (const auto& module : adapter.modules()) {
     auto it = linear.find(module);
     if (it == linear.end()) {
-      const std::string what = other.count(module) ? "is a " + other.at(module) + ", not a linear layer"
-                                                   : "does not exist in the model";
+      const std::string what =
+          other.count(module) ? "is a " + other.at(module) + ", not a linear layer" : "does not exist in the model";
       throw FormatError(folder + ": layer '" + module + "' " + what + " (hint: maybe wrong base model?)");
     }
     const functional::LowRankUpdate f = adapter.layer(module, it->second);  // checks the shapes
@@ -442,7 +455,8 @@ void load_adapter(torch::nn::Module& model, const std::string& folder, const std
                         "it with merge-weights)");
     }
     if (c.type == AdapterType::lora && f.scale != adapter_scale(c.alpha, c.rank, c.use_rslora)) {
-      throw ConfigError(folder + ": layer '" + module + "' has its own alpha from alpha_pattern; loading per-layer "
+      throw ConfigError(folder + ": layer '" + module +
+                        "' has its own alpha from alpha_pattern; loading per-layer "
                         "alphas into a model is not supported (hint: merge it with merge-weights)");
     }
   }
@@ -460,7 +474,8 @@ void load_adapter(torch::nn::Module& model, const std::string& folder, const std
   }
   inject_adapters(model, options);  // all-or-nothing itself
   at::NoGradGuard no_grad;
-  for (const auto& [name, layer] : adapted_layers(model, adapter_name)) {  // exactly the adapter's modules (checked above)
+  for (const auto& [name, layer] :
+       adapted_layers(model, adapter_name)) {  // exactly the adapter's modules (checked above)
     const functional::LowRankUpdate f = adapter.layer(name, linear.at(name));
     if (layer->adapter_kind(adapter_name) == AdapterKind::lora) {
       layer->lora_A(adapter_name).copy_(f.lora_a);
@@ -486,8 +501,10 @@ std::vector<std::string> adapter_folders(const std::string& folder) {
     if (util::is_directory(sub) && util::is_regular_file(util::join_path(sub, kConfigName))) names.push_back(entry);
   }
   if (names.empty()) {
-    throw FormatError(folder + ": holds no adapter (no " + std::string(kConfigName) + " at the top or in a subfolder) "
-                      "(hint: an adapter folder holds " + kConfigName + " and " + kWeightsName + ")");
+    throw FormatError(folder + ": holds no adapter (no " + std::string(kConfigName) +
+                      " at the top or in a subfolder) "
+                      "(hint: an adapter folder holds " +
+                      kConfigName + " and " + kWeightsName + ")");
   }
   return names;
 }
@@ -498,8 +515,8 @@ std::vector<std::string> load_adapters(torch::nn::Module& model, const std::stri
     try {
       check_adapter_name(name);
     } catch (const ConfigError& e) {
-      throw FormatError(util::join_path(folder, name) + ": holds an adapter, but its folder name cannot name one: " +
-                        e.what());
+      throw FormatError(util::join_path(folder, name) +
+                        ": holds an adapter, but its folder name cannot name one: " + e.what());
     }
   }
   // What loading may change, to put back if a later adapter fails: the adapters, which tensors train
@@ -517,8 +534,11 @@ std::vector<std::string> load_adapters(torch::nn::Module& model, const std::stri
   }
   try {
     for (const auto& name : names) {
-      load_adapter(model, name == kDefaultAdapter && util::is_regular_file(util::join_path(folder, kConfigName))
-                              ? folder : util::join_path(folder, name), name);
+      load_adapter(model,
+                   name == kDefaultAdapter && util::is_regular_file(util::join_path(folder, kConfigName))
+                       ? folder
+                       : util::join_path(folder, name),
+                   name);
     }
   } catch (...) {
     for (const auto& name : adapter_names(model)) {

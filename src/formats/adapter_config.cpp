@@ -121,12 +121,15 @@ std::vector<std::pair<std::string, T>> read_pattern(const Fields& f, const nlohm
                       "std::regex and refuses what it cannot translate exactly, rather than apply another scale)");
     }
     if constexpr (std::is_same_v<T, int64_t>) {
-      if (!value.is_number_integer() || value.template get<int64_t>() <= 0) f.fail(key, "values must be positive integers");
+      if (!value.is_number_integer() || value.template get<int64_t>() <= 0)
+        f.fail(key, "values must be positive integers");
       out.emplace_back(pattern, value.template get<int64_t>());
     } else {
       if (!value.is_number() || !std::isfinite(value.template get<double>()) || !(value.template get<double>() > 0)) {
-        f.fail(key, "values must be positive finite numbers (a zero or negative alpha disables or inverts the "
-                    "adapter), got " + value.dump() + " for key " + util::quote_for_message(pattern));
+        f.fail(key,
+               "values must be positive finite numbers (a zero or negative alpha disables or inverts the "
+               "adapter), got " +
+                   value.dump() + " for key " + util::quote_for_message(pattern));
       }
       out.emplace_back(pattern, value.template get<double>());
     }
@@ -140,7 +143,8 @@ AdapterConfig read_lora(const Fields& f, const nlohmann::ordered_json& in_file_o
   c.method = AdapterMethod::lora();
   read_common(f, c);
   c.alpha = f.number_or("lora_alpha", 8.0);  // PEFT's default
-  if (!(c.alpha > 0)) f.fail("lora_alpha", "must be positive (a zero or negative alpha disables or inverts the adapter)");
+  if (!(c.alpha > 0))
+    f.fail("lora_alpha", "must be positive (a zero or negative alpha disables or inverts the adapter)");
   c.use_rslora = f.bool_or("use_rslora", false);
   c.dropout = f.probability_or("lora_dropout", 0.0);
   c.rank_pattern = read_pattern<int64_t>(f, in_file_order, "rank_pattern");
@@ -179,7 +183,8 @@ AdapterConfig read_tiedlora(const Fields& f) {
   }
   read_common(f, c);
   c.alpha = f.number_or("lora_alpha", static_cast<double>(c.rank));
-  if (!(c.alpha > 0)) f.fail("lora_alpha", "must be positive (a zero or negative alpha disables or inverts the adapter)");
+  if (!(c.alpha > 0))
+    f.fail("lora_alpha", "must be positive (a zero or negative alpha disables or inverts the adapter)");
   c.use_rslora = f.bool_or("use_rslora", false);
   c.dropout = f.probability_or("lora_dropout", 0.0);
   if (f.has("init_seed")) {
@@ -253,7 +258,8 @@ std::string AdapterConfig::target_modules_text() const {
     return util::quote_for_message(target_modules.front().substr(3));
   }
   std::string text = "[";
-  for (std::size_t i = 0; i < target_modules.size(); ++i) text += (i ? ", " : "") + util::quote_for_message(target_modules[i]);
+  for (std::size_t i = 0; i < target_modules.size(); ++i)
+    text += (i ? ", " : "") + util::quote_for_message(target_modules[i]);
   return text + "]";
 }
 

@@ -23,27 +23,43 @@ namespace tiedlora::io {
 
 namespace {
 
-constexpr uint32_t kMaxDims = 4;         // GGML_MAX_DIMS
-constexpr int kMaxArrayNesting = 8;      // arrays of arrays deeper than this are refused (bounded recursion)
+constexpr uint32_t kMaxDims = 4;     // GGML_MAX_DIMS
+constexpr int kMaxArrayNesting = 8;  // arrays of arrays deeper than this are refused (bounded recursion)
 constexpr uint64_t kDefaultAlignment = 32;
 
 constexpr GgmlTypeInfo kGgmlTypes[] = {
-    {GgmlType::F32, "F32", 1, 4, true},         {GgmlType::F16, "F16", 1, 2, true},
-    {GgmlType::Q4_0, "Q4_0", 32, 18, true},     {GgmlType::Q4_1, "Q4_1", 32, 20, true},
-    {GgmlType::Q5_0, "Q5_0", 32, 22, true},     {GgmlType::Q5_1, "Q5_1", 32, 24, true},
-    {GgmlType::Q8_0, "Q8_0", 32, 34, true},     {GgmlType::Q8_1, "Q8_1", 32, 40, false},
-    {GgmlType::Q2_K, "Q2_K", 256, 84, false},   {GgmlType::Q3_K, "Q3_K", 256, 110, false},
-    {GgmlType::Q4_K, "Q4_K", 256, 144, true},   {GgmlType::Q5_K, "Q5_K", 256, 176, true},
-    {GgmlType::Q6_K, "Q6_K", 256, 210, true},   {GgmlType::Q8_K, "Q8_K", 256, 292, false},
-    {GgmlType::IQ2_XXS, "IQ2_XXS", 256, 66, false}, {GgmlType::IQ2_XS, "IQ2_XS", 256, 74, false},
-    {GgmlType::IQ3_XXS, "IQ3_XXS", 256, 98, false}, {GgmlType::IQ1_S, "IQ1_S", 256, 50, false},
-    {GgmlType::IQ4_NL, "IQ4_NL", 32, 18, false},    {GgmlType::IQ3_S, "IQ3_S", 256, 110, false},
-    {GgmlType::IQ2_S, "IQ2_S", 256, 82, false},     {GgmlType::IQ4_XS, "IQ4_XS", 256, 136, false},
-    {GgmlType::I8, "I8", 1, 1, false},          {GgmlType::I16, "I16", 1, 2, false},
-    {GgmlType::I32, "I32", 1, 4, false},        {GgmlType::I64, "I64", 1, 8, false},
-    {GgmlType::F64, "F64", 1, 8, true},         {GgmlType::IQ1_M, "IQ1_M", 256, 56, false},
-    {GgmlType::BF16, "BF16", 1, 2, true},       {GgmlType::TQ1_0, "TQ1_0", 256, 54, false},
-    {GgmlType::TQ2_0, "TQ2_0", 256, 66, false}, {GgmlType::MXFP4, "MXFP4", 32, 17, false},
+    {GgmlType::F32, "F32", 1, 4, true},
+    {GgmlType::F16, "F16", 1, 2, true},
+    {GgmlType::Q4_0, "Q4_0", 32, 18, true},
+    {GgmlType::Q4_1, "Q4_1", 32, 20, true},
+    {GgmlType::Q5_0, "Q5_0", 32, 22, true},
+    {GgmlType::Q5_1, "Q5_1", 32, 24, true},
+    {GgmlType::Q8_0, "Q8_0", 32, 34, true},
+    {GgmlType::Q8_1, "Q8_1", 32, 40, false},
+    {GgmlType::Q2_K, "Q2_K", 256, 84, false},
+    {GgmlType::Q3_K, "Q3_K", 256, 110, false},
+    {GgmlType::Q4_K, "Q4_K", 256, 144, true},
+    {GgmlType::Q5_K, "Q5_K", 256, 176, true},
+    {GgmlType::Q6_K, "Q6_K", 256, 210, true},
+    {GgmlType::Q8_K, "Q8_K", 256, 292, false},
+    {GgmlType::IQ2_XXS, "IQ2_XXS", 256, 66, false},
+    {GgmlType::IQ2_XS, "IQ2_XS", 256, 74, false},
+    {GgmlType::IQ3_XXS, "IQ3_XXS", 256, 98, false},
+    {GgmlType::IQ1_S, "IQ1_S", 256, 50, false},
+    {GgmlType::IQ4_NL, "IQ4_NL", 32, 18, false},
+    {GgmlType::IQ3_S, "IQ3_S", 256, 110, false},
+    {GgmlType::IQ2_S, "IQ2_S", 256, 82, false},
+    {GgmlType::IQ4_XS, "IQ4_XS", 256, 136, false},
+    {GgmlType::I8, "I8", 1, 1, false},
+    {GgmlType::I16, "I16", 1, 2, false},
+    {GgmlType::I32, "I32", 1, 4, false},
+    {GgmlType::I64, "I64", 1, 8, false},
+    {GgmlType::F64, "F64", 1, 8, true},
+    {GgmlType::IQ1_M, "IQ1_M", 256, 56, false},
+    {GgmlType::BF16, "BF16", 1, 2, true},
+    {GgmlType::TQ1_0, "TQ1_0", 256, 54, false},
+    {GgmlType::TQ2_0, "TQ2_0", 256, 66, false},
+    {GgmlType::MXFP4, "MXFP4", 32, 17, false},
 };
 
 // Sizes of fixed-size metadata types; 0 for STRING and ARRAY.
@@ -51,21 +67,16 @@ uint64_t scalar_size(GgufType t) {
   switch (t) {
     case GgufType::UINT8:
     case GgufType::INT8:
-    case GgufType::BOOL:
-      return 1;
+    case GgufType::BOOL: return 1;
     case GgufType::UINT16:
-    case GgufType::INT16:
-      return 2;
+    case GgufType::INT16: return 2;
     case GgufType::UINT32:
     case GgufType::INT32:
-    case GgufType::FLOAT32:
-      return 4;
+    case GgufType::FLOAT32: return 4;
     case GgufType::UINT64:
     case GgufType::INT64:
-    case GgufType::FLOAT64:
-      return 8;
-    default:
-      return 0;
+    case GgufType::FLOAT64: return 8;
+    default: return 0;
   }
 }
 
@@ -78,20 +89,14 @@ bool is_signed_type(GgufType t) {
   return t == GgufType::INT8 || t == GgufType::INT16 || t == GgufType::INT32 || t == GgufType::INT64;
 }
 
-
 // Sign-extends or zero-extends the little-endian scalar bits of an integer type.
 int64_t signed_value(GgufType t, uint64_t bits) {
   switch (t) {
-    case GgufType::INT8:
-      return static_cast<int8_t>(bits);
-    case GgufType::INT16:
-      return static_cast<int16_t>(bits);
-    case GgufType::INT32:
-      return static_cast<int32_t>(bits);
-    case GgufType::INT64:
-      return static_cast<int64_t>(bits);
-    default:
-      return 0;
+    case GgufType::INT8: return static_cast<int8_t>(bits);
+    case GgufType::INT16: return static_cast<int16_t>(bits);
+    case GgufType::INT32: return static_cast<int32_t>(bits);
+    case GgufType::INT64: return static_cast<int64_t>(bits);
+    default: return 0;
   }
 }
 
@@ -153,8 +158,8 @@ const char* ggml_type_name(GgmlType type) {
 }
 
 const char* gguf_type_name(GgufType type) {
-  static const char* const names[] = {"UINT8", "INT8",   "UINT16", "INT16", "UINT32", "INT32", "FLOAT32",
-                                      "BOOL",  "STRING", "ARRAY",  "UINT64", "INT64", "FLOAT64"};
+  static const char* const names[] = {"UINT8", "INT8",   "UINT16", "INT16",  "UINT32", "INT32",  "FLOAT32",
+                                      "BOOL",  "STRING", "ARRAY",  "UINT64", "INT64",  "FLOAT64"};
   const auto i = static_cast<uint32_t>(type);
   return i < sizeof names / sizeof names[0] ? names[i] : "?";
 }
@@ -187,7 +192,8 @@ uint64_t GgufValue::as_uint() const {
 double GgufValue::as_double() const {
   if (type_ == GgufType::FLOAT32) return f32_from_bits(static_cast<uint32_t>(bits_));
   if (type_ == GgufType::FLOAT64) return f64_from_bits(bits_);
-  if (is_integer_type(type_)) return is_signed_type(type_) ? static_cast<double>(signed_value(type_, bits_)) : static_cast<double>(bits_);
+  if (is_integer_type(type_))
+    return is_signed_type(type_) ? static_cast<double>(signed_value(type_, bits_)) : static_cast<double>(bits_);
   wrong_type(*this, "a number");
 }
 
@@ -225,8 +231,8 @@ std::vector<int64_t> GgufValue::as_ints() const {
 }
 
 std::vector<double> GgufValue::as_doubles() const {
-  if (type_ != GgufType::ARRAY || !(is_integer_type(element_type_) || element_type_ == GgufType::FLOAT32 ||
-                                    element_type_ == GgufType::FLOAT64)) {
+  if (type_ != GgufType::ARRAY ||
+      !(is_integer_type(element_type_) || element_type_ == GgufType::FLOAT32 || element_type_ == GgufType::FLOAT64)) {
     wrong_type(*this, "an array of numbers");
   }
   const uint64_t size = scalar_size(element_type_);
@@ -247,12 +253,9 @@ const std::vector<GgufValue>& GgufValue::as_arrays() const {
 
 std::string GgufValue::describe() const {
   switch (type_) {
-    case GgufType::STRING:
-      return "STRING " + util::quote_for_message(string_);
-    case GgufType::ARRAY:
-      return "ARRAY [" + std::to_string(count_) + " x " + gguf_type_name(element_type_) + "]";
-    case GgufType::BOOL:
-      return std::string("BOOL ") + (bits_ ? "true" : "false");
+    case GgufType::STRING: return "STRING " + util::quote_for_message(string_);
+    case GgufType::ARRAY: return "ARRAY [" + std::to_string(count_) + " x " + gguf_type_name(element_type_) + "]";
+    case GgufType::BOOL: return std::string("BOOL ") + (bits_ ? "true" : "false");
     case GgufType::FLOAT32:
     case GgufType::FLOAT64: {
       char buf[64];
@@ -265,9 +268,7 @@ std::string GgufValue::describe() const {
   }
 }
 
-std::vector<int64_t> GgufTensorInfo::shape() const {
-  return std::vector<int64_t>(ne.rbegin(), ne.rend());
-}
+std::vector<int64_t> GgufTensorInfo::shape() const { return std::vector<int64_t>(ne.rbegin(), ne.rend()); }
 
 const GgufValue* GgufContents::find(const std::string& key) const {
   auto it = metadata_index.find(key);
@@ -362,8 +363,7 @@ class GgufParser {
       const uint32_t type = u32("its type");
       const GgmlTypeInfo* info = ggml_type_info(type);
       if (!info) {
-        fail("has unknown type " + std::to_string(type) +
-             " (hint: the file needs a newer reader, or is corrupt)");
+        fail("has unknown type " + std::to_string(type) + " (hint: the file needs a newer reader, or is corrupt)");
       }
       t.type = info->type;
       const uint64_t ne0 = n_dims > 0 ? t.ne[0] : 1;  // a 0-dimensional tensor holds one value
@@ -400,7 +400,8 @@ class GgufParser {
   void need(uint64_t n, const std::string& what) const {
     if (n > remaining()) {
       fail("truncated: " + what + " needs " + std::to_string(n) + " bytes at offset " + std::to_string(pos_) +
-           " but the file ends at " + std::to_string(size_) + " (hint: the file is incomplete; download or copy it again)");
+           " but the file ends at " + std::to_string(size_) +
+           " (hint: the file is incomplete; download or copy it again)");
     }
   }
 
@@ -439,20 +440,25 @@ class GgufParser {
     } else if (v.type_ == GgufType::ARRAY) {
       if (depth >= kMaxArrayNesting) fail("arrays nested deeper than " + std::to_string(kMaxArrayNesting) + " levels");
       const uint32_t element = u32("the array element type");
-      if (!valid_value_type(element)) fail("unknown array element type " + std::to_string(element) + " (hint: the file is corrupt)");
+      if (!valid_value_type(element))
+        fail("unknown array element type " + std::to_string(element) + " (hint: the file is corrupt)");
       v.element_type_ = static_cast<GgufType>(element);
       v.count_ = u64("the array length");
-      const uint64_t min_size = v.element_type_ == GgufType::STRING ? 8 : v.element_type_ == GgufType::ARRAY ? 12 : scalar_size(v.element_type_);
+      const uint64_t min_size = v.element_type_ == GgufType::STRING  ? 8
+                                : v.element_type_ == GgufType::ARRAY ? 12
+                                                                     : scalar_size(v.element_type_);
       if (v.count_ > remaining() / min_size) {
         fail("array of " + std::to_string(v.count_) + " " + gguf_type_name(v.element_type_) +
-             " values cannot fit in the " + std::to_string(remaining()) + " remaining bytes (hint: the file is truncated or corrupt)");
+             " values cannot fit in the " + std::to_string(remaining()) +
+             " remaining bytes (hint: the file is truncated or corrupt)");
       }
       if (v.element_type_ == GgufType::STRING) {
         v.strings_.reserve(reservation(v.count_));
         for (uint64_t i = 0; i < v.count_; ++i) v.strings_.push_back(string("element " + std::to_string(i)));
       } else if (v.element_type_ == GgufType::ARRAY) {
         v.arrays_.reserve(reservation(v.count_));
-        for (uint64_t i = 0; i < v.count_; ++i) v.arrays_.push_back(read_value(static_cast<uint32_t>(GgufType::ARRAY), depth + 1));
+        for (uint64_t i = 0; i < v.count_; ++i)
+          v.arrays_.push_back(read_value(static_cast<uint32_t>(GgufType::ARRAY), depth + 1));
       } else {
         const uint64_t n = v.count_ * min_size;
         need(n, "the array data");
@@ -466,7 +472,8 @@ class GgufParser {
       }
     } else {
       v.bits_ = scalar(scalar_size(v.type_), std::string("the ") + gguf_type_name(v.type_) + " value");
-      if (v.type_ == GgufType::BOOL && v.bits_ > 1) fail("BOOL value is " + std::to_string(v.bits_) + ", expected 0 or 1");
+      if (v.type_ == GgufType::BOOL && v.bits_ > 1)
+        fail("BOOL value is " + std::to_string(v.bits_) + ", expected 0 or 1");
     }
     return v;
   }
@@ -495,15 +502,16 @@ class GgufParser {
       }
       if (t.nbytes > 0) order.push_back(i);
     }
-    std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return out.tensors[a].offset < out.tensors[b].offset; });
+    std::sort(order.begin(), order.end(),
+              [&](std::size_t a, std::size_t b) { return out.tensors[a].offset < out.tensors[b].offset; });
     for (std::size_t k = 1; k < order.size(); ++k) {
       const GgufTensorInfo& prev = out.tensors[order[k - 1]];
       const GgufTensorInfo& t = out.tensors[order[k]];
       if (t.offset < prev.offset + prev.nbytes) {
         context_ = "tensor " + util::quote_for_message(t.name);
         fail("data [" + std::to_string(t.offset) + ", " + std::to_string(t.offset + t.nbytes) + ") overlaps tensor " +
-             util::quote_for_message(prev.name) + " [" + std::to_string(prev.offset) + ", " + std::to_string(prev.offset + prev.nbytes) +
-             ") (hint: the file is corrupt)");
+             util::quote_for_message(prev.name) + " [" + std::to_string(prev.offset) + ", " +
+             std::to_string(prev.offset + prev.nbytes) + ") (hint: the file is corrupt)");
       }
     }
     context_.clear();
@@ -572,7 +580,8 @@ const GgufContents& GgufFile::contents() const { return mapping_->contents; }
 const GgufValue& GgufFile::value(const std::string& key) const {
   const GgufValue* v = contents().find(key);
   if (!v) {
-    throw FormatError(path() + ": metadata key " + util::quote_for_message(key) + " is missing (hint: is this a model of the expected "
+    throw FormatError(path() + ": metadata key " + util::quote_for_message(key) +
+                      " is missing (hint: is this a model of the expected "
                       "architecture, converted by a current llama.cpp?)");
   }
   return *v;
@@ -617,9 +626,7 @@ uint64_t GgufFile::get_uint(const std::string& key, uint64_t fallback) const {
 double GgufFile::get_float(const std::string& key, double fallback) const {
   return has_key(key) ? get_float(key) : fallback;
 }
-bool GgufFile::get_bool(const std::string& key, bool fallback) const {
-  return has_key(key) ? get_bool(key) : fallback;
-}
+bool GgufFile::get_bool(const std::string& key, bool fallback) const { return has_key(key) ? get_bool(key) : fallback; }
 std::string GgufFile::get_string(const std::string& key, const std::string& fallback) const {
   return has_key(key) ? get_string(key) : fallback;
 }
@@ -628,7 +635,8 @@ const GgufTensorInfo& GgufFile::tensor(const std::string& name) const {
   const GgufTensorInfo* t = contents().find_tensor(name);
   if (!t) {
     std::string some;
-    for (std::size_t i = 0; i < tensors().size() && i < 5; ++i) some += (i ? ", " : "") + util::quote_for_message(tensors()[i].name);
+    for (std::size_t i = 0; i < tensors().size() && i < 5; ++i)
+      some += (i ? ", " : "") + util::quote_for_message(tensors()[i].name);
     throw FormatError(path() + ": tensor " + util::quote_for_message(name) + " does not exist (the file has " +
                       std::to_string(tensors().size()) + " tensors: " + some + (tensors().size() > 5 ? ", ..." : "") +
                       ") (hint: maybe wrong model or architecture?)");
@@ -816,46 +824,36 @@ void dequantize_q6_k(const uint8_t* b, uint64_t blocks, float* y) {
 void dequantize(GgmlType type, const uint8_t* data, uint64_t count, float* out) {
   const GgmlTypeInfo* info = ggml_type_info(static_cast<uint32_t>(type));
   if (!info || !info->dequantizable) {
-    throw Error(std::string("tiedlora::io::dequantize: type ") + (info ? info->name : std::to_string(static_cast<uint32_t>(type)).c_str()) +
-                " cannot be dequantized");
+    throw Error(std::string("tiedlora::io::dequantize: type ") +
+                (info ? info->name : std::to_string(static_cast<uint32_t>(type)).c_str()) + " cannot be dequantized");
   }
   if (count % info->block_size != 0) {
-    throw Error("tiedlora::io::dequantize: " + std::to_string(count) + " values is not a multiple of the " + info->name +
-                " block size " + std::to_string(info->block_size));
+    throw Error("tiedlora::io::dequantize: " + std::to_string(count) + " values is not a multiple of the " +
+                info->name + " block size " + std::to_string(info->block_size));
   }
   if (count == 0) return;  // `out` may be null then (an empty vector's data())
   const uint64_t blocks = count / info->block_size;
   switch (type) {
-    case GgmlType::F32:
-      std::memcpy(out, data, count * 4);
-      return;
+    case GgmlType::F32: std::memcpy(out, data, count * 4); return;
     case GgmlType::F16:
       for (uint64_t i = 0; i < count; ++i) out[i] = half_at(data + 2 * i);
       return;
     case GgmlType::BF16:
-      for (uint64_t i = 0; i < count; ++i) out[i] = f32_from_bits(static_cast<uint32_t>(load_le(data + 2 * i, 2)) << 16);
+      for (uint64_t i = 0; i < count; ++i)
+        out[i] = f32_from_bits(static_cast<uint32_t>(load_le(data + 2 * i, 2)) << 16);
       return;
     case GgmlType::F64:
       for (uint64_t i = 0; i < count; ++i) out[i] = static_cast<float>(f64_from_bits(load_le(data + 8 * i, 8)));
       return;
-    case GgmlType::Q4_0:
-      return dequantize_q4_0(data, blocks, out);
-    case GgmlType::Q4_1:
-      return dequantize_q4_1(data, blocks, out);
-    case GgmlType::Q5_0:
-      return dequantize_q5_0(data, blocks, out);
-    case GgmlType::Q5_1:
-      return dequantize_q5_1(data, blocks, out);
-    case GgmlType::Q8_0:
-      return dequantize_q8_0(data, blocks, out);
-    case GgmlType::Q4_K:
-      return dequantize_q4_k(data, blocks, out);
-    case GgmlType::Q5_K:
-      return dequantize_q5_k(data, blocks, out);
-    case GgmlType::Q6_K:
-      return dequantize_q6_k(data, blocks, out);
-    default:
-      throw Error(std::string("tiedlora::io::dequantize: type ") + info->name + " cannot be dequantized");
+    case GgmlType::Q4_0: return dequantize_q4_0(data, blocks, out);
+    case GgmlType::Q4_1: return dequantize_q4_1(data, blocks, out);
+    case GgmlType::Q5_0: return dequantize_q5_0(data, blocks, out);
+    case GgmlType::Q5_1: return dequantize_q5_1(data, blocks, out);
+    case GgmlType::Q8_0: return dequantize_q8_0(data, blocks, out);
+    case GgmlType::Q4_K: return dequantize_q4_k(data, blocks, out);
+    case GgmlType::Q5_K: return dequantize_q5_k(data, blocks, out);
+    case GgmlType::Q6_K: return dequantize_q6_k(data, blocks, out);
+    default: throw Error(std::string("tiedlora::io::dequantize: type ") + info->name + " cannot be dequantized");
   }
 }
 

@@ -35,8 +35,10 @@ ModelConfig model_config_of_gguf(const GgufFile& file, const std::string& path) 
   config["vocab_size"] = file.has_key(key("vocab_size")) ? file.get_uint(key("vocab_size"))
                                                          : file.get_strings("tokenizer.ggml.tokens").size();
   config["tie_word_embeddings"] = !file.has_tensor("output.weight");
-  if (file.has_key("tokenizer.ggml.bos_token_id")) config["bos_token_id"] = file.get_uint("tokenizer.ggml.bos_token_id");
-  if (file.has_key("tokenizer.ggml.eos_token_id")) config["eos_token_id"] = file.get_uint("tokenizer.ggml.eos_token_id");
+  if (file.has_key("tokenizer.ggml.bos_token_id"))
+    config["bos_token_id"] = file.get_uint("tokenizer.ggml.bos_token_id");
+  if (file.has_key("tokenizer.ggml.eos_token_id"))
+    config["eos_token_id"] = file.get_uint("tokenizer.ggml.eos_token_id");
   return model_config_from_json(config.dump(), path + " (metadata)");
 }
 
@@ -50,10 +52,10 @@ std::string hf_name_of_gguf_tensor(const std::string& gguf) {
     if (gguf == from) return to;
   }
   static const std::vector<std::pair<std::string, std::string>> per_layer = {
-      {"attn_norm.weight", "input_layernorm.weight"},   {"ffn_norm.weight", "post_attention_layernorm.weight"},
-      {"attn_q.weight", "self_attn.q_proj.weight"},     {"attn_k.weight", "self_attn.k_proj.weight"},
-      {"attn_v.weight", "self_attn.v_proj.weight"},     {"attn_output.weight", "self_attn.o_proj.weight"},
-      {"ffn_gate.weight", "mlp.gate_proj.weight"},      {"ffn_up.weight", "mlp.up_proj.weight"},
+      {"attn_norm.weight", "input_layernorm.weight"}, {"ffn_norm.weight", "post_attention_layernorm.weight"},
+      {"attn_q.weight", "self_attn.q_proj.weight"},   {"attn_k.weight", "self_attn.k_proj.weight"},
+      {"attn_v.weight", "self_attn.v_proj.weight"},   {"attn_output.weight", "self_attn.o_proj.weight"},
+      {"ffn_gate.weight", "mlp.gate_proj.weight"},    {"ffn_up.weight", "mlp.up_proj.weight"},
       {"ffn_down.weight", "mlp.down_proj.weight"}};
   if (gguf.rfind("blk.", 0) != 0) return "";
   const auto dot = gguf.find('.', 4);

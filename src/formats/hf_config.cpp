@@ -22,7 +22,9 @@ class ConfigReader {
     if (!has(key)) throw FormatError(source_ + ": missing key '" + key + "'");
     return checked(key, j_.at(key));
   }
-  int64_t positive_or(const char* key, int64_t fallback) const { return has(key) ? checked(key, j_.at(key)) : fallback; }
+  int64_t positive_or(const char* key, int64_t fallback) const {
+    return has(key) ? checked(key, j_.at(key)) : fallback;
+  }
   double number_or(const char* key, double fallback) const {
     if (!has(key)) return fallback;
     if (!j_.at(key).is_number()) throw FormatError(source_ + ": key '" + std::string(key) + "' must be a number");
@@ -53,7 +55,8 @@ std::vector<int64_t> token_ids(const json& generation, const json& config, const
   for (const json* source : {&generation, &config}) {
     if (!source->is_object() || !source->contains(key) || source->at(key).is_null()) continue;
     const json& v = source->at(key);
-    if (v.is_number_integer()) out.push_back(v.get<int64_t>());
+    if (v.is_number_integer())
+      out.push_back(v.get<int64_t>());
     else if (v.is_array()) {
       for (const auto& x : v) {
         if (x.is_number_integer()) out.push_back(x.get<int64_t>());
@@ -111,7 +114,8 @@ void read_llama(const ConfigReader& c, ModelConfig& m) {
   // use_sliding_window, and then to some layers (max_window_layers), which the builders do not model.
   if (m.model_type == "mistral" && c.has("sliding_window")) m.sliding_window = c.positive("sliding_window");
   if (m.model_type == "qwen2" && c.flag_or("use_sliding_window", false)) {
-    throw FormatError(c.source() + ": use_sliding_window is true; Qwen2's per-layer sliding-window attention is not "
+    throw FormatError(c.source() +
+                      ": use_sliding_window is true; Qwen2's per-layer sliding-window attention is not "
                       "supported (hint: models trained with it set the flag; most Qwen2 checkpoints do not)");
   }
   // RoPE: transformers 4 writes rope_theta (and rope_scaling); transformers 5 writes rope_parameters.
@@ -126,7 +130,8 @@ void read_llama(const ConfigReader& c, ModelConfig& m) {
                         "' is not supported (hint: only plain RoPE with rope_theta is)");
     }
     if (rope.contains("rope_theta")) {
-      if (!rope.at("rope_theta").is_number()) throw FormatError(c.source() + ": " + key + ".rope_theta must be a number");
+      if (!rope.at("rope_theta").is_number())
+        throw FormatError(c.source() + ": " + key + ".rope_theta must be a number");
       m.rope_theta = rope.at("rope_theta").get<double>();
     }
   }
@@ -145,8 +150,10 @@ ModelConfig parse(json config, json generation, const std::string& source) {
   const auto bos = token_ids(generation, config, "bos_token_id");
   m.bos_token_id = bos.empty() ? -1 : bos[0];
   const ConfigReader reader(source, std::move(config));
-  if (m.model_type == "gpt2") read_gpt2(reader, m);
-  else if (m.model_type == "llama" || m.model_type == "mistral" || m.model_type == "qwen2") read_llama(reader, m);
+  if (m.model_type == "gpt2")
+    read_gpt2(reader, m);
+  else if (m.model_type == "llama" || m.model_type == "mistral" || m.model_type == "qwen2")
+    read_llama(reader, m);
   else {
     throw FormatError(source + ": model_type '" + m.model_type +
                       "' is not supported (supported: gpt2, llama, mistral, qwen2)");
@@ -172,7 +179,8 @@ ModelConfig read_model_config(const std::string& config_path) {
   // generation_config.json beside it may name more eos tokens.
   const std::string generation_path = util::join_path(util::parent_path(path), "generation_config.json");
   json generation = util::is_regular_file(generation_path)
-                        ? util::parse_json_strict(util::read_text_file(generation_path), generation_path) : json();
+                        ? util::parse_json_strict(util::read_text_file(generation_path), generation_path)
+                        : json();
   return parse(std::move(config), std::move(generation), path);
 }
 

@@ -7,9 +7,9 @@
 
 #include <ATen/ATen.h>
 
-#include "tiedlora/formats/adapter.h"
 #include "tiedlora/core/error.h"
 #include "tiedlora/core/functional.h"
+#include "tiedlora/formats/adapter.h"
 #include "tiedlora/formats/safetensors.h"
 #include "util/files.h"
 #include "util/text.h"
@@ -58,8 +58,10 @@ MergeReport merge_checkpoint(const MergeOptions& options) {
   MergeReport report;
   report.stale_temporaries = util::clean_stale_temporaries(options.out);
   for (const auto& note : report.stale_temporaries) {
-    if (options.on_notice) options.on_notice(note);
-    else TORCH_WARN("tiedlora: ", note);
+    if (options.on_notice)
+      options.on_notice(note);
+    else
+      TORCH_WARN("tiedlora: ", note);
   }
   if (util::path_exists(options.out) && !options.force) {
     throw Error(options.out + ": already exists (hint: choose another output folder or pass --force)");
@@ -93,8 +95,8 @@ MergeReport merge_checkpoint(const MergeOptions& options) {
       throw FormatError(options.base + ": tensor '" + name + "' is not 2-D, so layer '" + module +
                         "' cannot take a low-rank update (hint: maybe wrong base model?)");
     }
-    const LinearShape shape = transposed ? LinearShape{entry.shape[0], entry.shape[1]}
-                                         : LinearShape{entry.shape[1], entry.shape[0]};
+    const LinearShape shape =
+        transposed ? LinearShape{entry.shape[0], entry.shape[1]} : LinearShape{entry.shape[1], entry.shape[0]};
     adapter.layer(module, shape);  // throws on any mismatch, naming the layer
     if (!is_float_dtype(entry.dtype)) {
       throw FormatError(options.base + ": tensor '" + name + "' is " + io::dtype_name(entry.dtype) +
@@ -102,7 +104,8 @@ MergeReport merge_checkpoint(const MergeOptions& options) {
     }
     if (module_of_tensor.count(name)) {
       throw FormatError(options.adapter + ": layers '" + module_of_tensor.at(name) + "' and '" + module +
-                        "' both map to the base tensor '" + name + "' (hint: the adapter names one layer twice, "
+                        "' both map to the base tensor '" + name +
+                        "' (hint: the adapter names one layer twice, "
                         "with and without the model prefix)");
     }
     module_of_tensor[name] = module;
@@ -119,7 +122,8 @@ MergeReport merge_checkpoint(const MergeOptions& options) {
       const std::string module = entry.name.substr(0, entry.name.size() - suffix.size());
       if (!adapter.config().target_modules.empty() && adapter.config().targets(module)) {
         throw FormatError(options.adapter + ": target_modules " + adapter.config().target_modules_text() +
-                          " selects the base layer '" + module + "' but the adapter holds no weights for it "
+                          " selects the base layer '" + module +
+                          "' but the adapter holds no weights for it "
                           "(hint: adapter_config.json and the weights disagree, or maybe wrong base model?)");
       }
     }
@@ -144,14 +148,15 @@ MergeReport merge_checkpoint(const MergeOptions& options) {
     }
   };
   // --device cuda merges on tiedlora's merge kernel (functional::merge_into's kernel path).
-  const functional::BackendGuard backend(device.is_cuda() ? functional::Backend::cuda_kernels : functional::Backend::aten);
+  const functional::BackendGuard backend(device.is_cuda() ? functional::Backend::cuda_kernels
+                                                          : functional::Backend::aten);
   util::StagedDirectory staging(options.out);
   const std::string& staged = staging.path();
   size_t done = 0;
   // Work and output tensors reused from one tensor to the next (each is written before the next is
   // produced): per-tensor allocations of tens of MB made glibc keep freed blocks and RSS grow.
   functional::MergeWorkspace workspace;
-  std::string previous;      // written by now: its input pages can go
+  std::string previous;  // written by now: its input pages can go
   auto produce = [&](const io::TensorSpec& spec) -> at::Tensor {
     check_stop();
     if (!previous.empty()) base.file_of(previous).release_pages(previous);
@@ -165,7 +170,8 @@ MergeReport merge_checkpoint(const MergeOptions& options) {
     if (it == module_of_tensor.end()) {
       result = w.scalar_type() == out_type ? w : workspace.take_output(w.sizes(), out_type, at::kCPU).copy_(w);
       if (!functional::all_finite(result)) {
-        throw FormatError(options.base + ": tensor '" + spec.name + "' holds NaN or Inf (a merge writes finite values only)");
+        throw FormatError(options.base + ": tensor '" + spec.name +
+                          "' holds NaN or Inf (a merge writes finite values only)");
       }
     } else {
       const LinearShape shape = transposed ? LinearShape{w.size(0), w.size(1)} : LinearShape{w.size(1), w.size(0)};
@@ -186,12 +192,14 @@ MergeReport merge_checkpoint(const MergeOptions& options) {
     return result;
   };
   const std::map<std::string, std::string> metadata = {{"format", "pt"}};
-  const auto weights = io::write_sharded_safetensors_streaming(staged, specs, produce, options.max_shard_bytes, metadata);
+  const auto weights =
+      io::write_sharded_safetensors_streaming(staged, specs, produce, options.max_shard_bytes, metadata);
   report.files_written = weights;
   report.tensors_written = done;
   // The rest of a Hugging Face folder (config, tokenizer, generation config) travels unchanged.
   if (util::is_directory(options.base)) {
-    static const std::regex kWeightFile(R"(.*\.safetensors|model\.safetensors\.index\.json|.*\.bin|.*\.bin\.index\.json)");
+    static const std::regex kWeightFile(
+        R"(.*\.safetensors|model\.safetensors\.index\.json|.*\.bin|.*\.bin\.index\.json)");
     for (const auto& name : util::list_directory(options.base)) {
       const std::string from = util::join_path(options.base, name);
       if (!util::is_regular_file(from) || std::regex_match(name, kWeightFile)) continue;

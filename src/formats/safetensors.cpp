@@ -3,9 +3,6 @@
 // and Hugging Face checkpoints (single file or index + shards).
 #include "tiedlora/formats/safetensors.h"
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -15,9 +12,13 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <nlohmann/json.hpp>
 
 #include "tiedlora/core/error.h"
 #include "util/files.h"
@@ -39,36 +40,21 @@ std::string file_name_of(const std::string& path) { return path.substr(path.find
 // sorts by this rank, descending, then by name bytes: that is the order of the data and the header.
 int writer_rank(SafetensorsDtype d) {
   switch (d) {
-    case SafetensorsDtype::BOOL:
-      return 0;
-    case SafetensorsDtype::U8:
-      return 4;
-    case SafetensorsDtype::I8:
-      return 5;
-    case SafetensorsDtype::F8_E5M2:
-      return 6;
-    case SafetensorsDtype::F8_E4M3:
-      return 7;
-    case SafetensorsDtype::I16:
-      return 9;
-    case SafetensorsDtype::U16:
-      return 10;
-    case SafetensorsDtype::F16:
-      return 11;
-    case SafetensorsDtype::BF16:
-      return 12;
-    case SafetensorsDtype::I32:
-      return 13;
-    case SafetensorsDtype::U32:
-      return 14;
-    case SafetensorsDtype::F32:
-      return 15;
-    case SafetensorsDtype::F64:
-      return 17;
-    case SafetensorsDtype::I64:
-      return 18;
-    case SafetensorsDtype::U64:
-      return 19;
+    case SafetensorsDtype::BOOL: return 0;
+    case SafetensorsDtype::U8: return 4;
+    case SafetensorsDtype::I8: return 5;
+    case SafetensorsDtype::F8_E5M2: return 6;
+    case SafetensorsDtype::F8_E4M3: return 7;
+    case SafetensorsDtype::I16: return 9;
+    case SafetensorsDtype::U16: return 10;
+    case SafetensorsDtype::F16: return 11;
+    case SafetensorsDtype::BF16: return 12;
+    case SafetensorsDtype::I32: return 13;
+    case SafetensorsDtype::U32: return 14;
+    case SafetensorsDtype::F32: return 15;
+    case SafetensorsDtype::F64: return 17;
+    case SafetensorsDtype::I64: return 18;
+    case SafetensorsDtype::U64: return 19;
   }
   return -1;
 }
@@ -81,7 +67,8 @@ std::vector<TensorEntry> layout(const std::string& path, const std::vector<Tenso
   sorted.reserve(specs.size());
   for (const auto& spec : specs) {
     if (!names.insert(spec.name).second) {
-      throw Error(path + ": tensor " + util::quote_for_message(spec.name) + " is given twice (names in a safetensors file are unique)");
+      throw Error(path + ": tensor " + util::quote_for_message(spec.name) +
+                  " is given twice (names in a safetensors file are unique)");
     }
     if (spec.name == "__metadata__") throw Error(path + ": \"__metadata__\" is reserved and cannot name a tensor");
     sorted.push_back(&spec);
@@ -108,7 +95,8 @@ std::vector<TensorEntry> layout(const std::string& path, const std::vector<Tenso
 }
 
 // Specs of in-memory tensors, checking that safetensors can hold each.
-std::vector<TensorSpec> specs_of(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
+std::vector<TensorSpec> specs_of(const std::string& path,
+                                 const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
   std::vector<TensorSpec> specs;
   specs.reserve(tensors.size());
   for (const auto& [name, t] : tensors) {
@@ -141,36 +129,21 @@ TensorProducer producer_of(const std::vector<std::pair<std::string, at::Tensor>>
 
 c10::ScalarType to_scalar_type(SafetensorsDtype dtype) {
   switch (dtype) {
-    case SafetensorsDtype::BOOL:
-      return at::kBool;
-    case SafetensorsDtype::U8:
-      return at::kByte;
-    case SafetensorsDtype::I8:
-      return at::kChar;
-    case SafetensorsDtype::F8_E5M2:
-      return at::kFloat8_e5m2;
-    case SafetensorsDtype::F8_E4M3:
-      return at::kFloat8_e4m3fn;
-    case SafetensorsDtype::I16:
-      return at::kShort;
-    case SafetensorsDtype::U16:
-      return at::kUInt16;
-    case SafetensorsDtype::F16:
-      return at::kHalf;
-    case SafetensorsDtype::BF16:
-      return at::kBFloat16;
-    case SafetensorsDtype::I32:
-      return at::kInt;
-    case SafetensorsDtype::U32:
-      return at::kUInt32;
-    case SafetensorsDtype::F32:
-      return at::kFloat;
-    case SafetensorsDtype::I64:
-      return at::kLong;
-    case SafetensorsDtype::U64:
-      return at::kUInt64;
-    case SafetensorsDtype::F64:
-      return at::kDouble;
+    case SafetensorsDtype::BOOL: return at::kBool;
+    case SafetensorsDtype::U8: return at::kByte;
+    case SafetensorsDtype::I8: return at::kChar;
+    case SafetensorsDtype::F8_E5M2: return at::kFloat8_e5m2;
+    case SafetensorsDtype::F8_E4M3: return at::kFloat8_e4m3fn;
+    case SafetensorsDtype::I16: return at::kShort;
+    case SafetensorsDtype::U16: return at::kUInt16;
+    case SafetensorsDtype::F16: return at::kHalf;
+    case SafetensorsDtype::BF16: return at::kBFloat16;
+    case SafetensorsDtype::I32: return at::kInt;
+    case SafetensorsDtype::U32: return at::kUInt32;
+    case SafetensorsDtype::F32: return at::kFloat;
+    case SafetensorsDtype::I64: return at::kLong;
+    case SafetensorsDtype::U64: return at::kUInt64;
+    case SafetensorsDtype::F64: return at::kDouble;
   }
   throw Error("tiedlora::io: invalid SafetensorsDtype value " + std::to_string(static_cast<int>(dtype)));
 }
@@ -184,38 +157,22 @@ c10::ScalarType float_dtype_from_name(const std::string& name, const std::string
 
 SafetensorsDtype from_scalar_type(c10::ScalarType type) {
   switch (type) {
-    case at::kBool:
-      return SafetensorsDtype::BOOL;
-    case at::kByte:
-      return SafetensorsDtype::U8;
-    case at::kChar:
-      return SafetensorsDtype::I8;
-    case at::kFloat8_e5m2:
-      return SafetensorsDtype::F8_E5M2;
-    case at::kFloat8_e4m3fn:
-      return SafetensorsDtype::F8_E4M3;
-    case at::kShort:
-      return SafetensorsDtype::I16;
-    case at::kUInt16:
-      return SafetensorsDtype::U16;
-    case at::kHalf:
-      return SafetensorsDtype::F16;
-    case at::kBFloat16:
-      return SafetensorsDtype::BF16;
-    case at::kInt:
-      return SafetensorsDtype::I32;
-    case at::kUInt32:
-      return SafetensorsDtype::U32;
-    case at::kFloat:
-      return SafetensorsDtype::F32;
-    case at::kLong:
-      return SafetensorsDtype::I64;
-    case at::kUInt64:
-      return SafetensorsDtype::U64;
-    case at::kDouble:
-      return SafetensorsDtype::F64;
-    default:
-      throw Error(std::string("dtype ") + c10::toString(type) + " cannot be stored in a safetensors file");
+    case at::kBool: return SafetensorsDtype::BOOL;
+    case at::kByte: return SafetensorsDtype::U8;
+    case at::kChar: return SafetensorsDtype::I8;
+    case at::kFloat8_e5m2: return SafetensorsDtype::F8_E5M2;
+    case at::kFloat8_e4m3fn: return SafetensorsDtype::F8_E4M3;
+    case at::kShort: return SafetensorsDtype::I16;
+    case at::kUInt16: return SafetensorsDtype::U16;
+    case at::kHalf: return SafetensorsDtype::F16;
+    case at::kBFloat16: return SafetensorsDtype::BF16;
+    case at::kInt: return SafetensorsDtype::I32;
+    case at::kUInt32: return SafetensorsDtype::U32;
+    case at::kFloat: return SafetensorsDtype::F32;
+    case at::kLong: return SafetensorsDtype::I64;
+    case at::kUInt64: return SafetensorsDtype::U64;
+    case at::kDouble: return SafetensorsDtype::F64;
+    default: throw Error(std::string("dtype ") + c10::toString(type) + " cannot be stored in a safetensors file");
   }
 }
 
@@ -240,7 +197,7 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   mapping->path = path;
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) throw Error(path + ": cannot open: " + errno_text());
-  struct stat st {};
+  struct stat st{};
   if (::fstat(fd, &st) != 0) {
     int saved = errno;
     ::close(fd);
@@ -286,8 +243,8 @@ bool SafetensorsFile::contains(const std::string& name) const { return index_.co
 const TensorEntry& SafetensorsFile::entry(const std::string& name) const {
   auto it = index_.find(name);
   if (it == index_.end()) {
-    throw FormatError(path() + ": no tensor " + util::quote_for_message(name) + " (the file holds " + std::to_string(index_.size()) +
-                      " tensors)");
+    throw FormatError(path() + ": no tensor " + util::quote_for_message(name) + " (the file holds " +
+                      std::to_string(index_.size()) + " tensors)");
   }
   return mapping_->header.tensors[it->second];
 }
@@ -314,8 +271,7 @@ at::Tensor SafetensorsFile::tensor(const std::string& name) const {
   auto* ptr = const_cast<uint8_t*>(data);  // the mapping is private and writable
   if (reinterpret_cast<std::uintptr_t>(ptr) % dtype_size(e.dtype) == 0) {
     std::shared_ptr<const Mapping> keep = mapping_;
-    return at::from_blob(
-        ptr, e.shape, [keep](void*) {}, options);
+    return at::from_blob(ptr, e.shape, [keep](void*) {}, options);
   }
   at::Tensor copy = at::empty(e.shape, options);  // misaligned (a header not padded to 8): copy
   std::memcpy(copy.data_ptr(), data, size);
@@ -416,12 +372,13 @@ Checkpoint Checkpoint::open(const std::string& path) {
   std::map<std::string, std::size_t> file_index;
   for (const auto& [tensor, shard] : wm->items()) {
     if (!shard.is_string()) {
-      throw FormatError(source + ": tensor " + util::quote_for_message(tensor) + ": weight_map value is not a file name string");
+      throw FormatError(source + ": tensor " + util::quote_for_message(tensor) +
+                        ": weight_map value is not a file name string");
     }
     const std::string name = shard.get<std::string>();
     if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos) {
-      throw FormatError(source + ": tensor " + util::quote_for_message(tensor) + ": shard " + util::quote_for_message(name) +
-                        " is not a file name in the index's folder");
+      throw FormatError(source + ": tensor " + util::quote_for_message(tensor) + ": shard " +
+                        util::quote_for_message(name) + " is not a file name in the index's folder");
     }
     shard_of[tensor] = name;
     if (!file_index.count(name)) file_index.emplace(name, 0);
@@ -438,8 +395,8 @@ Checkpoint Checkpoint::open(const std::string& path) {
           break;
         }
       }
-      throw FormatError(source + ": shard " + util::quote_for_message(name) + " (listed for tensor " + util::quote_for_message(example) +
-                        ") does not exist (hint: an incomplete download?)");
+      throw FormatError(source + ": shard " + util::quote_for_message(name) + " (listed for tensor " +
+                        util::quote_for_message(example) + ") does not exist (hint: an incomplete download?)");
     }
     ckpt.files_.push_back(SafetensorsFile::open(shard_path));
     idx = i++;
@@ -451,23 +408,26 @@ Checkpoint Checkpoint::open(const std::string& path) {
     for (const auto& tensor : file.names()) {
       auto listed = shard_of.find(tensor);
       if (listed == shard_of.end()) {
-        throw FormatError(source + ": tensor " + util::quote_for_message(tensor) + " is in shard " + util::quote_for_message(shard_name) +
+        throw FormatError(source + ": tensor " + util::quote_for_message(tensor) + " is in shard " +
+                          util::quote_for_message(shard_name) +
                           " but missing from the index (hint: the index is stale or incomplete)");
       }
       if (auto [it, fresh] = ckpt.file_of_tensor_.emplace(tensor, f); !fresh) {
         throw FormatError(source + ": tensor " + util::quote_for_message(tensor) + " is in two shards, " +
-                          util::quote_for_message(file_name_of(ckpt.files_[it->second].path())) + " and " + util::quote_for_message(shard_name));
+                          util::quote_for_message(file_name_of(ckpt.files_[it->second].path())) + " and " +
+                          util::quote_for_message(shard_name));
       }
       if (listed->second != shard_name) {
         throw FormatError(source + ": tensor " + util::quote_for_message(tensor) + " is listed in shard " +
-                          util::quote_for_message(listed->second) + " but found in shard " + util::quote_for_message(shard_name) +
-                          " (hint: the index is stale)");
+                          util::quote_for_message(listed->second) + " but found in shard " +
+                          util::quote_for_message(shard_name) + " (hint: the index is stale)");
       }
     }
   }
   for (const auto& [tensor, shard] : shard_of) {
     if (!ckpt.file_of_tensor_.count(tensor)) {
-      throw FormatError(source + ": tensor " + util::quote_for_message(tensor) + " is listed in shard " + util::quote_for_message(shard) +
+      throw FormatError(source + ": tensor " + util::quote_for_message(tensor) + " is listed in shard " +
+                        util::quote_for_message(shard) +
                         " but that shard does not hold it (hint: the index is stale or the shard is wrong)");
     }
   }

@@ -5,16 +5,18 @@
 // The parser runs nlohmann_json in SAX mode with a handler that knows the three levels of a header
 // (root object, tensor entry or __metadata__, shape / data_offsets arrays), so no DOM is built, duplicate
 // keys are seen as they arrive, and no input can recurse or allocate beyond the header itself.
+#include "tiedlora/formats/safetensors_format.h"
+
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <limits>
-#include <nlohmann/json.hpp>
 #include <set>
+
+#include <nlohmann/json.hpp>
 
 #include "tiedlora/core/error.h"
 #include "util/text.h"
-#include "tiedlora/formats/safetensors_format.h"
 
 namespace tiedlora::io {
 
@@ -59,7 +61,6 @@ bool dtype_from_name(const std::string& name, SafetensorsDtype* out) {
   return false;
 }
 
-
 std::string offsets_string(uint64_t begin, uint64_t end) {
   return "[" + std::to_string(begin) + ", " + std::to_string(end) + "]";
 }
@@ -95,8 +96,7 @@ class HeaderHandler {
           return true;
         }
         fail(tensor() + "entry is null, expected an object {\"dtype\", \"shape\", \"data_offsets\"}");
-      default:
-        return scalar("null");
+      default: return scalar("null");
     }
   }
   bool boolean(bool) { return scalar("a boolean"); }
@@ -136,17 +136,14 @@ class HeaderHandler {
           return true;
         }
         return scalar("a string");
-      default:
-        return scalar("a string");
+      default: return scalar("a string");
     }
   }
   bool binary(nlohmann::json::binary_t&) { return scalar("binary data"); }
 
   bool start_object(std::size_t) {
     switch (state_) {
-      case State::kRoot:
-        state_ = State::kTopKey;
-        return true;
+      case State::kRoot: state_ = State::kTopKey; return true;
       case State::kTopValue:
         seen_.clear();
         if (key_ == "__metadata__") {
@@ -161,11 +158,8 @@ class HeaderHandler {
       case State::kEntryValue:
         if (field_ == Field::kOther) return skip();
         return scalar("an object");
-      case State::kSkip:
-        ++skip_depth_;
-        return true;
-      default:
-        return scalar("an object");
+      case State::kSkip: ++skip_depth_; return true;
+      default: return scalar("an object");
     }
   }
   bool start_array(std::size_t) {
@@ -182,28 +176,21 @@ class HeaderHandler {
         }
         if (field_ == Field::kOther) return skip();
         return scalar("an array");
-      case State::kSkip:
-        ++skip_depth_;
-        return true;
-      default:
-        return scalar("an array");
+      case State::kSkip: ++skip_depth_; return true;
+      default: return scalar("an array");
     }
   }
   bool end_array() {
     switch (state_) {
-      case State::kShape:
-        state_ = State::kEntryKey;
-        return true;
+      case State::kShape: state_ = State::kEntryKey; return true;
       case State::kOffsets:
         if (n_offsets_ != 2) {
           fail(tensor() + "data_offsets has " + std::to_string(n_offsets_) + " entries, expected [begin, end]");
         }
         state_ = State::kEntryKey;
         return true;
-      case State::kSkip:
-        return unskip();
-      default:
-        fail("unexpected end of array");  // nlohmann never reports this for well-formed input
+      case State::kSkip: return unskip();
+      default: fail("unexpected end of array");  // nlohmann never reports this for well-formed input
     }
   }
   bool key(std::string& k) {
@@ -219,7 +206,8 @@ class HeaderHandler {
         return true;
       case State::kMetaKey:
         if (!seen_.insert(k).second) {
-          fail("__metadata__ key " + util::quote_for_message(k) + " appears twice (hint: duplicate keys are ambiguous)");
+          fail("__metadata__ key " + util::quote_for_message(k) +
+               " appears twice (hint: duplicate keys are ambiguous)");
         }
         key_in_object_ = std::move(k);
         state_ = State::kMetaValue;
@@ -243,20 +231,14 @@ class HeaderHandler {
         state_ = State::kEntryValue;
         return true;
       }
-      case State::kSkip:
-        return true;
-      default:
-        fail("unexpected key " + util::quote_for_message(k));
+      case State::kSkip: return true;
+      default: fail("unexpected key " + util::quote_for_message(k));
     }
   }
   bool end_object() {
     switch (state_) {
-      case State::kTopKey:
-        state_ = State::kDone;
-        return true;
-      case State::kMetaKey:
-        state_ = State::kTopKey;
-        return true;
+      case State::kTopKey: state_ = State::kDone; return true;
+      case State::kMetaKey: state_ = State::kTopKey; return true;
       case State::kEntryKey:
         if (!has_dtype_ || !has_shape_ || !has_offsets_) {
           fail(tensor() + "missing field \"" +
@@ -268,10 +250,8 @@ class HeaderHandler {
         header_->tensors.push_back(std::move(entry_));
         state_ = State::kTopKey;
         return true;
-      case State::kSkip:
-        return unskip();
-      default:
-        fail("unexpected end of object");
+      case State::kSkip: return unskip();
+      default: fail("unexpected end of object");
     }
   }
   bool parse_error(std::size_t position, const std::string& /*token*/, const nlohmann::detail::exception& ex) {
@@ -292,8 +272,7 @@ class HeaderHandler {
   // A value of the wrong kind, reported with where it was found.
   bool scalar(const std::string& what) {
     switch (state_) {
-      case State::kSkip:
-        return true;
+      case State::kSkip: return true;
       case State::kEntryValue:
         if (field_ == Field::kOther) {
           state_ = State::kEntryKey;
@@ -301,10 +280,8 @@ class HeaderHandler {
         }
         if (field_ == Field::kDtype) fail(tensor() + "dtype is " + what + ", expected a string such as \"F32\"");
         fail(tensor() + "\"" + key_in_object_ + "\" is " + what + ", expected an array of non-negative integers");
-      case State::kShape:
-        fail(tensor() + "shape contains " + what + ", expected non-negative integers");
-      case State::kOffsets:
-        fail(tensor() + "data_offsets contains " + what + ", expected non-negative integers");
+      case State::kShape: fail(tensor() + "shape contains " + what + ", expected non-negative integers");
+      case State::kOffsets: fail(tensor() + "data_offsets contains " + what + ", expected non-negative integers");
       case State::kMetaValue:
         fail("__metadata__ value of key " + util::quote_for_message(key_in_object_) + " is " + what +
              ", expected a string (hint: safetensors metadata maps strings to strings)");
@@ -314,10 +291,8 @@ class HeaderHandler {
         }
         fail("tensor " + util::quote_for_message(key_) + ": entry is " + what +
              ", expected an object {\"dtype\", \"shape\", \"data_offsets\"}");
-      case State::kRoot:
-        fail("header is " + what + ", expected a JSON object");
-      default:
-        fail("unexpected " + what + " in the header");
+      case State::kRoot: fail("header is " + what + ", expected a JSON object");
+      default: fail("unexpected " + what + " in the header");
     }
   }
 
@@ -392,31 +367,18 @@ bool valid_utf8(const std::string& s) {
 // serde_json's escaping: `"` and `\` escaped, \b \f \n \r \t short, other controls as \u00xx (lower-case
 // hex), everything else (DEL and non-ASCII included) written as is.
 void append_json_string(std::string& out, const std::string& s, const char* what) {
-  if (!valid_utf8(s)) throw Error("safetensors: " + std::string(what) + " " + util::quote_for_message(s) + " is not valid UTF-8");
+  if (!valid_utf8(s))
+    throw Error("safetensors: " + std::string(what) + " " + util::quote_for_message(s) + " is not valid UTF-8");
   out += '"';
   for (unsigned char c : s) {
     switch (c) {
-      case '"':
-        out += "\\\"";
-        break;
-      case '\\':
-        out += "\\\\";
-        break;
-      case '\b':
-        out += "\\b";
-        break;
-      case '\f':
-        out += "\\f";
-        break;
-      case '\n':
-        out += "\\n";
-        break;
-      case '\r':
-        out += "\\r";
-        break;
-      case '\t':
-        out += "\\t";
-        break;
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\b': out += "\\b"; break;
+      case '\f': out += "\\f"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
       default:
         if (c < 0x20) {
           static const char* kHex = "0123456789abcdef";
@@ -521,9 +483,9 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, std::size_t ava
     }
     if (t.begin > at) {
       throw FormatError(where + " leave a hole of " + std::to_string(t.begin - at) + " bytes after " +
-                        (previous
-                             ? "tensor " + util::quote_for_message(previous->name) + " (which ends at " + std::to_string(at) + ")"
-                             : std::string("the start of the data buffer")) +
+                        (previous ? "tensor " + util::quote_for_message(previous->name) + " (which ends at " +
+                                        std::to_string(at) + ")"
+                                  : std::string("the start of the data buffer")) +
                         " (hint: was the file written by a buggy tool?)");
     }
     if (t.end > buffer) {
@@ -536,7 +498,8 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, std::size_t ava
   if (at != buffer) {
     throw FormatError(
         source + ": " + std::to_string(buffer - at) + " unexpected bytes after the data of the last tensor" +
-        (previous ? " (" + util::quote_for_message(previous->name) + ", ending at " + std::to_string(at) + ")" : std::string()) +
+        (previous ? " (" + util::quote_for_message(previous->name) + ", ending at " + std::to_string(at) + ")"
+                  : std::string()) +
         "; the data buffer holds " + std::to_string(buffer) +
         " bytes (hint: the file was appended to or the header is stale)");
   }

@@ -12,10 +12,10 @@
 #include <atomic>
 #include <cerrno>
 #include <climits>
-#include <random>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <random>
 #include <sstream>
 
 #include <c10/util/Exception.h>
@@ -28,7 +28,7 @@ namespace {
 std::string errno_text() { return std::strerror(errno); }
 
 bool stat_mode(const std::string& path, mode_t type) {
-  struct stat st {};
+  struct stat st{};
   return ::stat(path.c_str(), &st) == 0 && (st.st_mode & S_IFMT) == type;
 }
 
@@ -37,7 +37,7 @@ bool stat_mode(const std::string& path, mode_t type) {
 bool is_directory(const std::string& path) { return stat_mode(path, S_IFDIR); }
 bool is_regular_file(const std::string& path) { return stat_mode(path, S_IFREG); }
 bool path_exists(const std::string& path) {
-  struct stat st {};
+  struct stat st{};
   return ::lstat(path.c_str(), &st) == 0;
 }
 
@@ -208,16 +208,19 @@ void check_output_apart_from_inputs(const std::string& output_label, const std::
                                     const std::vector<std::pair<std::string, std::string>>& inputs) {
   const std::string out = resolve_path(output);
   auto inside = [](const std::string& inner, const std::string& outer) {
-    return outer == "/" || (inner.size() > outer.size() && inner.compare(0, outer.size(), outer) == 0 &&
-                            inner[outer.size()] == '/');
+    return outer == "/" ||
+           (inner.size() > outer.size() && inner.compare(0, outer.size(), outer) == 0 && inner[outer.size()] == '/');
   };
   for (const auto& [label, input] : inputs) {
     if (input.empty()) continue;
     const std::string in = resolve_path(input);
     std::string relation;
-    if (out == in) relation = "is";
-    else if (inside(in, out)) relation = "contains";
-    else if (inside(out, in)) relation = "lies inside";
+    if (out == in)
+      relation = "is";
+    else if (inside(in, out))
+      relation = "contains";
+    else if (inside(out, in))
+      relation = "lies inside";
     if (relation.empty()) continue;
     throw ConfigError(output_label + " " + output + " " + relation + " the " + label + " " + input +
                       (relation == "lies inside" ? "" : "; writing it would destroy that input") +

@@ -31,7 +31,8 @@ class Translator {
 
   std::string run() {
     for (unsigned char c : p_) {
-      if (c < 0x20 || c > 0x7e) refuse("only printable ASCII is translated exactly, found byte " + std::to_string(c), 0);
+      if (c < 0x20 || c > 0x7e)
+        refuse("only printable ASCII is translated exactly, found byte " + std::to_string(c), 0);
     }
     while (i_ < p_.size()) step();
     if (depth_ != 0) refuse("missing ), unterminated subpattern", p_.size());
@@ -57,12 +58,27 @@ class Translator {
         return;
       case '[': char_class(at); return;
       case '\\': escape(at); return;
-      case '*': case '+': case '?': quantifier(std::string(1, c), at); return;
+      case '*':
+      case '+':
+      case '?': quantifier(std::string(1, c), at); return;
       case '{': brace(at); return;
-      case '|': out_ += '|'; last_ = Last::nothing; return;
-      case '^': case '$': out_ += c; last_ = Last::nothing; return;
-      case '.': out_ += '.'; last_ = Last::atom; return;
-      default: out_ += literal(c, false); last_ = Last::atom; return;
+      case '|':
+        out_ += '|';
+        last_ = Last::nothing;
+        return;
+      case '^':
+      case '$':
+        out_ += c;
+        last_ = Last::nothing;
+        return;
+      case '.':
+        out_ += '.';
+        last_ = Last::atom;
+        return;
+      default:
+        out_ += literal(c, false);
+        last_ = Last::atom;
+        return;
     }
   }
 
@@ -124,7 +140,8 @@ class Translator {
         const std::string name = p_.substr(i_ + 3, close - i_ - 3);
         if (name.empty() || is_digit(name[0])) refuse("bad character in group name '" + name + "'", at);
         for (char ch : name) {
-          if (!is_ascii_letter(ch) && !is_digit(ch) && ch != '_') refuse("bad character in group name '" + name + "'", at);
+          if (!is_ascii_letter(ch) && !is_digit(ch) && ch != '_')
+            refuse("bad character in group name '" + name + "'", at);
         }
         if (!names_.insert(name).second) refuse("redefinition of group name '" + name + "'", at);
         i_ = close + 1;
@@ -162,12 +179,27 @@ class Translator {
     const char c = p_[i_++];
     last_ = Last::atom;
     switch (c) {
-      case 'd': case 'D': case 'w': case 'W': case 's': case 'S':
+      case 'd':
+      case 'D':
+      case 'w':
+      case 'W':
+      case 's':
+      case 'S':
         out_ += std::string("\\") + c;  // identical on printable ASCII, the only names matched
         return;
-      case 'b': case 'B': out_ += std::string("\\") + c; last_ = Last::nothing; return;
-      case 'A': out_ += '^'; last_ = Last::nothing; return;
-      case 'Z': out_ += '$'; last_ = Last::nothing; return;
+      case 'b':
+      case 'B':
+        out_ += std::string("\\") + c;
+        last_ = Last::nothing;
+        return;
+      case 'A':
+        out_ += '^';
+        last_ = Last::nothing;
+        return;
+      case 'Z':
+        out_ += '$';
+        last_ = Last::nothing;
+        return;
       default: out_ += simple_escape(c, at, false); return;
     }
   }
@@ -255,19 +287,32 @@ class Translator {
     const char c = p_[i_++];
     code = -1;
     switch (c) {
-      case 'd': case 'D': case 'w': case 'W': case 's': case 'S': return std::string("\\") + c;
+      case 'd':
+      case 'D':
+      case 'w':
+      case 'W':
+      case 's':
+      case 'S': return std::string("\\") + c;
       case 'b': code = 8; return "\\x08";  // inside a class \b is a backspace, in both dialects
       default: break;
     }
     const std::string text = simple_escape(c, at, true);
-    if (c == 'x') code = std::stoi(text.substr(2), nullptr, 16);
-    else if (c == 'n') code = '\n';
-    else if (c == 't') code = '\t';
-    else if (c == 'r') code = '\r';
-    else if (c == 'f') code = '\f';
-    else if (c == 'v') code = '\v';
-    else if (c == 'a') code = 7;
-    else code = static_cast<unsigned char>(c);
+    if (c == 'x')
+      code = std::stoi(text.substr(2), nullptr, 16);
+    else if (c == 'n')
+      code = '\n';
+    else if (c == 't')
+      code = '\t';
+    else if (c == 'r')
+      code = '\r';
+    else if (c == 'f')
+      code = '\f';
+    else if (c == 'v')
+      code = '\v';
+    else if (c == 'a')
+      code = 7;
+    else
+      code = static_cast<unsigned char>(c);
     return text;
   }
 

@@ -12,8 +12,10 @@ std::string quote_for_message(std::string_view name, bool keep_utf8) {
   std::string out = "'";
   for (unsigned char c : name.substr(0, 200)) {
     const bool plain = c >= 0x20 && c != 0x7f && (c < 0x7f || keep_utf8) && c != '\'' && c != '\\';
-    if (plain) out += static_cast<char>(c);
-    else out += fmt::format("\\x{:02x}", c);
+    if (plain)
+      out += static_cast<char>(c);
+    else
+      out += fmt::format("\\x{:02x}", c);
   }
   return out + (name.size() > 200 ? "...'" : "'");
 }
@@ -21,8 +23,10 @@ std::string quote_for_message(std::string_view name, bool keep_utf8) {
 std::string excerpt_for_message(const std::string& text, std::size_t limit) {
   if (text.size() <= limit) return text;
   std::size_t cut = text.find_last_of(", ", limit);
-  if (cut == std::string::npos || cut < limit / 2) cut = limit;  // no boundary nearby: cut where it is
-  else cut += 1;                                                 // keep the ',' itself
+  if (cut == std::string::npos || cut < limit / 2)
+    cut = limit;  // no boundary nearby: cut where it is
+  else
+    cut += 1;  // keep the ',' itself
   return text.substr(0, cut) + " ...";
 }
 
@@ -35,7 +39,8 @@ nlohmann::json parse_json_strict(const std::string& text, const std::string& sou
     } else if (event == nlohmann::json::parse_event_t::object_end) {
       if (!keys.empty()) keys.pop_back();
     } else if (event == nlohmann::json::parse_event_t::key && !keys.empty()) {
-      if (!keys.back().insert(value.get<std::string>()).second && duplicate.empty()) duplicate = value.get<std::string>();
+      if (!keys.back().insert(value.get<std::string>()).second && duplicate.empty())
+        duplicate = value.get<std::string>();
     }
     return true;
   };

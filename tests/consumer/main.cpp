@@ -7,8 +7,8 @@
 #include <fstream>
 #include <iostream>
 
-#include <torch/torch.h>
 #include <tiedlora/core.h>
+#include <torch/torch.h>
 
 int main(int argc, char** argv) {
   torch::manual_seed(0);

@@ -6,8 +6,8 @@
 #include <cstdint>
 #include <string>
 
-#include "tiedlora/formats/adapter_config.h"
 #include "tiedlora/core/error.h"
+#include "tiedlora/formats/adapter_config.h"
 #include "tiedlora/formats/gguf.h"
 #include "tiedlora/formats/safetensors_format.h"
 
@@ -25,11 +25,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         break;
       }
       case 1:
-        tiedlora::parse_adapter_config(std::string(reinterpret_cast<const char*>(data), size), "fuzz/adapter_config.json");
+        tiedlora::parse_adapter_config(std::string(reinterpret_cast<const char*>(data), size),
+                                       "fuzz/adapter_config.json");
         break;
-      case 2:
-        tiedlora::io::parse_gguf(data, size, "fuzz.gguf");
-        break;
+      case 2: tiedlora::io::parse_gguf(data, size, "fuzz.gguf"); break;
     }
   } catch (const tiedlora::Error&) {
     // A clear rejection: the expected outcome for malformed input.

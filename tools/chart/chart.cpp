@@ -54,7 +54,8 @@ Bounds bounds_of(const std::string& path, const std::vector<Series>& series) {
            std::numeric_limits<double>::infinity(), -std::numeric_limits<double>::infinity()};
   for (const Series& s : series) {
     if (s.x.size() != s.y.size()) {
-      throw Error(fmt::format("{}: series '{}' has {} x values and {} y values", path, s.label, s.x.size(), s.y.size()));
+      throw Error(
+          fmt::format("{}: series '{}' has {} x values and {} y values", path, s.label, s.x.size(), s.y.size()));
     }
     for (size_t i = 0; i < s.x.size(); ++i) {
       if (!std::isfinite(s.x[i]) || !std::isfinite(s.y[i])) continue;
@@ -119,7 +120,8 @@ void draw(cairo_t* cr, const std::vector<Series>& series, const ChartOptions& op
     const Series& s = series[k];
     const Rgb c = kColours[k];
     cairo_save(cr);
-    cairo_rectangle(cr, left - 4, top - 4, right - left + 8, bottom - top + 8), cairo_clip(cr);  // markers on the frame stay whole
+    cairo_rectangle(cr, left - 4, top - 4, right - left + 8, bottom - top + 8),
+        cairo_clip(cr);  // markers on the frame stay whole
     cairo_set_source_rgb(cr, c.r, c.g, c.b);
     cairo_set_line_width(cr, 2);
     bool drawing = false;
@@ -142,8 +144,10 @@ void draw(cairo_t* cr, const std::vector<Series>& series, const ChartOptions& op
     cairo_restore(cr);
     const double ly = top + 18 + 18 * static_cast<double>(k), lx = right - 190;
     cairo_set_source_rgb(cr, c.r, c.g, c.b);
-    if (s.markers) cairo_rectangle(cr, lx + 6.5, ly - 7.5, 7, 7), cairo_fill(cr);
-    else cairo_rectangle(cr, lx, ly - 5, 20, 3), cairo_fill(cr);
+    if (s.markers)
+      cairo_rectangle(cr, lx + 6.5, ly - 7.5, 7, 7), cairo_fill(cr);
+    else
+      cairo_rectangle(cr, lx, ly - 5, 20, 3), cairo_fill(cr);
     cairo_set_source_rgb(cr, 0, 0, 0);
     text(lx + 28, ly, s.label, 11, 0.0);
   }
@@ -169,11 +173,14 @@ void write_line_chart(const std::string& path, const std::vector<Series>& series
   cairo_surface_flush(surface.get());
   cairo_status_t status = cairo_status(cr.get());
   if (status == CAIRO_STATUS_SUCCESS) {
-    if (svg) cairo_surface_finish(surface.get());
-    else status = cairo_surface_write_to_png_stream(surface.get(), append_to_string, &bytes);
+    if (svg)
+      cairo_surface_finish(surface.get());
+    else
+      status = cairo_surface_write_to_png_stream(surface.get(), append_to_string, &bytes);
   }
   if (status == CAIRO_STATUS_SUCCESS) status = cairo_surface_status(surface.get());
-  if (status != CAIRO_STATUS_SUCCESS) throw Error(path + ": cairo could not draw the chart: " + cairo_status_to_string(status));
+  if (status != CAIRO_STATUS_SUCCESS)
+    throw Error(path + ": cairo could not draw the chart: " + cairo_status_to_string(status));
   io::write_text_file(path, bytes);
 }
 

@@ -8,8 +8,8 @@
 
 namespace tiedlora::chart {
 
-void plot_loss_curves(const std::vector<std::pair<std::string, std::string>>& metrics_and_labels, const std::string& image,
-                      const std::string& title, bool validation) {
+void plot_loss_curves(const std::vector<std::pair<std::string, std::string>>& metrics_and_labels,
+                      const std::string& image, const std::string& title, bool validation) {
   std::vector<Series> series;
   for (const auto& [path, label] : metrics_and_labels) {
     std::ifstream in(path);
@@ -25,7 +25,8 @@ void plot_loss_curves(const std::vector<std::pair<std::string, std::string>>& me
         throw FormatError(path + ":" + std::to_string(number) + ": not a metrics line (a JSON object with \"step\")");
       }
       const double step = j.at("step").get<double>();
-      if (j.contains("loss") && j.at("loss").is_number()) train.x.push_back(step), train.y.push_back(j.at("loss").get<double>());
+      if (j.contains("loss") && j.at("loss").is_number())
+        train.x.push_back(step), train.y.push_back(j.at("loss").get<double>());
       if (validation && j.contains("validation_loss") && j.at("validation_loss").is_number()) {
         valid.x.push_back(step), valid.y.push_back(j.at("validation_loss").get<double>());
       }

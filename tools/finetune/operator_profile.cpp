@@ -91,17 +91,19 @@ std::string OperatorProfile::stop(size_t top) {
     if (is_attention(name)) attention_ns += t.self_ns;
   }
   auto share = [&](uint64_t ns) { return fmt::format("{:.1f} %", 100.0 * static_cast<double>(ns) / wall_ns); };
-  std::string out = fmt::format("One training step, {:.0f} ms wall time, by operator (self time{}):\n\n", wall_ns / 1e6,
-                                on_gpu_ ? " on the host: GPU kernels run asynchronously, so this is launch time, and the "
-                                          "waits land in whichever operator synchronises"
-                                        : "");
+  std::string out =
+      fmt::format("One training step, {:.0f} ms wall time, by operator (self time{}):\n\n", wall_ns / 1e6,
+                  on_gpu_ ? " on the host: GPU kernels run asynchronously, so this is launch time, and the "
+                            "waits land in whichever operator synchronises"
+                          : "");
   out += "| operator | calls | self time | share of the step |\n|---|---:|---:|---:|\n";
   uint64_t rest_ns = 0;
   int64_t rest_calls = 0;
   for (size_t i = 0; i < rows.size(); ++i) {
     const auto& [name, t] = rows[i];
     if (i < top) {
-      out += fmt::format("| {} | {} | {:.1f} ms | {} |\n", name, t.calls, static_cast<double>(t.self_ns) / 1e6, share(t.self_ns));
+      out += fmt::format("| {} | {} | {:.1f} ms | {} |\n", name, t.calls, static_cast<double>(t.self_ns) / 1e6,
+                         share(t.self_ns));
     } else {
       rest_ns += t.self_ns;
       rest_calls += t.calls;
@@ -111,11 +113,12 @@ std::string OperatorProfile::stop(size_t top) {
     out += fmt::format("| {} other operators | {} | {:.1f} ms | {} |\n", rows.size() - top, rest_calls,
                        static_cast<double>(rest_ns) / 1e6, share(rest_ns));
   }
-  const uint64_t outside = wall_ns > static_cast<double>(profiled_ns) ? static_cast<uint64_t>(wall_ns) - profiled_ns : 0;
-  out += fmt::format("| (outside any operator) | | {:.1f} ms | {} |\n",
-                     static_cast<double>(outside) / 1e6, share(outside));
-  out += fmt::format("\nGroups: matrix products (mm, addmm, bmm, baddbmm) {}, attention kernels {}.\n", share(matmul_ns),
-                     share(attention_ns));
+  const uint64_t outside =
+      wall_ns > static_cast<double>(profiled_ns) ? static_cast<uint64_t>(wall_ns) - profiled_ns : 0;
+  out += fmt::format("| (outside any operator) | | {:.1f} ms | {} |\n", static_cast<double>(outside) / 1e6,
+                     share(outside));
+  out += fmt::format("\nGroups: matrix products (mm, addmm, bmm, baddbmm) {}, attention kernels {}.\n",
+                     share(matmul_ns), share(attention_ns));
   return out;
 }
 

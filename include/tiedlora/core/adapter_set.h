@@ -90,8 +90,7 @@ class AdapterSet {
   /// The calls of one forward over `input` (functional::lora_linear): the active adapters on every row, or,
   /// under a routing, each routed adapter this set carries on its rows; with adapter dropout drawn when
   /// `training` (each adapter its own mask, on its rows). Empty when nothing applies (disabled included).
-  std::vector<functional::AdapterCall> calls(const at::Tensor& input, bool training,
-                                             const RowAdapters* routing) const;
+  std::vector<functional::AdapterCall> calls(const at::Tensor& input, bool training, const RowAdapters* routing) const;
 
  private:
   std::map<std::string, AdapterSlot> slots_;

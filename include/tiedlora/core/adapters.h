@@ -23,7 +23,8 @@ namespace tiedlora {
 /// Every adapted layer of `module` (carrying any adapter), by name.
 std::vector<std::pair<std::string, LoraLinear>> adapted_layers(const torch::nn::Module& module);
 /// The layers of `module` that carry the adapter named `adapter`, by name.
-std::vector<std::pair<std::string, LoraLinear>> adapted_layers(const torch::nn::Module& module, const std::string& adapter);
+std::vector<std::pair<std::string, LoraLinear>> adapted_layers(const torch::nn::Module& module,
+                                                               const std::string& adapter);
 
 /// The names of the adapters the model carries, sorted.
 std::vector<std::string> adapter_names(const torch::nn::Module& module);

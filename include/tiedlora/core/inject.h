@@ -42,7 +42,7 @@ struct InjectOptions {
   /// Layer indices to adapt; empty = every layer.
   TORCH_ARG(std::vector<int64_t>, layers) = {};
   /// Excluded from "all-linear".
-  TORCH_ARG(std::vector<std::string>, output_heads) = {"lm_head"};
+  TORCH_ARG(std::vector<std::string>, output_heads) = { "lm_head" };
   /// Explicit tie groups: (pattern, group name), first match wins; the rest use the default grouping.
   TORCH_ARG(TieGroups, tie_groups) = {};
   /// `lora`, `tied-ab`, `tied-abuv`, `tied-uv` or any mask (method.h); a name converts implicitly.
@@ -56,8 +56,8 @@ struct InjectOptions {
 /// What inject_adapters() did.
 struct InjectionReport {
   struct Group {
-    std::string name;                  ///< tie group (or, untied, the layers reported together)
-    std::string registered_as;         ///< module name of the shared factors ("" when untied)
+    std::string name;           ///< tie group (or, untied, the layers reported together)
+    std::string registered_as;  ///< module name of the shared factors ("" when untied)
     LinearShape shape;
     std::vector<std::string> modules;  ///< the adapted layers
     int64_t trainable_parameters = 0;  ///< counted on the live tensors

@@ -22,19 +22,19 @@
 namespace tiedlora {
 
 struct SelectionOptions {
-  std::vector<std::string> targets;                              ///< patterns, or "all-linear"
-  std::vector<std::string> exclude;                              ///< patterns
-  std::vector<int64_t> layers;                                   ///< layer indices to keep; empty = all
-  std::vector<std::string> output_heads = {"lm_head"};           ///< excluded by "all-linear"
-  std::vector<std::pair<std::string, std::string>> tie_groups;   ///< (pattern, group name), first match wins
+  std::vector<std::string> targets;                             ///< patterns, or "all-linear"
+  std::vector<std::string> exclude;                             ///< patterns
+  std::vector<int64_t> layers;                                  ///< layer indices to keep; empty = all
+  std::vector<std::string> output_heads = {"lm_head"};          ///< excluded by "all-linear"
+  std::vector<std::pair<std::string, std::string>> tie_groups;  ///< (pattern, group name), first match wins
 };
 
 /// What selection needs to know of one module of the tree.
 struct ModuleDescription {
   std::string name;
-  std::string type_name;    ///< for messages ("torch::nn::Linear", "GPT2Block", ...)
+  std::string type_name;  ///< for messages ("torch::nn::Linear", "GPT2Block", ...)
   bool is_linear = false;
-  LinearShape shape;        ///< meaningful when is_linear
+  LinearShape shape;  ///< meaningful when is_linear
 };
 
 /// Layers that share one A/B (tied), or are reported together (untied).
@@ -58,7 +58,7 @@ std::vector<std::string> split_pattern_list(const std::string& comma_separated);
 /// a target or exclude pattern matches nothing (with a hint listing real module names), when a plain
 /// target names a module that is not a linear layer, when a requested layer index does not exist, when
 /// nothing is selected, or when one group would hold layers of different shapes (naming both).
-std::vector<ModuleGroup> select_modules(const std::vector<ModuleDescription>& modules,
-                                        const SelectionOptions& options, const AdapterMethod& method);
+std::vector<ModuleGroup> select_modules(const std::vector<ModuleDescription>& modules, const SelectionOptions& options,
+                                        const AdapterMethod& method);
 
 }  // namespace tiedlora

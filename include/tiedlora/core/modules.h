@@ -48,8 +48,8 @@ namespace tiedlora {
 /// `tied_factors`, and later layers keep plain references. Do not register it yourself as well.
 class TiedLoraFactorsImpl : public torch::nn::Cloneable<TiedLoraFactorsImpl> {
  public:
-  TiedLoraFactorsImpl(int64_t in_features, int64_t out_features, AdapterMethod method = AdapterMethod::parse("tied-abuv"),
-                      LoraOptions lora = {})
+  TiedLoraFactorsImpl(int64_t in_features, int64_t out_features,
+                      AdapterMethod method = AdapterMethod::parse("tied-abuv"), LoraOptions lora = {})
       : TiedLoraFactorsImpl(TiedLoraFactorsOptions(in_features, out_features, method, std::move(lora))) {}
   explicit TiedLoraFactorsImpl(TiedLoraFactorsOptions options);
 

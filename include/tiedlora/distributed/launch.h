@@ -23,10 +23,10 @@ struct LaunchEnvironment {
   enum class Launcher { none, torchrun, mpirun };
   Launcher launcher = Launcher::none;
   int rank = 0, world_size = 1, local_rank = 0, local_world_size = 1;
-  std::string master_addr;  ///< torchrun: the store's host
-  int master_port = 0;      ///< torchrun: the store's port
-  bool agent_store = false; ///< torchrun's agent hosts the store: every rank connects as a client
-  int restart_count = 0;    ///< torchrun's restarts so far (a fresh store prefix each time)
+  std::string master_addr;   ///< torchrun: the store's host
+  int master_port = 0;       ///< torchrun: the store's port
+  bool agent_store = false;  ///< torchrun's agent hosts the store: every rank connects as a client
+  int restart_count = 0;     ///< torchrun's restarts so far (a fresh store prefix each time)
 
   /// Reads the environment; a malformed or inconsistent variable (RANK beyond WORLD_SIZE, a port that is
   /// not a number) is a ConfigError naming it.

@@ -16,10 +16,10 @@
 #include <ATen/core/Tensor.h>
 #include <torch/nn/module.h>
 
-#include "tiedlora/formats/adapter_config.h"
 #include "tiedlora/core/functional.h"
 #include "tiedlora/core/method.h"
 #include "tiedlora/core/modules.h"
+#include "tiedlora/formats/adapter_config.h"
 
 namespace tiedlora {
 
@@ -56,7 +56,7 @@ class Adapter {
   std::string source_;
   std::map<std::string, at::Tensor> tensors_;
   std::map<std::string, std::string> group_key_of_;  // TIEDLORA: module -> group key
-  std::vector<std::string> modules_;                  // sorted; derived once from the tensors or groups
+  std::vector<std::string> modules_;                 // sorted; derived once from the tensors or groups
 };
 
 /// Writes an adapter folder atomically (a temporary folder beside `folder`, renamed at the end); refuses an
@@ -95,7 +95,8 @@ void save_adapters(const torch::nn::Module& model, const std::string& folder, co
 /// changes; then the adapter is injected and its values copied. Throws tiedlora::FormatError / ConfigError
 /// with the module or tensor name and a hint (e.g. "maybe wrong base model?"); the model is unchanged when
 /// it throws. A model's first adapter becomes its active one.
-void load_adapter(torch::nn::Module& model, const std::string& folder, const std::string& adapter_name = kDefaultAdapter);
+void load_adapter(torch::nn::Module& model, const std::string& folder,
+                  const std::string& adapter_name = kDefaultAdapter);
 
 /// The adapters a PEFT multi-adapter folder holds: "default" when `folder` itself holds an adapter, then
 /// every subfolder holding adapter_config.json, by name, sorted. Throws tiedlora::FormatError when there

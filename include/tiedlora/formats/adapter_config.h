@@ -27,12 +27,12 @@ struct AdapterGroup {
 
 struct AdapterConfig {
   AdapterType type = AdapterType::lora;
-  AdapterMethod method;               ///< lora for LORA, tied-uv for VERA
+  AdapterMethod method;  ///< lora for LORA, tied-uv for VERA
   int64_t rank = 8;
-  double alpha = 8;                   ///< lora_alpha; VERA: equal to rank (VeRA has no scaling)
+  double alpha = 8;  ///< lora_alpha; VERA: equal to rank (VeRA has no scaling)
   bool use_rslora = false;
   double dropout = 0.0;
-  bool fan_in_fan_out = false;        ///< targets store W as (in, out) (GPT-2 Conv1D)
+  bool fan_in_fan_out = false;  ///< targets store W as (in, out) (GPT-2 Conv1D)
   std::vector<std::string> target_modules;
   std::vector<std::string> exclude_modules;  ///< PEFT's exclude_modules (a list, or a "re:" regex)
   std::string base_model_name_or_path;
@@ -42,7 +42,7 @@ struct AdapterConfig {
   /// the file's order: the first key that matches a module wins, as in PEFT.
   std::vector<std::pair<std::string, int64_t>> rank_pattern;
   std::vector<std::pair<std::string, double>> alpha_pattern;
-  bool vera_save_projection = true;   ///< VERA: the shared A/B are in the file
+  bool vera_save_projection = true;  ///< VERA: the shared A/B are in the file
 
   /// The scale of module `module` whose A has `rank` rows (LORA honours rank/alpha patterns).
   double scale_for(const std::string& module, int64_t rank) const;

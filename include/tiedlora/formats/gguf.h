@@ -19,18 +19,57 @@ namespace tiedlora::io {
 
 /// Metadata value types (gguf_type).
 enum class GgufType : uint32_t {
-  UINT8 = 0, INT8 = 1, UINT16 = 2, INT16 = 3, UINT32 = 4, INT32 = 5, FLOAT32 = 6, BOOL = 7, STRING = 8,
-  ARRAY = 9, UINT64 = 10, INT64 = 11, FLOAT64 = 12,
+  UINT8 = 0,
+  INT8 = 1,
+  UINT16 = 2,
+  INT16 = 3,
+  UINT32 = 4,
+  INT32 = 5,
+  FLOAT32 = 6,
+  BOOL = 7,
+  STRING = 8,
+  ARRAY = 9,
+  UINT64 = 10,
+  INT64 = 11,
+  FLOAT64 = 12,
 };
 const char* gguf_type_name(GgufType type);
 
 /// Tensor data types (ggml_type). Every type listed is parsed (its size is known); dequantize() supports
 /// F32, F16, BF16, F64, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K.
 enum class GgmlType : uint32_t {
-  F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q8_1 = 9, Q2_K = 10, Q3_K = 11,
-  Q4_K = 12, Q5_K = 13, Q6_K = 14, Q8_K = 15, IQ2_XXS = 16, IQ2_XS = 17, IQ3_XXS = 18, IQ1_S = 19,
-  IQ4_NL = 20, IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23, I8 = 24, I16 = 25, I32 = 26, I64 = 27, F64 = 28,
-  IQ1_M = 29, BF16 = 30, TQ1_0 = 34, TQ2_0 = 35, MXFP4 = 39,
+  F32 = 0,
+  F16 = 1,
+  Q4_0 = 2,
+  Q4_1 = 3,
+  Q5_0 = 6,
+  Q5_1 = 7,
+  Q8_0 = 8,
+  Q8_1 = 9,
+  Q2_K = 10,
+  Q3_K = 11,
+  Q4_K = 12,
+  Q5_K = 13,
+  Q6_K = 14,
+  Q8_K = 15,
+  IQ2_XXS = 16,
+  IQ2_XS = 17,
+  IQ3_XXS = 18,
+  IQ1_S = 19,
+  IQ4_NL = 20,
+  IQ3_S = 21,
+  IQ2_S = 22,
+  IQ4_XS = 23,
+  I8 = 24,
+  I16 = 25,
+  I32 = 26,
+  I64 = 27,
+  F64 = 28,
+  IQ1_M = 29,
+  BF16 = 30,
+  TQ1_0 = 34,
+  TQ2_0 = 35,
+  MXFP4 = 39,
 };
 
 /// Name ("Q4_1"), values per block and bytes per block of a ggml type; nullptr for unknown type numbers.
@@ -85,7 +124,7 @@ struct GgufTensorInfo {
   std::string name;
   std::vector<uint64_t> ne;  ///< dimensions, ne[0] innermost (contiguous)
   GgmlType type = GgmlType::F32;
-  uint64_t offset = 0;       ///< from the start of the data section (aligned)
+  uint64_t offset = 0;  ///< from the start of the data section (aligned)
   uint64_t nbytes = 0;
   uint64_t numel = 0;
   /// The torch/numpy shape: ne reversed.
@@ -96,7 +135,7 @@ struct GgufTensorInfo {
 struct GgufContents {
   uint32_t version = 0;
   uint64_t alignment = 32;
-  uint64_t data_offset = 0;  ///< where the data section starts in the file
+  uint64_t data_offset = 0;                                 ///< where the data section starts in the file
   std::vector<std::pair<std::string, GgufValue>> metadata;  ///< in file order
   std::vector<GgufTensorInfo> tensors;                      ///< in file order
   std::unordered_map<std::string, std::size_t> metadata_index, tensor_index;

@@ -35,8 +35,8 @@ struct MergeOptions {
 struct MergedTensor {
   std::string name;
   std::string module;
-  double max_abs_delta = 0;     ///< max |dW|
-  double rounding_error = 0;    ///< max |written - (W + dW in fp32)|, the one rounding to the output dtype
+  double max_abs_delta = 0;   ///< max |dW|
+  double rounding_error = 0;  ///< max |written - (W + dW in fp32)|, the one rounding to the output dtype
 };
 
 struct MergeReport {

@@ -31,7 +31,7 @@ struct TensorEntry {
 struct SafetensorsHeader {
   std::vector<TensorEntry> tensors;
   std::map<std::string, std::string> metadata;  ///< the "__metadata__" object
-  uint64_t data_offset = 0;                      ///< where the data buffer starts in the file
+  uint64_t data_offset = 0;                     ///< where the data buffer starts in the file
 };
 
 /// Parses and validates the first bytes of a safetensors file of `file_size` bytes. `bytes` must hold at

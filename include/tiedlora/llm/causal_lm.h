@@ -23,7 +23,7 @@ namespace tiedlora::models {
 
 /// The architecture-independent facts about a loaded model.
 struct ModelInfo {
-  std::string model_type;   ///< "gpt2" or "llama"
+  std::string model_type;  ///< "gpt2" or "llama"
   int64_t vocab_size = 0;
   int64_t num_layers = 0;
   int64_t max_positions = 0;           ///< 0: no learned limit (RoPE)
@@ -153,15 +153,17 @@ struct GenerateOptions {
   std::vector<std::string> prompt_adapters;
 };
 
-/// Greedy decoding with a KV cache (generate_greedy_batch of one prompt): the prompt's continuation (without the prompt), stopping after a stop
-/// token (included) or max_new_tokens.
-std::vector<int64_t> generate_greedy(CausalLM& model, const std::vector<int64_t>& prompt, const GenerateOptions& options = {});
+/// Greedy decoding with a KV cache (generate_greedy_batch of one prompt): the prompt's continuation (without the
+/// prompt), stopping after a stop token (included) or max_new_tokens.
+std::vector<int64_t> generate_greedy(CausalLM& model, const std::vector<int64_t>& prompt,
+                                     const GenerateOptions& options = {});
 
 /// Greedy decoding of many prompts at once, until every row has stopped. Prompts of unequal length are
 /// left-padded with an attention mask; the tokens then equal one-prompt decoding's up to the float rounding
 /// of the batched matmuls (a near-tie between two logits can break differently). Prompts of one length
 /// need no mask and run exactly as alone.
-std::vector<std::vector<int64_t>> generate_greedy_batch(CausalLM& model, const std::vector<std::vector<int64_t>>& prompts,
+std::vector<std::vector<int64_t>> generate_greedy_batch(CausalLM& model,
+                                                        const std::vector<std::vector<int64_t>>& prompts,
                                                         const GenerateOptions& options = {});
 
 }  // namespace tiedlora::models

@@ -20,7 +20,7 @@ class Tokenizer;
 // ---- chat templates ---------------------------------------------------------------------------------------
 
 struct ChatMessage {
-  std::string role;     ///< "system", "user", "assistant"
+  std::string role;  ///< "system", "user", "assistant"
   std::string content;
 };
 
@@ -59,7 +59,8 @@ struct PromptFormat {
 
 /// The format a model's tokenizer and chat template call for: ChatML when `chat_template` is ChatML (and
 /// `use_chat` is not false), else plain. Throws ConfigError when the end token is missing.
-PromptFormat prompt_format_for(const Tokenizer& tokenizer, const std::string& chat_template, std::optional<bool> use_chat);
+PromptFormat prompt_format_for(const Tokenizer& tokenizer, const std::string& chat_template,
+                               std::optional<bool> use_chat);
 
 /// The prompt text (template applied, ready for generation) of a user `prompt` with a `system` message
 /// (empty: the template's default system prompt, if any).

@@ -16,8 +16,8 @@
 namespace tiedlora::train {
 
 // The prompt format is the chat layer's (tiedlora/llm/chat.h): generation encodes prompts the same way.
-using tiedlora::PromptFormat;
 using tiedlora::prompt_format_for;
+using tiedlora::PromptFormat;
 
 /// One prompt/completion pair, as read from JSONL: {"prompt": ..., "completion": ...}, an optional
 /// "system" message and an optional "task" label (accuracy is also reported per task); other keys are
@@ -51,8 +51,8 @@ TokenizedExample tokenize(const Tokenizer& tokenizer, const Example& example, co
 struct Batch {
   at::Tensor input_ids;
   at::Tensor labels;
-  int64_t tokens = 0;         ///< real (unpadded) input tokens
-  int64_t target_tokens = 0;  ///< labels that count
+  int64_t tokens = 0;           ///< real (unpadded) input tokens
+  int64_t target_tokens = 0;    ///< labels that count
   models::PackedLayout layout;  ///< empty: padded rows
   bool packed() const { return !layout.segment_lengths.empty(); }
 };

@@ -72,10 +72,10 @@ const char* pre_tokenizer_name(PreTokenizer pre_tokenizer);
 struct AddedToken {
   std::string content;
   TokenId id = 0;
-  bool special = true;     ///< special tokens are skipped by decode(skip_special_tokens=true)
-  bool lstrip = false;     ///< the match swallows whitespace on its left
-  bool rstrip = false;     ///< the match swallows whitespace on its right
-  bool normalized = false; ///< matched after non-normalized ones, in the gaps they leave (HF's two passes)
+  bool special = true;      ///< special tokens are skipped by decode(skip_special_tokens=true)
+  bool lstrip = false;      ///< the match swallows whitespace on its left
+  bool rstrip = false;      ///< the match swallows whitespace on its right
+  bool normalized = false;  ///< matched after non-normalized ones, in the gaps they leave (HF's two passes)
 };
 
 /// Everything that defines a byte-level BPE tokenizer. Readers of other formats fill one and construct

@@ -26,10 +26,10 @@ namespace tiedlora::train {
 double cosine_with_warmup(int64_t step, int64_t total, int64_t warmup, double peak, double min_ratio = 0.0);
 
 struct TrainOptions {
-  int64_t max_steps = 100;       ///< optimizer steps
-  int64_t batch_size = 8;        ///< examples per micro-batch
-  int64_t grad_accum = 1;        ///< micro-batches per optimizer step
-  int64_t max_length = 512;      ///< tokens per example after truncation
+  int64_t max_steps = 100;   ///< optimizer steps
+  int64_t batch_size = 8;    ///< examples per micro-batch
+  int64_t grad_accum = 1;    ///< micro-batches per optimizer step
+  int64_t max_length = 512;  ///< tokens per example after truncation
   double lr = 1e-3;
   int64_t warmup_steps = 0;
   double min_lr_ratio = 0.0;
@@ -43,13 +43,13 @@ struct TrainOptions {
   int64_t keep_checkpoints = 2;  ///< newest checkpoints kept
   int64_t stop_at_step = 0;      ///< checkpoint and stop after this step, as Ctrl-C would (0: off)
   uint64_t seed = 0;
-  std::string output_dir;        ///< checkpoints/ and metrics.jsonl go here; empty: none written
-  bool autocast_bf16 = false;    ///< CUDA only: bf16 autocast for the forward pass
+  std::string output_dir;      ///< checkpoints/ and metrics.jsonl go here; empty: none written
+  bool autocast_bf16 = false;  ///< CUDA only: bf16 autocast for the forward pass
   /// Packing (make_packed_batch): each micro-batch's examples laid end to end instead of padded; the same
   /// examples in every step, so a packed run follows the padded run step for step. nullopt: on where it is
   /// exact, i.e. unless adapter dropout draws masks (whose draws depend on the layout).
   std::optional<bool> packing;
-  int64_t pack_length = 0;       ///< most tokens per packed row (0: one row per micro-batch)
+  int64_t pack_length = 0;  ///< most tokens per packed row (0: one row per micro-batch)
   /// Length-grouped batches (for padded runs): the examples of each run of 50 micro-batches of an epoch's
   /// shuffle are sorted by length, so each micro-batch holds examples of similar length (less padding).
   bool group_by_length = false;
@@ -76,7 +76,8 @@ struct TrainOptions {
 /// The order of the training stream in epoch `epoch` (the Trainer's data order: example number k of the
 /// stream is epoch_order(k / N)[k mod N]): a shuffle drawn from options.seed and the epoch; with
 /// group_by_length, sorted longest first within runs of 50 * batch_size.
-std::vector<int64_t> epoch_order(const std::vector<TokenizedExample>& train, const TrainOptions& options, int64_t epoch);
+std::vector<int64_t> epoch_order(const std::vector<TokenizedExample>& train, const TrainOptions& options,
+                                 int64_t epoch);
 
 /// One optimizer step's numbers (the JSONL metrics line, less timing).
 struct StepRecord {
@@ -88,12 +89,12 @@ struct StepRecord {
 
 struct TrainResult {
   int64_t steps_done = 0;
-  bool stopped_early = false;   ///< patience ran out
-  bool interrupted = false;     ///< a stop was requested (stop_requested, stop_at_step); a checkpoint was written
-  int64_t best_step = 0;        ///< the step whose adapter is restored (0: no validation)
+  bool stopped_early = false;  ///< patience ran out
+  bool interrupted = false;    ///< a stop was requested (stop_requested, stop_at_step); a checkpoint was written
+  int64_t best_step = 0;       ///< the step whose adapter is restored (0: no validation)
   double best_validation_loss = 0;
   int64_t tokens = 0;
-  double train_seconds = 0;     ///< time spent in training steps (this process)
+  double train_seconds = 0;  ///< time spent in training steps (this process)
   std::string last_checkpoint;
 };
 
@@ -150,8 +151,8 @@ at::Tensor completion_loss_sum(models::CausalLM& model, const Batch& batch);
 /// run's files are removed).
 void prepare_output_dir(const std::string& dir, bool resume, bool overwrite);
 
-/// merge-weights (tiedlora/formats/merge_checkpoint.h) of the adapter saved from `model` into its base `model_path`, written to
-/// `out` (replaced if it exists). merge-weights reads Hugging Face checkpoints, so a GGUF base is first
+/// merge-weights (tiedlora/formats/merge_checkpoint.h) of the adapter saved from `model` into its base `model_path`,
+/// written to `out` (replaced if it exists). merge-weights reads Hugging Face checkpoints, so a GGUF base is first
 /// written as one (models::save_pretrained, in fp32, into a temporary folder beside `out` that is removed
 /// afterwards). `model` must not be merged in memory. `stop_requested` (may be empty) is the merge's
 /// (MergeOptions::stop_requested): true abandons it with tiedlora::Cancelled, nothing left behind.

@@ -2,10 +2,10 @@
 // torch dtypes to the kernels' DType, kernel Status to exceptions, and the shape of a row-strided matrix.
 #pragma once
 
+#include <algorithm>
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
-
-#include <algorithm>
 
 #include "kernel_types.cuh"
 
@@ -13,14 +13,10 @@ namespace tiedlora::cuda {
 
 inline kernels::DType kernel_dtype(at::ScalarType type) {
   switch (type) {
-    case at::kFloat:
-      return kernels::DType::f32;
-    case at::kBFloat16:
-      return kernels::DType::bf16;
-    case at::kHalf:
-      return kernels::DType::f16;
-    default:
-      TORCH_CHECK(false, "tiedlora CUDA kernels take fp32, bf16 or fp16 tensors, got ", type);
+    case at::kFloat: return kernels::DType::f32;
+    case at::kBFloat16: return kernels::DType::bf16;
+    case at::kHalf: return kernels::DType::f16;
+    default: TORCH_CHECK(false, "tiedlora CUDA kernels take fp32, bf16 or fp16 tensors, got ", type);
   }
 }
 

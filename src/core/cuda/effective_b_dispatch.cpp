@@ -13,10 +13,10 @@ at::Tensor effective_b(const at::Tensor& lora_b, const at::Tensor& u, const at::
                        at::ScalarType out_type) {
   TORCH_CHECK(lora_b.is_cuda() && lora_b.dim() == 2, "cuda::effective_b: lora_b must be a 2-D CUDA tensor");
   const int64_t out = lora_b.size(0), r = lora_b.size(1);
-  TORCH_CHECK(!u.defined() || (u.device() == lora_b.device() && u.numel() == r), "cuda::effective_b: u must be (r = ", r,
-              ") on lora_b's device ", lora_b.device());
-  TORCH_CHECK(!v.defined() || (v.device() == lora_b.device() && v.numel() == out), "cuda::effective_b: v must be (d_out = ",
-              out, ") on lora_b's device ", lora_b.device());
+  TORCH_CHECK(!u.defined() || (u.device() == lora_b.device() && u.numel() == r),
+              "cuda::effective_b: u must be (r = ", r, ") on lora_b's device ", lora_b.device());
+  TORCH_CHECK(!v.defined() || (v.device() == lora_b.device() && v.numel() == out),
+              "cuda::effective_b: v must be (d_out = ", out, ") on lora_b's device ", lora_b.device());
   // The kernel reads B, u and v in one dtype and multiplies in fp32. When they differ (a bf16 B with fp32 u
   // and v), all three go to fp32, which is exact: rounding u and v to B's dtype first would not be.
   const bool same = (!u.defined() || u.scalar_type() == lora_b.scalar_type()) &&

@@ -67,7 +67,8 @@ Problem problem_of(const char* fn, const char* rows_name, const at::Tensor& rows
   TORCH_CHECK(rows.defined() && rows.dim() == 2 && rows.is_cuda(), fn, ": ", rows_name, " must be a 2-D CUDA tensor");
   TORCH_CHECK(weight.defined() && weight.dim() == 2, fn, ": weight must be 2-D (d_out, d_in)");
   TORCH_CHECK(lora_a.defined() && lora_a.dim() == 2, fn, ": lora_a must be 2-D (r, d_in)");
-  const Problem problem{rows.size(0), weight.size(1), weight.size(0), lora_a.size(0), rows.scalar_type(), rows.device()};
+  const Problem problem{rows.size(0),   weight.size(1),     weight.size(0),
+                        lora_a.size(0), rows.scalar_type(), rows.device()};
   TORCH_CHECK(problem.d_in > 0 && problem.d_out > 0 && problem.r > 0, fn, ": d_in, d_out and r must be positive");
   check_floating_dtype(fn, problem.dtype);
   return problem;
@@ -85,8 +86,7 @@ void set_sizes(Params& p, const Problem& problem) {
 
 // Runs a cuBLASLt pass on the current stream of the problem's device with its workspace.
 template <typename Params>
-void run_pass(Params& p, const Problem& problem, const char* fn,
-              kernels::Status (*pass)(const Params&, cudaStream_t)) {
+void run_pass(Params& p, const Problem& problem, const char* fn, kernels::Status (*pass)(const Params&, cudaStream_t)) {
   const at::Tensor workspace = workspace_for(problem.device);
   p.workspace = workspace.data_ptr();
   p.workspace_bytes = kernels::lt_workspace_bytes();

@@ -23,7 +23,8 @@ at::Tensor causal_mask(int64_t tokens, int64_t past, const at::TensorOptions& op
 // Positions of the t tokens that follow `past` cached ones: (1, t) past..past+t-1, or (batch, t) from the
 // cache's attention mask, where real tokens count from 0 and padding sits at 0.
 at::Tensor token_positions(const at::Tensor& ids, const KVCache* cache, int64_t past, int64_t t) {
-  if (!cache || !cache->attention_mask.defined()) return at::arange(past, past + t, ids.options().dtype(at::kLong)).unsqueeze(0);
+  if (!cache || !cache->attention_mask.defined())
+    return at::arange(past, past + t, ids.options().dtype(at::kLong)).unsqueeze(0);
   const at::Tensor& mask = cache->attention_mask;
   TORCH_CHECK(mask.dim() == 2 && mask.size(1) == past + t, "KVCache::attention_mask must be (batch, ", past + t,
               "), got ", mask.sizes());
@@ -65,7 +66,8 @@ at::Tensor attend_packed(const at::Tensor& q, const at::Tensor& k, const at::Ten
     std::vector<int64_t> lengths = examples;
     if (padding > 0) lengths.push_back(padding);
     auto segments = [&](const at::Tensor& z) {
-      return (q.size(0) == 1 ? z : z.narrow(0, r, 1)).split_with_sizes(lengths, 2);  // one row: no narrow (its backward copies)
+      return (q.size(0) == 1 ? z : z.narrow(0, r, 1))
+          .split_with_sizes(lengths, 2);  // one row: no narrow (its backward copies)
     };
     const auto qs = segments(q), ks = segments(k), vs = segments(v);
     std::vector<at::Tensor> parts;
@@ -135,7 +137,9 @@ at::Tensor CausalLM::hidden_states(const at::Tensor& input_ids, const PackedLayo
   for (size_t r = 0; r < layout.segment_lengths.size(); ++r) {
     int64_t sum = 0;
     for (int64_t length : layout.segment_lengths[r]) {
-      if (length <= 0) throw ConfigError("PackedLayout: row " + std::to_string(r) + " has a segment of length " + std::to_string(length));
+      if (length <= 0)
+        throw ConfigError("PackedLayout: row " + std::to_string(r) + " has a segment of length " +
+                          std::to_string(length));
       sum += length;
     }
     if (sum > input_ids.size(1)) {

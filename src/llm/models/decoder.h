@@ -82,8 +82,9 @@ class BlockRunner {
   template <class Block>
   at::Tensor operator()(const at::Tensor& x, const Block& block) {
     if (!checkpoint_) return block(x, cache_, packed_);
-    return detail::checkpointed([block, layout = packed_copy_](const at::Tensor& in) { return block(in, nullptr, layout.get()); },
-                                x, trainable_);
+    return detail::checkpointed(
+        [block, layout = packed_copy_](const at::Tensor& in) { return block(in, nullptr, layout.get()); }, x,
+        trainable_);
   }
 
  private:

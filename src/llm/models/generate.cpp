@@ -26,7 +26,8 @@ bool grouped_by_adapter(const std::vector<std::string>& adapter_of_prompt) {
 
 }  // namespace
 
-std::vector<std::vector<int64_t>> generate_greedy_batch(CausalLM& model, const std::vector<std::vector<int64_t>>& prompts,
+std::vector<std::vector<int64_t>> generate_greedy_batch(CausalLM& model,
+                                                        const std::vector<std::vector<int64_t>>& prompts,
                                                         const GenerateOptions& options) {
   if (prompts.empty()) return {};
   // A mixed-adapter batch is ordered by adapter once, here, so that each adapter serves a contiguous slice
@@ -49,7 +50,8 @@ std::vector<std::vector<int64_t>> generate_greedy_batch(CausalLM& model, const s
     for (size_t k = 0; k < order.size(); ++k) out[order[k]] = std::move(answers[k]);
     return out;
   }
-  const std::vector<int64_t> stops = options.stop_token_ids.empty() ? model.info().eos_token_ids : options.stop_token_ids;
+  const std::vector<int64_t> stops =
+      options.stop_token_ids.empty() ? model.info().eos_token_ids : options.stop_token_ids;
   at::NoGradGuard no_grad;
   const EvalModeGuard eval_mode(model);
   const auto device = model.parameters().front().device();
@@ -76,7 +78,8 @@ std::vector<std::vector<int64_t>> generate_greedy_batch(CausalLM& model, const s
     throw ConfigError("generate_greedy_batch: " + std::to_string(options.prompt_adapters.size()) +
                       " prompt adapters for " + std::to_string(n) + " prompts");
   }
-  const RowAdaptersScope routing(options.prompt_adapters.empty() ? nullptr : route_rows(model, options.prompt_adapters));
+  const RowAdaptersScope routing(options.prompt_adapters.empty() ? nullptr
+                                                                 : route_rows(model, options.prompt_adapters));
   KVCache cache;
   const bool padded = shortest < longest;  // without padding, no mask: each row runs exactly as alone
   if (padded) cache.attention_mask = mask.to(device);
@@ -99,12 +102,14 @@ std::vector<std::vector<int64_t>> generate_greedy_batch(CausalLM& model, const s
       }
     }
     input = next.unsqueeze(1).to(device);
-    if (padded) cache.attention_mask = at::cat({cache.attention_mask, at::ones({n, 1}, cache.attention_mask.options())}, 1);
+    if (padded)
+      cache.attention_mask = at::cat({cache.attention_mask, at::ones({n, 1}, cache.attention_mask.options())}, 1);
   }
   return out;
 }
 
-std::vector<int64_t> generate_greedy(CausalLM& model, const std::vector<int64_t>& prompt, const GenerateOptions& options) {
+std::vector<int64_t> generate_greedy(CausalLM& model, const std::vector<int64_t>& prompt,
+                                     const GenerateOptions& options) {
   TORCH_CHECK(!prompt.empty(), "generate_greedy: the prompt is empty");
   return generate_greedy_batch(model, {prompt}, options).front();
 }

@@ -1,10 +1,9 @@
 // gpt2.cpp: GPT-2 in the LibTorch C++ frontend with Hugging Face's module names (transformer.h.N.attn.c_attn,
 // ...), so adapter targets mean what they mean in PEFT. Its linear layers are LoraLinear; checkpoints store
 // them as Conv1D (in, out), which load_hf.cpp transposes.
+#include <ATen/ATen.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/normalization.h>
-
-#include <ATen/ATen.h>
 
 #include "llm/models/decoder.h"
 
@@ -78,7 +77,8 @@ TORCH_MODULE(Gpt2Transformer);
 class Gpt2LMHead : public DecoderOnlyLM {
  public:
   Gpt2LMHead(const ModelConfig& c, at::ScalarType dtype) : DecoderOnlyLM(c) {
-    sizes_ = {c.vocab_size, c.max_positions, c.hidden_size, c.num_layers, c.num_heads, c.intermediate_size, c.norm_eps, dtype};
+    sizes_ = {c.vocab_size, c.max_positions,     c.hidden_size, c.num_layers,
+              c.num_heads,  c.intermediate_size, c.norm_eps,    dtype};
     transformer_ = register_module("transformer", Gpt2Transformer(sizes_));
     register_head(sizes_.dim, transformer_->wte->weight, sizes_.dtype);
   }
@@ -86,13 +86,15 @@ class Gpt2LMHead : public DecoderOnlyLM {
  protected:
   at::Tensor forward_hidden(const at::Tensor& ids, KVCache* cache, const PackedLayout* packed) override {
     const Positions positions = positions_of(ids, cache, packed);
-    TORCH_CHECK(positions.span <= sizes_.positions, "GPT-2: ", positions.span, " positions exceed n_positions = ",
-                sizes_.positions);
+    TORCH_CHECK(positions.span <= sizes_.positions, "GPT-2: ", positions.span,
+                " positions exceed n_positions = ", sizes_.positions);
     auto x = transformer_->wte(ids) + transformer_->wpe(positions.ids);
     BlockRunner run(*this, cache, packed);
     for (size_t i = 0; i < transformer_->h->size(); ++i) {
       auto block = transformer_->h->ptr<Gpt2BlockImpl>(i);
-      x = run(x, [block, i](const at::Tensor& in, KVCache* c, const PackedLayout* p) { return block->forward(in, c, i, p); });
+      x = run(x, [block, i](const at::Tensor& in, KVCache* c, const PackedLayout* p) {
+        return block->forward(in, c, i, p);
+      });
     }
     return transformer_->ln_f(x);
   }

@@ -1,9 +1,8 @@
 // llama.cpp: the Llama family (also Mistral and Qwen2) in the LibTorch C++ frontend with Hugging Face's module
 // names (model.layers.N.self_attn.q_proj, ...): RMSNorm, rotary positions (rotate_half), grouped-query
 // attention, the gated MLP, optional q/k/v biases and a sliding window honoured up to its length.
-#include <torch/nn/modules/container/modulelist.h>
-
 #include <ATen/ATen.h>
+#include <torch/nn/modules/container/modulelist.h>
 
 #include "llm/models/decoder.h"
 
@@ -107,8 +106,9 @@ class LlamaForCausalLM : public DecoderOnlyLM {
  public:
   LlamaForCausalLM(const ModelConfig& c, at::ScalarType dtype)
       : DecoderOnlyLM(c),
-        s_{c.vocab_size, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
-           c.norm_eps, c.rope_theta, c.qkv_bias, c.o_bias, c.mlp_bias, c.sliding_window, dtype},
+        s_{c.vocab_size, c.hidden_size,       c.num_layers,     c.num_heads,  c.num_kv_heads,
+           c.head_dim,   c.intermediate_size, c.norm_eps,       c.rope_theta, c.qkv_bias,
+           c.o_bias,     c.mlp_bias,          c.sliding_window, dtype},
         source_(c.source) {
     model_ = register_module("model", LlamaBody(s_));
     register_head(s_.dim, model_->embed_tokens->weight, s_.dtype);

@@ -55,7 +55,8 @@ void load_hf_weights(CausalLM& model, const std::string& checkpoint_path) {
     if (gpt2 && is_conv1d_weight(name) && shape.size() == 2) std::swap(shape[0], shape[1]);
     if (shape != param.sizes().vec()) {
       std::ostringstream msg;
-      msg << source << " is " << at::IntArrayRef(checkpoint.entry(source).shape) << ", the model expects " << param.sizes();
+      msg << source << " is " << at::IntArrayRef(checkpoint.entry(source).shape) << ", the model expects "
+          << param.sizes();
       misshapen.push_back(msg.str());
       continue;
     }
@@ -70,8 +71,10 @@ void load_hf_weights(CausalLM& model, const std::string& checkpoint_path) {
       if (checkpoint.contains(candidate)) embedding = candidate;
     }
     if (embedding.empty() || !at::equal(checkpoint.tensor("lm_head.weight"), checkpoint.tensor(embedding))) {
-      throw FormatError(checkpoint_path + ": config.json ties lm_head to the token embedding, but the checkpoint's "
-                        "'lm_head.weight' is not the embedding" + (embedding.empty() ? "" : " '" + embedding + "'") +
+      throw FormatError(checkpoint_path +
+                        ": config.json ties lm_head to the token embedding, but the checkpoint's "
+                        "'lm_head.weight' is not the embedding" +
+                        (embedding.empty() ? "" : " '" + embedding + "'") +
                         " (hint: set tie_word_embeddings to false in config.json if the head is its own)");
     }
     unused.erase("lm_head.weight");
@@ -118,9 +121,7 @@ std::shared_ptr<CausalLM> load_pretrained(const std::string& folder, at::ScalarT
   return model;
 }
 
-bool is_gguf_path(const std::string& path) {
-  return path.size() > 5 && path.compare(path.size() - 5, 5, ".gguf") == 0;
-}
+bool is_gguf_path(const std::string& path) { return path.size() > 5 && path.compare(path.size() - 5, 5, ".gguf") == 0; }
 
 std::shared_ptr<CausalLM> load_any(const std::string& path, at::ScalarType dtype) {
   return is_gguf_path(path) ? load_gguf_model(path, dtype) : load_pretrained(path, dtype);

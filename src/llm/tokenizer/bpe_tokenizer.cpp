@@ -8,9 +8,9 @@
 #include <stdexcept>
 #include <unordered_map>
 
+#include "llm/tokenizer/pre_tokenize.h"
 #include "tiedlora/core/error.h"
 #include "tiedlora/llm/tokenizer.h"
-#include "llm/tokenizer/pre_tokenize.h"
 #include "util/text.h"
 
 namespace tiedlora {
@@ -21,7 +21,7 @@ namespace {
 
 // GPT-2's bytes_to_unicode(): printable bytes stand for themselves, the others for U+0100 onwards.
 struct ByteAlphabet {
-  std::string byte_to_char[256];               // UTF-8 of the character standing for each byte
+  std::string byte_to_char[256];  // UTF-8 of the character standing for each byte
   std::unordered_map<uint32_t, uint8_t> char_to_byte;
   ByteAlphabet() {
     std::vector<int> printable;
@@ -86,16 +86,11 @@ constexpr std::size_t kCacheMaxPieceBytes = 256;  // longer pieces are rare and 
 
 const char* pre_tokenizer_name(PreTokenizer p) {
   switch (p) {
-    case PreTokenizer::kGpt2:
-      return "gpt2";
-    case PreTokenizer::kDigitsThenGpt2:
-      return "digits+gpt2";
-    case PreTokenizer::kLlama3:
-      return "llama3";
-    case PreTokenizer::kQwen2:
-      return "qwen2";
-    case PreTokenizer::kNone:
-      return "none";
+    case PreTokenizer::kGpt2: return "gpt2";
+    case PreTokenizer::kDigitsThenGpt2: return "digits+gpt2";
+    case PreTokenizer::kLlama3: return "llama3";
+    case PreTokenizer::kQwen2: return "qwen2";
+    case PreTokenizer::kNone: return "none";
   }
   return "?";
 }
@@ -198,7 +193,8 @@ BpeTokenizer::Impl::Impl(BpeTokenizerConfig c) : config(std::move(c)) {
   const auto& alphabet = byte_alphabet();
   std::size_t size = config.vocab.size();
   for (const auto& t : config.added_tokens) {
-    if (t.id < 0 || t.id > (1 << 30)) fail("added token " + printable(t.content) + " has invalid id " + std::to_string(t.id));
+    if (t.id < 0 || t.id > (1 << 30))
+      fail("added token " + printable(t.content) + " has invalid id " + std::to_string(t.id));
     size = std::max(size, static_cast<std::size_t>(t.id) + 1);
   }
   id_to_token.resize(size);
@@ -214,8 +210,8 @@ BpeTokenizer::Impl::Impl(BpeTokenizerConfig c) : config(std::move(c)) {
     const auto& t = config.added_tokens[i];
     if (t.content.empty()) fail("added token with id " + std::to_string(t.id) + " is empty");
     if ((id_flags[t.id] & 1) && id_to_token[t.id] != t.content) {
-      fail("added token " + printable(t.content) + " has id " + std::to_string(t.id) + ", which the vocabulary gives to " +
-           printable(id_to_token[t.id]));
+      fail("added token " + printable(t.content) + " has id " + std::to_string(t.id) +
+           ", which the vocabulary gives to " + printable(id_to_token[t.id]));
     }
     id_to_token[t.id] = t.content;
     id_flags[t.id] |= 1 | (t.special ? 2 : 0);
@@ -235,12 +231,17 @@ BpeTokenizer::Impl::Impl(BpeTokenizerConfig c) : config(std::move(c)) {
     const auto& [left, right] = config.merges[rank];
     const int32_t a = lookup(left), b = lookup(right), m = lookup(left + right);
     const std::string where = "merge " + std::to_string(rank) + " (" + printable(left) + " " + printable(right) + ")";
-    if (a < 0) fail(where + ": " + printable(left) + " is not in the vocabulary (hint: vocabulary and merges from different tokenizers?)");
-    if (b < 0) fail(where + ": " + printable(right) + " is not in the vocabulary (hint: vocabulary and merges from different tokenizers?)");
+    if (a < 0)
+      fail(where + ": " + printable(left) +
+           " is not in the vocabulary (hint: vocabulary and merges from different tokenizers?)");
+    if (b < 0)
+      fail(where + ": " + printable(right) +
+           " is not in the vocabulary (hint: vocabulary and merges from different tokenizers?)");
     if (m < 0) fail(where + ": the merged token " + printable(left + right) + " is not in the vocabulary");
     merges[pair_key(a, b)] = MergeRule{static_cast<uint32_t>(rank), m};  // a repeated pair keeps the last rank, as HF
   }
-  if (config.unk_id && (*config.unk_id < 0 || static_cast<std::size_t>(*config.unk_id) >= size || !(id_flags[*config.unk_id] & 1))) {
+  if (config.unk_id &&
+      (*config.unk_id < 0 || static_cast<std::size_t>(*config.unk_id) >= size || !(id_flags[*config.unk_id] & 1))) {
     fail("unknown-token id " + std::to_string(*config.unk_id) + " is not in the vocabulary");
   }
   for (const auto* id : {&config.bos_id, &config.eos_id}) {
@@ -250,7 +251,8 @@ BpeTokenizer::Impl::Impl(BpeTokenizerConfig c) : config(std::move(c)) {
   }
   for (auto ids : {&config.prefix_ids, &config.suffix_ids}) {
     for (TokenId id : *ids) {
-      if (id < 0 || static_cast<std::size_t>(id) >= size) fail("post-processor id " + std::to_string(id) + " is outside the vocabulary");
+      if (id < 0 || static_cast<std::size_t>(id) >= size)
+        fail("post-processor id " + std::to_string(id) + " is outside the vocabulary");
     }
   }
   // Initial symbols per byte, as tokenizers' BPE::merge_word treats one byte-level character.
@@ -353,20 +355,17 @@ void BpeTokenizer::Impl::for_each_piece(std::string_view segment, const Emit& em
   };
   std::vector<std::pair<uint32_t, uint32_t>> parts;
   switch (config.pre_tokenizer) {
-    case PreTokenizer::kGpt2:
-      byte_level(segment, true);
-      return;
-    case PreTokenizer::kNone:
-      byte_level(segment, false);
-      return;
+    case PreTokenizer::kGpt2: byte_level(segment, true); return;
+    case PreTokenizer::kNone: byte_level(segment, false); return;
     case PreTokenizer::kDigitsThenGpt2:
       td::split_digits(segment, &parts);
       for (const auto& [b, e] : parts) byte_level(segment.substr(b, e - b), true);
       return;
     case PreTokenizer::kLlama3:
     case PreTokenizer::kQwen2:
-      td::split_by_pattern(segment, config.pre_tokenizer == PreTokenizer::kLlama3 ? td::SplitPattern::kLlama3 : td::SplitPattern::kQwen2,
-                           &parts);
+      td::split_by_pattern(
+          segment, config.pre_tokenizer == PreTokenizer::kLlama3 ? td::SplitPattern::kLlama3 : td::SplitPattern::kQwen2,
+          &parts);
       for (const auto& [b, e] : parts) byte_level(segment.substr(b, e - b), false);
       return;
   }

@@ -85,7 +85,8 @@ std::string chat_template_of(const std::string& model) {
   throw FormatError(config + ": field 'chat_template' must be a string or a list of named templates");
 }
 
-PromptFormat prompt_format_for(const Tokenizer& tokenizer, const std::string& chat_template, std::optional<bool> use_chat) {
+PromptFormat prompt_format_for(const Tokenizer& tokenizer, const std::string& chat_template,
+                               std::optional<bool> use_chat) {
   PromptFormat format;
   const ChatTemplateInfo info = inspect_chat_template(chat_template);
   if (use_chat.value_or(info.is_chatml) && !info.is_chatml) {

@@ -50,7 +50,8 @@ BpeTokenizer BpeTokenizer::from_gguf(const io::GgufFile& file) {
     for (std::size_t i = 0; i < merges.size(); ++i) {
       const std::string& m = merges[i];
       const auto space = m.find(' ');
-      if (space == std::string::npos || space == 0 || space + 1 == m.size() || m.find(' ', space + 1) != std::string::npos) {
+      if (space == std::string::npos || space == 0 || space + 1 == m.size() ||
+          m.find(' ', space + 1) != std::string::npos) {
         throw FormatError(path + ": metadata 'tokenizer.ggml.merges' element " + std::to_string(i) + " '" +
                           m.substr(0, 100) + "' is not \"<left> <right>\"");
       }
@@ -85,8 +86,10 @@ BpeTokenizer BpeTokenizer::from_gguf(const io::GgufFile& file) {
   config.bos_id = id_key("tokenizer.ggml.bos_token_id");
   config.eos_id = id_key("tokenizer.ggml.eos_token_id");
   id_key("tokenizer.ggml.unknown_token_id");  // validated only: byte-level BPE drops unknown bytes (see above)
-  if (file.get_bool("tokenizer.ggml.add_bos_token", false) && config.bos_id) config.prefix_ids.push_back(*config.bos_id);
-  if (file.get_bool("tokenizer.ggml.add_eos_token", false) && config.eos_id) config.suffix_ids.push_back(*config.eos_id);
+  if (file.get_bool("tokenizer.ggml.add_bos_token", false) && config.bos_id)
+    config.prefix_ids.push_back(*config.bos_id);
+  if (file.get_bool("tokenizer.ggml.add_eos_token", false) && config.eos_id)
+    config.suffix_ids.push_back(*config.eos_id);
   return BpeTokenizer(std::move(config));
 }
 

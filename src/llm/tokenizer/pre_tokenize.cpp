@@ -36,8 +36,8 @@ constexpr uint32_t kInvalidBase = 0x110000;  // pseudo code points for invalid b
 uint8_t char_class(uint32_t c) {
   if (c < 128) return kAscii.mask[c];
   const auto* end = std::end(kClassRanges);
-  const auto* it = std::upper_bound(std::begin(kClassRanges), end, c,
-                                    [](uint32_t v, const ClassRange& r) { return v < r.first; });
+  const auto* it =
+      std::upper_bound(std::begin(kClassRanges), end, c, [](uint32_t v, const ClassRange& r) { return v < r.first; });
   if (it == std::begin(kClassRanges)) return 0;
   --it;
   return c <= it->last ? it->mask : 0;
@@ -67,8 +67,8 @@ void decode_utf8(std::string_view text, DecodedText* out) {
         len = 3;
       }
     } else if (b >= 0xF0 && b <= 0xF4 && cont(1) && cont(2) && cont(3)) {
-      const uint32_t v = ((b & 0x07u) << 18) | ((s[i + 1] & 0x3Fu) << 12) | ((s[i + 2] & 0x3Fu) << 6) |
-                         (s[i + 3] & 0x3Fu);
+      const uint32_t v =
+          ((b & 0x07u) << 18) | ((s[i + 1] & 0x3Fu) << 12) | ((s[i + 2] & 0x3Fu) << 6) | (s[i + 3] & 0x3Fu);
       if (v >= 0x10000 && v <= 0x10FFFF) {
         cp = v;
         len = 4;
@@ -84,8 +84,7 @@ void decode_utf8(std::string_view text, DecodedText* out) {
 
 const char* split_pattern_regex(SplitPattern pattern) {
   switch (pattern) {
-    case SplitPattern::kGpt2:
-      return R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
+    case SplitPattern::kGpt2: return R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
     case SplitPattern::kLlama3:
       return R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
     case SplitPattern::kQwen2:
@@ -194,15 +193,9 @@ void split_by_pattern(std::string_view text, SplitPattern pattern, std::vector<s
   while (i < decoded.size()) {
     std::size_t len = 0;
     switch (pattern) {
-      case SplitPattern::kGpt2:
-        len = m.gpt2(i);
-        break;
-      case SplitPattern::kLlama3:
-        len = m.llama3(i, 3);
-        break;
-      case SplitPattern::kQwen2:
-        len = m.llama3(i, 1);
-        break;
+      case SplitPattern::kGpt2: len = m.gpt2(i); break;
+      case SplitPattern::kLlama3: len = m.llama3(i, 3); break;
+      case SplitPattern::kQwen2: len = m.llama3(i, 1); break;
     }
     pieces->emplace_back(decoded.offsets[i], decoded.offsets[i + len]);
     i += len;

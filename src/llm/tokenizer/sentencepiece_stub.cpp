@@ -11,7 +11,8 @@ struct SentencePieceTokenizer::Impl {};
 bool sentencepiece_available() { return false; }
 
 SentencePieceTokenizer SentencePieceTokenizer::from_file(const std::string& model_path) {
-  throw FormatError(model_path + ": this build of tiedlora has no SentencePiece support (hint: install "
+  throw FormatError(model_path +
+                    ": this build of tiedlora has no SentencePiece support (hint: install "
                     "libsentencepiece-dev and reconfigure with -DTIEDLORA_SENTENCEPIECE=ON)");
 }
 

@@ -68,7 +68,9 @@ std::string SentencePieceTokenizer::decode(const std::vector<TokenId>& ids, bool
   return out;
 }
 
-std::size_t SentencePieceTokenizer::vocab_size() const { return static_cast<std::size_t>(impl_->processor.GetPieceSize()); }
+std::size_t SentencePieceTokenizer::vocab_size() const {
+  return static_cast<std::size_t>(impl_->processor.GetPieceSize());
+}
 
 std::optional<TokenId> SentencePieceTokenizer::token_to_id(std::string_view token) const {
   const int id = impl_->processor.PieceToId(token);

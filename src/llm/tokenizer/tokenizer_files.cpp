@@ -8,9 +8,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include "llm/tokenizer/pre_tokenize.h"
 #include "tiedlora/core/error.h"
 #include "tiedlora/llm/tokenizer.h"
-#include "llm/tokenizer/pre_tokenize.h"
 #include "util/files.h"
 #include "util/text.h"
 
@@ -122,7 +122,8 @@ PipelineChoice choose_pre_tokenizer(const json& pre, const std::string& path) {
           // Split(GPT-2) then ByteLevel without regex cuts exactly as ByteLevel with its regex.
           return {PreTokenizer::kGpt2, prefix};
         }
-        throw FormatError(where + ": the Split regex '" + util::excerpt_for_message(regex, 300) + "' is not one tiedlora knows" + hint);
+        throw FormatError(where + ": the Split regex '" + util::excerpt_for_message(regex, 300) +
+                          "' is not one tiedlora knows" + hint);
       }
     }
   }
@@ -140,7 +141,8 @@ void read_post_processor(const json& post, const std::string& path, BpeTokenizer
     return;
   }
   if (type != "TemplateProcessing") {
-    throw FormatError(where + ": type '" + type + "' is not supported (hint: tiedlora applies TemplateProcessing, "
+    throw FormatError(where + ": type '" + type +
+                      "' is not supported (hint: tiedlora applies TemplateProcessing, "
                       "ByteLevel and Sequence post-processors)");
   }
   const json& single = post.value("single", json::array());
@@ -200,7 +202,8 @@ BpeTokenizer BpeTokenizer::from_tokenizer_json(const std::string& path) {
   config.source = path;
   const std::string model_type = type_of(model);
   if (model_type != "BPE" && !(model_type.empty() && model.contains("merges"))) {
-    throw FormatError(path + ": model.type is '" + model_type + "', only BPE is supported (hint: SentencePiece "
+    throw FormatError(path + ": model.type is '" + model_type +
+                      "', only BPE is supported (hint: SentencePiece "
                       "tokenizers such as Llama 2's load from tokenizer.model)");
   }
   try {
@@ -213,13 +216,15 @@ BpeTokenizer BpeTokenizer::from_tokenizer_json(const std::string& path) {
       }
     }
     const json& normalizer = root.value("normalizer", json());
-    if (!normalizer.is_null() && !(type_of(normalizer) == "Sequence" && normalizer.value("normalizers", json::array()).empty())) {
+    if (!normalizer.is_null() &&
+        !(type_of(normalizer) == "Sequence" && normalizer.value("normalizers", json::array()).empty())) {
       throw FormatError(path + ": normalizer " + util::excerpt_for_message(normalizer.dump(), 200) +
                         " is not supported (hint: byte-level BPE tokenizers have none)");
     }
     const json& decoder = root.value("decoder", json());
     if (type_of(decoder) != "ByteLevel") {
-      throw FormatError(path + ": decoder " + util::excerpt_for_message(decoder.dump(), 200) + " is not supported, expected ByteLevel");
+      throw FormatError(path + ": decoder " + util::excerpt_for_message(decoder.dump(), 200) +
+                        " is not supported, expected ByteLevel");
     }
     const auto choice = choose_pre_tokenizer(root.value("pre_tokenizer", json()), path);
     config.pre_tokenizer = choice.pre_tokenizer;
@@ -246,7 +251,8 @@ BpeTokenizer BpeTokenizer::from_tokenizer_json(const std::string& path) {
       } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {
         config.merges.emplace_back(m[0].get<std::string>(), m[1].get<std::string>());
       } else {
-        throw FormatError(where + ": expected \"left right\" or [\"left\", \"right\"], got " + util::excerpt_for_message(m.dump(), 200));
+        throw FormatError(where + ": expected \"left right\" or [\"left\", \"right\"], got " +
+                          util::excerpt_for_message(m.dump(), 200));
       }
     }
     for (const auto& t : root.value("added_tokens", json::array())) {
@@ -270,13 +276,16 @@ BpeTokenizer BpeTokenizer::from_tokenizer_json(const std::string& path) {
 }
 
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
-  if (util::is_regular_file(path) && util::ends_with(path, ".gguf")) return std::make_unique<BpeTokenizer>(BpeTokenizer::from_gguf(path));
-  if (util::is_regular_file(path) && util::ends_with(path, "tokenizer.json")) return std::make_unique<BpeTokenizer>(BpeTokenizer::from_tokenizer_json(path));
+  if (util::is_regular_file(path) && util::ends_with(path, ".gguf"))
+    return std::make_unique<BpeTokenizer>(BpeTokenizer::from_gguf(path));
+  if (util::is_regular_file(path) && util::ends_with(path, "tokenizer.json"))
+    return std::make_unique<BpeTokenizer>(BpeTokenizer::from_tokenizer_json(path));
   if (util::is_regular_file(path) && util::ends_with(path, ".model")) {
     return std::make_unique<SentencePieceTokenizer>(SentencePieceTokenizer::from_file(path));
   }
   if (!util::is_directory(path)) {
-    throw FormatError(path + ": not a .gguf file, a tokenizer.json, a SentencePiece .model or a folder (hint: pass a "
+    throw FormatError(path +
+                      ": not a .gguf file, a tokenizer.json, a SentencePiece .model or a folder (hint: pass a "
                       "Hugging Face model folder)");
   }
   const std::string folder = path.back() == '/' ? path : path + "/";
@@ -284,7 +293,8 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
   if (util::is_regular_file(folder + "tokenizer.json")) {
     tokenizer = std::make_unique<BpeTokenizer>(BpeTokenizer::from_tokenizer_json(folder + "tokenizer.json"));
   } else if (util::is_regular_file(folder + "vocab.json") && util::is_regular_file(folder + "merges.txt")) {
-    tokenizer = std::make_unique<BpeTokenizer>(BpeTokenizer::from_vocab_and_merges(folder + "vocab.json", folder + "merges.txt"));
+    tokenizer = std::make_unique<BpeTokenizer>(
+        BpeTokenizer::from_vocab_and_merges(folder + "vocab.json", folder + "merges.txt"));
   } else if (util::is_regular_file(folder + "tokenizer.model")) {
     // The model file names its own bos/eos; tokenizer_config.json agrees for Llama 2.
     return std::make_unique<SentencePieceTokenizer>(SentencePieceTokenizer::from_file(folder + "tokenizer.model"));
@@ -298,7 +308,8 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
     auto id_of = [&](const char* key) -> std::optional<TokenId> {
       if (!cfg.is_object() || !cfg.contains(key)) return std::nullopt;
       const json& v = cfg[key];
-      const std::string name = v.is_string() ? v.get<std::string>() : (v.is_object() ? v.value("content", std::string()) : "");
+      const std::string name =
+          v.is_string() ? v.get<std::string>() : (v.is_object() ? v.value("content", std::string()) : "");
       return name.empty() ? std::nullopt : tokenizer->token_to_id(name);
     };
     const auto bos = id_of("bos_token"), eos = id_of("eos_token");

@@ -19,14 +19,27 @@ constexpr const char* kStateFormat = "tiedlora-trainer-1";
 
 // The options that fix the sequence of data, learning rates and updates: a resumed run must share them.
 json trajectory_options(const TrainOptions& o) {
-  return {{"max_steps", o.max_steps},       {"batch_size", o.batch_size},     {"grad_accum", o.grad_accum},
-          {"max_length", o.max_length},     {"lr", o.lr},                     {"warmup_steps", o.warmup_steps},
-          {"min_lr_ratio", o.min_lr_ratio}, {"weight_decay", o.weight_decay}, {"beta1", o.beta1},
-          {"beta2", o.beta2},               {"eps", o.eps},                   {"max_grad_norm", o.max_grad_norm},
-          {"eval_every", o.eval_every},     {"patience", o.patience},         {"min_delta", o.min_delta},
-          {"seed", o.seed},                 {"autocast_bf16", o.autocast_bf16},
-          {"packing", o.packing.value_or(false)}, {"pack_length", o.packing.value_or(false) ? o.pack_length : 0},
-          {"group_by_length", o.group_by_length}, {"resume_key", o.resume_key}};
+  return {{"max_steps", o.max_steps},
+          {"batch_size", o.batch_size},
+          {"grad_accum", o.grad_accum},
+          {"max_length", o.max_length},
+          {"lr", o.lr},
+          {"warmup_steps", o.warmup_steps},
+          {"min_lr_ratio", o.min_lr_ratio},
+          {"weight_decay", o.weight_decay},
+          {"beta1", o.beta1},
+          {"beta2", o.beta2},
+          {"eps", o.eps},
+          {"max_grad_norm", o.max_grad_norm},
+          {"eval_every", o.eval_every},
+          {"patience", o.patience},
+          {"min_delta", o.min_delta},
+          {"seed", o.seed},
+          {"autocast_bf16", o.autocast_bf16},
+          {"packing", o.packing.value_or(false)},
+          {"pack_length", o.packing.value_or(false) ? o.pack_length : 0},
+          {"group_by_length", o.group_by_length},
+          {"resume_key", o.resume_key}};
 }
 
 // What a checkpoint written before an option existed ran with: such checkpoints resume when this run
@@ -108,7 +121,8 @@ std::string Trainer::State::write_checkpoint() {
                {"best_validation_loss", best_validation_loss},
                {"bad_evaluations", bad_evaluations},
                {"stopped_early", stopped_early},
-               {"data_fingerprint", std::to_string(data_fingerprint(train)) + "-" + std::to_string(data_fingerprint(validation))},
+               {"data_fingerprint",
+                std::to_string(data_fingerprint(train)) + "-" + std::to_string(data_fingerprint(validation))},
                {"tokens", tokens},
                {"train_seconds", train_seconds},
                {"train_examples", train.size()},
@@ -126,7 +140,8 @@ std::string Trainer::State::write_checkpoint() {
   const std::vector<std::string> existing = checkpoint_names(checkpoint_dir());
   const int64_t keep = std::max<int64_t>(1, options.keep_checkpoints);
   for (int64_t i = 0; i + keep < static_cast<int64_t>(existing.size()); ++i) {
-    if (util::join_path(checkpoint_dir(), existing[i]) != folder) util::remove_tree_quietly(util::join_path(checkpoint_dir(), existing[i]));
+    if (util::join_path(checkpoint_dir(), existing[i]) != folder)
+      util::remove_tree_quietly(util::join_path(checkpoint_dir(), existing[i]));
   }
   return folder;
 }
@@ -139,7 +154,8 @@ void Trainer::State::load_checkpoint(const std::string& folder) {
   }
   const json meta = util::parse_json_strict(util::read_text_file(meta_path), meta_path);
   if (!meta.is_object() || meta.value("format", "") != kStateFormat) {
-    throw FormatError(meta_path + ": not a tiedlora trainer state (format '" + std::string(kStateFormat) + "' expected)");
+    throw FormatError(meta_path + ": not a tiedlora trainer state (format '" + std::string(kStateFormat) +
+                      "' expected)");
   }
   int64_t saved_step = 0, saved_best_step = 0, saved_bad = 0, saved_tokens = 0;
   double saved_best_loss = 0, saved_seconds = 0;
@@ -165,14 +181,16 @@ void Trainer::State::load_checkpoint(const std::string& folder) {
     if (was != value) {
       const std::string hint = key == "packing" ? (was == false ? "resume with --no-packing" : "resume with --packing")
                                                 : "resume with the original options";
-      throw ConfigError(folder + ": the checkpoint was made with " + key + " = " + (was.is_null() ? "(unset)" : was.dump()) +
-                        ", this run has " + value.dump() + " (hint: " + hint +
-                        "; a different setting would not continue exactly)");
+      throw ConfigError(folder + ": the checkpoint was made with " + key + " = " +
+                        (was.is_null() ? "(unset)" : was.dump()) + ", this run has " + value.dump() +
+                        " (hint: " + hint + "; a different setting would not continue exactly)");
     }
   }
-  const std::string fingerprint = std::to_string(data_fingerprint(train)) + "-" + std::to_string(data_fingerprint(validation));
+  const std::string fingerprint =
+      std::to_string(data_fingerprint(train)) + "-" + std::to_string(data_fingerprint(validation));
   if (saved_fingerprint != fingerprint) {
-    throw ConfigError(folder + ": the checkpoint was made with other training or validation data (hint: resume with "
+    throw ConfigError(folder +
+                      ": the checkpoint was made with other training or validation data (hint: resume with "
                       "the original files, tokenizer and prompt format)");
   }
   const auto file = io::SafetensorsFile::open(tensors_path);
@@ -181,9 +199,11 @@ void Trainer::State::load_checkpoint(const std::string& folder) {
   for (const auto& [name, p] : params) {
     for (const std::string prefix : {"param.", "exp_avg.", "exp_avg_sq."}) {
       const std::string key = prefix + name;
-      if (!file.contains(key)) throw FormatError(tensors_path + ": missing '" + key + "' (hint: was the adapter configured the same way?)");
+      if (!file.contains(key))
+        throw FormatError(tensors_path + ": missing '" + key + "' (hint: was the adapter configured the same way?)");
       if (file.tensor(key).sizes() != p.sizes()) {
-        throw FormatError(tensors_path + ": '" + key + "' has another shape than the parameter (hint: same --rank and --method?)");
+        throw FormatError(tensors_path + ": '" + key +
+                          "' has another shape than the parameter (hint: same --rank and --method?)");
       }
     }
   }
@@ -199,7 +219,8 @@ void Trainer::State::load_checkpoint(const std::string& folder) {
     state[p.unsafeGetTensorImpl()] = std::move(adam);
     if (file.contains("best." + name)) best.push_back(file.tensor("best." + name).to(p.device()).clone());
   }
-  if (!best.empty() && best.size() != params.size()) throw FormatError(tensors_path + ": the best adapter is incomplete");
+  if (!best.empty() && best.size() != params.size())
+    throw FormatError(tensors_path + ": the best adapter is incomplete");
   cpu_dropout.set_state(file.tensor("rng.cpu").clone());
   if (device_dropout.defined()) {
     // Absent when written on a machine without this GPU: the generator then stays as seeded.
@@ -242,7 +263,8 @@ void Trainer::State::share_state() {
   if (world() == 1) return;
   at::Tensor counters = at::tensor({static_cast<double>(step), static_cast<double>(best_step), best_validation_loss,
                                     static_cast<double>(bad_evaluations), static_cast<double>(tokens), train_seconds,
-                                    stopped_early ? 1.0 : 0.0, best.empty() ? 0.0 : 1.0}, at::kDouble);
+                                    stopped_early ? 1.0 : 0.0, best.empty() ? 0.0 : 1.0},
+                                   at::kDouble);
   group->broadcast(counters, 0, "the checkpoint's counters");
   const auto c = counters.accessor<double, 1>();
   step = static_cast<int64_t>(c[0]);

@@ -1,5 +1,7 @@
 // data.cpp: JSONL prompt/completion data, tokenized examples, and padded or packed batches
 // (tiedlora/llm/data.h).
+#include "tiedlora/llm/data.h"
+
 #include <algorithm>
 #include <cctype>
 #include <fstream>
@@ -9,7 +11,6 @@
 #include <nlohmann/json.hpp>
 
 #include "tiedlora/core/error.h"
-#include "tiedlora/llm/data.h"
 #include "util/files.h"
 
 namespace tiedlora::train {
@@ -17,7 +18,8 @@ namespace tiedlora::train {
 using nlohmann::json;
 
 std::vector<Example> read_jsonl(const std::string& path) {
-  if (!util::is_regular_file(path)) throw FormatError(path + ": no such file (hint: give a JSONL file of {\"prompt\", \"completion\"} lines)");
+  if (!util::is_regular_file(path))
+    throw FormatError(path + ": no such file (hint: give a JSONL file of {\"prompt\", \"completion\"} lines)");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw FormatError(path + ": cannot be read");
   std::vector<Example> out;
@@ -49,7 +51,8 @@ std::vector<Example> read_jsonl(const std::string& path) {
     example.completion = string_field(j, "completion", true);
     example.system = string_field(j, "system", false);
     example.task = string_field(j, "task", false);
-    if (example.completion.empty()) throw FormatError(path + ":" + std::to_string(number) + ": \"completion\" is empty");
+    if (example.completion.empty())
+      throw FormatError(path + ":" + std::to_string(number) + ": \"completion\" is empty");
     out.push_back(std::move(example));
   }
   if (in.bad()) throw FormatError(path + ": read error after line " + std::to_string(number));

@@ -1,12 +1,12 @@
 // evaluation.cpp: exact-match evaluation by greedy decoding, batched and sharded over a process group
 // (tiedlora/llm/evaluation.h).
+#include "tiedlora/llm/evaluation.h"
+
 #include <algorithm>
 #include <cctype>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
-
-#include "tiedlora/llm/evaluation.h"
 
 namespace tiedlora::train {
 
@@ -31,13 +31,19 @@ ExactMatch exact_match(models::CausalLM& model, const Tokenizer& tokenizer, cons
                        const std::function<void(size_t, size_t)>& on_progress, distributed::ProcessGroup* group) {
   if (group && group->world_size() > 1) {
     // Each rank decodes its share; the predictions come back as JSON lines, in rank (hence example) order.
-    const auto [begin, end] = distributed::shard_range(static_cast<int64_t>(examples.size()), group->rank(), group->world_size());
+    const auto [begin, end] =
+        distributed::shard_range(static_cast<int64_t>(examples.size()), group->rank(), group->world_size());
     const std::vector<Example> share(examples.begin() + begin, examples.begin() + end);
     const ExactMatch mine = exact_match(model, tokenizer, share, format, max_new_tokens, batch_size, on_progress);
     std::string lines;
     for (const auto& p : mine.predictions) {
-      lines += nlohmann::json{{"task", p.task}, {"prompt", p.prompt}, {"expected", p.expected}, {"generated", p.generated},
-                              {"correct", p.correct}}.dump() + "\n";
+      lines += nlohmann::json{{"task", p.task},
+                              {"prompt", p.prompt},
+                              {"expected", p.expected},
+                              {"generated", p.generated},
+                              {"correct", p.correct}}
+                   .dump() +
+               "\n";
     }
     ExactMatch result;
     for (const std::string& text : distributed::all_gather_text(*group, lines, "the exact-match predictions")) {

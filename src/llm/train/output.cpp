@@ -12,8 +12,9 @@ void prepare_output_dir(const std::string& dir, bool resume, bool overwrite) {
   const bool used = util::path_exists(metrics) || util::path_exists(checkpoints);
   if (used && !resume) {
     if (!overwrite) throw ConfigError(dir + ": holds an earlier run (hint: resume it, or overwrite to start over)");
-    for (const std::string name : {"metrics.jsonl", "checkpoints", "adapter", "merged", "loss.png", "summary.json",
-                                   "eval_before.json", "predictions_before.jsonl", "predictions_after.jsonl", "profile.md"}) {
+    for (const std::string name :
+         {"metrics.jsonl", "checkpoints", "adapter", "merged", "loss.png", "summary.json", "eval_before.json",
+          "predictions_before.jsonl", "predictions_after.jsonl", "profile.md"}) {
       util::remove_tree(util::join_path(dir, name));
     }
   }
@@ -29,13 +30,15 @@ MergeReport merge_trained(const models::CausalLM& model, const std::string& mode
   merge.out = out;
   merge.force = true;
   for (const auto& [name, layer] : adapted_layers(model)) {
-    if (layer->merged()) throw ConfigError("merge_trained: layer '" + name + "' is merged in memory (hint: unmerge it first)");
+    if (layer->merged())
+      throw ConfigError("merge_trained: layer '" + name + "' is merged in memory (hint: unmerge it first)");
   }
   if (!models::is_gguf_path(model_path)) return merge_checkpoint(merge);
   util::StagedDirectory staged(out + ".base");  // removed on return: the HF copy of the GGUF base is scratch
   merge.base = util::join_path(staged.path(), "model");
   models::save_pretrained(model, merge.base);
-  if (stop_requested && stop_requested()) throw Cancelled("merge of " + out + " stopped before it began; nothing was written");
+  if (stop_requested && stop_requested())
+    throw Cancelled("merge of " + out + " stopped before it began; nothing was written");
   return merge_checkpoint(merge);
 }
 

@@ -21,14 +21,16 @@ namespace {
 void check_examples(const std::vector<TokenizedExample>& examples, const char* set, int64_t max_length) {
   for (size_t i = 0; i < examples.size(); ++i) {
     const auto& e = examples[i];
-    if (e.prompt.empty()) throw ConfigError(std::string(set) + " example " + std::to_string(i + 1) + " has an empty prompt");
+    if (e.prompt.empty())
+      throw ConfigError(std::string(set) + " example " + std::to_string(i + 1) + " has an empty prompt");
     if (e.completion.empty()) {
-      throw ConfigError(std::string(set) + " example " + std::to_string(i + 1) + " has an empty completion (nothing to learn)");
+      throw ConfigError(std::string(set) + " example " + std::to_string(i + 1) +
+                        " has an empty completion (nothing to learn)");
     }
     if (static_cast<int64_t>(e.completion.size()) + 1 > max_length) {
       throw ConfigError(std::string(set) + " example " + std::to_string(i + 1) + " has a completion of " +
-                        std::to_string(e.completion.size()) + " tokens, more than max_length " + std::to_string(max_length) +
-                        " allows (hint: raise --max-length or shorten it)");
+                        std::to_string(e.completion.size()) + " tokens, more than max_length " +
+                        std::to_string(max_length) + " allows (hint: raise --max-length or shorten it)");
     }
   }
 }
@@ -105,7 +107,8 @@ at::Tensor completion_loss_sum(models::CausalLM& model, const Batch& batch) {
   return at::cross_entropy_loss(wide, labels.masked_select(mask), {}, at::Reduction::Sum);
 }
 
-std::vector<int64_t> epoch_order(const std::vector<TokenizedExample>& train, const TrainOptions& options, int64_t epoch) {
+std::vector<int64_t> epoch_order(const std::vector<TokenizedExample>& train, const TrainOptions& options,
+                                 int64_t epoch) {
   const int64_t n = static_cast<int64_t>(train.size());
   std::vector<int64_t> order(n);
   for (int64_t i = 0; i < n; ++i) order[i] = i;
@@ -146,7 +149,8 @@ Trainer::Trainer(models::CausalLM& model, std::vector<TokenizedExample> train, s
       s_->params.emplace_back(stored_parameter_name(item.key()), item.value());
     }
   }
-  if (s_->params.empty()) throw ConfigError("Trainer: the model has no trainable parameters (hint: inject adapters first)");
+  if (s_->params.empty())
+    throw ConfigError("Trainer: the model has no trainable parameters (hint: inject adapters first)");
   const at::Device device = s_->params.front().second.device();
   if (device.is_cuda()) {  // adapter dropout on that GPU draws from a generator of the Trainer's own too
     s_->device_dropout = at::detail::getCUDAHooks().getNewGenerator(device.index());
@@ -164,18 +168,22 @@ Trainer::Trainer(models::CausalLM& model, std::vector<TokenizedExample> train, s
       }
       for (const auto& t : layer->update(adapter).tensors()) {
         if (t.requires_grad()) {
-          throw ConfigError("Trainer: adapter '" + adapter + "' has trainable tensors (on '" + name + "') but is not "
+          throw ConfigError("Trainer: adapter '" + adapter + "' has trainable tensors (on '" + name +
+                            "') but is not "
                             "active, so it would never get a gradient (hint: set_active_adapters() to train it, or "
-                            "set_adapter_trainable(model, \"" + adapter + "\", false) to keep it fixed)");
+                            "set_adapter_trainable(model, \"" +
+                            adapter + "\", false) to keep it fixed)");
         }
       }
     }
   }
   if (!s_->options.packing) s_->options.packing = !dropout;  // automatic: packed wherever that equals padding
   if (o.batch_size < s_->world()) {
-    throw ConfigError("Trainer: batch_size " + std::to_string(o.batch_size) + " (the global micro-batch) is smaller than the " +
-                      std::to_string(s_->world()) + " processes: each rank needs an example of every micro-batch (hint: "
-                      "--batch-size " + std::to_string(s_->world()) + " or more, or fewer processes)");
+    throw ConfigError("Trainer: batch_size " + std::to_string(o.batch_size) +
+                      " (the global micro-batch) is smaller than the " + std::to_string(s_->world()) +
+                      " processes: each rank needs an example of every micro-batch (hint: "
+                      "--batch-size " +
+                      std::to_string(s_->world()) + " or more, or fewer processes)");
   }
   std::vector<at::Tensor> tensors;
   for (const auto& p : s_->params) tensors.push_back(p.second);
@@ -189,7 +197,8 @@ Trainer::Trainer(models::CausalLM& model, std::vector<TokenizedExample> train, s
 void TrainOptions::validate() const {
   auto positive = [](const char* name, double value) {
     if (!(value > 0) || !std::isfinite(value)) {
-      throw ConfigError(std::string("train options: ") + name + " must be a positive number, got " + std::to_string(value));
+      throw ConfigError(std::string("train options: ") + name + " must be a positive number, got " +
+                        std::to_string(value));
     }
   };
   auto in_unit = [](const char* name, double value, bool one_allowed) {
@@ -208,7 +217,8 @@ void TrainOptions::validate() const {
   in_unit("beta1", beta1, false);
   in_unit("beta2", beta2, false);
   if (warmup_steps < 0) throw ConfigError("train options: warmup_steps must not be negative");
-  if (pack_length < 0) throw ConfigError("train options: pack_length must not be negative (0: one row per micro-batch)");
+  if (pack_length < 0)
+    throw ConfigError("train options: pack_length must not be negative (0: one row per micro-batch)");
   if (!(weight_decay >= 0) || !std::isfinite(weight_decay)) {
     throw ConfigError("train options: weight_decay must be a non-negative number");
   }
@@ -265,7 +275,8 @@ double Trainer::validation_loss() {
   double sum = 0;
   int64_t count = 0;
   // Each rank its contiguous share of the set, in batches as one process would make them.
-  const auto [begin, end] = distributed::shard_range(static_cast<int64_t>(s.validation.size()), s.group->rank(), s.world());
+  const auto [begin, end] =
+      distributed::shard_range(static_cast<int64_t>(s.validation.size()), s.group->rank(), s.world());
   for (int64_t i = begin; i < end; i += s.options.batch_size) {
     std::vector<const TokenizedExample*> items;
     for (int64_t j = i; j < std::min(end, i + s.options.batch_size); ++j) items.push_back(&s.validation[j]);
@@ -350,8 +361,8 @@ TrainResult Trainer::run(const TrainCallbacks& callbacks) {
     if (s.world() > 1) s.all_reduce_step(tensors, loss_sum, stop_requested, s.step + 1);
     record.loss = loss_sum / static_cast<double>(targets);
     if (!std::isfinite(record.loss)) {
-      throw Error("training diverged at step " + std::to_string(s.step + 1) + ": the loss is " + std::to_string(record.loss) +
-                  " (hint: lower --lr or raise --warmup-steps)");
+      throw Error("training diverged at step " + std::to_string(s.step + 1) + ": the loss is " +
+                  std::to_string(record.loss) + " (hint: lower --lr or raise --warmup-steps)");
     }
     record.grad_norm = o.max_grad_norm > 0 ? torch::nn::utils::clip_grad_norm_(tensors, o.max_grad_norm)
                                            : torch::nn::utils::clip_grad_norm_(tensors, INFINITY);
@@ -360,7 +371,8 @@ TrainResult Trainer::run(const TrainCallbacks& callbacks) {
                   std::to_string(record.grad_norm) + " (nothing was updated; hint: lower --lr)");
     }
     record.lr = cosine_with_warmup(s.step, o.max_steps, o.warmup_steps, o.lr, o.min_lr_ratio);
-    for (auto& group : s.optimizer->param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(record.lr);
+    for (auto& group : s.optimizer->param_groups())
+      static_cast<torch::optim::AdamWOptions&>(group.options()).lr(record.lr);
     s.optimizer->step();
     ++s.step;
     record.step = s.step;

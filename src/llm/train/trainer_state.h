@@ -30,13 +30,12 @@ void unflatten(const at::Tensor& flat, const std::vector<at::Tensor>& tensors);
 /// "step-00000012": a checkpoint's folder name, which sorts by step.
 std::string checkpoint_name(int64_t step);
 
-
 struct Trainer::State {
   models::CausalLM& model;
   std::vector<TokenizedExample> train, validation;
   TrainOptions options;
   int64_t pad_id;
-  std::shared_ptr<distributed::ProcessGroup> group;  // never null: a world of 1 without options.process_group
+  std::shared_ptr<distributed::ProcessGroup> group;        // never null: a world of 1 without options.process_group
   std::vector<std::pair<std::string, at::Tensor>> params;  // trainable, each tensor once
   std::unique_ptr<torch::optim::AdamW> optimizer;
   int64_t step = 0;  // optimizer steps done
@@ -58,8 +57,13 @@ struct Trainer::State {
   int64_t cached_epoch = -1;
   std::vector<int64_t> permutation;
 
-  State(models::CausalLM& m, std::vector<TokenizedExample> t, std::vector<TokenizedExample> v, TrainOptions o, int64_t pad)
-      : model(m), train(std::move(t)), validation(std::move(v)), options(std::move(o)), pad_id(pad),
+  State(models::CausalLM& m, std::vector<TokenizedExample> t, std::vector<TokenizedExample> v, TrainOptions o,
+        int64_t pad)
+      : model(m),
+        train(std::move(t)),
+        validation(std::move(v)),
+        options(std::move(o)),
+        pad_id(pad),
         group(options.process_group ? options.process_group : distributed::single_process()),
         cpu_dropout(at::detail::createCPUGenerator(options.seed)) {}
 
