@@ -63,7 +63,7 @@ int main(int argc, char** argv) {
   const std::string dir = argc > 1 ? argv[1] : "/tmp/tiedlora_bench_merge";
   const double gigabytes = argc > 2 ? std::stod(argv[2]) : 1.2;
   const std::string cli = TIEDLORA_CLI_PATH;
-  tiedlora::io::remove_tree(dir);
+  tiedlora::formats::remove_tree(dir);
   ::mkdir(dir.c_str(), 0755);
   const std::string base = dir + "/base", adapter = dir + "/adapter", out = dir + "/merged";
 
@@ -71,11 +71,11 @@ int main(int argc, char** argv) {
   const int64_t rows = 4096, cols = 1792, rank = 16;
   const uint64_t tensor_bytes = rows * cols * 4;
   const int layers = static_cast<int>(gigabytes * 1e9 / tensor_bytes);
-  std::vector<tiedlora::io::TensorSpec> specs;
-  specs.push_back({"model.embed_tokens.weight", tiedlora::io::SafetensorsDtype::F32, {8000, 1024}});
+  std::vector<tiedlora::formats::TensorSpec> specs;
+  specs.push_back({"model.embed_tokens.weight", tiedlora::formats::SafetensorsDtype::F32, {8000, 1024}});
   for (int i = 0; i < layers; ++i) {
     specs.push_back(
-        {"model.layers." + std::to_string(i) + ".proj.weight", tiedlora::io::SafetensorsDtype::F32, {rows, cols}});
+        {"model.layers." + std::to_string(i) + ".proj.weight", tiedlora::formats::SafetensorsDtype::F32, {rows, cols}});
   }
   uint64_t total = 0, largest = 0;
   for (const auto& s : specs) {
@@ -83,8 +83,8 @@ int main(int argc, char** argv) {
     largest = std::max(largest, s.nbytes());
   }
   at::manual_seed(0);
-  tiedlora::io::write_sharded_safetensors_streaming(
-      base, specs, [](const tiedlora::io::TensorSpec& s) { return at::randn(s.shape); }, total / 2 + 1);
+  tiedlora::formats::write_sharded_safetensors_streaming(
+      base, specs, [](const tiedlora::formats::TensorSpec& s) { return at::randn(s.shape); }, total / 2 + 1);
   std::ofstream(base + "/config.json") << R"({"model_type": "llama"})";
 
   tiedlora::AdapterConfig config;
@@ -114,6 +114,6 @@ int main(int argc, char** argv) {
   std::printf("| %.0f MB fp32, %d adapted | %zu | %.1f MB | %.2f s | %.0f MB/s | %.0f MB | %.0f MB | %.1f |\n", mb,
               layers, specs.size(), largest / 1e6, merge.seconds, mb / merge.seconds, merge.peak_rss_mb,
               baseline.peak_rss_mb, (merge.peak_rss_mb - baseline.peak_rss_mb) / (largest / 1e6));
-  tiedlora::io::remove_tree(dir);
+  tiedlora::formats::remove_tree(dir);
   return 0;
 }

@@ -26,7 +26,7 @@ int main(int argc, char** argv) {
   const int repetitions = argc > 3 ? std::stoi(argv[3]) : 5;
   at::set_num_threads(argc > 4 ? std::stoi(argv[4]) : 2);
   try {
-    auto model = tiedlora::models::load_any(path);
+    auto model = tiedlora::llm::models::load_any(path);
     model->eval();
     at::NoGradGuard no_grad;
     // The same ids bench_smollm2_forward.py gives transformers: (7 * i + 3) mod vocab.

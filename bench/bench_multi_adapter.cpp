@@ -54,7 +54,7 @@ int main(int argc, char** argv) {
   at::set_num_threads(argc > 6 ? std::stoi(argv[6]) : 2);
   try {
     if (path == "smollm2") path = tiedlora::tools::find_smollm2_gguf();
-    auto model = tiedlora::models::load_any(path);
+    auto model = tiedlora::llm::models::load_any(path);
     model->eval();
     std::vector<std::string> names;
     for (int n = 0; n < adapters; ++n) {
@@ -82,15 +82,15 @@ int main(int argc, char** argv) {
       prompt_adapter.push_back(names[static_cast<size_t>(i % adapters)]);
       prompt_tokens += length;
     }
-    tiedlora::models::GenerateOptions options;
+    tiedlora::llm::models::GenerateOptions options;
     options.max_new_tokens = new_tokens;
     options.stop_token_ids = {-1};  // every prompt generates new_tokens: the same work in every mode
 
     std::vector<std::vector<int64_t>> mixed_out(prompts.size()), separate_out(prompts.size());
     auto run_mixed = [&] {
-      tiedlora::models::GenerateOptions o = options;
+      tiedlora::llm::models::GenerateOptions o = options;
       o.prompt_adapters = prompt_adapter;
-      mixed_out = tiedlora::models::generate_greedy_batch(*model, prompts, o);
+      mixed_out = tiedlora::llm::models::generate_greedy_batch(*model, prompts, o);
     };
     auto run_separate = [&](bool merged) {
       for (const auto& name : names) {
@@ -104,7 +104,7 @@ int main(int argc, char** argv) {
         }
         tiedlora::set_active_adapters(*model, {name});
         if (merged) tiedlora::merge_adapters_(*model);
-        const auto out = tiedlora::models::generate_greedy_batch(*model, mine, options);
+        const auto out = tiedlora::llm::models::generate_greedy_batch(*model, mine, options);
         if (merged) tiedlora::unmerge_adapters_(*model);
         for (size_t k = 0; k < where.size(); ++k) separate_out[where[k]] = out[k];
       }
@@ -112,7 +112,7 @@ int main(int argc, char** argv) {
     // The ceiling: the same batch through a single adapter, nothing to route.
     auto run_one_adapter = [&] {
       tiedlora::set_active_adapters(*model, {names.front()});
-      (void)tiedlora::models::generate_greedy_batch(*model, prompts, options);
+      (void)tiedlora::llm::models::generate_greedy_batch(*model, prompts, options);
     };
     struct Mode {
       const char* name;
@@ -160,16 +160,16 @@ int main(int argc, char** argv) {
     const std::string scratch = scratch_template;
     double lora_bytes = 0;
     for (const char* method : {"lora", "tied-ab", "tied-abuv", "tied-uv"}) {
-      auto fresh = tiedlora::models::load_any(path);
+      auto fresh = tiedlora::llm::models::load_any(path);
       const auto report = tiedlora::inject_adapters(
           *fresh,
           tiedlora::InjectOptions().targets({"all-linear"}).method(method).lora(tiedlora::LoraOptions(8).seed(1)));
-      const std::string folder = tiedlora::io::join_path(scratch, method);
+      const std::string folder = tiedlora::formats::join_path(scratch, method);
       tiedlora::save_adapter(*fresh, folder);
       const auto adapter = tiedlora::Adapter::read(folder);
       int64_t stored = 0;
       for (const auto& [name, t] : adapter.tensors()) stored += t.numel();
-      std::FILE* f = std::fopen(tiedlora::io::join_path(folder, "adapter_model.safetensors").c_str(), "rb");
+      std::FILE* f = std::fopen(tiedlora::formats::join_path(folder, "adapter_model.safetensors").c_str(), "rb");
       std::fseek(f, 0, SEEK_END);
       const double bytes = static_cast<double>(std::ftell(f));
       std::fclose(f);
@@ -181,7 +181,7 @@ int main(int argc, char** argv) {
                   100.0 * bytes / lora_bytes);
       (void)report;
     }
-    tiedlora::io::remove_tree(scratch);
+    tiedlora::formats::remove_tree(scratch);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_multi_adapter: error: %s\n", e.what());
     return 1;

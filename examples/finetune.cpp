@@ -17,12 +17,12 @@
 
 #include "tiedlora/llm.h"
 
-namespace tt = tiedlora::train;
+namespace tt = tiedlora::llm::train;
 
 namespace {
 
 // The attention input projections, the paper's placement: GPT-2 fuses them into c_attn.
-std::vector<std::string> attention_targets(const tiedlora::models::CausalLM& model) {
+std::vector<std::string> attention_targets(const tiedlora::llm::models::CausalLM& model) {
   if (model.info().model_type == "gpt2") return {"c_attn"};
   return {"q_proj", "k_proj", "v_proj"};
 }
@@ -35,7 +35,7 @@ std::vector<tt::TokenizedExample> tokenize_all(const tiedlora::Tokenizer& tokeni
   return out;
 }
 
-double exact_match(tiedlora::models::CausalLM& model, const tiedlora::Tokenizer& tokenizer,
+double exact_match(tiedlora::llm::models::CausalLM& model, const tiedlora::Tokenizer& tokenizer,
                    const std::vector<tt::Example>& test, const tt::PromptFormat& format) {
   const tt::ExactMatch em = tt::exact_match(model, tokenizer, test, format, /*max_new_tokens=*/24, /*batch_size=*/16);
   return 100 * em.accuracy();
@@ -51,7 +51,7 @@ int main(int argc, char** argv) {
   const std::string model_path = argv[1], train_path = argv[2], test_path = argv[3], output = argv[4];
   try {
     // 1. The frozen model, its tokenizer and the prompt format (ChatML when the model's template is ChatML).
-    auto model = tiedlora::models::load_any(model_path);
+    auto model = tiedlora::llm::models::load_any(model_path);
     const auto tokenizer = tiedlora::load_tokenizer(model_path);
     const tt::PromptFormat format =
         tt::prompt_format_for(*tokenizer, tiedlora::chat_template_of(model_path), std::nullopt);

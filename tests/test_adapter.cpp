@@ -95,7 +95,7 @@ TEST(Adapter, LoadsPeftLoraIntoATreeWithHuggingFaceNames) {
   tiedlora::load_adapter(*model, ref("llama_lora"));
   const auto layers = tiedlora::adapted_layers(*model);
   ASSERT_EQ(layers.size(), 6u);
-  const auto file = tiedlora::io::load_safetensors(ref("llama_lora/adapter_model.safetensors"));
+  const auto file = tiedlora::formats::load_safetensors(ref("llama_lora/adapter_model.safetensors"));
   for (const auto& [name, layer] : layers) {
     EXPECT_TRUE(torch::equal(layer->lora_A(), file.at("base_model.model." + name + ".lora_A.weight"))) << name;
     EXPECT_TRUE(torch::equal(layer->lora_B(), file.at("base_model.model." + name + ".lora_B.weight"))) << name;
@@ -106,7 +106,7 @@ TEST(Adapter, LoadsPeftLoraIntoATreeWithHuggingFaceNames) {
 TEST(Adapter, LoadsPeftVeraAsTiedUvWithPeftsDeltas) {
   auto model = tree_from_config(ref("llama_base/config.json"));
   tiedlora::load_adapter(*model, ref("llama_vera"));
-  const auto deltas = tiedlora::io::load_safetensors(ref("llama_vera_deltas.safetensors"));
+  const auto deltas = tiedlora::formats::load_safetensors(ref("llama_vera_deltas.safetensors"));
   const auto layers = tiedlora::adapted_layers(*model);
   ASSERT_EQ(layers.size(), deltas.size());
   for (const auto& [name, layer] : layers) {
@@ -190,7 +190,7 @@ TEST(Adapter, LoraIsSavedInPeftsLayout) {
   const std::string folder = ref("cpp_llama_lora");
   tiedlora::util::remove_tree(folder);
   tiedlora::save_adapter(*model, folder);
-  const auto file = tiedlora::io::load_safetensors(folder + "/adapter_model.safetensors");
+  const auto file = tiedlora::formats::load_safetensors(folder + "/adapter_model.safetensors");
   EXPECT_EQ(file.size(), 8u);
   EXPECT_TRUE(file.count("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"));
   const auto config =
@@ -230,14 +230,14 @@ TEST(Adapter, MalformedFoldersGetClearErrors) {
     return at == std::string::npos ? text : text.replace(at, from.size(), to);
   };
   auto drop_tensor = [](const std::string& dir, const std::string& name) {
-    auto tensors = tiedlora::io::load_safetensors(dir + "/adapter_model.safetensors");
+    auto tensors = tiedlora::formats::load_safetensors(dir + "/adapter_model.safetensors");
     tensors.erase(name);
-    tiedlora::io::save_safetensors(dir + "/adapter_model.safetensors", tensors);
+    tiedlora::formats::save_safetensors(dir + "/adapter_model.safetensors", tensors);
   };
   auto add_tensor = [](const std::string& dir, const std::string& name, const torch::Tensor& t) {
-    auto tensors = tiedlora::io::load_safetensors(dir + "/adapter_model.safetensors");
+    auto tensors = tiedlora::formats::load_safetensors(dir + "/adapter_model.safetensors");
     tensors[name] = t;
-    tiedlora::io::save_safetensors(dir + "/adapter_model.safetensors", tensors);
+    tiedlora::formats::save_safetensors(dir + "/adapter_model.safetensors", tensors);
   };
   const std::vector<BrokenFolder> cases = {
       {"bad_json", [&](const std::string& d) { write_text(d + "/adapter_config.json", "{\"r\": 8,"); },
@@ -297,11 +297,11 @@ TEST(Adapter, NonFiniteValuesTargetModulesAndPatternsAreCheckedAtLoad) {
   const std::vector<BrokenFolder> cases = {
       {"nan",
        [&](const std::string& d) {
-         auto tensors = tiedlora::io::load_safetensors(d + "/adapter_model.safetensors");
+         auto tensors = tiedlora::formats::load_safetensors(d + "/adapter_model.safetensors");
          tensors[b_name] = tensors.at(b_name).clone();
          tensors[b_name][0][0] = std::numeric_limits<float>::quiet_NaN();
          tensors[b_name][1][0] = std::numeric_limits<float>::infinity();
-         tiedlora::io::save_safetensors(d + "/adapter_model.safetensors", tensors);
+         tiedlora::formats::save_safetensors(d + "/adapter_model.safetensors", tensors);
        },
        "tensor '" + b_name + "' holds 2 NaN or Inf"},
       {"other_targets",

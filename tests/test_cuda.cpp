@@ -621,7 +621,7 @@ TEST(CudaMerge, MergeWeightsOnTheGpuEqualsTheCpuMerge) {
       tiedlora::util::make_directories(base);
       const auto w = (transposed ? torch::randn({96, 80}) : torch::randn({80, 96})).to(dtype);
       const std::vector<std::pair<std::string, torch::Tensor>> weights = {{"model.layers.0.proj.weight", w}};
-      tiedlora::io::save_safetensors(base + "/model.safetensors", weights, {{"format", "pt"}});
+      tiedlora::formats::save_safetensors(base + "/model.safetensors", weights, {{"format", "pt"}});
       tiedlora::AdapterConfig config;
       config.rank = 8;
       config.alpha = 16;
@@ -639,7 +639,7 @@ TEST(CudaMerge, MergeWeightsOnTheGpuEqualsTheCpuMerge) {
         options.device = gpu ? "cuda" : "cpu";
         tiedlora::merge_checkpoint(options);
         merged[gpu] =
-            tiedlora::io::load_safetensors(options.out + "/model.safetensors").at("model.layers.0.proj.weight");
+            tiedlora::formats::load_safetensors(options.out + "/model.safetensors").at("model.layers.0.proj.weight");
       }
       ASSERT_EQ(merged[1].scalar_type(), dtype);
       const double ulp = dtype == torch::kFloat ? std::ldexp(1.0, -23) : std::ldexp(1.0, -7);

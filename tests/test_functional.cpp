@@ -364,7 +364,7 @@ struct PeftCase {
 
 PeftCase load_case(const std::string& name) {
   const std::string path = tiedlora::testing::reference_dir() + "/peft_lora_" + name + ".safetensors";
-  auto file = tiedlora::io::SafetensorsFile::open(path);
+  auto file = tiedlora::formats::SafetensorsFile::open(path);
   PeftCase c;
   for (const auto& n : file.names()) c.t[n] = file.tensor(n).clone();
   c.meta = file.metadata();

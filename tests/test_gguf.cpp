@@ -29,10 +29,10 @@ namespace {
 
 using nlohmann::json;
 using tiedlora::FormatError;
-using tiedlora::io::GgmlType;
-using tiedlora::io::GgufFile;
-using tiedlora::io::GgufType;
-using tiedlora::io::GgufValue;
+using tiedlora::formats::GgmlType;
+using tiedlora::formats::GgufFile;
+using tiedlora::formats::GgufType;
+using tiedlora::formats::GgufValue;
 
 std::string reference(const std::string& name) {
   const char* dir = std::getenv("TIEDLORA_REFERENCE_DIR");
@@ -56,7 +56,7 @@ uint32_t float_bits(float f) {
 }
 
 // Bitwise comparison of float32 values with a reference safetensors tensor (F32).
-::testing::AssertionResult same_floats(const std::vector<float>& ours, const tiedlora::io::SafetensorsFile& file,
+::testing::AssertionResult same_floats(const std::vector<float>& ours, const tiedlora::formats::SafetensorsFile& file,
                                        const std::string& name) {
   const auto [bytes, size] = file.bytes(name);
   if (size != ours.size() * 4) {
@@ -76,9 +76,9 @@ uint32_t float_bits(float f) {
 // Compares a metadata value with the manifest entry {"type", "element_type", "value"}.
 void expect_value(const GgufValue& v, const std::string& type, const std::string& element_type, const json& expected,
                   const std::string& key) {
-  ASSERT_EQ(tiedlora::io::gguf_type_name(v.type()), type) << key;
+  ASSERT_EQ(tiedlora::formats::gguf_type_name(v.type()), type) << key;
   if (type == "ARRAY") {
-    ASSERT_EQ(tiedlora::io::gguf_type_name(v.element_type()), element_type) << key;
+    ASSERT_EQ(tiedlora::formats::gguf_type_name(v.element_type()), element_type) << key;
     ASSERT_EQ(v.size(), expected.size()) << key;
     if (element_type == "STRING") {
       EXPECT_EQ(v.as_strings(), expected.get<std::vector<std::string>>()) << key;
@@ -127,7 +127,7 @@ void expect_same_table(const GgufFile& file, const json& manifest) {
     const auto& t = c.tensors[i];
     const json& e = manifest["tensors"][i];
     EXPECT_EQ(t.name, e["name"].get<std::string>());
-    EXPECT_EQ(tiedlora::io::ggml_type_name(t.type), e["type"].get<std::string>()) << t.name;
+    EXPECT_EQ(tiedlora::formats::ggml_type_name(t.type), e["type"].get<std::string>()) << t.name;
     EXPECT_EQ(t.ne, e["ne"].get<std::vector<uint64_t>>()) << t.name;
     EXPECT_EQ(t.offset, e["offset"].get<uint64_t>()) << t.name;
     EXPECT_EQ(t.nbytes, e["nbytes"].get<uint64_t>()) << t.name;
@@ -180,7 +180,7 @@ TEST(Gguf, TypedGettersNameTheKeyOnErrors) {
 }
 
 TEST(Gguf, DequantizesEveryTypeBitExactly) {
-  const auto expected = tiedlora::io::SafetensorsFile::open(reference("expected.safetensors"));
+  const auto expected = tiedlora::formats::SafetensorsFile::open(reference("expected.safetensors"));
   std::size_t compared = 0;
   for (const std::string name : {"all_types", "aligned64"}) {
     const GgufFile file = GgufFile::open(reference(name + ".gguf"));
@@ -188,12 +188,13 @@ TEST(Gguf, DequantizesEveryTypeBitExactly) {
     for (const auto& t : file.tensors()) {
       if (t.type == GgmlType::Q2_K) continue;
       const std::string key = (name == "aligned64" ? "aligned64." : "") + t.name;
-      EXPECT_TRUE(same_floats(file.dequantize(t.name), expected, key)) << tiedlora::io::ggml_type_name(t.type);
+      EXPECT_TRUE(same_floats(file.dequantize(t.name), expected, key)) << tiedlora::formats::ggml_type_name(t.type);
       // The tensor view: shape = ne reversed, same values, and a bf16 conversion of them.
-      const at::Tensor tensor = tiedlora::io::load_gguf_tensor(file, t.name);
+      const at::Tensor tensor = tiedlora::formats::load_gguf_tensor(file, t.name);
       EXPECT_EQ(tensor.sizes().vec(), t.shape());
       EXPECT_TRUE(at::equal(tensor.flatten(), expected.tensor(key)));
-      EXPECT_TRUE(at::equal(tiedlora::io::load_gguf_tensor(file, t.name, at::kBFloat16), tensor.to(at::kBFloat16)));
+      EXPECT_TRUE(
+          at::equal(tiedlora::formats::load_gguf_tensor(file, t.name, at::kBFloat16), tensor.to(at::kBFloat16)));
       ++compared;
     }
   }
@@ -202,7 +203,7 @@ TEST(Gguf, DequantizesEveryTypeBitExactly) {
 
 TEST(Gguf, UndoesTheLlamaQKPermutation) {
   const GgufFile file = GgufFile::open(reference("permuted.gguf"));
-  const auto expected = tiedlora::io::SafetensorsFile::open(reference("expected.safetensors"));
+  const auto expected = tiedlora::formats::SafetensorsFile::open(reference("expected.safetensors"));
   const int64_t n_head = static_cast<int64_t>(file.get_uint("llama.attention.head_count"));
   const int64_t n_kv = static_cast<int64_t>(file.get_uint("llama.attention.head_count_kv"));
   for (const auto& [name, heads, key] :
@@ -210,10 +211,11 @@ TEST(Gguf, UndoesTheLlamaQKPermutation) {
         {"blk.0.attn_k.weight", n_kv, "permuted.k_hf"}}) {
     const auto& info = file.tensor(name);
     const int64_t rows = static_cast<int64_t>(info.ne[1]), cols = static_cast<int64_t>(info.ne[0]);
-    const at::Tensor t = tiedlora::io::unpermute_llama_qk_rows(tiedlora::io::load_gguf_tensor(file, name), heads);
+    const at::Tensor t =
+        tiedlora::formats::unpermute_llama_qk_rows(tiedlora::formats::load_gguf_tensor(file, name), heads);
     EXPECT_TRUE(at::equal(t, expected.tensor(key).reshape({rows, cols})));
   }
-  EXPECT_THROW(tiedlora::io::unpermute_llama_qk_rows(at::zeros({6, 2}), 4), c10::Error);
+  EXPECT_THROW(tiedlora::formats::unpermute_llama_qk_rows(at::zeros({6, 2}), 4), c10::Error);
 }
 
 // ---- the real SmolLM2-135M-Instruct GGUF ------------------------------------------------------------------
@@ -260,7 +262,7 @@ TEST(GgufSmolLM2, EveryTensorDequantizesAsGgufPy) {
   std::map<std::string, int> type_counts;
   std::vector<float> values;
   for (const auto& t : file.tensors()) {
-    ++type_counts[tiedlora::io::ggml_type_name(t.type)];
+    ++type_counts[tiedlora::formats::ggml_type_name(t.type)];
     values.resize(t.numel);
     file.dequantize(t.name, values.data());
     uint64_t sum = 0;  // sum of bits[i] * (i + 1) mod 2^64, as the reference script computes it
@@ -275,12 +277,12 @@ TEST(GgufSmolLM2, EveryTensorDequantizesAsGgufPy) {
 
 TEST(GgufSmolLM2, SelectedTensorsInFullAndHuggingFaceProjections) {
   const GgufFile file = GgufFile::open(smollm2_manifest()["path"].get<std::string>());
-  const auto expected = tiedlora::io::SafetensorsFile::open(reference("smollm2_expected.safetensors"));
+  const auto expected = tiedlora::formats::SafetensorsFile::open(reference("smollm2_expected.safetensors"));
   for (const std::string name : {"blk.0.attn_norm.weight", "output_norm.weight", "blk.0.attn_q.weight",
                                  "blk.0.attn_k.weight", "blk.0.attn_v.weight", "blk.29.ffn_down.weight"}) {
     EXPECT_TRUE(same_floats(file.dequantize(name), expected, name));
   }
-  const at::Tensor embedding = tiedlora::io::load_gguf_tensor(file, "token_embd.weight");
+  const at::Tensor embedding = tiedlora::formats::load_gguf_tensor(file, "token_embd.weight");
   EXPECT_EQ(embedding.sizes().vec(), (std::vector<int64_t>{49152, 576}));
   EXPECT_TRUE(at::equal(embedding.slice(0, 0, 64), expected.tensor("token_embd.weight.rows_0_64")));
   EXPECT_TRUE(at::equal(embedding.slice(0, 0, 49152, 1000), expected.tensor("token_embd.weight.rows_every_1000")));
@@ -288,8 +290,9 @@ TEST(GgufSmolLM2, SelectedTensorsInFullAndHuggingFaceProjections) {
   for (const int layer : {0, 29}) {
     for (const auto& [gguf_name, hf_name, heads] :
          {std::tuple<std::string, std::string, int64_t>{"attn_q", "q_proj", 9}, {"attn_k", "k_proj", 3}}) {
-      const at::Tensor ours = tiedlora::io::unpermute_llama_qk_rows(
-          tiedlora::io::load_gguf_tensor(file, "blk." + std::to_string(layer) + "." + gguf_name + ".weight"), heads);
+      const at::Tensor ours = tiedlora::formats::unpermute_llama_qk_rows(
+          tiedlora::formats::load_gguf_tensor(file, "blk." + std::to_string(layer) + "." + gguf_name + ".weight"),
+          heads);
       const at::Tensor hf =
           expected.tensor("hf.model.layers." + std::to_string(layer) + ".self_attn." + hf_name + ".weight");
       EXPECT_TRUE(at::equal(ours, hf)) << "layer " << layer << " " << hf_name;
@@ -354,7 +357,7 @@ std::string kv_u32(const std::string& key, uint32_t v) { return Bytes().str(key)
 
 void expect_format_error(const std::string& bytes, const std::string& fragment) {
   try {
-    tiedlora::io::parse_gguf(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), "crafted.gguf");
+    tiedlora::formats::parse_gguf(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), "crafted.gguf");
     ADD_FAILURE() << "accepted a file that should fail with '" << fragment << "'";
   } catch (const FormatError& e) {
     const std::string what = e.what();
@@ -368,7 +371,8 @@ TEST(GgufMalformed, EachCheckGivesAClearError) {
   const TensorSpec w{"w", {32, 2}, 0, 0};  // F32 32 x 2 = 256 bytes
   // The well-formed base case parses.
   const std::string good = gguf_file(arch, {w}, 256);
-  EXPECT_NO_THROW(tiedlora::io::parse_gguf(reinterpret_cast<const uint8_t*>(good.data()), good.size(), "good.gguf"));
+  EXPECT_NO_THROW(
+      tiedlora::formats::parse_gguf(reinterpret_cast<const uint8_t*>(good.data()), good.size(), "good.gguf"));
 
   expect_format_error("", "not a GGUF file");
   expect_format_error("GGU", "not a GGUF file");
@@ -430,7 +434,7 @@ TEST(GgufMalformed, HugeCountsNeverDriveAnAllocation) {
     const std::string header = Bytes().raw("GGUF", 4).u32(3).u64(tensors).u64(kv).data;
     std::memcpy(address, header.data(), header.size());
     try {
-      tiedlora::io::parse_gguf(static_cast<const uint8_t*>(address), size, "huge.gguf");
+      tiedlora::formats::parse_gguf(static_cast<const uint8_t*>(address), size, "huge.gguf");
       ADD_FAILURE() << "accepted a header claiming " << tensors << " tensors and " << kv << " metadata entries";
     } catch (const FormatError& e) {
       EXPECT_NE(std::string(e.what()).find(kv ? "duplicate key" : "duplicate tensor name"), std::string::npos)
@@ -444,14 +448,14 @@ TEST(GgufMalformed, HugeCountsNeverDriveAnAllocation) {
 
 TEST(GgufMalformed, EveryTruncationOfAValidFileIsRejected) {
   const std::string bytes = read_file(reference("all_types.gguf"));
-  const auto full = tiedlora::io::parse_gguf(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), "full");
+  const auto full = tiedlora::formats::parse_gguf(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), "full");
   uint64_t needed = full.data_offset;
   for (const auto& t : full.tensors) needed = std::max(needed, full.data_offset + t.offset + t.nbytes);
   std::size_t rejected = 0;
   for (std::size_t n = 0; n < bytes.size(); ++n) {
     std::vector<uint8_t> copy(bytes.begin(), bytes.begin() + n);  // exact size: a sanitizer sees any over-read
     try {
-      tiedlora::io::parse_gguf(copy.data(), copy.size(), "truncated");
+      tiedlora::formats::parse_gguf(copy.data(), copy.size(), "truncated");
       EXPECT_GE(n, needed) << "a truncation to " << n << " bytes cuts tensor data but was accepted";
     } catch (const FormatError&) {
       EXPECT_LT(n, needed) << "a truncation to " << n << " bytes keeps all the data but was rejected";
@@ -468,7 +472,8 @@ TEST(GgufMalformed, RandomCorruptionsGiveFormatErrorsOrValidFiles) {
   std::mt19937_64 rng(1234);
   std::size_t rejected = 0, accepted = 0;
   const std::size_t header_end =
-      tiedlora::io::parse_gguf(reinterpret_cast<const uint8_t*>(original.data()), original.size(), "x").data_offset;
+      tiedlora::formats::parse_gguf(reinterpret_cast<const uint8_t*>(original.data()), original.size(), "x")
+          .data_offset;
   for (int trial = 0; trial < 20000; ++trial) {
     std::vector<uint8_t> bytes(original.begin(), original.end());
     const int edits = 1 + static_cast<int>(rng() % 4);
@@ -484,13 +489,13 @@ TEST(GgufMalformed, RandomCorruptionsGiveFormatErrorsOrValidFiles) {
     }
     if (rng() % 8 == 0) bytes.resize(rng() % bytes.size());
     try {
-      const auto contents = tiedlora::io::parse_gguf(bytes.data(), bytes.size(), "corrupt");
+      const auto contents = tiedlora::formats::parse_gguf(bytes.data(), bytes.size(), "corrupt");
       // Whatever is accepted must be safe to use: dequantize every tensor that can be.
       for (const auto& t : contents.tensors) {
-        if (!tiedlora::io::ggml_type_info(static_cast<uint32_t>(t.type))->dequantizable || t.numel > (1u << 20))
+        if (!tiedlora::formats::ggml_type_info(static_cast<uint32_t>(t.type))->dequantizable || t.numel > (1u << 20))
           continue;
         std::vector<float> out(t.numel);
-        tiedlora::io::dequantize(t.type, bytes.data() + contents.data_offset + t.offset, t.numel, out.data());
+        tiedlora::formats::dequantize(t.type, bytes.data() + contents.data_offset + t.offset, t.numel, out.data());
       }
       ++accepted;
     } catch (const FormatError&) {

@@ -27,7 +27,7 @@ TEST(MalformedInputs, EachGetsAClearFormatError) {
     std::string message = "no error";
     try {
       if (spec.at("kind") == "safetensors") {
-        tiedlora::io::SafetensorsFile::open(path);
+        tiedlora::formats::SafetensorsFile::open(path);
       } else {
         std::ifstream in(path);
         const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());

@@ -22,14 +22,14 @@ using tiedlora::testing::difference;
 std::string models_dir() { return tiedlora::testing::reference_dir() + "/models"; }
 
 std::map<std::string, torch::Tensor> reference(const std::string& name) {
-  return tiedlora::io::load_safetensors(models_dir() + "/" + name + "_reference.safetensors");
+  return tiedlora::formats::load_safetensors(models_dir() + "/" + name + "_reference.safetensors");
 }
 
 class EveryModel : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(EveryModel, Fp32LogitsMatchTransformers) {
   auto ref = reference(GetParam());
-  auto model = tiedlora::models::load_pretrained(models_dir() + "/" + GetParam());
+  auto model = tiedlora::llm::models::load_pretrained(models_dir() + "/" + GetParam());
   model->eval();
   torch::NoGradGuard no_grad;
   const auto logits = model->forward(ref.at("ids"));
@@ -39,7 +39,7 @@ TEST_P(EveryModel, Fp32LogitsMatchTransformers) {
 
 TEST_P(EveryModel, Bf16ErrorIsWithinTransformersOwnBf16Error) {
   auto ref = reference(GetParam());
-  auto model = tiedlora::models::load_pretrained(models_dir() + "/" + GetParam(), torch::kBFloat16);
+  auto model = tiedlora::llm::models::load_pretrained(models_dir() + "/" + GetParam(), torch::kBFloat16);
   model->eval();
   torch::NoGradGuard no_grad;
   const auto ours = difference(model->forward(ref.at("ids")), ref.at("logits"));
@@ -52,13 +52,13 @@ TEST_P(EveryModel, Bf16ErrorIsWithinTransformersOwnBf16Error) {
 
 TEST_P(EveryModel, GreedyGenerationWithKvCacheMatchesTransformers) {
   auto ref = reference(GetParam());
-  auto model = tiedlora::models::load_pretrained(models_dir() + "/" + GetParam());
+  auto model = tiedlora::llm::models::load_pretrained(models_dir() + "/" + GetParam());
   const auto prompt = ref.at("prompt");
   std::vector<int64_t> ids(prompt.data_ptr<int64_t>(), prompt.data_ptr<int64_t>() + prompt.numel());
-  tiedlora::models::GenerateOptions options;
+  tiedlora::llm::models::GenerateOptions options;
   options.max_new_tokens = 12;
   options.stop_token_ids = {-1};  // transformers ran without an eos
-  const auto ours = tiedlora::models::generate_greedy(*model, ids, options);
+  const auto ours = tiedlora::llm::models::generate_greedy(*model, ids, options);
   const auto expected = ref.at("generated");
   ASSERT_EQ(ours.size(), static_cast<size_t>(expected.numel()));
   for (size_t i = 0; i < ours.size(); ++i) EXPECT_EQ(ours[i], expected[i].item<int64_t>()) << "token " << i;
@@ -66,7 +66,7 @@ TEST_P(EveryModel, GreedyGenerationWithKvCacheMatchesTransformers) {
 
 TEST_P(EveryModel, PeftLoraLoadedByNameGivesPeftsLogits) {
   auto ref = reference(GetParam());
-  auto model = tiedlora::models::load_pretrained(models_dir() + "/" + GetParam());
+  auto model = tiedlora::llm::models::load_pretrained(models_dir() + "/" + GetParam());
   tiedlora::load_adapter(*model, models_dir() + "/" + GetParam() + "_lora");
   model->eval();
   torch::NoGradGuard no_grad;
@@ -82,7 +82,7 @@ TEST_P(EveryModel, PeftLoraLoadedByNameGivesPeftsLogits) {
 TEST_P(EveryModel, TiedLoraInjectsByHuggingFaceNames) {
   torch::manual_seed(9);
   auto ref = reference(GetParam());
-  auto model = tiedlora::models::load_pretrained(models_dir() + "/" + GetParam());
+  auto model = tiedlora::llm::models::load_pretrained(models_dir() + "/" + GetParam());
   const bool gpt2 = model->info().model_type == "gpt2";
   auto report = tiedlora::inject_adapters(*model, tiedlora::InjectOptions()
                                                       .targets(gpt2 ? std::vector<std::string>{"c_attn", "mlp.c_proj"}
@@ -100,13 +100,13 @@ TEST_P(EveryModel, TiedLoraInjectsByHuggingFaceNames) {
   const std::string folder = models_dir() + "/" + GetParam() + "_cpp_tied";
   tiedlora::util::remove_tree(folder);
   tiedlora::save_adapter(*model, folder, {GetParam(), model->info().fan_in_fan_out, false});
-  tiedlora::io::save_safetensors(
+  tiedlora::formats::save_safetensors(
       folder + "_logits.safetensors",
       std::map<std::string, torch::Tensor>{{"ids", ref.at("ids")}, {"logits", logits.contiguous()}});
 }
 
 TEST(Models, MergingATiedHeadIsRefusedAndLoadingOverAnAdapterToo) {
-  auto model = tiedlora::models::load_pretrained(models_dir() + "/gpt2");
+  auto model = tiedlora::llm::models::load_pretrained(models_dir() + "/gpt2");
   ASSERT_TRUE(model->info().tie_word_embeddings);
   tiedlora::inject_adapters(*model, tiedlora::InjectOptions().targets({"lm_head"}).method("lora"));
   const auto embedding = model->named_parameters()["transformer.wte.weight"].detach().clone();
@@ -126,9 +126,9 @@ TEST(Models, ShardedCheckpointLoads) {
 
 TEST(Models, LoaderErrorsNameTheTensors) {
   // A checkpoint for another config: every misshapen tensor is named, nothing is copied.
-  auto model = tiedlora::models::build_model(models_dir() + "/llama_tied");
+  auto model = tiedlora::llm::models::build_model(models_dir() + "/llama_tied");
   try {
-    tiedlora::models::load_hf_weights(*model, models_dir() + "/llama");
+    tiedlora::llm::models::load_hf_weights(*model, models_dir() + "/llama");
     FAIL() << "loading a mismatched checkpoint succeeded";
   } catch (const tiedlora::FormatError& e) {
     const std::string message = e.what();
@@ -136,7 +136,7 @@ TEST(Models, LoaderErrorsNameTheTensors) {
     EXPECT_NE(message.find("misshapen"), std::string::npos) << message;
     EXPECT_NE(message.find("model.embed_tokens.weight"), std::string::npos) << message;
   }
-  EXPECT_THROW(tiedlora::models::build_model(models_dir() + "/missing"), tiedlora::FormatError);
+  EXPECT_THROW(tiedlora::llm::models::build_model(models_dir() + "/missing"), tiedlora::FormatError);
 }
 
 }  // namespace

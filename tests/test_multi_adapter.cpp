@@ -28,11 +28,11 @@ using tiedlora::testing::error_of;
 
 std::string multi_dir() { return tiedlora::testing::reference_dir() + "/multi"; }
 std::map<std::string, at::Tensor> reference() {
-  return tiedlora::io::load_safetensors(multi_dir() + "/mixed.safetensors");
+  return tiedlora::formats::load_safetensors(multi_dir() + "/mixed.safetensors");
 }
 
-std::shared_ptr<tiedlora::models::CausalLM> base_model() {
-  auto model = tiedlora::models::load_pretrained(multi_dir() + "/base");
+std::shared_ptr<tiedlora::llm::models::CausalLM> base_model() {
+  auto model = tiedlora::llm::models::load_pretrained(multi_dir() + "/base");
   model->eval();
   return model;
 }
@@ -53,21 +53,21 @@ at::Tensor random_ids(int64_t rows, int64_t length, uint64_t seed) {
   return at::randint(3, 97, {rows, length}, generator, at::kLong);
 }
 
-at::Tensor logits_with_rows(tiedlora::models::CausalLM& model, const at::Tensor& ids,
+at::Tensor logits_with_rows(tiedlora::llm::models::CausalLM& model, const at::Tensor& ids,
                             const std::vector<std::string>& rows) {
   const RowAdaptersScope scope(tiedlora::route_rows(model, rows));
   return model.forward(ids);
 }
 
 // A copy of every adapted layer's weight, by layer name.
-std::map<std::string, at::Tensor> weights_of(const tiedlora::models::CausalLM& model) {
+std::map<std::string, at::Tensor> weights_of(const tiedlora::llm::models::CausalLM& model) {
   std::map<std::string, at::Tensor> out;
   for (const auto& [name, layer] : tiedlora::adapted_layers(model)) out[name] = layer->weight.clone();
   return out;
 }
 
 // A model with three adapters of different methods, ranks and targets, every adapter tensor random.
-std::shared_ptr<tiedlora::models::CausalLM> model_with_three_adapters(uint64_t seed) {
+std::shared_ptr<tiedlora::llm::models::CausalLM> model_with_three_adapters(uint64_t seed) {
   auto model = base_model();
   tiedlora::inject_adapters(*model,
                             InjectOptions().targets({"q_proj", "v_proj"}).lora(LoraOptions(4).alpha(8.0).seed(1)));
@@ -107,11 +107,11 @@ TEST(NamedAdapters, MixedGenerationWithKvCacheMatchesPeft) {
     const at::Tensor p = ref.at("prompts")[i].contiguous();
     prompts.emplace_back(p.data_ptr<int64_t>(), p.data_ptr<int64_t>() + p.numel());
   }
-  tiedlora::models::GenerateOptions options;
+  tiedlora::llm::models::GenerateOptions options;
   options.max_new_tokens = ref.at("generated").size(1);
   options.stop_token_ids = {-1};  // PEFT ran without an eos
   options.prompt_adapters = row_names(ref.at("prompt_rows"));
-  const auto generated = tiedlora::models::generate_greedy_batch(*model, prompts, options);
+  const auto generated = tiedlora::llm::models::generate_greedy_batch(*model, prompts, options);
   for (size_t i = 0; i < prompts.size(); ++i) {
     const at::Tensor want = ref.at("generated")[static_cast<int64_t>(i)].contiguous();
     EXPECT_EQ(generated[i], std::vector<int64_t>(want.data_ptr<int64_t>(), want.data_ptr<int64_t>() + want.numel()))
@@ -120,9 +120,10 @@ TEST(NamedAdapters, MixedGenerationWithKvCacheMatchesPeft) {
     tiedlora::set_active_adapters(*model, options.prompt_adapters[i].empty()
                                               ? std::vector<std::string>{}
                                               : std::vector<std::string>{options.prompt_adapters[i]});
-    tiedlora::models::GenerateOptions alone = options;
+    tiedlora::llm::models::GenerateOptions alone = options;
     alone.prompt_adapters.clear();
-    EXPECT_EQ(tiedlora::models::generate_greedy(*model, prompts[i], alone), generated[i]) << "prompt " << i << " alone";
+    EXPECT_EQ(tiedlora::llm::models::generate_greedy(*model, prompts[i], alone), generated[i])
+        << "prompt " << i << " alone";
   }
 }
 
@@ -325,11 +326,11 @@ TEST(NamedAdapters, DropoutOfAMixedBatchTouchesOnlyItsRows) {
 TEST(NamedAdapters, GenerationWithoutPromptAdaptersIgnoresAnOuterRouting) {
   auto model = model_with_three_adapters(2);
   const std::vector<std::vector<int64_t>> prompts = {{5, 9, 11, 40}, {7, 8, 20, 33}};
-  tiedlora::models::GenerateOptions options;
+  tiedlora::llm::models::GenerateOptions options;
   options.max_new_tokens = 5;
-  const auto plain = tiedlora::models::generate_greedy_batch(*model, prompts, options);
+  const auto plain = tiedlora::llm::models::generate_greedy_batch(*model, prompts, options);
   const RowAdaptersScope outer(tiedlora::route_rows(*model, {"tied", "", "tied"}));
-  EXPECT_EQ(tiedlora::models::generate_greedy_batch(*model, prompts, options), plain);
+  EXPECT_EQ(tiedlora::llm::models::generate_greedy_batch(*model, prompts, options), plain);
 }
 
 // A layer whose weight is tied to another module merges only when it has an active adapter to merge.
@@ -349,7 +350,7 @@ TEST(NamedAdapters, TrainingTwoAdaptersInOneStepEqualsTrainingEachAlone) {
   at::Generator generator = at::detail::createCPUGenerator(29);
   const at::Tensor ids = at::randint(3, 97, {4, 10}, generator, at::kLong);
   const std::vector<std::string> rows = {"default", "tied", "tied", "default"};
-  auto loss_of_rows = [&](tiedlora::models::CausalLM& model, const at::Tensor& row_ids) {
+  auto loss_of_rows = [&](tiedlora::llm::models::CausalLM& model, const at::Tensor& row_ids) {
     const at::Tensor logits = model.forward(row_ids.narrow(1, 0, 9));
     return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), row_ids.narrow(1, 1, 9).reshape({-1}));
   };
@@ -361,7 +362,7 @@ TEST(NamedAdapters, TrainingTwoAdaptersInOneStepEqualsTrainingEachAlone) {
     return ids.index_select(0, at::tensor(index, at::kLong));
   };
   // The adapter's trained tensors (or their gradients), each shared tensor once per layer that uses it.
-  auto trained = [](tiedlora::models::CausalLM& model, const std::string& adapter, bool gradients) {
+  auto trained = [](tiedlora::llm::models::CausalLM& model, const std::string& adapter, bool gradients) {
     std::vector<at::Tensor> out;
     for (const auto& [name, layer] : tiedlora::adapted_layers(model, adapter)) {
       for (const auto& t : layer->update(adapter).tensors()) {
@@ -370,7 +371,7 @@ TEST(NamedAdapters, TrainingTwoAdaptersInOneStepEqualsTrainingEachAlone) {
     }
     return out;
   };
-  auto trained_params = [&](tiedlora::models::CausalLM& model, const std::string& adapter) {
+  auto trained_params = [&](tiedlora::llm::models::CausalLM& model, const std::string& adapter) {
     return trained(model, adapter, false);
   };
   double worst_gradient_ratio = 0;  // printed: the float-rounding level the 1e-5 bound leaves room for
@@ -379,7 +380,7 @@ TEST(NamedAdapters, TrainingTwoAdaptersInOneStepEqualsTrainingEachAlone) {
     together->train();
     together->set_activation_checkpointing(checkpointing);
     torch::optim::AdamW opt_together(tiedlora::trainable_parameters(*together), torch::optim::AdamWOptions(1e-2));
-    std::map<std::string, std::shared_ptr<tiedlora::models::CausalLM>> alone;
+    std::map<std::string, std::shared_ptr<tiedlora::llm::models::CausalLM>> alone;
     std::map<std::string, std::unique_ptr<torch::optim::AdamW>> opt_alone;
     for (const std::string name : {"default", "tied"}) {
       alone[name] = model_with_three_adapters(13);

@@ -1,4 +1,4 @@
-// tests/test_safetensors.cpp: tiedlora::io safetensors reading and writing against the Python package.
+// tests/test_safetensors.cpp: tiedlora::formats safetensors reading and writing against the Python package.
 //
 // Reference files come from tests/reference/make_safetensors_reference.py (the real `safetensors` 0.8.0
 // and huggingface_hub), found in $TIEDLORA_REFERENCE_DIR/safetensors. Each comes with a JSON of raw bytes
@@ -27,8 +27,8 @@
 #include "tiedlora/formats/safetensors.h"
 
 using nlohmann::json;
-using tiedlora::io::Checkpoint;
-using tiedlora::io::SafetensorsFile;
+using tiedlora::formats::Checkpoint;
+using tiedlora::formats::SafetensorsFile;
 
 namespace {
 
@@ -244,14 +244,14 @@ TEST(SafetensorsReference, ReadsEveryDtypeShapeValueAndMetadata) {
     if (!ref["metadata"].is_null()) metadata = ref["metadata"].get<std::map<std::string, std::string>>();
     EXPECT_EQ(file.metadata(), metadata);
 
-    const auto all = tiedlora::io::load_safetensors(path);
+    const auto all = tiedlora::formats::load_safetensors(path);
     EXPECT_EQ(all.size(), ref["tensors"].size());
     for (const auto& [name, r] : ref["tensors"].items()) {
       SCOPED_TRACE(name);
       ASSERT_TRUE(file.contains(name));
       const auto& e = file.entry(name);
       const std::string dtype = r["dtype"];
-      EXPECT_EQ(tiedlora::io::dtype_name(e.dtype), dtype);
+      EXPECT_EQ(tiedlora::formats::dtype_name(e.dtype), dtype);
       EXPECT_EQ(e.shape, r["shape"].get<std::vector<int64_t>>());
       auto [p, n] = file.bytes(name);
       EXPECT_EQ(hex(p, n), r["hex"].get<std::string>());
@@ -293,7 +293,7 @@ TEST(SafetensorsReference, RewriteIsByteIdentical) {
       std::vector<std::pair<std::string, at::Tensor>> tensors;
       auto names = file.names();
       for (auto it = names.rbegin(); it != names.rend(); ++it) tensors.emplace_back(*it, file.tensor(*it));
-      tiedlora::io::save_safetensors(our_path, tensors, file.metadata());
+      tiedlora::formats::save_safetensors(our_path, tensors, file.metadata());
     }
     const std::string ref = read_bytes(ref_path), ours = read_bytes(our_path);
     if (c == "meta_many" || c == "meta_empty") {
@@ -321,7 +321,7 @@ TEST(SafetensorsReference, NonContiguousTensorIsWrittenLikePython) {
   const at::Tensor f32 = SafetensorsFile::open(reference_dir() + "/dtypes.safetensors").tensor("f32");
   ASSERT_FALSE(f32.t().is_contiguous());
   const std::string path = out_dir() + "/transposed.safetensors";
-  tiedlora::io::save_safetensors(path, std::map<std::string, at::Tensor>{{"f32_t", f32.t()}});
+  tiedlora::formats::save_safetensors(path, std::map<std::string, at::Tensor>{{"f32_t", f32.t()}});
   EXPECT_EQ(read_bytes(path), read_bytes(reference_dir() + "/transposed.safetensors"));
 }
 
@@ -346,8 +346,9 @@ TEST(SafetensorsReference, ShardedCheckpointMatchesHuggingFace) {
     // A stale file from an earlier save must go away.
     make_dirs(dir);
     write_bytes(dir + "/model-00009-of-00009.safetensors", "stale");
-    auto files = tiedlora::io::save_sharded_safetensors(dir, tensors, spec["max_shard_size"].get<uint64_t>(),
-                                                        spec["metadata"].get<std::map<std::string, std::string>>());
+    auto files =
+        tiedlora::formats::save_sharded_safetensors(dir, tensors, spec["max_shard_size"].get<uint64_t>(),
+                                                    spec["metadata"].get<std::map<std::string, std::string>>());
     std::sort(files.begin(), files.end());
     EXPECT_EQ(files, spec["files"].get<std::vector<std::string>>());
     EXPECT_FALSE(exists(dir + "/model-00009-of-00009.safetensors"));
@@ -470,13 +471,14 @@ TEST(SafetensorsMalformed, EveryDefectIsAFormatErrorNamingFileAndTensor) {
     const std::string path = dir + "/" + c.name + ".safetensors";
     write_bytes(path, c.bytes);
     expect_format_error([&] { SafetensorsFile::open(path); }, path + ": ", c.parts);
-    expect_format_error([&] { tiedlora::io::load_safetensors(path); }, path + ": ", c.parts);
+    expect_format_error([&] { tiedlora::formats::load_safetensors(path); }, path + ": ", c.parts);
   }
   // A caller that read less than the announced header gets a truncation error, not an out-of-bounds read.
   const std::string ok = st_bytes(x4, 4);
   expect_format_error(
       [&] {
-        tiedlora::io::parse_safetensors_header(reinterpret_cast<const uint8_t*>(ok.data()), 20, ok.size(), "part.st");
+        tiedlora::formats::parse_safetensors_header(reinterpret_cast<const uint8_t*>(ok.data()), 20, ok.size(),
+                                                    "part.st");
       },
       "part.st: ", {"only 20 bytes"});
   // An absent tensor is reported with the file name.
@@ -522,13 +524,13 @@ TEST(SafetensorsMalformed, EveryTruncationAndRandomCorruptionIsCaught) {
     const std::string dir = scratch_dir("fuzz");
     std::vector<std::pair<std::string, at::Tensor>> tensors = {
         {"a", at::arange(10, at::kFloat)}, {"b", at::ones({3, 2}, at::kBFloat16)}, {"c", at::ones({5}, at::kBool)}};
-    tiedlora::io::save_safetensors(dir + "/good.safetensors", tensors);
+    tiedlora::formats::save_safetensors(dir + "/good.safetensors", tensors);
     good = read_bytes(dir + "/good.safetensors");
   }
   const auto* p = reinterpret_cast<const uint8_t*>(good.data());
-  EXPECT_NO_THROW(tiedlora::io::parse_safetensors_header(p, good.size(), good.size(), "good"));
+  EXPECT_NO_THROW(tiedlora::formats::parse_safetensors_header(p, good.size(), good.size(), "good"));
   for (std::size_t len = 0; len < good.size(); ++len) {
-    EXPECT_THROW(tiedlora::io::parse_safetensors_header(p, len, len, "t"), tiedlora::FormatError) << len;
+    EXPECT_THROW(tiedlora::formats::parse_safetensors_header(p, len, len, "t"), tiedlora::FormatError) << len;
   }
   std::mt19937_64 rng(42);
   int rejected = 0;
@@ -542,7 +544,7 @@ TEST(SafetensorsMalformed, EveryTruncationAndRandomCorruptionIsCaught) {
     if (rng() % 8 == 0) m.resize(rng() % m.size());
     const auto* q = reinterpret_cast<const uint8_t*>(m.data());
     try {
-      tiedlora::io::parse_safetensors_header(q, m.size(), m.size(), "fuzz");
+      tiedlora::formats::parse_safetensors_header(q, m.size(), m.size(), "fuzz");
     } catch (const tiedlora::FormatError&) {
       ++rejected;
     } catch (const std::exception& e) {
@@ -562,7 +564,7 @@ TEST(SafetensorsCheckpoint, ShardedRoundTripAndMalformedIndex) {
                                                              {"c", at::randn({4, 4})},
                                                              {"d", at::randint(0, 9, {5}, at::kLong)}};
   const std::string good = dir + "/good";
-  const auto files = tiedlora::io::save_sharded_safetensors(good, tensors, 80, {{"format", "pt"}});
+  const auto files = tiedlora::formats::save_sharded_safetensors(good, tensors, 80, {{"format", "pt"}});
   ASSERT_EQ(files.size(), 4u);  // a 64 + b 16 | c 64 | d 40: three shards and the index
   EXPECT_EQ(files.back(), "model.safetensors.index.json");
   EXPECT_EQ(files.front(), "model-00001-of-00003.safetensors");
@@ -570,14 +572,14 @@ TEST(SafetensorsCheckpoint, ShardedRoundTripAndMalformedIndex) {
   EXPECT_EQ(ckpt.names(), (std::vector<std::string>{"a", "b", "c", "d"}));
   for (const auto& [name, t] : tensors) EXPECT_TRUE(ckpt.tensor(name).equal(t)) << name;
   EXPECT_EQ(ckpt.file_of("c").path(), good + "/model-00002-of-00003.safetensors");
-  EXPECT_EQ(ckpt.entry("d").dtype, tiedlora::io::SafetensorsDtype::I64);
+  EXPECT_EQ(ckpt.entry("d").dtype, tiedlora::formats::SafetensorsDtype::I64);
   EXPECT_EQ(ckpt.file_of("a").metadata().at("format"), "pt");
   // Opening through the index file itself and through a single shard.
   EXPECT_EQ(Checkpoint::open(good + "/model.safetensors.index.json").names().size(), 4u);
   EXPECT_EQ(Checkpoint::open(good + "/model-00003-of-00003.safetensors").names(), (std::vector<std::string>{"d"}));
   // A second save into the same folder, now small enough for one file, leaves no stale shard or index.
-  tiedlora::io::save_sharded_safetensors(good + "_resaved", tensors, 80);
-  EXPECT_EQ(tiedlora::io::save_sharded_safetensors(good + "_resaved", tensors, 1 << 20),
+  tiedlora::formats::save_sharded_safetensors(good + "_resaved", tensors, 80);
+  EXPECT_EQ(tiedlora::formats::save_sharded_safetensors(good + "_resaved", tensors, 1 << 20),
             (std::vector<std::string>{"model.safetensors"}));
   EXPECT_EQ(list_dir(good + "_resaved"), (std::vector<std::string>{"model.safetensors"}));
   expect_format_error([&] { ckpt.tensor("zz"); }, good + "/model.safetensors.index.json: ", {"no tensor 'zz'"});
@@ -624,7 +626,7 @@ TEST(SafetensorsCheckpoint, ShardedRoundTripAndMalformedIndex) {
   });
   expect_format_error([&] { Checkpoint::open(idx); }, idx + ": ", {"not valid JSON"});
   idx = broken("in_two_shards", [&](const std::string& d, json&) {
-    tiedlora::io::save_safetensors(
+    tiedlora::formats::save_safetensors(
         d + "/model-00003-of-00003.safetensors",
         std::vector<std::pair<std::string, at::Tensor>>{{"d", tensors[3].second}, {"a", tensors[0].second}});
   });
@@ -644,8 +646,8 @@ TEST(SafetensorsZeroCopy, TensorsAliasAPrivateMapping) {
   const std::string dir = scratch_dir("zero_copy");
   const std::string path = dir + "/w.safetensors";
   const at::Tensor w = at::arange(12, at::kFloat).reshape({3, 4});
-  tiedlora::io::save_safetensors(path,
-                                 std::vector<std::pair<std::string, at::Tensor>>{{"w", w}, {"z", at::empty({0, 4})}});
+  tiedlora::formats::save_safetensors(
+      path, std::vector<std::pair<std::string, at::Tensor>>{{"w", w}, {"z", at::empty({0, 4})}});
   const std::string on_disk = read_bytes(path);
 
   at::Tensor kept;
@@ -692,33 +694,34 @@ TEST(SafetensorsWriter, RejectsBadInputAndNeverLeavesPartialFiles) {
   };
   using Tensors = std::vector<std::pair<std::string, at::Tensor>>;
   try {
-    tiedlora::io::save_safetensors(path, Tensors{{"a", at::ones({2})}, {"a", at::ones({3})}});
+    tiedlora::formats::save_safetensors(path, Tensors{{"a", at::ones({2})}, {"a", at::ones({3})}});
     ADD_FAILURE() << "duplicate accepted";
   } catch (const tiedlora::Error& e) {
     EXPECT_NE(std::string(e.what()).find("'a'"), std::string::npos) << e.what();
   }
   try {
-    tiedlora::io::save_safetensors(path, Tensors{{"c", at::ones({2}, at::kComplexFloat)}});
+    tiedlora::formats::save_safetensors(path, Tensors{{"c", at::ones({2}, at::kComplexFloat)}});
     ADD_FAILURE() << "complex accepted";
   } catch (const tiedlora::Error& e) {
     EXPECT_NE(std::string(e.what()).find("'c'"), std::string::npos) << e.what();
   }
-  EXPECT_THROW(tiedlora::io::save_safetensors(path, Tensors{{"u", at::Tensor()}}), tiedlora::Error);
-  EXPECT_THROW(tiedlora::io::save_safetensors(path, Tensors{{"bad\xff", at::ones({1})}}), tiedlora::Error);
-  EXPECT_THROW(tiedlora::io::save_safetensors(dir + "/no/such/dir/x.safetensors", Tensors{{"a", at::ones({1})}}),
+  EXPECT_THROW(tiedlora::formats::save_safetensors(path, Tensors{{"u", at::Tensor()}}), tiedlora::Error);
+  EXPECT_THROW(tiedlora::formats::save_safetensors(path, Tensors{{"bad\xff", at::ones({1})}}), tiedlora::Error);
+  EXPECT_THROW(tiedlora::formats::save_safetensors(dir + "/no/such/dir/x.safetensors", Tensors{{"a", at::ones({1})}}),
                tiedlora::Error);
   EXPECT_FALSE(exists(path));
 
   // A failure in the middle of writing (a meta tensor has no data) leaves the old file untouched.
-  tiedlora::io::save_safetensors(path, Tensors{{"old", at::ones({2})}});
+  tiedlora::formats::save_safetensors(path, Tensors{{"old", at::ones({2})}});
   const std::string before = read_bytes(path);
-  EXPECT_ANY_THROW(tiedlora::io::save_safetensors(
+  EXPECT_ANY_THROW(tiedlora::formats::save_safetensors(
       path, Tensors{{"a", at::ones({2})}, {"b", at::empty({4}, at::TensorOptions().device(at::kMeta))}}));
   EXPECT_EQ(read_bytes(path), before);
   no_temporaries();
 
   // Metadata with one key: the exact bytes of the package's header.
-  tiedlora::io::save_safetensors(path, std::map<std::string, at::Tensor>{{"x", at::zeros({1})}}, {{"format", "pt"}});
+  tiedlora::formats::save_safetensors(path, std::map<std::string, at::Tensor>{{"x", at::zeros({1})}},
+                                      {{"format", "pt"}});
   const std::string bytes = read_bytes(path);
   EXPECT_EQ(bytes.substr(8, bytes.size() - 12),
             R"({"__metadata__":{"format":"pt"},"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}   )");
@@ -726,16 +729,16 @@ TEST(SafetensorsWriter, RejectsBadInputAndNeverLeavesPartialFiles) {
 }
 
 TEST(SafetensorsWriter, HeaderSerializationDetails) {
-  using tiedlora::io::SafetensorsDtype;
-  using tiedlora::io::TensorEntry;
-  EXPECT_EQ(tiedlora::io::serialize_safetensors_header({}, {}), "{}      ");
+  using tiedlora::formats::SafetensorsDtype;
+  using tiedlora::formats::TensorEntry;
+  EXPECT_EQ(tiedlora::formats::serialize_safetensors_header({}, {}), "{}      ");
   TensorEntry e;
   e.name = "q\"\\\n\x01\x7f\xc3\xa9";
   e.dtype = SafetensorsDtype::BF16;
   e.shape = {};
   e.begin = 0;
   e.end = 2;
-  const std::string h = tiedlora::io::serialize_safetensors_header({e}, {});
+  const std::string h = tiedlora::formats::serialize_safetensors_header({e}, {});
   EXPECT_EQ(
       h,
       "{\"q\\\"\\\\\\n\\u0001\x7f\xc3\xa9\":{\"dtype\":\"BF16\",\"shape\":[],\"data_offsets\":[0,2]}}   ");  // as
@@ -745,8 +748,8 @@ TEST(SafetensorsWriter, HeaderSerializationDetails) {
   EXPECT_EQ(h.size() % 8, 0u);
   for (int d = 0; d <= static_cast<int>(SafetensorsDtype::F64); ++d) {
     const auto dtype = static_cast<SafetensorsDtype>(d);
-    EXPECT_EQ(tiedlora::io::from_scalar_type(tiedlora::io::to_scalar_type(dtype)), dtype);
-    EXPECT_EQ(tiedlora::io::dtype_size(dtype), c10::elementSize(tiedlora::io::to_scalar_type(dtype)));
+    EXPECT_EQ(tiedlora::formats::from_scalar_type(tiedlora::formats::to_scalar_type(dtype)), dtype);
+    EXPECT_EQ(tiedlora::formats::dtype_size(dtype), c10::elementSize(tiedlora::formats::to_scalar_type(dtype)));
   }
 }
 

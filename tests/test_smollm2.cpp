@@ -25,8 +25,8 @@ TEST(SmolLM2, GgufLogitsAndGreedyTokensMatchTransformers) {
   std::ifstream(dir + "/smollm2_gguf_path.txt") >> gguf;
   ASSERT_FALSE(gguf.empty()) << "the reference script did not record the GGUF path";
   EXPECT_EQ(tiedlora::tools::find_smollm2_gguf().empty(), false) << "find_smollm2_gguf() found nothing";
-  auto ref = tiedlora::io::load_safetensors(dir + "/smollm2_reference.safetensors");
-  auto model = tiedlora::models::load_gguf_model(gguf);
+  auto ref = tiedlora::formats::load_safetensors(dir + "/smollm2_reference.safetensors");
+  auto model = tiedlora::llm::models::load_gguf_model(gguf);
   EXPECT_EQ(model->info().num_layers, 30);
   EXPECT_EQ(model->info().vocab_size, 49152);
   EXPECT_TRUE(model->info().tie_word_embeddings);
@@ -42,10 +42,10 @@ TEST(SmolLM2, GgufLogitsAndGreedyTokensMatchTransformers) {
     EXPECT_TRUE(torch::equal(logits.argmax(-1), ref.at("logits").argmax(-1)));
   }
   std::vector<int64_t> prompt(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + ids.numel());
-  tiedlora::models::GenerateOptions options;
+  tiedlora::llm::models::GenerateOptions options;
   options.max_new_tokens = 32;
   options.stop_token_ids = {-1};  // transformers was asked for exactly 32 tokens
-  const auto ours = tiedlora::models::generate_greedy(*model, prompt, options);
+  const auto ours = tiedlora::llm::models::generate_greedy(*model, prompt, options);
   const auto expected = ref.at("generated");
   ASSERT_EQ(ours.size(), 32u);
   for (size_t i = 0; i < ours.size(); ++i) EXPECT_EQ(ours[i], expected[i].item<int64_t>()) << "token " << i;
@@ -62,7 +62,7 @@ TEST(SmolLM2, PackedBatchGivesThePaddedBatchsLossAndGradients) {
   std::ifstream(tiedlora::testing::reference_dir() + "/smollm2_gguf_path.txt") >> gguf;
   ASSERT_FALSE(gguf.empty());
   torch::manual_seed(1);
-  std::vector<tiedlora::train::TokenizedExample> examples(6);
+  std::vector<tiedlora::llm::train::TokenizedExample> examples(6);
   for (auto& e : examples) {
     const int64_t prompt = torch::randint(20, 90, {1}).item<int64_t>(),
                   completion = torch::randint(4, 20, {1}).item<int64_t>();
@@ -70,10 +70,10 @@ TEST(SmolLM2, PackedBatchGivesThePaddedBatchsLossAndGradients) {
     for (int64_t t = 0; t < prompt + completion; ++t)
       (t < prompt ? e.prompt : e.completion).push_back(ids[t].item<int64_t>());
   }
-  std::vector<const tiedlora::train::TokenizedExample*> items;
+  std::vector<const tiedlora::llm::train::TokenizedExample*> items;
   for (const auto& e : examples) items.push_back(&e);
-  const auto padded_batch = tiedlora::train::make_batch(items, 0, 512);
-  const auto packed_batch = tiedlora::train::make_packed_batch(items, 0, 512);
+  const auto padded_batch = tiedlora::llm::train::make_batch(items, 0, 512);
+  const auto packed_batch = tiedlora::llm::train::make_packed_batch(items, 0, 512);
   ASSERT_EQ(packed_batch.input_ids.size(0), 1);
   using tiedlora::testing::loss_and_gradients;
   using tiedlora::testing::LossAndGradients;
@@ -87,14 +87,14 @@ TEST(SmolLM2, PackedBatchGivesThePaddedBatchsLossAndGradients) {
     return torch::cat(all);
   };
   for (const std::string method : {"lora", "tied-abuv"}) {
-    auto model = tiedlora::models::load_gguf_model(gguf);
+    auto model = tiedlora::llm::models::load_gguf_model(gguf);
     tiedlora::inject_adapters(
         *model,
         tiedlora::InjectOptions().targets({"all-linear"}).method(method).lora(tiedlora::LoraOptions(8).seed(0)));
     tiedlora::testing::randomize_trainable(*model, 2, 0.02);
     model->train();
-    auto run = [&](const tiedlora::train::Batch& batch) {
-      return loss_and_gradients(*model, [&] { return tiedlora::train::completion_loss_sum(*model, batch); });
+    auto run = [&](const tiedlora::llm::train::Batch& batch) {
+      return loss_and_gradients(*model, [&] { return tiedlora::llm::train::completion_loss_sum(*model, batch); });
     };
     const LossAndGradients padded32 = run(padded_batch), packed32 = run(packed_batch);
     model->to(torch::kDouble);
@@ -127,7 +127,7 @@ TEST(SmolLM2, TrainsStoredInBf16WithAnFp32Adapter) {
   std::string gguf;
   std::ifstream(tiedlora::testing::reference_dir() + "/smollm2_gguf_path.txt") >> gguf;
   ASSERT_FALSE(gguf.empty());
-  auto model = tiedlora::models::load_gguf_model(gguf, torch::kBFloat16);
+  auto model = tiedlora::llm::models::load_gguf_model(gguf, torch::kBFloat16);
   int64_t base_bytes = 0;
   std::set<const void*> seen;  // the tied head shares the embedding
   for (const auto& p : model->parameters()) {
@@ -141,23 +141,23 @@ TEST(SmolLM2, TrainsStoredInBf16WithAnFp32Adapter) {
   for (const auto& p : tiedlora::trainable_parameters(*model)) EXPECT_EQ(p.scalar_type(), torch::kFloat);
   // Two short examples with a completion to learn, the same batch every step.
   torch::manual_seed(0);
-  std::vector<tiedlora::train::TokenizedExample> examples;
+  std::vector<tiedlora::llm::train::TokenizedExample> examples;
   for (int i = 0; i < 2; ++i) {
     const auto ids = torch::randint(100, 20000, {24});
-    tiedlora::train::TokenizedExample e;
+    tiedlora::llm::train::TokenizedExample e;
     for (int t = 0; t < 16; ++t) e.prompt.push_back(ids[t].item<int64_t>());
     for (int t = 16; t < 24; ++t) e.completion.push_back(ids[t].item<int64_t>());
     examples.push_back(e);
   }
-  tiedlora::train::TrainOptions options;
+  tiedlora::llm::train::TrainOptions options;
   options.max_steps = 6;
   options.batch_size = 2;
   options.lr = 2e-2;
   options.seed = 0;
-  tiedlora::train::Trainer trainer(*model, examples, {}, options, /*pad_id=*/0);
+  tiedlora::llm::train::Trainer trainer(*model, examples, {}, options, /*pad_id=*/0);
   std::vector<double> losses;
-  tiedlora::train::TrainCallbacks callbacks;
-  callbacks.on_step = [&](const tiedlora::train::StepRecord& r) { losses.push_back(r.loss); };
+  tiedlora::llm::train::TrainCallbacks callbacks;
+  callbacks.on_step = [&](const tiedlora::llm::train::StepRecord& r) { losses.push_back(r.loss); };
   trainer.run(callbacks);
   ASSERT_EQ(losses.size(), 6u);
   for (double l : losses) EXPECT_TRUE(std::isfinite(l));
@@ -172,9 +172,9 @@ TEST(SmolLM2, TrainsStoredInBf16WithAnFp32Adapter) {
   ASSERT_NE(::mkdtemp(root.data()), nullptr);
   tiedlora::save_adapter(*model, root + "/adapter");
   int asked = 0;
-  EXPECT_THROW(
-      tiedlora::train::merge_trained(*model, gguf, root + "/adapter", root + "/merged", [&] { return ++asked > 0; }),
-      tiedlora::Cancelled);
+  EXPECT_THROW(tiedlora::llm::train::merge_trained(*model, gguf, root + "/adapter", root + "/merged",
+                                                   [&] { return ++asked > 0; }),
+               tiedlora::Cancelled);
   EXPECT_GE(asked, 1);
   EXPECT_EQ(tiedlora::util::list_directory(root), std::vector<std::string>{"adapter"});
   tiedlora::util::remove_tree_quietly(root);

@@ -314,7 +314,7 @@ TEST(ChatTemplate, ChatmlMatchesTransformersRenderingOfSmolLM2Template) {
   ASSERT_TRUE(info.default_system_prompt.has_value());
   EXPECT_EQ(*info.default_system_prompt, "You are a helpful AI assistant named SmolLM, trained by Hugging Face");
   // The GGUF's own template gives the same answer.
-  const auto gguf = tiedlora::io::GgufFile::open(summary()["smollm2_gguf"].get<std::string>());
+  const auto gguf = tiedlora::formats::GgufFile::open(summary()["smollm2_gguf"].get<std::string>());
   EXPECT_EQ(tiedlora::inspect_chat_template(gguf.get_string("tokenizer.chat_template")).default_system_prompt,
             info.default_system_prompt);
   for (const auto& r : chat["rendered"]) {

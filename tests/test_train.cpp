@@ -36,9 +36,9 @@
 #include "tiedlora/llm/train.h"
 #include "util/files.h"
 
-namespace tt = tiedlora::train;
+namespace tt = tiedlora::llm::train;
 using nlohmann::json;
-using tiedlora::models::CausalLM;
+using tiedlora::llm::models::CausalLM;
 
 namespace {
 
@@ -66,7 +66,7 @@ std::string write_config(const std::string& dir, const std::string& type) {
 // A fresh tiny model: same seed, same weights.
 std::shared_ptr<CausalLM> tiny_model(const std::string& dir, const std::string& type = "llama") {
   torch::manual_seed(42);
-  return tiedlora::models::build_model(write_config(dir, type));
+  return tiedlora::llm::models::build_model(write_config(dir, type));
 }
 
 // A learnable task: the completion is a fixed marker token, the prompt's last token, then the end token 1.
@@ -240,16 +240,16 @@ TEST(Packing, LossAndGradientsEqualThePaddedBatch) {
   }
   auto model = tiny_model(root);
   const auto ids = torch::randint(2, kVocab, {2, 6});
-  EXPECT_THROW(model->hidden_states(ids, tiedlora::models::PackedLayout{{{3, 3}, {6, 1}}}), tiedlora::ConfigError);
-  EXPECT_THROW(model->hidden_states(ids, tiedlora::models::PackedLayout{{{6}}}), tiedlora::ConfigError);
-  EXPECT_THROW(model->hidden_states(ids, tiedlora::models::PackedLayout{{{6}, {0, 6}}}), tiedlora::ConfigError);
+  EXPECT_THROW(model->hidden_states(ids, tiedlora::llm::models::PackedLayout{{{3, 3}, {6, 1}}}), tiedlora::ConfigError);
+  EXPECT_THROW(model->hidden_states(ids, tiedlora::llm::models::PackedLayout{{{6}}}), tiedlora::ConfigError);
+  EXPECT_THROW(model->hidden_states(ids, tiedlora::llm::models::PackedLayout{{{6}, {0, 6}}}), tiedlora::ConfigError);
   // Padding after the segments is outside them: a row of 100 holding one example of 10 is that example alone
   // (GPT-2's 64 positions bound the example, not the row).
   for (const std::string type : {"llama", "gpt2"}) {
     auto m = tiny_model(root, type);
     m->eval();
     const auto row = torch::randint(2, kVocab, {1, 100});
-    const auto packed = m->hidden_states(row, tiedlora::models::PackedLayout{{{4, 6}}});
+    const auto packed = m->hidden_states(row, tiedlora::llm::models::PackedLayout{{{4, 6}}});
     EXPECT_TRUE(tiedlora::testing::all_close(packed.narrow(1, 4, 6), m->hidden_states(row.narrow(1, 4, 6)), 1e-5, 1e-6,
                                              type + " second segment"));
     EXPECT_TRUE(torch::isfinite(packed).all().item<bool>());
@@ -481,7 +481,7 @@ TEST(Trainer, CheckpointsKeepTheEarlierParameterNames) {
     tt::Trainer(*model, train, {}, o, 0).run();
     const std::string checkpoint = tt::Trainer::latest_checkpoint(o.output_dir);
     ASSERT_FALSE(checkpoint.empty());
-    const auto tensors = tiedlora::io::load_safetensors(checkpoint + "/state.safetensors");
+    const auto tensors = tiedlora::formats::load_safetensors(checkpoint + "/state.safetensors");
     size_t adapter_tensors = 0;
     for (const auto& [name, t] : tensors) {
       EXPECT_EQ(name.find("lora_adapters"), std::string::npos) << name;
@@ -677,7 +677,7 @@ TEST(Cancellation, TrainerAndMergeStopWhenAsked) {
   tiedlora::SaveAdapterOptions save;
   save.fan_in_fan_out = model->info().fan_in_fan_out;
   tiedlora::save_adapter(*model, root + "/adapter", save);
-  tiedlora::models::save_pretrained(*model, root + "/base");
+  tiedlora::llm::models::save_pretrained(*model, root + "/base");
   tiedlora::MergeOptions merge;
   merge.base = root + "/base";
   merge.adapter = root + "/adapter";
@@ -692,7 +692,7 @@ TEST(Cancellation, TrainerAndMergeStopWhenAsked) {
   EXPECT_EQ(report.merged.size(), 4u);  // c_attn and c_fc of both layers
 
   tiedlora::merge_adapters_(*model);
-  const auto merged = tiedlora::io::Checkpoint::open(merge.out);
+  const auto merged = tiedlora::formats::Checkpoint::open(merge.out);
   for (const auto& [name, layer] : tiedlora::adapted_layers(*model)) {
     // The checkpoint stores GPT-2's Conv1D weights as (in, out); the module holds (out, in).
     const std::string tensor = name + ".weight";
@@ -731,7 +731,7 @@ TEST(ModelConfig, ParamsAndBuilderDescribeTheSameModel) {
     for (const auto& m : tiedlora::describe_hf_model(path)) {
       if (m.is_linear) described[m.name] = m.shape;
     }
-    const auto model = tiedlora::models::build_model(path);
+    const auto model = tiedlora::llm::models::build_model(path);
     std::map<std::string, tiedlora::LinearShape> built;
     for (const auto& item : model->named_modules("", /*include_self=*/false)) {
       if (const auto* layer = item.value()->as<tiedlora::LoraLinearImpl>()) {
@@ -766,7 +766,7 @@ TEST(ModelConfig, ParamsAndBuilderDescribeTheSameModel) {
       if (which == 0)
         tiedlora::describe_hf_model(root + "/qwen2_window.json");
       else
-        tiedlora::models::build_model(root + "/qwen2_window.json");
+        tiedlora::llm::models::build_model(root + "/qwen2_window.json");
       ADD_FAILURE() << "a Qwen2 config with use_sliding_window was accepted";
     } catch (const tiedlora::FormatError& e) {
       EXPECT_NE(std::string(e.what()).find("use_sliding_window"), std::string::npos) << e.what();
@@ -890,16 +890,16 @@ TEST(Generation, BatchedEqualsOnePromptAtATime) {
     }
     std::vector<std::vector<int64_t>> prompts = {
         {5, 9, 13}, {7, 8, 9, 10, 11, 12, 13, 14, 15}, {20}, {33, 2, 40, 41, 3}};
-    tiedlora::models::GenerateOptions options;
+    tiedlora::llm::models::GenerateOptions options;
     options.max_new_tokens = 8;
     options.stop_token_ids = {1};
-    const auto batched = tiedlora::models::generate_greedy_batch(*model, prompts, options);
+    const auto batched = tiedlora::llm::models::generate_greedy_batch(*model, prompts, options);
     ASSERT_EQ(batched.size(), prompts.size());
     for (size_t i = 0; i < prompts.size(); ++i) {
-      EXPECT_EQ(batched[i], tiedlora::models::generate_greedy(*model, prompts[i], options)) << "prompt " << i;
+      EXPECT_EQ(batched[i], tiedlora::llm::models::generate_greedy(*model, prompts[i], options)) << "prompt " << i;
     }
     // Padding must not leak into the logits of a left-padded row.
-    tiedlora::models::KVCache cache;
+    tiedlora::llm::models::KVCache cache;
     cache.attention_mask = torch::tensor({0, 0, 1, 1, 1}, torch::kLong).to(torch::kBool).unsqueeze(0);
     torch::NoGradGuard no_grad;
     const auto padded = model->forward(torch::tensor({50, 51, 5, 9, 13}, torch::kLong).unsqueeze(0), &cache);
@@ -914,10 +914,10 @@ TEST(SavePretrained, RoundTripsThroughTheHuggingFaceLoader) {
     const std::string root = make_temp_dir();
     auto model = tiny_model(root, type);
     inject(*model, "lora");  // adapter tensors are not written
-    tiedlora::models::save_pretrained(*model, root + "/saved");
-    EXPECT_THROW(tiedlora::models::save_pretrained(*model, root + "/saved"), tiedlora::ConfigError);
+    tiedlora::llm::models::save_pretrained(*model, root + "/saved");
+    EXPECT_THROW(tiedlora::llm::models::save_pretrained(*model, root + "/saved"), tiedlora::ConfigError);
     torch::manual_seed(1);  // other random weights, then loaded
-    auto loaded = tiedlora::models::load_pretrained(root + "/saved");
+    auto loaded = tiedlora::llm::models::load_pretrained(root + "/saved");
     for (const auto& item : loaded->named_parameters()) {
       const auto* original = model->named_parameters().find(item.key());
       ASSERT_NE(original, nullptr) << item.key();
@@ -926,19 +926,19 @@ TEST(SavePretrained, RoundTripsThroughTheHuggingFaceLoader) {
     if (type != "gpt2") continue;
     // A tied model's checkpoint that stores the head too (transformers reads such files): accepted when the
     // head is the embedding, refused by name when it is not.
-    const auto saved = tiedlora::io::Checkpoint::open(root + "/saved");
+    const auto saved = tiedlora::formats::Checkpoint::open(root + "/saved");
     std::vector<std::pair<std::string, at::Tensor>> tensors;
     for (const auto& name : saved.names()) tensors.emplace_back(name, saved.tensor(name).clone());
     const at::Tensor embedding = saved.tensor("transformer.wte.weight").clone();
     for (const bool same : {true, false}) {
       auto with_head = tensors;
       with_head.emplace_back("lm_head.weight", same ? embedding : embedding + 1);
-      tiedlora::io::save_safetensors(root + "/saved/model.safetensors", with_head, {{"format", "pt"}});
+      tiedlora::formats::save_safetensors(root + "/saved/model.safetensors", with_head, {{"format", "pt"}});
       if (same) {
-        EXPECT_NO_THROW(tiedlora::models::load_pretrained(root + "/saved"));
+        EXPECT_NO_THROW(tiedlora::llm::models::load_pretrained(root + "/saved"));
       } else {
         try {
-          tiedlora::models::load_pretrained(root + "/saved");
+          tiedlora::llm::models::load_pretrained(root + "/saved");
           ADD_FAILURE() << "a head that is not the tied embedding was accepted";
         } catch (const tiedlora::FormatError& e) {
           EXPECT_NE(std::string(e.what()).find("'lm_head.weight' is not the embedding"), std::string::npos) << e.what();

@@ -28,18 +28,18 @@ int run_export(const ExportArgs& args) {
 
 // One tensor's NaN / Inf count, read from the mapping and its pages released after (a large checkpoint is
 // scanned one tensor at a time).
-int64_t non_finite_count(const io::SafetensorsFile& file, const std::string& name) {
+int64_t non_finite_count(const formats::SafetensorsFile& file, const std::string& name) {
   const int64_t bad = functional::count_non_finite(file.tensor(name));
   file.release_pages(name);
   return bad;
 }
 
-int64_t print_file(const io::SafetensorsFile& file, bool scan, nlohmann::ordered_json& out) {
+int64_t print_file(const formats::SafetensorsFile& file, bool scan, nlohmann::ordered_json& out) {
   nlohmann::ordered_json tensors = nlohmann::ordered_json::array();
   int64_t total_bad = 0;
   for (const auto& e : file.header().tensors) {
     nlohmann::ordered_json entry = {
-        {"name", e.name}, {"dtype", io::dtype_name(e.dtype)}, {"shape", e.shape}, {"bytes", e.end - e.begin}};
+        {"name", e.name}, {"dtype", formats::dtype_name(e.dtype)}, {"shape", e.shape}, {"bytes", e.end - e.begin}};
     if (scan) {
       const int64_t bad = non_finite_count(file, e.name);
       entry["non_finite"] = bad;
@@ -56,17 +56,18 @@ int run_inspect(const std::string& path, bool header_only) {
   out["path"] = path;
   out["files"] = nlohmann::ordered_json::array();
   int64_t bad = 0;
-  if (io::is_directory(path) && io::is_regular_file(io::join_path(path, "adapter_config.json"))) {
+  if (formats::is_directory(path) && formats::is_regular_file(formats::join_path(path, "adapter_config.json"))) {
     // Validates config and tensors together, naming the file; NaN/Inf are counted below, not refused.
     Adapter::ReadOptions read;
     read.allow_non_finite = true;
     const Adapter adapter = Adapter::read(path, read);
     out["adapter_config"] =
-        nlohmann::ordered_json::parse(io::read_text_file(io::join_path(path, "adapter_config.json")));
+        nlohmann::ordered_json::parse(formats::read_text_file(formats::join_path(path, "adapter_config.json")));
     out["adapter_layers"] = adapter.modules().size();
-    bad += print_file(io::SafetensorsFile::open(io::join_path(path, "adapter_model.safetensors")), !header_only, out);
+    bad += print_file(formats::SafetensorsFile::open(formats::join_path(path, "adapter_model.safetensors")),
+                      !header_only, out);
   } else {
-    const io::Checkpoint checkpoint = io::Checkpoint::open(path);
+    const formats::Checkpoint checkpoint = formats::Checkpoint::open(path);
     for (const auto& file : checkpoint.files()) bad += print_file(file, !header_only, out);
   }
   if (!header_only) out["non_finite"] = bad;

@@ -58,7 +58,7 @@ void draw_progress(size_t done, size_t total, uint64_t bytes) {
 }
 
 int run_merge(MergeArgs& args) {
-  if (args.dtype != "keep") args.options.dtype = io::float_dtype_from_name(args.dtype, "--dtype (or keep)");
+  if (args.dtype != "keep") args.options.dtype = formats::float_dtype_from_name(args.dtype, "--dtype (or keep)");
   args.options.max_shard_bytes = parse_size(args.max_shard_size);
   if (!args.quiet && ::isatty(STDERR_FILENO)) args.options.on_progress = draw_progress;
   args.options.on_notice = [](const std::string& note) { fmt::print(stderr, "tiedlora: {}\n", note); };

@@ -41,7 +41,7 @@ struct GenerateArgs {
 // "NAME=DIR" -> (NAME, DIR); a bare DIR (or a value that is itself an existing path) is the default adapter.
 std::pair<std::string, std::string> adapter_argument(const std::string& value) {
   const auto eq = value.find('=');
-  if (eq == std::string::npos || io::path_exists(value)) return {kDefaultAdapter, value};
+  if (eq == std::string::npos || formats::path_exists(value)) return {kDefaultAdapter, value};
   const std::string name = value.substr(0, eq);
   try {
     check_adapter_name(name);
@@ -104,7 +104,7 @@ int run_generate(const GenerateArgs& args) {
   if (args.max_new_tokens <= 0) throw std::invalid_argument("--max-new-tokens must be positive");
   if (args.batch_size <= 0) throw std::invalid_argument("--batch-size must be positive");
   if (args.prompt_given == !args.prompts_file.empty()) throw std::invalid_argument("give either --prompt or --prompts");
-  const at::ScalarType dtype = io::float_dtype_from_name(args.dtype, "--dtype");
+  const at::ScalarType dtype = formats::float_dtype_from_name(args.dtype, "--dtype");
   std::vector<std::pair<std::string, std::string>> adapters;
   for (const auto& value : args.adapters) {
     adapters.push_back(adapter_argument(value));
@@ -132,16 +132,16 @@ int run_generate(const GenerateArgs& args) {
   for (const auto& [name, dir] : adapters) loaded.push_back(name);
   const std::vector<PromptLine> lines =
       args.prompt_given ? std::vector<PromptLine>{} : read_prompts(args.prompts_file, loaded);
-  auto model = models::load_any(path, dtype);
+  auto model = llm::models::load_any(path, dtype);
   for (const auto& [name, dir] : adapters) load_adapter(*model, dir, name);
-  models::GenerateOptions options;
+  llm::models::GenerateOptions options;
   options.max_new_tokens = args.max_new_tokens;
   options.stop_token_ids = model->info().eos_token_ids;
   if (auto eos = tokenizer->eos_id()) options.stop_token_ids.push_back(*eos);
   options.stop_token_ids.push_back(format.end_token);
   if (args.prompt_given) {
     const std::vector<int64_t> prompt = encode(args.prompt);
-    const auto generated = models::generate_greedy(*model, prompt, options);
+    const auto generated = llm::models::generate_greedy(*model, prompt, options);
     const std::vector<TokenId> out(generated.begin(), generated.end());
     std::cout << tokenizer->decode(out, /*skip_special_tokens=*/true) << "\n";
     if (args.print_ids)
@@ -158,7 +158,7 @@ int run_generate(const GenerateArgs& args) {
       prompts.push_back(encode(lines[i].prompt));
       options.prompt_adapters.push_back(lines[i].adapter);
     }
-    const auto generated = models::generate_greedy_batch(*model, prompts, options);
+    const auto generated = llm::models::generate_greedy_batch(*model, prompts, options);
     for (size_t i = begin; i < end; ++i) {
       const std::vector<TokenId> out(generated[i - begin].begin(), generated[i - begin].end());
       nlohmann::ordered_json j;

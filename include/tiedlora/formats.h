@@ -13,3 +13,8 @@
 #include "tiedlora/formats/hf_config.h"
 #include "tiedlora/formats/merge_checkpoint.h"
 #include "tiedlora/formats/safetensors.h"
+
+namespace tiedlora {
+/// The formats layer's namespace before it was named after its folder and target; kept for one release.
+namespace io = formats;
+}  // namespace tiedlora

@@ -11,3 +11,9 @@
 #include "tiedlora/llm/tokenizer.h"
 #include "tiedlora/llm/train.h"
 #include "tiedlora/llm/trainer.h"
+
+namespace tiedlora {
+/// The llm layer's namespaces before they were nested under its folder and target; kept for one release.
+namespace models = llm::models;
+namespace train = llm::train;
+}  // namespace tiedlora

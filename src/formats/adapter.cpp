@@ -54,7 +54,7 @@ Adapter Adapter::read(const std::string& folder, const ReadOptions& options) {
                       " (hint: adapters saved as .bin are not read; re-save with safetensors)");
   }
   adapter.config_ = parse_adapter_config(util::read_text_file(config_path), config_path);
-  const auto file = io::SafetensorsFile::open(weights_path);
+  const auto file = formats::SafetensorsFile::open(weights_path);
   for (const auto& name : file.names()) {
     at::Tensor t = file.tensor(name);
     if (!at::isFloatingType(t.scalar_type())) {
@@ -248,7 +248,7 @@ namespace {
 void write_adapter_files(const std::string& folder, const AdapterConfig& config,
                          const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
   const std::string text = adapter_config_json(config);
-  io::save_safetensors(util::join_path(folder, kWeightsName), tensors, {{"format", "pt"}});
+  formats::save_safetensors(util::join_path(folder, kWeightsName), tensors, {{"format", "pt"}});
   util::write_file_atomically(util::join_path(folder, kConfigName),
                               [&](const util::ByteWriter& write) { write(text.data(), text.size()); });
 }

@@ -4,7 +4,7 @@
 
 #include "util/files.h"
 
-namespace tiedlora::io {
+namespace tiedlora::formats {
 
 bool path_exists(const std::string& path) { return util::path_exists(path); }
 bool is_directory(const std::string& path) { return util::is_directory(path); }
@@ -17,4 +17,4 @@ void write_text_file(const std::string& path, const std::string& text) {
   util::write_file_atomically(path, [&](const util::ByteWriter& write) { write(text.data(), text.size()); });
 }
 
-}  // namespace tiedlora::io
+}  // namespace tiedlora::formats

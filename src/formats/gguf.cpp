@@ -19,7 +19,7 @@
 #include "tiedlora/core/error.h"
 #include "util/text.h"
 
-namespace tiedlora::io {
+namespace tiedlora::formats {
 
 namespace {
 
@@ -658,7 +658,7 @@ void GgufFile::dequantize(const std::string& name, float* out) const {
                       "Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K; re-quantize the model with one of them)");
   }
   if (t.numel == 0) return;
-  io::dequantize(t.type, tensor_data(name), t.numel, out);
+  formats::dequantize(t.type, tensor_data(name), t.numel, out);
 }
 
 std::vector<float> GgufFile::dequantize(const std::string& name) const {
@@ -824,11 +824,11 @@ void dequantize_q6_k(const uint8_t* b, uint64_t blocks, float* y) {
 void dequantize(GgmlType type, const uint8_t* data, uint64_t count, float* out) {
   const GgmlTypeInfo* info = ggml_type_info(static_cast<uint32_t>(type));
   if (!info || !info->dequantizable) {
-    throw Error(std::string("tiedlora::io::dequantize: type ") +
+    throw Error(std::string("tiedlora::formats::dequantize: type ") +
                 (info ? info->name : std::to_string(static_cast<uint32_t>(type)).c_str()) + " cannot be dequantized");
   }
   if (count % info->block_size != 0) {
-    throw Error("tiedlora::io::dequantize: " + std::to_string(count) + " values is not a multiple of the " +
+    throw Error("tiedlora::formats::dequantize: " + std::to_string(count) + " values is not a multiple of the " +
                 info->name + " block size " + std::to_string(info->block_size));
   }
   if (count == 0) return;  // `out` may be null then (an empty vector's data())
@@ -853,8 +853,8 @@ void dequantize(GgmlType type, const uint8_t* data, uint64_t count, float* out) 
     case GgmlType::Q4_K: return dequantize_q4_k(data, blocks, out);
     case GgmlType::Q5_K: return dequantize_q5_k(data, blocks, out);
     case GgmlType::Q6_K: return dequantize_q6_k(data, blocks, out);
-    default: throw Error(std::string("tiedlora::io::dequantize: type ") + info->name + " cannot be dequantized");
+    default: throw Error(std::string("tiedlora::formats::dequantize: type ") + info->name + " cannot be dequantized");
   }
 }
 
-}  // namespace tiedlora::io
+}  // namespace tiedlora::formats

@@ -10,7 +10,7 @@
 
 #include "tiedlora/core/error.h"
 
-namespace tiedlora::io {
+namespace tiedlora::formats {
 
 using nlohmann::json;
 
@@ -67,4 +67,4 @@ std::string hf_name_of_gguf_tensor(const std::string& gguf) {
   return "";
 }
 
-}  // namespace tiedlora::io
+}  // namespace tiedlora::formats

@@ -6,7 +6,7 @@
 
 #include "tiedlora/core/error.h"
 
-namespace tiedlora::io {
+namespace tiedlora::formats {
 
 at::Tensor load_gguf_tensor(const GgufFile& file, const std::string& name, at::ScalarType dtype) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
@@ -26,4 +26,4 @@ at::Tensor unpermute_llama_qk_rows(const at::Tensor& weight, int64_t n_head) {
   return weight.reshape({n_head, rows / n_head / 2, 2, cols}).transpose(1, 2).reshape({rows, cols}).contiguous();
 }
 
-}  // namespace tiedlora::io
+}  // namespace tiedlora::formats

@@ -17,14 +17,14 @@
 namespace tiedlora {
 namespace {
 
-bool is_float_dtype(io::SafetensorsDtype d) {
-  using D = io::SafetensorsDtype;
+bool is_float_dtype(formats::SafetensorsDtype d) {
+  using D = formats::SafetensorsDtype;
   return d == D::F16 || d == D::BF16 || d == D::F32 || d == D::F64;
 }
 
 // The base tensor that holds `module`'s weight: "<module>.weight", or the same without the model-class
 // prefix ("transformer." for GPT-2, "model." for Llama), as original GPT-2 checkpoints store "h.0...".
-std::string weight_name_of(const io::Checkpoint& base, const std::string& module) {
+std::string weight_name_of(const formats::Checkpoint& base, const std::string& module) {
   const std::string direct = module + ".weight";
   if (base.contains(direct)) return direct;
   const auto dot = module.find('.');
@@ -77,7 +77,7 @@ MergeReport merge_checkpoint(const MergeOptions& options) {
     throw ConfigError("merge-weights: --dtype must be keep, bf16, f16 or f32");
   }
 
-  const io::Checkpoint base = io::Checkpoint::open(options.base);
+  const formats::Checkpoint base = formats::Checkpoint::open(options.base);
   const Adapter adapter = Adapter::read(options.adapter);
   const bool transposed = adapter.config().fan_in_fan_out;
 
@@ -99,7 +99,7 @@ MergeReport merge_checkpoint(const MergeOptions& options) {
         transposed ? LinearShape{entry.shape[0], entry.shape[1]} : LinearShape{entry.shape[1], entry.shape[0]};
     adapter.layer(module, shape);  // throws on any mismatch, naming the layer
     if (!is_float_dtype(entry.dtype)) {
-      throw FormatError(options.base + ": tensor '" + name + "' is " + io::dtype_name(entry.dtype) +
+      throw FormatError(options.base + ": tensor '" + name + "' is " + formats::dtype_name(entry.dtype) +
                         "; only floating-point weights can be merged");
     }
     if (module_of_tensor.count(name)) {
@@ -130,13 +130,13 @@ MergeReport merge_checkpoint(const MergeOptions& options) {
   }
 
   // Output specs in the input's order (file by file, by data offset).
-  std::vector<io::TensorSpec> specs;
+  std::vector<formats::TensorSpec> specs;
   uint64_t largest = 0;
   for (const auto& file : base.files()) {
     for (const auto& entry : file.header().tensors) {
-      io::SafetensorsDtype dtype = entry.dtype;
-      if (options.dtype && is_float_dtype(entry.dtype)) dtype = io::from_scalar_type(*options.dtype);
-      specs.push_back(io::TensorSpec{entry.name, dtype, entry.shape});
+      formats::SafetensorsDtype dtype = entry.dtype;
+      if (options.dtype && is_float_dtype(entry.dtype)) dtype = formats::from_scalar_type(*options.dtype);
+      specs.push_back(formats::TensorSpec{entry.name, dtype, entry.shape});
       largest = std::max<uint64_t>(largest, entry.end - entry.begin);
     }
   }
@@ -157,13 +157,13 @@ MergeReport merge_checkpoint(const MergeOptions& options) {
   // produced): per-tensor allocations of tens of MB made glibc keep freed blocks and RSS grow.
   functional::MergeWorkspace workspace;
   std::string previous;  // written by now: its input pages can go
-  auto produce = [&](const io::TensorSpec& spec) -> at::Tensor {
+  auto produce = [&](const formats::TensorSpec& spec) -> at::Tensor {
     check_stop();
     if (!previous.empty()) base.file_of(previous).release_pages(previous);
     previous = spec.name;
     const auto& entry = base.entry(spec.name);
     report.bytes_read += entry.end - entry.begin;
-    const at::ScalarType out_type = io::to_scalar_type(spec.dtype);
+    const at::ScalarType out_type = formats::to_scalar_type(spec.dtype);
     at::Tensor w = base.tensor(spec.name);
     at::Tensor result;
     auto it = module_of_tensor.find(spec.name);
@@ -193,7 +193,7 @@ MergeReport merge_checkpoint(const MergeOptions& options) {
   };
   const std::map<std::string, std::string> metadata = {{"format", "pt"}};
   const auto weights =
-      io::write_sharded_safetensors_streaming(staged, specs, produce, options.max_shard_bytes, metadata);
+      formats::write_sharded_safetensors_streaming(staged, specs, produce, options.max_shard_bytes, metadata);
   report.files_written = weights;
   report.tensors_written = done;
   // The rest of a Hugging Face folder (config, tokenizer, generation config) travels unchanged.

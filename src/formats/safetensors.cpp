@@ -1,4 +1,4 @@
-// src/formats/safetensors.cpp: the torch half of tiedlora::io safetensors support, i.e. dtype mapping,
+// src/formats/safetensors.cpp: the torch half of tiedlora::formats safetensors support, i.e. dtype mapping,
 // memory-mapped reading (zero-copy, copy-on-write), atomic writing in the Python package's byte layout,
 // and Hugging Face checkpoints (single file or index + shards).
 #include "tiedlora/formats/safetensors.h"
@@ -27,7 +27,7 @@
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
               "safetensors data is little-endian: big-endian hosts need byte swapping");
 
-namespace tiedlora::io {
+namespace tiedlora::formats {
 
 namespace {
 
@@ -145,7 +145,7 @@ c10::ScalarType to_scalar_type(SafetensorsDtype dtype) {
     case SafetensorsDtype::U64: return at::kUInt64;
     case SafetensorsDtype::F64: return at::kDouble;
   }
-  throw Error("tiedlora::io: invalid SafetensorsDtype value " + std::to_string(static_cast<int>(dtype)));
+  throw Error("tiedlora::formats: invalid SafetensorsDtype value " + std::to_string(static_cast<int>(dtype)));
 }
 
 c10::ScalarType float_dtype_from_name(const std::string& name, const std::string& option) {
@@ -520,4 +520,4 @@ std::vector<std::string> write_sharded_safetensors_streaming(const std::string& 
   return written;
 }
 
-}  // namespace tiedlora::io
+}  // namespace tiedlora::formats

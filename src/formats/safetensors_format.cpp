@@ -1,4 +1,4 @@
-// src/formats/safetensors_format.cpp: the torch-free half of tiedlora::io safetensors support, i.e. dtype
+// src/formats/safetensors_format.cpp: the torch-free half of tiedlora::formats safetensors support, i.e. dtype
 // names and sizes, the validating header parser (the fuzz target) and the header serializer that
 // reproduces the Python `safetensors` package byte for byte.
 //
@@ -18,7 +18,7 @@
 #include "tiedlora/core/error.h"
 #include "util/text.h"
 
-namespace tiedlora::io {
+namespace tiedlora::formats {
 
 namespace {
 
@@ -48,7 +48,7 @@ const DtypeInfo& info(SafetensorsDtype dtype) {
   for (const auto& d : kDtypes) {
     if (d.dtype == dtype) return d;
   }
-  throw Error("tiedlora::io: invalid SafetensorsDtype value " + std::to_string(static_cast<int>(dtype)));
+  throw Error("tiedlora::formats: invalid SafetensorsDtype value " + std::to_string(static_cast<int>(dtype)));
 }
 
 bool dtype_from_name(const std::string& name, SafetensorsDtype* out) {
@@ -538,4 +538,4 @@ std::string serialize_safetensors_header(const std::vector<TensorEntry>& tensors
   return out;
 }
 
-}  // namespace tiedlora::io
+}  // namespace tiedlora::formats

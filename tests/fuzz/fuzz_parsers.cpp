@@ -21,14 +21,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       case 0: {
         // The header parser sees the file's first bytes; the file may be longer than what is given.
         const uint64_t file_size = size + (size > 0 ? data[0] % 3 : 0) * 64;
-        tiedlora::io::parse_safetensors_header(data, size, file_size, "fuzz.safetensors");
+        tiedlora::formats::parse_safetensors_header(data, size, file_size, "fuzz.safetensors");
         break;
       }
       case 1:
         tiedlora::parse_adapter_config(std::string(reinterpret_cast<const char*>(data), size),
                                        "fuzz/adapter_config.json");
         break;
-      case 2: tiedlora::io::parse_gguf(data, size, "fuzz.gguf"); break;
+      case 2: tiedlora::formats::parse_gguf(data, size, "fuzz.gguf"); break;
     }
   } catch (const tiedlora::Error&) {
     // A clear rejection: the expected outcome for malformed input.

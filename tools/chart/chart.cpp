@@ -181,7 +181,7 @@ void write_line_chart(const std::string& path, const std::vector<Series>& series
   if (status == CAIRO_STATUS_SUCCESS) status = cairo_surface_status(surface.get());
   if (status != CAIRO_STATUS_SUCCESS)
     throw Error(path + ": cairo could not draw the chart: " + cairo_status_to_string(status));
-  io::write_text_file(path, bytes);
+  formats::write_text_file(path, bytes);
 }
 
 }  // namespace tiedlora::chart

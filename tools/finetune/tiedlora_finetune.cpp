@@ -51,7 +51,7 @@
 namespace {
 
 using nlohmann::json;
-namespace tt = tiedlora::train;
+namespace tt = tiedlora::llm::train;
 
 struct Args {
   std::string model, train, validation, test, output;
@@ -145,7 +145,7 @@ void write_predictions(const std::string& path, const tt::ExactMatch& em) {
                 .dump();
     text += "\n";
   }
-  tiedlora::io::write_text_file(path, text);
+  tiedlora::formats::write_text_file(path, text);
 }
 
 json accuracy_json(const tt::ExactMatch& em) {
@@ -178,7 +178,7 @@ std::string accuracy_line(const tt::ExactMatch& em) {
   return out;
 }
 
-tt::ExactMatch evaluate(tiedlora::models::CausalLM& model, const tiedlora::Tokenizer& tokenizer,
+tt::ExactMatch evaluate(tiedlora::llm::models::CausalLM& model, const tiedlora::Tokenizer& tokenizer,
                         const std::vector<tt::Example>& test, const tt::PromptFormat& format, const Args& args,
                         const char* label, tiedlora::distributed::ProcessGroup& group) {
   const bool bar = use_progress_bar(args);
@@ -242,7 +242,8 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
                                    ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(launch.local_rank))
                                    : torch::Device(args.device);
   // The frozen model in its storage dtype (bf16 halves its memory); the adapter stays fp32 (LoraOptions).
-  auto model = tiedlora::models::load_any(model_path, tiedlora::io::float_dtype_from_name(args.dtype, "--dtype"));
+  auto model =
+      tiedlora::llm::models::load_any(model_path, tiedlora::formats::float_dtype_from_name(args.dtype, "--dtype"));
   const auto tokenizer = tiedlora::load_tokenizer(model_path);
   const std::optional<bool> use_chat = args.chat == "auto" ? std::nullopt : std::optional<bool>(args.chat == "on");
   const tt::PromptFormat format = tt::prompt_format_for(*tokenizer, tiedlora::chat_template_of(model_path), use_chat);
@@ -325,7 +326,7 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
       summary["before"] = accuracy_json(em);
       if (main_rank) {
         write_predictions(args.output + "/predictions_before.jsonl", em);
-        tiedlora::io::write_text_file(before_path, summary["before"].dump(2) + "\n");
+        tiedlora::formats::write_text_file(before_path, summary["before"].dump(2) + "\n");
       }
     }
   }
@@ -357,7 +358,7 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
     if (profile.running()) {
       profiled = true;
       const std::string table = profile.stop();
-      tiedlora::io::write_text_file(args.output + "/profile.md", table);
+      tiedlora::formats::write_text_file(args.output + "/profile.md", table);
       progress.message(fmt::format("step {} profiled by operator: {}/profile.md", r.step, args.output));
     }
     progress.step(r);
@@ -454,17 +455,17 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
     }
     fmt::print("merged with merge-weights into {} ({} tensors, {:.1f} s)\n", merged_dir, merged_report.tensors_written,
                merged_report.seconds);
-    auto merged = tiedlora::models::load_pretrained(merged_dir, torch::kFloat);
+    auto merged = tiedlora::llm::models::load_pretrained(merged_dir, torch::kFloat);
     merged->to(device);
-    tiedlora::models::GenerateOptions gen;
+    tiedlora::llm::models::GenerateOptions gen;
     gen.max_new_tokens = args.max_new_tokens;
     gen.stop_token_ids = {format.end_token};
     int64_t identical = 0, shown = 0;
     for (const auto& e : test_examples) {
       if (shown >= args.generations) break;
       const std::vector<int64_t> prompt = tt::prompt_ids(*tokenizer, e, format);
-      const auto a = tiedlora::models::generate_greedy(*model, prompt, gen);
-      const auto m = tiedlora::models::generate_greedy(*merged, prompt, gen);
+      const auto a = tiedlora::llm::models::generate_greedy(*model, prompt, gen);
+      const auto m = tiedlora::llm::models::generate_greedy(*merged, prompt, gen);
       const std::string adapted_text = tokenizer->decode({a.begin(), a.end()}, true);
       const std::string merged_text = tokenizer->decode({m.begin(), m.end()}, true);
       identical += a == m;
@@ -479,7 +480,7 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
     summary["merged_generations_compared"] = shown;
   }
   summary["wall_seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  tiedlora::io::write_text_file(args.output + "/summary.json", summary.dump(2) + "\n");
+  tiedlora::formats::write_text_file(args.output + "/summary.json", summary.dump(2) + "\n");
   if (summary.contains("before") && summary.contains("after")) {
     fmt::print("held-out exact match: {:.1f}% before, {:.1f}% after ({} test examples)\n",
                100 * summary["before"]["exact_match"].get<double>(),

@@ -6,7 +6,7 @@
 
 #include <string>
 
-namespace tiedlora::io {
+namespace tiedlora::formats {
 
 bool path_exists(const std::string& path);
 bool is_directory(const std::string& path);
@@ -20,4 +20,4 @@ void write_text_file(const std::string& path, const std::string& text);
 /// Removes a file or a folder tree; missing paths are fine. Never follows symbolic links.
 void remove_tree(const std::string& path);
 
-}  // namespace tiedlora::io
+}  // namespace tiedlora::formats

@@ -15,7 +15,7 @@
 #include <utility>
 #include <vector>
 
-namespace tiedlora::io {
+namespace tiedlora::formats {
 
 /// Metadata value types (gguf_type).
 enum class GgufType : uint32_t {
@@ -198,4 +198,4 @@ class GgufFile {
 /// Throws tiedlora::Error for types that cannot be dequantized.
 void dequantize(GgmlType type, const uint8_t* data, uint64_t count, float* out);
 
-}  // namespace tiedlora::io
+}  // namespace tiedlora::formats

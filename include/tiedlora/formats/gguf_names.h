@@ -1,6 +1,6 @@
 // tiedlora/formats/gguf_names.h: what llama.cpp's names mean to Hugging Face: a GGUF file's Llama metadata
 // as a ModelConfig (the config.json it stands for) and its tensor names as Hugging Face's. Format knowledge
-// only; building and filling the model is tiedlora::models::load_gguf_model's.
+// only; building and filling the model is tiedlora::llm::models::load_gguf_model's.
 #pragma once
 
 #include <string>
@@ -8,7 +8,7 @@
 #include "tiedlora/formats/gguf.h"
 #include "tiedlora/formats/hf_config.h"
 
-namespace tiedlora::io {
+namespace tiedlora::formats {
 
 /// The ModelConfig of a Llama-architecture GGUF file, from its metadata (llama.* keys, the tokenizer's
 /// bos/eos ids; the head is tied when the file has no output.weight). Its json_text is the config.json that
@@ -19,4 +19,4 @@ ModelConfig model_config_of_gguf(const GgufFile& file, const std::string& path);
 /// "model.layers.3.self_attn.q_proj.weight"), or "" for a name Llama models do not have.
 std::string hf_name_of_gguf_tensor(const std::string& gguf_name);
 
-}  // namespace tiedlora::io
+}  // namespace tiedlora::formats

@@ -7,7 +7,7 @@
 
 #include "tiedlora/formats/gguf.h"
 
-namespace tiedlora::io {
+namespace tiedlora::formats {
 
 /// Tensor `name` of `file`, dequantized to float32 and converted to `dtype` (kFloat or kBFloat16), on the
 /// CPU, with shape = ne reversed (GGUF's ne[0] is the innermost dimension). Always a fresh tensor.
@@ -19,4 +19,4 @@ at::Tensor load_gguf_tensor(const GgufFile& file, const std::string& name, at::S
 /// n_head is the number of query heads for Q and of KV heads for K.
 at::Tensor unpermute_llama_qk_rows(const at::Tensor& weight, int64_t n_head);
 
-}  // namespace tiedlora::io
+}  // namespace tiedlora::formats

@@ -22,7 +22,7 @@
 
 #include "tiedlora/formats/safetensors_format.h"
 
-namespace tiedlora::io {
+namespace tiedlora::formats {
 
 /// The torch scalar type of a safetensors dtype (throws for dtypes torch cannot represent).
 c10::ScalarType to_scalar_type(SafetensorsDtype dtype);
@@ -129,4 +129,4 @@ std::vector<std::string> write_sharded_safetensors_streaming(const std::string& 
                                                              const TensorProducer& produce, uint64_t max_shard_bytes,
                                                              const std::map<std::string, std::string>& metadata = {});
 
-}  // namespace tiedlora::io
+}  // namespace tiedlora::formats

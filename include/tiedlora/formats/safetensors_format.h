@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-namespace tiedlora::io {
+namespace tiedlora::formats {
 
 /// The dtypes of the safetensors format that tiedlora reads and writes.
 enum class SafetensorsDtype { BOOL, U8, I8, F8_E5M2, F8_E4M3, I16, U16, F16, BF16, I32, U32, F32, I64, U64, F64 };
@@ -44,4 +44,4 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, std::size_t ava
 std::string serialize_safetensors_header(const std::vector<TensorEntry>& tensors,
                                          const std::map<std::string, std::string>& metadata);
 
-}  // namespace tiedlora::io
+}  // namespace tiedlora::formats

@@ -19,7 +19,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/nn/module.h>
 
-namespace tiedlora::models {
+namespace tiedlora::llm::models {
 
 /// The architecture-independent facts about a loaded model.
 struct ModelInfo {
@@ -166,4 +166,4 @@ std::vector<std::vector<int64_t>> generate_greedy_batch(CausalLM& model,
                                                         const std::vector<std::vector<int64_t>>& prompts,
                                                         const GenerateOptions& options = {});
 
-}  // namespace tiedlora::models
+}  // namespace tiedlora::llm::models

@@ -13,7 +13,7 @@
 #include "tiedlora/llm/chat.h"
 #include "tiedlora/llm/tokenizer.h"
 
-namespace tiedlora::train {
+namespace tiedlora::llm::train {
 
 // The prompt format is the chat layer's (tiedlora/llm/chat.h): generation encodes prompts the same way.
 using tiedlora::prompt_format_for;
@@ -51,9 +51,9 @@ TokenizedExample tokenize(const Tokenizer& tokenizer, const Example& example, co
 struct Batch {
   at::Tensor input_ids;
   at::Tensor labels;
-  int64_t tokens = 0;           ///< real (unpadded) input tokens
-  int64_t target_tokens = 0;    ///< labels that count
-  models::PackedLayout layout;  ///< empty: padded rows
+  int64_t tokens = 0;                ///< real (unpadded) input tokens
+  int64_t target_tokens = 0;         ///< labels that count
+  llm::models::PackedLayout layout;  ///< empty: padded rows
   bool packed() const { return !layout.segment_lengths.empty(); }
 };
 
@@ -71,4 +71,4 @@ Batch make_packed_batch(const std::vector<const TokenizedExample*>& examples, in
 /// Input tokens of `example` in a batch (after make_batch's truncation to max_length): its cost.
 int64_t batch_length(const TokenizedExample& example, int64_t max_length);
 
-}  // namespace tiedlora::train
+}  // namespace tiedlora::llm::train

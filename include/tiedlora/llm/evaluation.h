@@ -12,7 +12,7 @@
 #include "tiedlora/llm/distributed.h"
 #include "tiedlora/llm/tokenizer.h"
 
-namespace tiedlora::train {
+namespace tiedlora::llm::train {
 
 /// SQuAD's answer normalisation: lower case, punctuation and the articles a/an/the removed, whitespace
 /// collapsed.
@@ -30,12 +30,12 @@ struct ExactMatch {
 };
 
 /// Greedy-decodes every example's prompt (up to max_new_tokens, stopping at the format's end token), in
-/// left-padded batches of `batch_size` (models::generate_greedy_batch), and compares normalize_answer() of
+/// left-padded batches of `batch_size` (llm::models::generate_greedy_batch), and compares normalize_answer() of
 /// the text with the expected completion's. With a `group` of several processes each rank decodes its
 /// contiguous share and every rank gets all predictions, in order (on_progress counts this rank's share).
-ExactMatch exact_match(models::CausalLM& model, const Tokenizer& tokenizer, const std::vector<Example>& examples,
+ExactMatch exact_match(llm::models::CausalLM& model, const Tokenizer& tokenizer, const std::vector<Example>& examples,
                        const PromptFormat& format, int64_t max_new_tokens, int64_t batch_size,
                        const std::function<void(size_t done, size_t total)>& on_progress = {},
                        distributed::ProcessGroup* group = nullptr);
 
-}  // namespace tiedlora::train
+}  // namespace tiedlora::llm::train

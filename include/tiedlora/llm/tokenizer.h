@@ -25,7 +25,7 @@
 
 namespace tiedlora {
 
-namespace io {
+namespace formats {
 class GgufFile;
 }
 
@@ -116,7 +116,7 @@ class BpeTokenizer : public Tokenizer {
   static BpeTokenizer from_tokenizer_json(const std::string& path);
   /// The tokenizer in a GGUF file's metadata (tokenizer.ggml.model "gpt2"; tokenizer.ggml.pre picks the
   /// pre-tokenizer: "gpt2"/"default", "smollm"/"starcoder", "llama-bpe"/"llama3", "qwen2").
-  static BpeTokenizer from_gguf(const io::GgufFile& file);
+  static BpeTokenizer from_gguf(const formats::GgufFile& file);
   static BpeTokenizer from_gguf(const std::string& path);
 
   std::vector<TokenId> encode(std::string_view text, bool add_special_tokens = false) const override;

@@ -18,7 +18,7 @@
 #include "tiedlora/llm/data.h"
 #include "tiedlora/llm/distributed.h"
 
-namespace tiedlora::train {
+namespace tiedlora::llm::train {
 
 /// The learning rate of optimizer step `step` (0-based) of `total`: linear warmup from peak/warmup over
 /// `warmup` steps, then cosine decay towards peak * min_ratio, which step == total would reach (the last
@@ -116,7 +116,7 @@ class Trainer {
  public:
   /// Checks every example up front (a completion that does not fit max_length, an empty prompt): a
   /// ConfigError names the set and the example's number (its line among the non-blank lines of the JSONL).
-  Trainer(models::CausalLM& model, std::vector<TokenizedExample> train, std::vector<TokenizedExample> validation,
+  Trainer(llm::models::CausalLM& model, std::vector<TokenizedExample> train, std::vector<TokenizedExample> validation,
           TrainOptions options, int64_t pad_id);
   ~Trainer();
 
@@ -142,7 +142,7 @@ class Trainer {
 
 /// Summed cross-entropy over the completion tokens of `batch` (fp32; padded or packed); the output head is
 /// applied to those positions only.
-at::Tensor completion_loss_sum(models::CausalLM& model, const Batch& batch);
+at::Tensor completion_loss_sum(llm::models::CausalLM& model, const Batch& batch);
 
 // ---- output ---------------------------------------------------------------------------------------------
 
@@ -153,10 +153,11 @@ void prepare_output_dir(const std::string& dir, bool resume, bool overwrite);
 
 /// merge-weights (tiedlora/formats/merge_checkpoint.h) of the adapter saved from `model` into its base `model_path`,
 /// written to `out` (replaced if it exists). merge-weights reads Hugging Face checkpoints, so a GGUF base is first
-/// written as one (models::save_pretrained, in fp32, into a temporary folder beside `out` that is removed
+/// written as one (llm::models::save_pretrained, in fp32, into a temporary folder beside `out` that is removed
 /// afterwards). `model` must not be merged in memory. `stop_requested` (may be empty) is the merge's
 /// (MergeOptions::stop_requested): true abandons it with tiedlora::Cancelled, nothing left behind.
-MergeReport merge_trained(const models::CausalLM& model, const std::string& model_path, const std::string& adapter_dir,
-                          const std::string& out, const std::function<bool()>& stop_requested = {});
+MergeReport merge_trained(const llm::models::CausalLM& model, const std::string& model_path,
+                          const std::string& adapter_dir, const std::string& out,
+                          const std::function<bool()>& stop_requested = {});
 
-}  // namespace tiedlora::train
+}  // namespace tiedlora::llm::train

@@ -10,7 +10,7 @@
 
 #include "tiedlora/core/forward_context.h"
 
-namespace tiedlora::models::detail {
+namespace tiedlora::llm::models::detail {
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -79,4 +79,4 @@ at::Tensor checkpointed(BlockFunction block, const at::Tensor& x, const std::vec
   return CheckpointFunction::apply(x, std::move(saved), at::TensorList(trainable))[0];
 }
 
-}  // namespace tiedlora::models::detail
+}  // namespace tiedlora::llm::models::detail

@@ -8,7 +8,7 @@
 
 #include <ATen/core/Tensor.h>
 
-namespace tiedlora::models::detail {
+namespace tiedlora::llm::models::detail {
 
 using BlockFunction = std::function<at::Tensor(const at::Tensor&)>;
 
@@ -19,4 +19,4 @@ using BlockFunction = std::function<at::Tensor(const at::Tensor&)>;
 /// the plain block. The block must not keep state between calls (no KV cache).
 at::Tensor checkpointed(BlockFunction block, const at::Tensor& x, const std::vector<at::Tensor>& trainable);
 
-}  // namespace tiedlora::models::detail
+}  // namespace tiedlora::llm::models::detail

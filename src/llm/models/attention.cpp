@@ -10,7 +10,7 @@
 #include "llm/models/decoder.h"
 #include "tiedlora/core/error.h"
 
-namespace tiedlora::models {
+namespace tiedlora::llm::models {
 namespace {
 
 // Causal mask for `tokens` new positions after `past` cached ones: position i sees keys 0..past+i.
@@ -150,4 +150,4 @@ at::Tensor CausalLM::hidden_states(const at::Tensor& input_ids, const PackedLayo
   return forward_hidden(input_ids, nullptr, &layout);
 }
 
-}  // namespace tiedlora::models
+}  // namespace tiedlora::llm::models

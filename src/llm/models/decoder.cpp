@@ -5,7 +5,7 @@
 
 #include <ATen/ATen.h>
 
-namespace tiedlora::models {
+namespace tiedlora::llm::models {
 namespace {
 
 // The architecture-independent facts, from the one description of the model (tiedlora/formats/hf_config.h).
@@ -57,4 +57,4 @@ std::shared_ptr<CausalLM> build_model(const std::string& config_path, at::Scalar
   return build_model_from(read_model_config(config_path), dtype);
 }
 
-}  // namespace tiedlora::models
+}  // namespace tiedlora::llm::models

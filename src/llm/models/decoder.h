@@ -19,7 +19,7 @@
 #include "tiedlora/formats/hf_config.h"
 #include "tiedlora/llm/causal_lm.h"
 
-namespace tiedlora::models {
+namespace tiedlora::llm::models {
 
 // ---- layers (decoder.cpp) -------------------------------------------------------------------------------
 
@@ -95,4 +95,4 @@ class BlockRunner {
   std::vector<at::Tensor> trainable_;
 };
 
-}  // namespace tiedlora::models
+}  // namespace tiedlora::llm::models

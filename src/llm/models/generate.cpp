@@ -11,7 +11,7 @@
 #include "llm/models/decoder.h"
 #include "tiedlora/core/error.h"
 
-namespace tiedlora::models {
+namespace tiedlora::llm::models {
 namespace {
 
 // Whether each adapter's prompts are consecutive (then every layer reads each adapter's rows as a slice).
@@ -114,4 +114,4 @@ std::vector<int64_t> generate_greedy(CausalLM& model, const std::vector<int64_t>
   return generate_greedy_batch(model, {prompt}, options).front();
 }
 
-}  // namespace tiedlora::models
+}  // namespace tiedlora::llm::models

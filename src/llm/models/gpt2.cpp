@@ -7,7 +7,7 @@
 
 #include "llm/models/decoder.h"
 
-namespace tiedlora::models {
+namespace tiedlora::llm::models {
 namespace {
 
 struct Gpt2Sizes {
@@ -110,4 +110,4 @@ std::shared_ptr<CausalLM> make_gpt2(const ModelConfig& config, at::ScalarType dt
   return std::make_shared<Gpt2LMHead>(config, dtype);
 }
 
-}  // namespace tiedlora::models
+}  // namespace tiedlora::llm::models

@@ -6,7 +6,7 @@
 
 #include "llm/models/decoder.h"
 
-namespace tiedlora::models {
+namespace tiedlora::llm::models {
 namespace {
 
 struct LlamaSizes {
@@ -152,4 +152,4 @@ std::shared_ptr<CausalLM> make_llama(const ModelConfig& config, at::ScalarType d
   return std::make_shared<LlamaForCausalLM>(config, dtype);
 }
 
-}  // namespace tiedlora::models
+}  // namespace tiedlora::llm::models

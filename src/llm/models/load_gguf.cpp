@@ -13,11 +13,11 @@
 #include "tiedlora/formats/gguf_names.h"
 #include "tiedlora/formats/gguf_tensor.h"
 
-namespace tiedlora::models {
+namespace tiedlora::llm::models {
 
 std::shared_ptr<CausalLM> load_gguf_model(const std::string& path, at::ScalarType dtype) {
-  const io::GgufFile file = io::GgufFile::open(path);
-  const ModelConfig config = io::model_config_of_gguf(file, path);
+  const formats::GgufFile file = formats::GgufFile::open(path);
+  const ModelConfig config = formats::model_config_of_gguf(file, path);
   const int64_t heads = config.num_heads, kv_heads = config.num_kv_heads;
   // Built in the requested dtype: each tensor is dequantized to fp32 alone and converted as it is copied,
   // so a bf16 load never holds an fp32 model.
@@ -27,7 +27,7 @@ std::shared_ptr<CausalLM> load_gguf_model(const std::string& path, at::ScalarTyp
   std::map<std::string, std::string> source_of;  // HF name -> GGUF name
   std::vector<std::string> unexpected;
   for (const auto& info : file.tensors()) {
-    const std::string hf = io::hf_name_of_gguf_tensor(info.name);
+    const std::string hf = formats::hf_name_of_gguf_tensor(info.name);
     if (hf.empty()) {
       if (info.name != "rope_freqs.weight") unexpected.push_back(info.name);  // llama.cpp's cache of inv_freq
       continue;
@@ -57,10 +57,11 @@ std::shared_ptr<CausalLM> load_gguf_model(const std::string& path, at::ScalarTyp
   }
   at::NoGradGuard no_grad;
   for (const auto& [hf, gguf] : source_of) {
-    at::Tensor value = io::load_gguf_tensor(file, gguf, at::kFloat);
+    at::Tensor value = formats::load_gguf_tensor(file, gguf, at::kFloat);
     // llama.cpp permutes Q and K rows for its RoPE; HF's rotate_half layout needs them back.
-    if (hf.find("self_attn.q_proj.weight") != std::string::npos) value = io::unpermute_llama_qk_rows(value, heads);
-    if (hf.find("self_attn.k_proj.weight") != std::string::npos) value = io::unpermute_llama_qk_rows(value, kv_heads);
+    if (hf.find("self_attn.q_proj.weight") != std::string::npos) value = formats::unpermute_llama_qk_rows(value, heads);
+    if (hf.find("self_attn.k_proj.weight") != std::string::npos)
+      value = formats::unpermute_llama_qk_rows(value, kv_heads);
     const at::Tensor& param = params[hf];
     if (value.sizes() != param.sizes()) {
       std::ostringstream msg;
@@ -72,4 +73,4 @@ std::shared_ptr<CausalLM> load_gguf_model(const std::string& path, at::ScalarTyp
   return model;
 }
 
-}  // namespace tiedlora::models
+}  // namespace tiedlora::llm::models

@@ -11,7 +11,7 @@
 #include "tiedlora/formats/safetensors.h"
 #include "util/files.h"
 
-namespace tiedlora::models {
+namespace tiedlora::llm::models {
 namespace {
 
 // GPT-2's Conv1D layers store their weight (in, out).
@@ -27,7 +27,7 @@ bool is_conv1d_weight(const std::string& name) {
 }  // namespace
 
 void load_hf_weights(CausalLM& model, const std::string& checkpoint_path) {
-  const io::Checkpoint checkpoint = io::Checkpoint::open(checkpoint_path);
+  const formats::Checkpoint checkpoint = formats::Checkpoint::open(checkpoint_path);
   const bool gpt2 = model.info().model_type == "gpt2";
   std::set<std::string> unused;
   for (const auto& n : checkpoint.names()) unused.insert(n);
@@ -161,8 +161,8 @@ void save_pretrained(const CausalLM& model, const std::string& folder, const Sav
   const std::string config = info.config_json + "\n";
   util::write_file_atomically(util::join_path(staged.path(), "config.json"),
                               [&](const util::ByteWriter& write) { write(config.data(), config.size()); });
-  io::save_sharded_safetensors(staged.path(), tensors, max_shard_bytes, {{"format", "pt"}});
+  formats::save_sharded_safetensors(staged.path(), tensors, max_shard_bytes, {{"format", "pt"}});
   staged.publish(overwrite);
 }
 
-}  // namespace tiedlora::models
+}  // namespace tiedlora::llm::models

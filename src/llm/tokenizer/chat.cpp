@@ -60,8 +60,8 @@ ChatTemplateInfo inspect_chat_template(const std::string& jinja) {
 }
 
 std::string chat_template_of(const std::string& model) {
-  if (models::is_gguf_path(model)) {
-    const io::GgufFile file = io::GgufFile::open(model);
+  if (llm::models::is_gguf_path(model)) {
+    const formats::GgufFile file = formats::GgufFile::open(model);
     return file.has_key("tokenizer.chat_template") ? file.get_string("tokenizer.chat_template") : "";
   }
   // transformers 5 (and 4.43+ by default) saves the template as its own file beside the tokenizer.

@@ -31,7 +31,7 @@ PreTokenizer pre_tokenizer_for(const std::string& name, const std::string& path)
 
 }  // namespace
 
-BpeTokenizer BpeTokenizer::from_gguf(const io::GgufFile& file) {
+BpeTokenizer BpeTokenizer::from_gguf(const formats::GgufFile& file) {
   const std::string& path = file.path();
   const std::string model = file.get_string("tokenizer.ggml.model");
   if (model != "gpt2") {
@@ -93,6 +93,6 @@ BpeTokenizer BpeTokenizer::from_gguf(const io::GgufFile& file) {
   return BpeTokenizer(std::move(config));
 }
 
-BpeTokenizer BpeTokenizer::from_gguf(const std::string& path) { return from_gguf(io::GgufFile::open(path)); }
+BpeTokenizer BpeTokenizer::from_gguf(const std::string& path) { return from_gguf(formats::GgufFile::open(path)); }
 
 }  // namespace tiedlora

@@ -12,7 +12,7 @@
 #include "tiedlora/formats/safetensors.h"
 #include "util/text.h"
 
-namespace tiedlora::train {
+namespace tiedlora::llm::train {
 namespace {
 
 constexpr const char* kStateFormat = "tiedlora-trainer-1";
@@ -130,7 +130,7 @@ std::string Trainer::State::write_checkpoint() {
                {"options", trajectory_options(options)}};
   {
     util::StagedDirectory staged(folder);
-    io::save_safetensors(util::join_path(staged.path(), "state.safetensors"), tensors);
+    formats::save_safetensors(util::join_path(staged.path(), "state.safetensors"), tensors);
     const std::string text = meta.dump(2) + "\n";
     util::write_file_atomically(util::join_path(staged.path(), "trainer_state.json"),
                                 [&](const util::ByteWriter& write) { write(text.data(), text.size()); });
@@ -193,7 +193,7 @@ void Trainer::State::load_checkpoint(const std::string& folder) {
                       ": the checkpoint was made with other training or validation data (hint: resume with "
                       "the original files, tokenizer and prompt format)");
   }
-  const auto file = io::SafetensorsFile::open(tensors_path);
+  const auto file = formats::SafetensorsFile::open(tensors_path);
   // Check every tensor before changing anything.
   if (!file.contains("rng.cpu")) throw FormatError(tensors_path + ": missing 'rng.cpu'");
   for (const auto& [name, p] : params) {
@@ -299,4 +299,4 @@ void Trainer::State::share_state() {
   share(tensors, "the checkpoint's adapter and optimizer state");
 }
 
-}  // namespace tiedlora::train
+}  // namespace tiedlora::llm::train

@@ -13,7 +13,7 @@
 #include "tiedlora/core/error.h"
 #include "util/files.h"
 
-namespace tiedlora::train {
+namespace tiedlora::llm::train {
 
 using nlohmann::json;
 
@@ -180,4 +180,4 @@ Batch make_packed_batch(const std::vector<const TokenizedExample*>& examples, in
   return batch;
 }
 
-}  // namespace tiedlora::train
+}  // namespace tiedlora::llm::train

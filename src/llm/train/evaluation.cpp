@@ -8,7 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
-namespace tiedlora::train {
+namespace tiedlora::llm::train {
 
 std::string normalize_answer(const std::string& text) {
   std::string lower;
@@ -26,7 +26,7 @@ std::string normalize_answer(const std::string& text) {
   return out;
 }
 
-ExactMatch exact_match(models::CausalLM& model, const Tokenizer& tokenizer, const std::vector<Example>& examples,
+ExactMatch exact_match(llm::models::CausalLM& model, const Tokenizer& tokenizer, const std::vector<Example>& examples,
                        const PromptFormat& format, int64_t max_new_tokens, int64_t batch_size,
                        const std::function<void(size_t, size_t)>& on_progress, distributed::ProcessGroup* group) {
   if (group && group->world_size() > 1) {
@@ -59,7 +59,7 @@ ExactMatch exact_match(models::CausalLM& model, const Tokenizer& tokenizer, cons
     return result;
   }
   ExactMatch result;
-  models::GenerateOptions options;
+  llm::models::GenerateOptions options;
   options.max_new_tokens = max_new_tokens;
   options.stop_token_ids = {format.end_token};
   if (auto eos = tokenizer.eos_id(); eos && *eos != format.end_token) options.stop_token_ids.push_back(*eos);
@@ -67,7 +67,7 @@ ExactMatch exact_match(models::CausalLM& model, const Tokenizer& tokenizer, cons
     const size_t last = std::min(examples.size(), first + static_cast<size_t>(std::max<int64_t>(1, batch_size)));
     std::vector<std::vector<int64_t>> prompts;
     for (size_t i = first; i < last; ++i) prompts.push_back(prompt_ids(tokenizer, examples[i], format));
-    const auto generated = models::generate_greedy_batch(model, prompts, options);
+    const auto generated = llm::models::generate_greedy_batch(model, prompts, options);
     for (size_t i = first; i < last; ++i) {
       const Example& e = examples[i];
       const auto& tokens = generated[i - first];
@@ -85,4 +85,4 @@ ExactMatch exact_match(models::CausalLM& model, const Tokenizer& tokenizer, cons
   return result;
 }
 
-}  // namespace tiedlora::train
+}  // namespace tiedlora::llm::train

@@ -5,7 +5,7 @@
 #include "tiedlora/llm/trainer.h"
 #include "util/files.h"
 
-namespace tiedlora::train {
+namespace tiedlora::llm::train {
 
 void prepare_output_dir(const std::string& dir, bool resume, bool overwrite) {
   const std::string metrics = util::join_path(dir, "metrics.jsonl"), checkpoints = util::join_path(dir, "checkpoints");
@@ -21,8 +21,9 @@ void prepare_output_dir(const std::string& dir, bool resume, bool overwrite) {
   util::make_directories(dir);
 }
 
-MergeReport merge_trained(const models::CausalLM& model, const std::string& model_path, const std::string& adapter_dir,
-                          const std::string& out, const std::function<bool()>& stop_requested) {
+MergeReport merge_trained(const llm::models::CausalLM& model, const std::string& model_path,
+                          const std::string& adapter_dir, const std::string& out,
+                          const std::function<bool()>& stop_requested) {
   MergeOptions merge;
   merge.stop_requested = stop_requested;
   merge.base = model_path;
@@ -33,13 +34,13 @@ MergeReport merge_trained(const models::CausalLM& model, const std::string& mode
     if (layer->merged())
       throw ConfigError("merge_trained: layer '" + name + "' is merged in memory (hint: unmerge it first)");
   }
-  if (!models::is_gguf_path(model_path)) return merge_checkpoint(merge);
+  if (!llm::models::is_gguf_path(model_path)) return merge_checkpoint(merge);
   util::StagedDirectory staged(out + ".base");  // removed on return: the HF copy of the GGUF base is scratch
   merge.base = util::join_path(staged.path(), "model");
-  models::save_pretrained(model, merge.base);
+  llm::models::save_pretrained(model, merge.base);
   if (stop_requested && stop_requested())
     throw Cancelled("merge of " + out + " stopped before it began; nothing was written");
   return merge_checkpoint(merge);
 }
 
-}  // namespace tiedlora::train
+}  // namespace tiedlora::llm::train

@@ -15,7 +15,7 @@
 #include "tiedlora/core/error.h"
 #include "tiedlora/core/inject.h"
 
-namespace tiedlora::train {
+namespace tiedlora::llm::train {
 namespace {
 
 void check_examples(const std::vector<TokenizedExample>& examples, const char* set, int64_t max_length) {
@@ -94,7 +94,7 @@ double cosine_with_warmup(int64_t step, int64_t total, int64_t warmup, double pe
   return peak * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + std::cos(M_PI * progress)));
 }
 
-at::Tensor completion_loss_sum(models::CausalLM& model, const Batch& batch) {
+at::Tensor completion_loss_sum(llm::models::CausalLM& model, const Batch& batch) {
   const auto device = model.parameters().front().device();
   const at::Tensor ids = batch.input_ids.to(device);
   const at::Tensor labels = batch.labels.to(device);
@@ -130,8 +130,8 @@ std::vector<int64_t> epoch_order(const std::vector<TokenizedExample>& train, con
 
 // ---- Trainer ------------------------------------------------------------------------------------------------
 
-Trainer::Trainer(models::CausalLM& model, std::vector<TokenizedExample> train, std::vector<TokenizedExample> validation,
-                 TrainOptions options, int64_t pad_id)
+Trainer::Trainer(llm::models::CausalLM& model, std::vector<TokenizedExample> train,
+                 std::vector<TokenizedExample> validation, TrainOptions options, int64_t pad_id)
     : s_(std::make_unique<State>(model, std::move(train), std::move(validation), std::move(options), pad_id)) {
   const TrainOptions& o = s_->options;
   if (s_->train.empty()) throw ConfigError("Trainer: no training examples");
@@ -271,7 +271,7 @@ double Trainer::validation_loss() {
   State& s = *s_;
   if (s.validation.empty()) throw ConfigError("Trainer: no validation data");
   at::NoGradGuard no_grad;
-  const models::EvalModeGuard eval_mode(s.model);  // the training mode comes back even when a batch throws
+  const llm::models::EvalModeGuard eval_mode(s.model);  // the training mode comes back even when a batch throws
   double sum = 0;
   int64_t count = 0;
   // Each rank its contiguous share of the set, in batches as one process would make them.
@@ -310,7 +310,7 @@ TrainResult Trainer::run(const TrainCallbacks& callbacks) {
   const DropoutGeneratorScope dropout_generators(s.dropout_generators());
   // Checkpointing is this run's choice: the model gets its own setting back however the run ends.
   struct CheckpointingScope {
-    models::CausalLM& model;
+    llm::models::CausalLM& model;
     bool before;
     ~CheckpointingScope() { model.set_activation_checkpointing(before); }
   } checkpointing{s.model, s.model.activation_checkpointing()};
@@ -429,4 +429,4 @@ TrainResult Trainer::run(const TrainCallbacks& callbacks) {
   return finish(result);
 }
 
-}  // namespace tiedlora::train
+}  // namespace tiedlora::llm::train

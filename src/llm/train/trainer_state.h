@@ -19,7 +19,7 @@
 #include "tiedlora/llm/trainer.h"
 #include "util/files.h"
 
-namespace tiedlora::train {
+namespace tiedlora::llm::train {
 
 using nlohmann::json;
 
@@ -31,7 +31,7 @@ void unflatten(const at::Tensor& flat, const std::vector<at::Tensor>& tensors);
 std::string checkpoint_name(int64_t step);
 
 struct Trainer::State {
-  models::CausalLM& model;
+  llm::models::CausalLM& model;
   std::vector<TokenizedExample> train, validation;
   TrainOptions options;
   int64_t pad_id;
@@ -57,7 +57,7 @@ struct Trainer::State {
   int64_t cached_epoch = -1;
   std::vector<int64_t> permutation;
 
-  State(models::CausalLM& m, std::vector<TokenizedExample> t, std::vector<TokenizedExample> v, TrainOptions o,
+  State(llm::models::CausalLM& m, std::vector<TokenizedExample> t, std::vector<TokenizedExample> v, TrainOptions o,
         int64_t pad)
       : model(m),
         train(std::move(t)),
@@ -111,4 +111,4 @@ struct Trainer::State {
   void load_checkpoint(const std::string& folder);
 };
 
-}  // namespace tiedlora::train
+}  // namespace tiedlora::llm::train
