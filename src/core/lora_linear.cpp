@@ -104,8 +104,9 @@ at::Tensor frozen_rows(const at::Tensor& x2, const at::Tensor& weight, const at:
 // GEMM costs a fixed amount (dispatch, waking the threads) far above its arithmetic, so all branches run as two
 // GEMMs, H = x [A_1; ...; A_N]^T with each row's entries outside its own adapter's columns zeroed and the rest
 // scaled by s_k, then y += H [B_1, ..., B_N]^T. That is N times the branches' arithmetic, so it is taken only
-// while the extra multiply-adds cost less than the GEMMs saved, kSmallGemmMacs each (about 10 us on the
-// project's 2-core CPU; docs/benchmarks.md, "Many adapters on one base"). The sums are the per-call path's, plus
+// while the extra multiply-adds cost less than the GEMMs saved, counted as kSmallGemmMacs each: a threshold
+// chosen so that decode steps of a few rows group and prefills of hundreds of tokens do not (its effect:
+// bench_multi_adapter, docs/benchmarks.md "Many adapters on one base"). The sums are the per-call path's, plus
 // added zeros.
 constexpr double kSmallGemmMacs = 250e3;
 
