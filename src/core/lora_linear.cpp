@@ -2,7 +2,9 @@
 // Function (the formulas of docs/method.md) for any number of adapters on any rows. The ATen path runs
 // under the precision contract of tiedlora/core/functional.h; inside a BackendGuard(Backend::cuda_kernels)
 // one adapter on every row of CUDA tensors takes the fused kernels of src/core/cuda/dispatch.h.
+#include <algorithm>
 #include <optional>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
