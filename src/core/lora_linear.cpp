@@ -49,6 +49,9 @@ at::Tensor rows_of(const at::Tensor& t, const CallSlots& c) {
   return c.begin >= 0 ? t.narrow(0, c.begin, c.count) : t;
 }
 
+// The tensor at position i of the list, undefined for -1 (an absent bias, u, v or adapter input).
+at::Tensor entry_or_none(at::TensorList t, int64_t i) { return i >= 0 ? t[i] : at::Tensor(); }
+
 // t[rows] += alpha p q, in place (a slice is a view of t; gathered rows are added back with index_add_).
 void add_product_to_rows(const at::Tensor& t, const CallSlots& c, const at::Tensor& p, const at::Tensor& q,
                          double alpha = 1.0) {
@@ -65,8 +68,7 @@ void add_product_to_rows(const at::Tensor& t, const CallSlots& c, const at::Tens
 void add_update_to_rows(const at::Tensor& y, const CallSlots& c, const at::Tensor& h, at::TensorList t,
                         at::ScalarType type) {
   if (c.u < 0 && c.v < 0) return add_product_to_rows(y, c, h, as(t[c.b], type).t(), c.scale);
-  const at::Tensor u = c.u >= 0 ? t[c.u] : at::Tensor(), v = c.v >= 0 ? t[c.v] : at::Tensor();
-  add_product_to_rows(y, c, h, effective_b_as(t[c.b], u, v, c.scale, type).t());
+  add_product_to_rows(y, c, h, effective_b_as(t[c.b], entry_or_none(t, c.u), entry_or_none(t, c.v), c.scale, type).t());
 }
 
 // dB, du, dv from dB_eff (docs/method.md), each rounded once to its parameter's dtype.
@@ -125,10 +127,9 @@ bool grouped_pays(at::TensorList t, const CallLayout& layout, int64_t rows) {
   return grouped_macs - per_call_macs < 2.0 * static_cast<double>(layout.calls.size() - 1) * kSmallGemmMacs;
 }
 
-at::Tensor forward_grouped(at::TensorList t, const CallLayout& layout) {
-  const at::Tensor &x = t[kX], &weight = t[kWeight];
-  const auto type = compute_type(x.scalar_type());
-  const at::Tensor x2 = x.reshape({-1, weight.size(1)});
+// y += the grouped branches of every call (above), x2 the flattened input.
+void add_grouped_updates(const at::Tensor& y, const at::Tensor& x2, at::TensorList t, const CallLayout& layout,
+                         at::ScalarType type) {
   const int64_t rows = x2.size(0);
   std::vector<at::Tensor> a, b;
   for (const CallSlots& c : layout.calls) {
@@ -150,19 +151,14 @@ at::Tensor forward_grouped(at::TensorList t, const CallLayout& layout) {
       column += a[k].size(0);
     }
   });
-  at::Tensor y = frozen_rows(x2, weight, layout.bias >= 0 ? t[layout.bias] : at::Tensor(), type);
   y.addmm_(as(x2, type).mm(a_all.t()).mul_(mask), b_all.t());
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = weight.size(0);
-  return as(y, x.scalar_type()).reshape(out_shape);
 }
 
 // y = x W^T + bias + each call's update on its rows. `saved`, when given, gets h of each call (the backward's
-// saved tensors after the list).
+// saved tensors after the list); without it (no gradient) the branches may run grouped.
 at::Tensor forward_rows(at::TensorList t, const CallLayout& layout, std::vector<at::Tensor>* saved) {
   const at::Tensor &x = t[kX], &weight = t[kWeight];
-  const at::Tensor bias = layout.bias >= 0 ? t[layout.bias] : at::Tensor();
-  auto opt = [&](int64_t i) { return i >= 0 ? t[i] : at::Tensor(); };
+  const at::Tensor bias = entry_or_none(t, layout.bias);
   const int64_t in = weight.size(1), out = weight.size(0);
   auto out_shape = x.sizes().vec();
   out_shape.back() = out;
@@ -176,7 +172,7 @@ at::Tensor forward_rows(at::TensorList t, const CallLayout& layout, std::vector<
     at::Tensor h = at::empty({x2.size(0), t[c.a].size(0)}, x.options());
     cuda::lora_forward_out(y, h, x2, xa2, row_strided(weight), bias.defined() ? as(bias, dtype).contiguous() : bias,
                            row_strided(as(t[c.a], dtype)),
-                           cuda::effective_b(t[c.b], opt(c.u), opt(c.v), c.scale, dtype));
+                           cuda::effective_b(t[c.b], entry_or_none(t, c.u), entry_or_none(t, c.v), c.scale, dtype));
     if (saved) saved->push_back(h);
     return y.reshape(out_shape);
   }
@@ -187,6 +183,10 @@ at::Tensor forward_rows(at::TensorList t, const CallLayout& layout, std::vector<
   const auto type = compute_type(x.scalar_type());
   const at::Tensor x2 = x.reshape({-1, in});
   const at::Tensor y = frozen_rows(x2, weight, bias, type);
+  if (!saved && grouped_pays(t, layout, x2.size(0))) {
+    add_grouped_updates(y, x2, t, layout, type);
+    return as(y, x.scalar_type()).reshape(out_shape);
+  }
   for (const CallSlots& c : layout.calls) {
     const at::Tensor branch_in = c.adapter_x >= 0 ? t[c.adapter_x].reshape({-1, in}) : rows_of(x2, c);
     const at::Tensor h = as(branch_in, type).mm(as(t[c.a], type).t());  // (rows, r), kept for dB_eff
@@ -214,7 +214,6 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     variable_list grads(listed + 1);                            // the layout gets no gradient
     const at::Tensor& grad_y = grad_outputs[0];
     if (!grad_y.defined()) return grads;
-    auto opt = [&](int64_t i) { return i >= 0 ? saved[i] : at::Tensor(); };
     auto needs = [&](int64_t i) { return i >= 0 && ctx->needs_input_grad(static_cast<size_t>(i)); };
     const at::Tensor &x = saved[kX], &weight = saved[kWeight];
     const int64_t in = weight.size(1), out = weight.size(0);
@@ -226,7 +225,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
       const at::Tensor dy = row_strided(as(grad_y, dtype).reshape({-1, out}));
       const int64_t m = dy.size(0), r = a.size(0);
       const at::Tensor x2 = row_strided(x.reshape({-1, in}));
-      const at::Tensor adapter_x = opt(c.adapter_x);
+      const at::Tensor adapter_x = entry_or_none(saved, c.adapter_x);
       const at::Tensor xa2 = adapter_x.defined() ? row_strided(adapter_x.reshape({-1, in})) : at::Tensor();
       const at::TensorOptions fp32 = dy.options().dtype(at::kFloat);
       const bool need_b = needs(c.b), need_u = needs(c.u), need_v = needs(c.v);
@@ -234,15 +233,17 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
       const at::Tensor dxa = needs(c.adapter_x) ? at::empty({m, in}, dy.options()) : at::Tensor();
       const at::Tensor da = needs(c.a) ? at::empty({r, in}, fp32) : at::Tensor();
       const at::Tensor db_eff = need_b || need_u || need_v ? at::empty({out, r}, fp32) : at::Tensor();
-      cuda::lora_backward_out(dx, dxa, da, db_eff, dy, x2, xa2, row_strided(weight), row_strided(as(a, dtype)),
-                              cuda::effective_b(b, opt(c.u), opt(c.v), c.scale, dtype), h);
+      cuda::lora_backward_out(
+          dx, dxa, da, db_eff, dy, x2, xa2, row_strided(weight), row_strided(as(a, dtype)),
+          cuda::effective_b(b, entry_or_none(saved, c.u), entry_or_none(saved, c.v), c.scale, dtype), h);
       if (dx.defined()) grads[kX] = dx.reshape(x.sizes());
       if (dxa.defined()) grads[c.adapter_x] = dxa.reshape(adapter_x.sizes());
       if (needs(layout->bias)) grads[layout->bias] = as(at::sum(dy, {0}, false, at::kFloat), layout->bias_type);
       if (da.defined()) grads[c.a] = as(da, a.scalar_type());
       if (db_eff.defined()) {
         at::Tensor gu, gv;
-        factor_grads(db_eff, b, opt(c.u), opt(c.v), c.scale, at::kFloat, need_b, need_u, need_v, grads[c.b], gu, gv);
+        factor_grads(db_eff, b, entry_or_none(saved, c.u), entry_or_none(saved, c.v), c.scale, at::kFloat, need_b,
+                     need_u, need_v, grads[c.b], gu, gv);
         if (need_u) grads[c.u] = gu;
         if (need_v) grads[c.v] = gv;
       }
@@ -259,7 +260,8 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
       const CallSlots& c = layout->calls[k];
       dy_rows[k] = rows_of(dy, c);
       a_c[k] = as(saved[c.a], type);
-      dh[k] = dy_rows[k].mm(effective_b_as(saved[c.b], opt(c.u), opt(c.v), c.scale, type));  // (rows, r)
+      dh[k] = dy_rows[k].mm(effective_b_as(saved[c.b], entry_or_none(saved, c.u), entry_or_none(saved, c.v), c.scale,
+                                           type));  // (rows, r)
       branch_into_dx = branch_into_dx || c.adapter_x < 0;
     }
     if (needs(kX)) {
@@ -277,7 +279,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     if (needs(layout->bias)) grads[layout->bias] = as(dy.sum(0), layout->bias_type);
     for (size_t k = 0; k < n; ++k) {
       const CallSlots& c = layout->calls[k];
-      const at::Tensor adapter_x = opt(c.adapter_x);
+      const at::Tensor adapter_x = entry_or_none(saved, c.adapter_x);
       if (needs(c.adapter_x)) {
         grads[c.adapter_x] = as(dh[k].mm(a_c[k]), adapter_x.scalar_type()).reshape(adapter_x.sizes());
       }
@@ -290,7 +292,8 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
       if (need_b || need_u || need_v) {
         const at::Tensor db_eff = dy_rows[k].t().mm(saved[listed + k]);  // (d_out, r)
         at::Tensor gu, gv;
-        factor_grads(db_eff, saved[c.b], opt(c.u), opt(c.v), c.scale, type, need_b, need_u, need_v, grads[c.b], gu, gv);
+        factor_grads(db_eff, saved[c.b], entry_or_none(saved, c.u), entry_or_none(saved, c.v), c.scale, type, need_b,
+                     need_u, need_v, grads[c.b], gu, gv);
         if (need_u) grads[c.u] = gu;
         if (need_v) grads[c.v] = gv;
       }
@@ -361,10 +364,7 @@ at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const 
       use_cuda_kernels(x, first.adapter_x >= 0 ? list[first.adapter_x] : at::Tensor(), w, b0, calls[0].update);
   // Nothing to differentiate (generation and evaluation run under NoGradGuard): the same forward without an
   // autograd node and its saved tensors, which a decode step would otherwise pay per layer.
-  if (!at::GradMode::is_enabled()) {
-    const int64_t rows = w.size(1) > 0 ? x.numel() / w.size(1) : 0;
-    return grouped_pays(list, *layout, rows) ? forward_grouped(list, *layout) : forward_rows(list, *layout, nullptr);
-  }
+  if (!at::GradMode::is_enabled()) return forward_rows(list, *layout, nullptr);
   return LoraLinearFunction::apply(at::TensorList(list), layout);
 }
 
