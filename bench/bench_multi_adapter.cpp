@@ -9,6 +9,7 @@
 //   - N separate runs: one batch per adapter, that adapter active (what serving without mixed batches does);
 //   - N separate merged runs: per adapter, merge it, generate its batch, unmerge (merge cost included);
 //   - and, as a ceiling, all M prompts in one batch through a single adapter (nothing to route).
+// Routing's cost is also given paired: the mixed run over the ceiling run of the same repetition, median and range.
 // It also checks that the mixed run produced the separate runs' tokens, and measures the bytes one adapter
 // takes on disk (adapter_model.safetensors, fp32) for LoRA and the Tied-LoRA presets at rank 8, all-linear.
 // Prints Markdown tables (docs/benchmarks.md).
@@ -150,6 +151,13 @@ int main(int argc, char** argv) {
       const double t = median(mode.times);
       std::printf("| %s | %.2f | %.1f | %.2fx |\n", mode.name, t, generated / t, baseline / t);
     }
+    // Routing's cost, paired: the mixed run over the ceiling of the same repetition (they run one after the
+    // other), so that a VM that slows down for a while moves both sides of each ratio.
+    std::vector<double> routing;
+    for (int r = 0; r < repetitions; ++r) routing.push_back(modes[2].times[r] / modes[3].times[r]);
+    std::printf("\nmixed run / ceiling, paired by repetition: median %.3f, range %.3f-%.3f over %d repetitions\n",
+                median(routing), *std::min_element(routing.begin(), routing.end()),
+                *std::max_element(routing.begin(), routing.end()), repetitions);
 
     // Bytes per adapter on disk, SmolLM2 all-linear, rank 8, fp32 factors.
     std::printf(

@@ -509,6 +509,40 @@ TEST(CudaLoraLinear, RoutedRowsOnTheGpuMatchTheCpu) {
   }
 }
 
+// Without gradients, two plain-LoRA calls on adjacent halves of the rows run as one batched GEMM pair (bmm),
+// with their factors stacked by lora_linear or given: the GPU gives the CPU's output, fp32 and bf16.
+TEST(CudaLoraLinear, BatchedRoutedRowsWithoutGradientsOnTheGpuMatchTheCpu) {
+  SKIP_WITHOUT_GPU();
+  for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    torch::manual_seed(3);
+    const auto x = torch::randn({6, 5, 64}).to(dtype);
+    const auto w = torch::randn({48, 64}).to(dtype), bias = torch::randn({48}).to(dtype);
+    const std::vector<torch::Tensor> factors{torch::randn({8, 64}), torch::randn({48, 8}), torch::randn({8, 64}),
+                                             torch::randn({48, 8})};
+    auto run = [&](torch::Device device, bool stacked_given) {
+      torch::NoGradGuard no_grad;
+      std::vector<torch::Tensor> f;
+      for (const auto& t : factors) f.push_back(t.to(device));
+      const std::vector<functional::AdapterCall> calls{
+          {{f[0], f[1], {}, {}, 0.5}, functional::AdapterRows::range(0, 3), {}},
+          {{f[2], f[3], {}, {}, 0.5}, functional::AdapterRows::range(3, 6), {}}};
+      const functional::StackedFactors stacked = functional::StackedFactors::of(calls, torch::kFloat);
+      EXPECT_TRUE(stacked.defined());
+      return functional::lora_linear(x.to(device), w.to(device), bias.to(device), calls,
+                                     stacked_given ? &stacked : nullptr)
+          .to(torch::kFloat)
+          .cpu();
+    };
+    const auto cpu = run(torch::kCPU, false);
+    const double tol = dtype == torch::kFloat ? 1e-4 : 2e-2;
+    for (const bool stacked_given : {false, true}) {
+      EXPECT_TRUE(tiedlora::testing::all_close(run(torch::kCUDA, stacked_given), cpu, tol,
+                                               tol * cpu.abs().max().item<double>(),
+                                               stacked_given ? "y, stacked given" : "y"));
+    }
+  }
+}
+
 TEST(CudaKernelSwitch, TheChoiceIsPerThreadAndScoped) {
   EXPECT_EQ(functional::current_backend(), functional::Backend::aten);
   {

@@ -247,38 +247,77 @@ TEST(LoraLinearRouted, EveryGradientMatchesFloat64AutogradInFloat64AndFloat32) {
   }
 }
 
-// Without gradients (generation, evaluation) lora_linear skips the autograd node, and plain-LoRA calls on few
-// rows run as one grouped pair of GEMMs: both give the float64 reference and the training path's output, for
-// plain-LoRA calls on slices and every row (the grouped case) and for the mixed kinds of routed_case (u, v,
-// gathered rows, an adapter's own input: the per-call case).
+// Without gradients (generation, evaluation) lora_linear skips the autograd node, and runs of plain-LoRA calls
+// on adjacent slices of one length, rank and scale run as batched GEMMs. Every case gives the float64 reference
+// and the training path's output:
+//   - "batched": a call on every row, then a run of two calls on the halves (the run starts at call 1, so a
+//     stack read at the wrong calls fails), with the factors stacked by lora_linear and given as
+//     StackedFactors;
+//   - "broken runs": adjacent slices whose scale, rank or length differ, and a gap, so each call runs alone;
+//   - "mixed kinds": routed_case (u, v, gathered rows, an adapter's own input).
 TEST(LoraLinearRouted, WithoutGradientsTheSameOutputAsWithThem) {
   using tiedlora::functional::AdapterRows;
+  using tiedlora::functional::StackedFactors;
   for (const auto type : {torch::kDouble, torch::kFloat}) {
     RoutedCase mixed_kinds = routed_case(type, /*with_all_rows_adapter=*/true);
-    RoutedCase plain = routed_case(type, /*with_all_rows_adapter=*/false);
-    plain.calls.clear();
-    plain.rows.clear();
-    const int64_t in = plain.w.size(1), out = plain.w.size(0);
+    const int64_t in = mixed_kinds.w.size(1), out = mixed_kinds.w.size(0);
     auto leaf = [&](std::vector<int64_t> shape) { return torch::randn(shape).to(type).requires_grad_(true); };
-    for (const auto& [first, last, rank, scale] : {std::tuple{0, 2, 3, 0.5}, {2, 5, 4, 2.0}, {5, 6, 2, 1.25}}) {
-      plain.calls.push_back(
-          {{leaf({rank, in}), leaf({out, rank}), {}, {}, scale}, AdapterRows::range(first, last), {}});
-      plain.rows.push_back(torch::arange(first, last));
-    }
-    plain.calls.push_back({{leaf({2, in}), leaf({out, 2}), {}, {}, 0.75}, AdapterRows::all(), {}});
-    plain.rows.emplace_back();
-    for (const RoutedCase* c : {&plain, &mixed_kinds}) {
-      const auto with_grad = tiedlora::functional::lora_linear(c->x, c->w, c->bias, c->calls);
+    auto with_calls = [&](std::vector<std::tuple<int, int, int, double>> calls) {
+      RoutedCase c = routed_case(type, /*with_all_rows_adapter=*/false);
+      c.calls.clear();
+      c.rows.clear();
+      for (const auto& [first, last, rank, scale] : calls) {
+        const auto rows = first < 0 ? AdapterRows::all() : AdapterRows::range(first, last);
+        c.calls.push_back({{leaf({rank, in}), leaf({out, rank}), {}, {}, scale}, rows, {}});
+        c.rows.push_back(first < 0 ? torch::Tensor() : torch::arange(first, last));
+      }
+      return c;
+    };
+    const RoutedCase batched = with_calls({{-1, -1, 3, 0.75}, {0, 3, 3, 0.5}, {3, 6, 3, 0.5}});
+    const RoutedCase broken_runs =
+        with_calls({{0, 1, 3, 0.5}, {1, 2, 3, 2.0}, {2, 3, 4, 2.0}, {3, 5, 4, 2.0}, {5, 6, 4, 2.0}});
+    const StackedFactors stacked = StackedFactors::of(batched.calls, type);  // the branch dtype of fp32 and fp64
+    ASSERT_TRUE(stacked.defined());
+    EXPECT_EQ(stacked.lora_a.sizes(), (c10::IntArrayRef{3, 3, in}));
+    EXPECT_FALSE(StackedFactors::of(broken_runs.calls, torch::kFloat).defined()) << "ranks differ";
+    EXPECT_FALSE(StackedFactors::of(mixed_kinds.calls, torch::kFloat).defined()) << "u and v";
+    struct Case {
+      const char* name;
+      const RoutedCase* c;
+      const StackedFactors* stacked;
+    };
+    for (const Case& k : {Case{"batched", &batched, nullptr}, Case{"batched, stacked given", &batched, &stacked},
+                          Case{"broken runs", &broken_runs, nullptr}, Case{"mixed kinds", &mixed_kinds, nullptr}}) {
+      const auto with_grad = tiedlora::functional::lora_linear(k.c->x, k.c->w, k.c->bias, k.c->calls);
       torch::NoGradGuard no_grad;
-      const auto without = tiedlora::functional::lora_linear(c->x, c->w, c->bias, c->calls);
+      const auto without = tiedlora::functional::lora_linear(k.c->x, k.c->w, k.c->bias, k.c->calls, k.stacked);
       const double tol = type == torch::kDouble ? 1e-12 : 2e-5;
-      const std::string what =
-          std::string(c == &plain ? "plain LoRA calls" : "mixed kinds") + " in " + c10::toString(type);
+      const std::string what = std::string(k.name) + " in " + c10::toString(type);
       EXPECT_FALSE(without.requires_grad()) << what;
-      EXPECT_TRUE(all_close(without.to(torch::kDouble), routed_reference(*c), tol, tol, what + " against float64"));
+      EXPECT_TRUE(all_close(without.to(torch::kDouble), routed_reference(*k.c), tol, tol, what + " against float64"));
       EXPECT_TRUE(all_close(without, with_grad.detach(), tol, tol, what + " against the training path"));
     }
   }
+}
+
+// Stacked factors that do not fit the calls are refused, naming the tensor and the call.
+TEST(LoraLinearRouted, RejectsStackedFactorsThatDoNotFitTheCalls) {
+  using tiedlora::functional::StackedFactors;
+  RoutedCase c = routed_case(torch::kFloat, /*with_all_rows_adapter=*/false);
+  std::vector<tiedlora::functional::AdapterCall> calls{c.calls[0], c.calls[0]};
+  calls[1].rows = tiedlora::functional::AdapterRows::range(2, 4);
+  StackedFactors stacked = StackedFactors::of(calls, torch::kFloat);
+  ASSERT_TRUE(stacked.defined());
+  StackedFactors one_short{stacked.lora_a.narrow(0, 0, 1), stacked.lora_b};
+  const std::string short_error = tiedlora::testing::error_of([&] {
+    torch::NoGradGuard no_grad;
+    tiedlora::functional::lora_linear(c.x, c.w, c.bias, calls, &one_short);
+  });
+  EXPECT_NE(short_error.find("stacked.lora_a must hold the factors of the 2 calls"), std::string::npos) << short_error;
+  StackedFactors wrong_rank{torch::randn({2, 4, c.w.size(1)}), stacked.lora_b};
+  const std::string rank_error =
+      tiedlora::testing::error_of([&] { tiedlora::functional::lora_linear(c.x, c.w, c.bias, calls, &wrong_rank); });
+  EXPECT_NE(rank_error.find("stacked.lora_a[0]"), std::string::npos) << rank_error;
 }
 
 // One adapter alone on its rows (the N = 1 call) gives the routed call's output on those rows and the same

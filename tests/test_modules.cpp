@@ -398,4 +398,50 @@ TEST(LoraLinear, MergeAndUnloadKeepsTheMergedWeightAndDropsTheAdapter) {
   }
 }
 
+// A mixed batch without gradients runs on the factors the layer keeps stacked between forwards
+// (AdapterSet::stacked_factors); every change of a factor is seen by the next forward, which equals the training
+// path's output each time: an in-place change (an optimizer step), set_data (Module::to, loads), an adapter
+// detached and attached again under its name.
+TEST(LoraLinear, MixedBatchWithoutGradientsSeesEveryChangeOfTheFactors) {
+  torch::manual_seed(8);
+  LoraLinear layer(random_linear(8, 6), LoraOptions(4));
+  layer->attach_lora(LoraOptions(4), "second");
+  auto randomize = [&] {
+    torch::NoGradGuard no_grad;
+    for (auto& p : layer->parameters()) {
+      if (p.requires_grad()) p.normal_(0.0, 0.5);
+    }
+  };
+  randomize();
+  const auto x = torch::randn({4, 3, 8});
+  const tiedlora::RowAdaptersScope scope(std::make_shared<const tiedlora::RowAdapters>(
+      std::vector<std::string>{"default", "default", "second", "second"}));
+  auto forward_checked = [&](const std::string& after) {
+    const auto with_grad = layer->forward(x).detach();
+    torch::NoGradGuard no_grad;
+    const auto without = layer->forward(x);
+    EXPECT_TRUE(all_close(without, with_grad, 1e-5, 1e-5, "after " + after));
+    EXPECT_TRUE(torch::equal(layer->forward(x), without)) << "a second forward after " << after;
+    return without;
+  };
+  auto second_b = [&] { return layer->named_parameters()["lora_adapters.second.lora_B"]; };
+  auto last = forward_checked("the first forward");
+  {
+    torch::NoGradGuard no_grad;
+    second_b().add_(1.0);
+  }
+  auto now = forward_checked("an in-place change");
+  EXPECT_FALSE(torch::allclose(now, last));
+  second_b().set_data(torch::randn({6, 4}));
+  last = now;
+  now = forward_checked("set_data");
+  EXPECT_FALSE(torch::allclose(now, last));
+  layer->detach_adapter("second");
+  layer->attach_lora(LoraOptions(4), "second");
+  randomize();
+  last = now;
+  now = forward_checked("detach and attach");
+  EXPECT_FALSE(torch::allclose(now, last));
+}
+
 }  // namespace

@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include "core/precision.h"
 #include "core/tie_groups.h"
 #include "tiedlora/core/error.h"
 #include "tiedlora/core/modules.h"
@@ -92,6 +93,8 @@ void AdapterSet::remove(torch::nn::Module& layer, const std::string& name) {
   if (slot.owns_factors)
     slot.factors->set_owned(false);  // layers still sharing them are refused by trainable_parameters()
   slots_.erase(name);
+  const std::lock_guard<std::mutex> lock(stack_cache_.mutex);
+  stack_cache_ = StackCache();
   const std::shared_ptr<torch::nn::Module> holders = child_of(layer, kAdapterHoldersModule);
   holders->unregister_module(name);
   if (holders->children().empty()) layer.unregister_module(kAdapterHoldersModule);
@@ -160,6 +163,33 @@ std::vector<functional::AdapterCall> AdapterSet::calls(const at::Tensor& input, 
     out.push_back({slot->update(), rows, branch_input(*slot, rows)});
   }
   return out;
+}
+
+functional::StackedFactors AdapterSet::stacked_factors(const std::vector<functional::AdapterCall>& calls,
+                                                       const at::Tensor& input) const {
+  if (calls.size() < 2 || at::GradMode::is_enabled()) return {};
+  const at::ScalarType type = functional::detail::compute_type(input.scalar_type());
+  std::vector<at::Tensor> sources;
+  std::vector<std::pair<const void*, int64_t>> states;
+  for (const auto& call : calls) {
+    for (const at::Tensor* t : {&call.update.lora_a, &call.update.lora_b}) {
+      // Inference tensors have no version counter to tell an in-place change: stacked anew every time.
+      if (t->is_inference()) return functional::StackedFactors::of(calls, type);
+      sources.push_back(*t);
+      states.emplace_back(t->data_ptr(), t->_version());
+    }
+  }
+  const std::lock_guard<std::mutex> lock(stack_cache_.mutex);
+  StackCache& cache = stack_cache_;
+  bool same = cache.stacked.defined() && cache.sources.size() == sources.size() && cache.states == states &&
+              cache.stacked.lora_a.scalar_type() == type;
+  for (size_t i = 0; same && i < sources.size(); ++i) same = cache.sources[i].is_same(sources[i]);
+  if (!same) {
+    cache.stacked = functional::StackedFactors::of(calls, type);
+    cache.sources = std::move(sources);
+    cache.states = std::move(states);
+  }
+  return cache.stacked;
 }
 
 }  // namespace tiedlora

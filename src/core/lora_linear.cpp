@@ -2,7 +2,6 @@
 // Function (the formulas of docs/method.md) for any number of adapters on any rows. The ATen path runs
 // under the precision contract of tiedlora/core/functional.h; inside a BackendGuard(Backend::cuda_kernels)
 // one adapter on every row of CUDA tensors takes the fused kernels of src/core/cuda/dispatch.h.
-#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -104,59 +103,55 @@ at::Tensor frozen_rows(const at::Tensor& x2, const at::Tensor& weight, const at:
   return as(bias.defined() ? at::addmm(as(bias, weight.scalar_type()), xg, weight.t()) : xg.mm(weight.t()), type);
 }
 
-// Inference with several plain-LoRA adapters on few rows (the decode steps of a mixed batch): there each small
-// GEMM costs a fixed amount (dispatch, waking the threads) far above its arithmetic, so all branches run as two
-// GEMMs, H = x [A_1; ...; A_N]^T with each row's entries outside its own adapter's columns zeroed and the rest
-// scaled by s_k, then y += H [B_1, ..., B_N]^T. That is N times the branches' arithmetic, so it is taken only
-// while the extra multiply-adds cost less than the GEMMs saved, counted as kSmallGemmMacs each: a threshold
-// chosen so that decode steps of a few rows group and prefills of hundreds of tokens do not (its effect:
-// bench_multi_adapter, docs/benchmarks.md "Many adapters on one base"). The sums are the per-call path's, plus
-// added zeros.
-constexpr double kSmallGemmMacs = 250e3;
-
-bool grouped_pays(at::TensorList t, const CallLayout& layout, int64_t rows) {
-  if (layout.calls.size() < 2 || layout.cuda_kernels || !t[kX].is_cpu()) return false;
-  const int64_t width = t[kWeight].size(0) + t[kWeight].size(1);
-  double per_call_macs = 0, grouped_macs = 0;
-  for (const CallSlots& c : layout.calls) {
-    if (c.adapter_x >= 0 || c.u >= 0 || c.v >= 0 || c.index.defined()) return false;
-    const double rank = static_cast<double>(t[c.a].size(0));
-    per_call_macs += static_cast<double>(c.begin >= 0 ? c.count : rows) * rank * width;
-    grouped_macs += static_cast<double>(rows) * rank * width;
+// Without gradients: how many calls, from call k on, run as one batched GEMM pair (1: call k alone). Those are
+// consecutive plain-LoRA calls (no u, v or input of their own) on adjacent slices of one length, with one rank,
+// one scale and one factor dtype: a mixed batch sorted by adapter (generate_greedy_batch sorts it), whose
+// decode steps would otherwise pay a pair of small GEMMs per adapter.
+size_t batched_run(at::TensorList t, const CallLayout& layout, size_t k) {
+  auto plain_slice = [&](const CallSlots& c) {
+    return c.adapter_x < 0 && c.u < 0 && c.v < 0 && !c.index.defined() && c.begin >= 0;
+  };
+  const CallSlots& first = layout.calls[k];
+  if (layout.cuda_kernels || !plain_slice(first)) return 1;
+  size_t n = 1;
+  for (; k + n < layout.calls.size(); ++n) {
+    const CallSlots &c = layout.calls[k + n], &previous = layout.calls[k + n - 1];
+    if (!plain_slice(c) || c.count != first.count || c.begin != previous.begin + previous.count ||
+        c.scale != first.scale || !t[c.a].sizes().equals(t[first.a].sizes()) ||
+        t[c.a].scalar_type() != t[first.a].scalar_type() || t[c.b].scalar_type() != t[first.b].scalar_type())
+      break;
   }
-  return grouped_macs - per_call_macs < 2.0 * static_cast<double>(layout.calls.size() - 1) * kSmallGemmMacs;
+  return n;
 }
 
-// y += the grouped branches of every call (above), x2 the flattened input.
-void add_grouped_updates(const at::Tensor& y, const at::Tensor& x2, at::TensorList t, const CallLayout& layout,
-                         at::ScalarType type) {
-  const int64_t rows = x2.size(0);
-  std::vector<at::Tensor> a, b;
-  for (const CallSlots& c : layout.calls) {
-    a.push_back(as(t[c.a], type));
-    b.push_back(as(t[c.b], type));
-  }
-  const at::Tensor a_all = at::cat(a), b_all = at::cat(b, 1);
-  const int64_t ranks = a_all.size(0);
-  const at::Tensor mask = at::zeros({rows, ranks}, x2.options().dtype(type));
-  AT_DISPATCH_FLOATING_TYPES(type, "lora_linear_grouped", [&] {
-    scalar_t* m = mask.data_ptr<scalar_t>();
-    int64_t column = 0;
-    for (size_t k = 0; k < a.size(); ++k) {
-      const CallSlots& c = layout.calls[k];
-      const int64_t first = c.begin >= 0 ? c.begin : 0, last = c.begin >= 0 ? c.begin + c.count : rows;
-      for (int64_t i = first; i < last; ++i) {
-        std::fill_n(m + i * ranks + column, a[k].size(0), static_cast<scalar_t>(c.scale));
-      }
-      column += a[k].size(0);
+// y[rows of calls k..k+n) += s (x A_i^T) B_i^T for each call i as two bmm over the calls (batched_run above):
+// each row's own adapter only, the per-call path's products and order (s applied to the product, PEFT's order).
+void add_batched_updates(const at::Tensor& y, const at::Tensor& x2, at::TensorList t, const CallLayout& layout,
+                         size_t k, size_t n, const StackedFactors* stacked, at::ScalarType type) {
+  const CallSlots& first = layout.calls[k];
+  const auto calls = static_cast<int64_t>(n), rows = first.count, in = x2.size(1), out = y.size(1);
+  at::Tensor a, b;
+  if (stacked && stacked->lora_a.scalar_type() == type) {
+    a = stacked->lora_a.narrow(0, static_cast<int64_t>(k), calls);
+    b = stacked->lora_b.narrow(0, static_cast<int64_t>(k), calls);
+  } else {
+    std::vector<at::Tensor> as_of_calls, bs_of_calls;
+    for (size_t i = k; i < k + n; ++i) {
+      as_of_calls.push_back(as(t[layout.calls[i].a], type));
+      bs_of_calls.push_back(as(t[layout.calls[i].b], type));
     }
-  });
-  y.addmm_(as(x2, type).mm(a_all.t()).mul_(mask), b_all.t());
+    a = at::stack(as_of_calls);
+    b = at::stack(bs_of_calls);
+  }
+  const at::Tensor x3 = as(x2.narrow(0, first.begin, calls * rows), type).reshape({calls, rows, in});
+  const at::Tensor h = at::bmm(x3, a.transpose(1, 2));  // (calls, rows, r)
+  y.narrow(0, first.begin, calls * rows).view({calls, rows, out}).baddbmm_(h, b.transpose(1, 2), 1.0, first.scale);
 }
 
 // y = x W^T + bias + each call's update on its rows. `saved`, when given, gets h of each call (the backward's
-// saved tensors after the list); without it (no gradient) the branches may run grouped.
-at::Tensor forward_rows(at::TensorList t, const CallLayout& layout, std::vector<at::Tensor>* saved) {
+// saved tensors after the list); without it (no gradient) runs of calls may be batched (batched_run).
+at::Tensor forward_rows(at::TensorList t, const CallLayout& layout, std::vector<at::Tensor>* saved,
+                        const StackedFactors* stacked = nullptr) {
   const at::Tensor &x = t[kX], &weight = t[kWeight];
   const at::Tensor bias = entry_or_none(t, layout.bias);
   const int64_t in = weight.size(1), out = weight.size(0);
@@ -183,11 +178,14 @@ at::Tensor forward_rows(at::TensorList t, const CallLayout& layout, std::vector<
   const auto type = compute_type(x.scalar_type());
   const at::Tensor x2 = x.reshape({-1, in});
   const at::Tensor y = frozen_rows(x2, weight, bias, type);
-  if (!saved && grouped_pays(t, layout, x2.size(0))) {
-    add_grouped_updates(y, x2, t, layout, type);
-    return as(y, x.scalar_type()).reshape(out_shape);
-  }
-  for (const CallSlots& c : layout.calls) {
+  for (size_t k = 0; k < layout.calls.size();) {
+    const size_t n = saved ? 1 : batched_run(t, layout, k);
+    if (n > 1) {
+      add_batched_updates(y, x2, t, layout, k, n, stacked, type);
+      k += n;
+      continue;
+    }
+    const CallSlots& c = layout.calls[k++];
     const at::Tensor branch_in = c.adapter_x >= 0 ? t[c.adapter_x].reshape({-1, in}) : rows_of(x2, c);
     const at::Tensor h = as(branch_in, type).mm(as(t[c.a], type).t());  // (rows, r), kept for dB_eff
     add_update_to_rows(y, c, h, t, type);
@@ -317,10 +315,14 @@ void set_token_rows(CallSlots& slots, const AdapterRows& rows, int64_t per_row) 
 }  // namespace
 
 at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                       c10::ArrayRef<AdapterCall> calls) {
+                       c10::ArrayRef<AdapterCall> calls, const StackedFactors* stacked) {
   if (calls.empty()) return at::linear(input, weight, bias);  // no adapter: torch::nn::Linear, trainable W or not
   check_layer(input, weight, bias);
   for (const AdapterCall& call : calls) check_call(input, weight, call);
+  if (stacked && stacked->defined())
+    check_stacked(*stacked, calls);
+  else
+    stacked = nullptr;
   // Autocast: the layer does what torch::nn::Linear does under the same autocast (PyTorch's
   // custom_fwd(cast_inputs=...)): the input, the weight and the bias go to the autocast dtype (autocast's
   // own cast, which copies only what is stored in another dtype), the function runs with autocast off, and
@@ -364,7 +366,7 @@ at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const 
       use_cuda_kernels(x, first.adapter_x >= 0 ? list[first.adapter_x] : at::Tensor(), w, b0, calls[0].update);
   // Nothing to differentiate (generation and evaluation run under NoGradGuard): the same forward without an
   // autograd node and its saved tensors, which a decode step would otherwise pay per layer.
-  if (!at::GradMode::is_enabled()) return forward_rows(list, *layout, nullptr);
+  if (!at::GradMode::is_enabled()) return forward_rows(list, *layout, nullptr, stacked);
   return LoraLinearFunction::apply(at::TensorList(list), layout);
 }
 

@@ -1,6 +1,9 @@
 // lora_linear_checks.cpp: the argument checks of functional::lora_linear (lora_linear_checks.h).
 #include "core/lora_linear_checks.h"
 
+#include <string>
+#include <utility>
+
 #include <ATen/autocast_mode.h>
 
 namespace tiedlora::functional::detail {
@@ -99,6 +102,22 @@ std::optional<at::ScalarType> autocast_dtype(const at::Tensor& input) {
     return at::autocast::get_autocast_dtype(device_type);
   }
   return std::nullopt;
+}
+
+void check_stacked(const StackedFactors& stacked, c10::ArrayRef<AdapterCall> calls) {
+  const auto n = static_cast<int64_t>(calls.size());
+  for (const auto& [stack, name] : {std::pair{&stacked.lora_a, "lora_a"}, std::pair{&stacked.lora_b, "lora_b"}}) {
+    TORCH_CHECK(stack->defined() && stack->dim() == 3 && stack->size(0) == n, "lora_linear: stacked.", name,
+                " must hold the factors of the ", n, " calls (", n, ", ...), got shape ", sizes_of(*stack),
+                " (hint: StackedFactors::of(calls, dtype))");
+    for (int64_t k = 0; k < n; ++k) {
+      const at::Tensor& factor = std::string(name) == "lora_a" ? calls[k].update.lora_a : calls[k].update.lora_b;
+      TORCH_CHECK(stack->sizes().slice(1).equals(factor.sizes()) && stack->device() == factor.device(),
+                  "lora_linear: stacked.", name, "[", k, "] is ", stack->sizes().slice(1), " on ", stack->device(),
+                  " but call ", k, "'s ", name, " is ", factor.sizes(), " on ", factor.device(),
+                  " (hint: StackedFactors::of(calls, dtype))");
+    }
+  }
 }
 
 void check_16bit_pair(const at::Tensor& input, const at::Tensor& weight) {

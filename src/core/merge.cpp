@@ -1,6 +1,7 @@
 // merge.cpp: the one home of W + dW (functional::merge_into and its relatives: effective_b, low_rank_delta,
-// folded_into_lora, concatenated) and of the merges' NaN/Inf policy (see tiedlora/core/functional.h). The ATen
-// path is the reference; under BackendGuard(Backend::cuda_kernels) CUDA tensors take the merge kernel.
+// folded_into_lora, concatenated; StackedFactors::of, which stacks several updates' factors) and of the merges'
+// NaN/Inf policy (see tiedlora/core/functional.h). The ATen path is the reference; under
+// BackendGuard(Backend::cuda_kernels) CUDA tensors take the merge kernel.
 #include <cmath>
 
 #include <ATen/ATen.h>
@@ -39,6 +40,21 @@ LowRankUpdate concatenated(const std::vector<LowRankUpdate>& updates, const std:
     b.push_back(effective_b_as(update.lora_b, {}, update.v, 1.0, type));
   }
   return {at::cat(a, 0), at::cat(b, 1), {}, {}, 1.0};
+}
+
+StackedFactors StackedFactors::of(c10::ArrayRef<AdapterCall> calls, at::ScalarType dtype) {
+  if (calls.size() < 2) return {};
+  std::vector<at::Tensor> a, b;
+  for (const AdapterCall& call : calls) {
+    const LowRankUpdate& u = call.update;
+    if (u.u.defined() || u.v.defined() || !u.lora_a.sizes().equals(calls[0].update.lora_a.sizes()) ||
+        !u.lora_b.sizes().equals(calls[0].update.lora_b.sizes()) ||
+        u.lora_a.device() != calls[0].update.lora_a.device())
+      return {};
+    a.push_back(as(u.lora_a.detach(), dtype));
+    b.push_back(as(u.lora_b.detach(), dtype));
+  }
+  return {at::stack(a), at::stack(b)};
 }
 
 int64_t count_non_finite(const at::Tensor& t) {

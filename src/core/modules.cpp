@@ -291,7 +291,9 @@ std::shared_ptr<torch::nn::Module> LoraLinearImpl::clone(const std::optional<tor
 
 at::Tensor LoraLinearImpl::forward(const at::Tensor& input) {
   if (merged()) return merged_forward(input);
-  return functional::lora_linear(input, weight, bias, adapters_.calls(input, is_training(), current_routing()));
+  const auto calls = adapters_.calls(input, is_training(), current_routing());
+  const functional::StackedFactors stacked = adapters_.stacked_factors(calls, input);
+  return functional::lora_linear(input, weight, bias, calls, &stacked);
 }
 
 at::Tensor LoraLinearImpl::merged_forward(const at::Tensor& input) const {

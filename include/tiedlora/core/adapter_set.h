@@ -13,7 +13,9 @@
 
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -91,11 +93,29 @@ class AdapterSet {
   /// under a routing, each routed adapter this set carries on its rows; with adapter dropout drawn when
   /// `training` (each adapter its own mask, on its rows). Empty when nothing applies (disabled included).
   std::vector<functional::AdapterCall> calls(const at::Tensor& input, bool training, const RowAdapters* routing) const;
+  /// For a forward of `calls` over `input` without gradients: their factors stacked for lora_linear's batched
+  /// GEMMs (functional::StackedFactors), kept between forwards and stacked again when the calls name other
+  /// tensors or one of them changed (its version counter, storage, dtype or device: an optimizer step, a
+  /// load, Module::to). Undefined when gradients are recorded or the calls cannot be stacked.
+  functional::StackedFactors stacked_factors(const std::vector<functional::AdapterCall>& calls,
+                                             const at::Tensor& input) const;
 
  private:
+  // The stack of the last forward without gradients; a copy of the set (a cloned layer) starts without one.
+  struct StackCache {
+    StackCache() = default;
+    StackCache(const StackCache&) {}
+    StackCache& operator=(const StackCache&) { return *this; }
+    std::mutex mutex;
+    std::vector<at::Tensor> sources;  // each call's A and B, held so that their addresses are not reused
+    std::vector<std::pair<const void*, int64_t>> states;  // their storage and version when stacked
+    functional::StackedFactors stacked;
+  };
+
   std::map<std::string, AdapterSlot> slots_;
   std::vector<std::string> active_{kDefaultAdapter};
   bool enabled_ = true;
+  mutable StackCache stack_cache_;
 };
 
 }  // namespace tiedlora

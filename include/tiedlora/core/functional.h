@@ -88,8 +88,25 @@ struct AdapterCall {
 /// (..., d_out) in the input's dtype under the precision contract above; no call is torch::nn::Linear's
 /// result. Checks shapes, dtypes, devices and rows, naming the argument. With BackendGuard(cuda_kernels),
 /// one call on every row of CUDA tensors takes the fused kernels (Backend).
+///
+/// Without gradients (generation, evaluation), consecutive plain-LoRA calls (no u, v or input of their own) on
+/// adjacent row slices of one length, one rank and one scale -- a mixed batch sorted by adapter -- run as one
+/// batched GEMM pair (bmm), with no product that a row does not need. Their factors are stacked for it: from
+/// `stacked` when given (StackedFactors, which a layer keeps between forwards), else per call.
+struct StackedFactors;
 at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                       c10::ArrayRef<AdapterCall> calls);
+                       c10::ArrayRef<AdapterCall> calls, const StackedFactors* stacked = nullptr);
+
+/// The A and B of N plain-LoRA calls of one rank stacked for the batched GEMMs above (as vLLM keeps
+/// `lora_a_stacked` per layer): `lora_a` (N, r, d_in) and `lora_b` (N, d_out, r), in the calls' order and in the
+/// dtype of the low-rank branch. lora_linear checks their shapes; their values must be the calls' factors.
+struct StackedFactors {
+  at::Tensor lora_a, lora_b;
+  /// The factors of `calls` stacked in `dtype`, or undefined tensors when the calls cannot be stacked (fewer
+  /// than two, a u or v, ranks or devices that differ).
+  static StackedFactors of(c10::ArrayRef<AdapterCall> calls, at::ScalarType dtype);
+  bool defined() const { return lora_a.defined(); }
+};
 
 /// One adapter on every row: `adapter_input` is the branch's input when it differs from `input` (dropout).
 inline at::Tensor lora_linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
