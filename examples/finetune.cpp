@@ -70,7 +70,8 @@ int main(int argc, char** argv) {
     options.seed = 42;
     options.output_dir = output;  // metrics.jsonl and checkpoints/
     options.validate();
-    tt::prepare_output_dir(output, /*resume=*/false, /*overwrite=*/true);
+    tt::prepare_output_dir(output, /*resume=*/false, /*overwrite=*/true,
+                           {{"model", model_path}, {"train data", train_path}, {"test data", test_path}});
 
     // 4. The adapter: Tied-LoRA rank 8, alpha = rank (scale 1, as in the paper); only u, v, A, B train.
     torch::manual_seed(options.seed);

@@ -126,6 +126,31 @@ TEST(TokenizerUnicode, InvalidUtf8IsKeptByteForByte) {
   EXPECT_EQ(gpt2.decode(gpt2.encode(bytes)), bytes);
 }
 
+// Text cut inside a character (an emoji cut by --max-new-tokens) as tokenizers' decode gives it: every prefix
+// of the ids of texts with 2-, 3- and 4-byte characters (decode_prefixes.json), and the Unicode Standard's own
+// example of maximal subparts (Table 3-8), each a single U+FFFD.
+TEST(TokenizerUnicode, ValidUtf8ReplacesWhatTokenizersReplaces) {
+  const json prefixes = json::parse(read_file(reference("decode_prefixes.json")));
+  std::size_t replaced = 0;
+  for (const auto& p : prefixes) {
+    const auto ids = p["ids"].get<std::vector<TokenId>>();
+    const std::string expected = p["decoded"].get<std::string>(),
+                      ours = tiedlora::valid_utf8(tokenizer("gpt2").decode(ids));
+    EXPECT_EQ(ours, expected) << json(ids).dump();
+    replaced += expected.find("\xEF\xBF\xBD") != std::string::npos;
+    EXPECT_NO_THROW((void)json(ours).dump()) << json(ids).dump();
+  }
+  EXPECT_GT(replaced, 5u) << "no prefix cuts a character: the test would be blind";
+  const std::string table_3_8("\x61\xF1\x80\x80\xE1\x80\xC2\x62\x80\x63\x80\xBF\x64", 13);
+  EXPECT_EQ(tiedlora::valid_utf8(table_3_8),
+            "a\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD"
+            "b\xEF\xBF\xBD"
+            "c\xEF\xBF\xBD\xEF\xBF\xBD"
+            "d");
+  const std::string valid = "plain \xC3\xA9 \xE2\x82\xAC \xF0\x9F\x98\x80 \xF4\x8F\xBF\xBF";
+  EXPECT_EQ(tiedlora::valid_utf8(valid), valid);
+}
+
 // ---- whole texts ----------------------------------------------------------------------------------------
 
 struct TextCase {
@@ -203,12 +228,12 @@ TEST(Tokenizer, AdversarialCasesMatchTokenizers) {
       const auto ids = tok.encode(text);
       EXPECT_TRUE(same_ids(ids, expected)) << ours << ", " << label;
       compared += expected.size();
-      // tokenizers' decode replaces invalid UTF-8 with U+FFFD; ours keeps the bytes. Compare where valid.
+      // tokenizers' decode replaces invalid UTF-8 with U+FFFD; ours keeps the bytes, and valid_utf8() makes
+      // the same text of them.
       for (const bool skip : {false, true}) {
         const std::string hf = c["decoded"][ref + (skip ? "_skip_special" : "")].get<std::string>();
-        if (hf.find("\xEF\xBF\xBD") == std::string::npos) {
-          EXPECT_EQ(tok.decode(ids, skip), hf) << ours << (skip ? " (skip special)" : "") << ", " << label;
-        }
+        EXPECT_EQ(tiedlora::valid_utf8(tok.decode(ids, skip)), hf)
+            << ours << (skip ? " (skip special)" : "") << ", " << label;
       }
     }
     EXPECT_TRUE(same_ids(tokenizer("llama3").encode(text, /*add_special_tokens=*/true),

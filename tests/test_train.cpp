@@ -533,6 +533,57 @@ TEST(Trainer, LengthGroupedOrderSortsEachRunOfTheShuffle) {
   EXPECT_NE(tt::epoch_order(train, o, 0), tt::epoch_order(train, o, 1));
 }
 
+// The output folder of a run (issue: an --overwrite run that destroyed its own --model): overwrite removes
+// only a marked run's own outputs, never an input and never a file a run did not write; every refusal leaves
+// the folder as it was.
+TEST(OutputFolder, OverwriteRemovesOnlyTheRunsOwnOutputsAndNeverAnInput) {
+  namespace util = tiedlora::util;
+  const std::string root = make_temp_dir(), dir = root + "/run";
+  auto touch = [](const std::string& path) {
+    util::make_directories(util::parent_path(path));
+    std::ofstream(path) << "x";
+  };
+  auto refusal = [&](const std::string& folder, bool resume, bool overwrite,
+                     std::vector<std::pair<std::string, std::string>> inputs = {}) {
+    return tiedlora::testing::error_of([&] { tt::prepare_output_dir(folder, resume, overwrite, inputs); });
+  };
+  tt::prepare_output_dir(dir, false, false);
+  ASSERT_TRUE(util::path_exists(dir + "/" + tt::kRunMarker));
+  for (const char* name :
+       {"/metrics.jsonl", "/checkpoints/step-2/state.json", "/merged/config.json", "/notes.txt", "/data/train.jsonl"})
+    touch(dir + name);
+  EXPECT_NE(refusal(dir, false, false).find("holds an earlier run"), std::string::npos);
+  // The model inside the run's merged/ (train from runs/x/merged with --output runs/x): refused, untouched.
+  for (const std::string model : {dir + "/merged", dir + "/merged/config.json"}) {
+    const std::string error = refusal(dir, false, true, {{"--model", model}});
+    EXPECT_NE(error.find("the --model " + model), std::string::npos) << error;
+    EXPECT_TRUE(util::path_exists(dir + "/merged/config.json") && util::path_exists(dir + "/metrics.jsonl"));
+  }
+  // Data elsewhere in the folder is not an output: the overwrite goes ahead and removes the outputs alone.
+  tt::prepare_output_dir(dir, false, true, {{"--train", dir + "/data/train.jsonl"}});
+  for (const char* gone : {"/metrics.jsonl", "/checkpoints", "/merged"}) EXPECT_FALSE(util::path_exists(dir + gone));
+  for (const char* kept : {"/notes.txt", "/data/train.jsonl"}) EXPECT_TRUE(util::path_exists(dir + kept)) << kept;
+  EXPECT_TRUE(util::path_exists(dir + "/" + tt::kRunMarker));
+  // An output folder inside the model's folder.
+  touch(root + "/model/config.json");
+  EXPECT_NE(refusal(root + "/model/run", false, false, {{"--model", root + "/model"}}).find("lies inside"),
+            std::string::npos);
+  EXPECT_FALSE(util::path_exists(root + "/model/run"));
+  // checkpoints/ and metrics.jsonl without the marker: not a run tiedlora marked, nothing removed, overwrite or
+  // not; resuming it (a run from before the marker) keeps everything and marks it.
+  const std::string foreign = root + "/foreign";
+  touch(foreign + "/checkpoints/mine.bin");
+  touch(foreign + "/metrics.jsonl");
+  for (const bool overwrite : {false, true}) {
+    EXPECT_NE(refusal(foreign, false, overwrite).find("without tiedlora_run.json"), std::string::npos);
+    EXPECT_TRUE(util::path_exists(foreign + "/checkpoints/mine.bin") && util::path_exists(foreign + "/metrics.jsonl"));
+  }
+  tt::prepare_output_dir(foreign, /*resume=*/true, false);
+  EXPECT_TRUE(util::path_exists(foreign + "/checkpoints/mine.bin") &&
+              util::path_exists(foreign + "/" + tt::kRunMarker));
+  util::remove_tree(root);
+}
+
 TEST(Data, JsonlErrorsNameFileAndLine) {
   const std::string dir = make_temp_dir();
   std::ofstream(dir + "/bad.jsonl") << "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\"}\n";

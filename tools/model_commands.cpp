@@ -143,7 +143,7 @@ int run_generate(const GenerateArgs& args) {
     const std::vector<int64_t> prompt = encode(args.prompt);
     const auto generated = llm::models::generate_greedy(*model, prompt, options);
     const std::vector<TokenId> out(generated.begin(), generated.end());
-    std::cout << tokenizer->decode(out, /*skip_special_tokens=*/true) << "\n";
+    std::cout << valid_utf8(tokenizer->decode(out, /*skip_special_tokens=*/true)) << "\n";
     if (args.print_ids)
       std::cout << "prompt ids: " << ids_json({prompt.begin(), prompt.end()}) << "\ngenerated ids: " << ids_json(out)
                 << "\n";
@@ -164,7 +164,7 @@ int run_generate(const GenerateArgs& args) {
       nlohmann::ordered_json j;
       j["prompt"] = lines[i].prompt;
       j["adapter"] = lines[i].adapter_json;
-      j["text"] = tokenizer->decode(out, /*skip_special_tokens=*/true);
+      j["text"] = valid_utf8(tokenizer->decode(out, /*skip_special_tokens=*/true));
       j["ids"] = generated[i - begin];
       if (args.print_ids) j["prompt_ids"] = prompts[i - begin];
       std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";

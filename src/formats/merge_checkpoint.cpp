@@ -17,6 +17,17 @@
 namespace tiedlora {
 namespace {
 
+// Links among the base folder's extra files are followed only to targets inside this folder: the base folder
+// itself, or, for a Hugging Face cache snapshot (`models--ORG--NAME/snapshots/REVISION`, whose files link to
+// `../../blobs/`), that model's cache folder.
+std::string link_root(const std::string& base) {
+  const std::string folder = util::resolve_path(base);
+  const std::string snapshots = util::parent_path(folder), repository = util::parent_path(snapshots);
+  auto name_of = [](const std::string& path) { return path.substr(path.find_last_of('/') + 1); };
+  if (name_of(snapshots) == "snapshots" && name_of(repository).rfind("models--", 0) == 0) return repository;
+  return folder;
+}
+
 bool is_float_dtype(formats::SafetensorsDtype d) {
   using D = formats::SafetensorsDtype;
   return d == D::F16 || d == D::BF16 || d == D::F32 || d == D::F64;
@@ -200,9 +211,16 @@ MergeReport merge_checkpoint(const MergeOptions& options) {
   if (util::is_directory(options.base)) {
     static const std::regex kWeightFile(
         R"(.*\.safetensors|model\.safetensors\.index\.json|.*\.bin|.*\.bin\.index\.json)");
+    const std::string allowed = link_root(options.base);
     for (const auto& name : util::list_directory(options.base)) {
       const std::string from = util::join_path(options.base, name);
       if (!util::is_regular_file(from) || std::regex_match(name, kWeightFile)) continue;
+      if (util::is_symbolic_link(from) && !util::lies_inside(util::resolve_path(from), allowed)) {
+        report.not_copied.push_back(name + ": a link to " + util::resolve_path(from) + ", outside " + allowed +
+                                    ", not followed");
+        if (options.on_notice) options.on_notice("not copied: " + report.not_copied.back());
+        continue;
+      }
       util::copy_file(from, util::join_path(staged, name));
       report.files_written.push_back(name);
     }

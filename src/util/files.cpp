@@ -36,6 +36,10 @@ bool stat_mode(const std::string& path, mode_t type) {
 
 bool is_directory(const std::string& path) { return stat_mode(path, S_IFDIR); }
 bool is_regular_file(const std::string& path) { return stat_mode(path, S_IFREG); }
+bool is_symbolic_link(const std::string& path) {
+  struct stat st{};
+  return ::lstat(path.c_str(), &st) == 0 && S_ISLNK(st.st_mode);
+}
 bool path_exists(const std::string& path) {
   struct stat st{};
   return ::lstat(path.c_str(), &st) == 0;
@@ -204,13 +208,15 @@ std::string resolve_path(const std::string& path) {
   return absolute;
 }
 
+bool lies_inside(const std::string& inner, const std::string& outer) {
+  return outer == "/" ||
+         (inner.size() > outer.size() && inner.compare(0, outer.size(), outer) == 0 && inner[outer.size()] == '/');
+}
+
 void check_output_apart_from_inputs(const std::string& output_label, const std::string& output,
                                     const std::vector<std::pair<std::string, std::string>>& inputs) {
   const std::string out = resolve_path(output);
-  auto inside = [](const std::string& inner, const std::string& outer) {
-    return outer == "/" ||
-           (inner.size() > outer.size() && inner.compare(0, outer.size(), outer) == 0 && inner[outer.size()] == '/');
-  };
+  const auto inside = lies_inside;
   for (const auto& [label, input] : inputs) {
     if (input.empty()) continue;
     const std::string in = resolve_path(input);
@@ -259,7 +265,7 @@ void make_directories(const std::string& path) {
 void write_file_atomically(const std::string& path, const std::function<void(const ByteWriter&)>& fill) {
   static std::atomic<unsigned> counter{0};  // unique per call, so two threads writing one path do not collide
   const std::string tmp = path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter++);
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);  // less the umask, as a plain creation
   if (fd < 0) throw Error(tmp + ": cannot create: " + errno_text());
   try {
     const ByteWriter write_bytes = [&](const void* data, std::size_t size) {
@@ -298,7 +304,11 @@ void write_file_atomically(const std::string& path, const std::function<void(con
 void copy_file(const std::string& from, const std::string& to) {
   const int in = ::open(from.c_str(), O_RDONLY | O_CLOEXEC);
   if (in < 0) throw Error(from + ": cannot open: " + errno_text());
-  const int out = ::open(to.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  // A plain creation's mode (0666 less the umask) that never grants what the source does not: a 0600 file
+  // stays private.
+  struct stat source{};
+  const mode_t mode = ::fstat(in, &source) == 0 ? (source.st_mode & 0666) : 0600;
+  const int out = ::open(to.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
   if (out < 0) {
     ::close(in);
     throw Error(to + ": cannot create: " + errno_text());

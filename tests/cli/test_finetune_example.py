@@ -7,6 +7,7 @@ Usage: test_finetune_example.py --example build/examples/finetune_example --mode
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import unittest
@@ -21,6 +22,7 @@ class FinetuneExample(unittest.TestCase):
         subprocess.run([sys.executable, ARGS.make_data, "--out", task, "--train", "48", "--validation", "4",
                         "--test", "8"], check=True)
         out = os.path.join(ARGS.work, "run")
+        shutil.rmtree(out, ignore_errors=True)  # a fresh run folder: what an earlier build left is not this run's
         run = subprocess.run([ARGS.example, ARGS.model, os.path.join(task, "train.jsonl"),
                               os.path.join(task, "test.jsonl"), out, "6"], capture_output=True, text=True, timeout=540)
         self.assertEqual(run.returncode, 0, run.stdout + run.stderr)

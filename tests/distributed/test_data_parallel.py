@@ -84,7 +84,8 @@ def read(path):
 class DataParallel(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        os.makedirs(ARGS.work, exist_ok=True)
+        shutil.rmtree(ARGS.work, ignore_errors=True)  # every run starts from nothing an earlier build left
+        os.makedirs(ARGS.work)
         subprocess.run([sys.executable, ARGS.make_data, "--out", os.path.join(ARGS.work, "task"), "--train", "64",
                         "--validation", "8", "--test", "6"], check=True, capture_output=True)
         cls.one = one(*COMMON, *data_args(), "--eval-before", "--output", out("one"), "--overwrite")

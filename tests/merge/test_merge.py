@@ -311,7 +311,57 @@ class OutputsAndInputs(unittest.TestCase):
                 for folder in (out, exported):
                     self.assertEqual(os.stat(folder).st_mode & 0o777, folder_mode, folder)
                     for name in os.listdir(folder):
-                        self.assertEqual(os.stat(os.path.join(folder, name)).st_mode & 0o777, 0o644 & ~umask, name)
+                        # Written files get a plain creation's mode; copies of the base's files no more than it.
+                        source = os.path.join(ref("llama_base"), name)
+                        copied = folder == out and os.path.exists(source) and not name.endswith(
+                            (".safetensors", ".index.json"))
+                        limit = os.stat(source).st_mode & 0o666 if copied else 0o666
+                        self.assertEqual(os.stat(os.path.join(folder, name)).st_mode & 0o777, limit & ~umask, name)
+
+    def test_links_leading_outside_the_base_are_not_followed_and_copies_never_widen_access(self):
+        def base_copy(folder):
+            os.makedirs(folder)
+            for name in os.listdir(ref("llama_base")):
+                shutil.copy(os.path.join(ref("llama_base"), name), os.path.join(folder, name))
+            with open(os.path.join(folder, "private.json"), "w") as f:
+                f.write('{"private": true}')
+            os.chmod(os.path.join(folder, "private.json"), 0o600)
+            os.symlink("config.json", os.path.join(folder, "linked_config.json"))  # inside: followed
+            os.symlink(secret, os.path.join(folder, "tokenizer_extra.json"))  # outside: skipped
+
+        root = work("links")
+        os.makedirs(root)
+        secret = os.path.join(root, "secret.key")
+        with open(secret, "w") as f:
+            f.write("do not copy")
+        os.chmod(secret, 0o600)
+        plain = os.path.join(root, "base")
+        base_copy(plain)
+        # A Hugging Face cache snapshot: its files are links to ../../blobs, inside the model's cache folder.
+        repository = os.path.join(root, "hub", "models--org--tiny")
+        snapshot = os.path.join(repository, "snapshots", "0123abc")
+        base_copy(snapshot)
+        os.makedirs(os.path.join(repository, "blobs"))
+        os.replace(os.path.join(snapshot, "generation_config.json"), os.path.join(repository, "blobs", "f00d"))
+        os.symlink("../../blobs/f00d", os.path.join(snapshot, "generation_config.json"))
+        for base in (plain, snapshot):
+            out = os.path.join(root, "out_" + os.path.basename(base))
+            run = subprocess.run([ARGS.tiedlora, "merge-weights", "--base", base, "--adapter", ref("llama_lora"),
+                                  "--out", out, "--quiet"], capture_output=True, text=True, timeout=300,
+                                 preexec_fn=lambda: os.umask(0o002))
+            self.assertEqual(run.returncode, 0, run.stderr)
+            self.assertFalse(os.path.lexists(os.path.join(out, "tokenizer_extra.json")), base)
+            self.assertIn("not copied: tokenizer_extra.json: a link to " + os.path.realpath(secret), run.stderr)
+            self.assertEqual(os.stat(os.path.join(out, "private.json")).st_mode & 0o777, 0o600, base)
+            self.assertEqual(os.stat(os.path.join(out, "config.json")).st_mode & 0o777, 0o664 & os.stat(
+                os.path.join(ref("llama_base"), "config.json")).st_mode, base)
+            for name in ("linked_config.json", "generation_config.json"):
+                path = os.path.join(out, name)
+                self.assertFalse(os.path.islink(path), name)
+                self.assertEqual(open(path, "rb").read(), open(os.path.join(ref("llama_base"), name.replace(
+                    "linked_", "")), "rb").read(), name)
+            self.assertFalse(any("do not copy" in open(os.path.join(out, n), errors="replace").read()
+                                 for n in os.listdir(out) if n.endswith(".json")))
 
     def test_stale_temporaries_of_dead_processes_are_removed_and_live_ones_kept(self):
         import socket

@@ -9,6 +9,8 @@ Writes into <out>/tokenizer/:
   <name>_tokenizer.json     tokenizers.Tokenizer.save() of each tokenizer below (the C++ test loads them with
                             BpeTokenizer::from_tokenizer_json);
   <name>_{sotu,soup}.ids    int32 little-endian ids of the whole text (Tokenizer.encode(text).ids);
+  decode_prefixes.json      every prefix of the GPT-2 ids of texts with 2-, 3- and 4-byte characters and its
+                            decode() (U+FFFD where a prefix cuts a character);
   cases.json                adversarial strings (Unicode, emoji, whitespace runs, numbers, contractions, special
                             tokens in the middle, control characters) with each tokenizer's ids, its decode()
                             and each pre-tokenizer's pieces;
@@ -303,6 +305,17 @@ def main():
         cases.append(case)
     with open(os.path.join(out, "cases.json"), "w") as f:
         json.dump(cases, f, ensure_ascii=True, indent=1)
+
+    # Every prefix of the GPT-2 ids of texts with 2-, 3- and 4-byte characters, decoded: a prefix that ends
+    # inside a character shows what tokenizers makes of the cut (U+FFFD).
+    prefixes = []
+    for text in ["caf\u00e9 \u20ac5 \U0001F600!", "\u65e5\u672c\u8a9e \U0001F469\u200d\U0001F4BB end",
+                 "\U0001F44D\U0001F3FD \u00fc\u00df \u0928\u092e\u0938\u094d\u0924\u0947"]:
+        ids = tokenizers["gpt2"].encode(text, add_special_tokens=False).ids
+        for k in range(1, len(ids) + 1):
+            prefixes.append({"ids": ids[:k], "decoded": tokenizers["gpt2"].decode(ids[:k])})
+    with open(os.path.join(out, "decode_prefixes.json"), "w") as f:
+        json.dump(prefixes, f, ensure_ascii=True, indent=1)
 
     with open(os.path.join(out, "unicode_classes.json"), "w") as f:
         json.dump({"tokenizers": __import__("tokenizers").__version__,

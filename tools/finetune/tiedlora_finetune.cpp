@@ -295,7 +295,12 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
   if (args.dtype != "f32") resume_key["dtype"] = args.dtype;  // absent for f32: runs made before --dtype resume
   options.resume_key = resume_key.dump();
   auto train_tokens = read_tokenized(train_examples), validation_tokens = read_tokenized(validation_examples);
-  if (main_rank) tt::prepare_output_dir(args.output, resuming, args.overwrite);
+  // --resume is not among the inputs: resuming a run reads its own checkpoints/ and removes nothing.
+  if (main_rank) {
+    tt::prepare_output_dir(
+        args.output, resuming, args.overwrite,
+        {{"--model", model_path}, {"--train", args.train}, {"--validation", args.validation}, {"--test", args.test}});
+  }
   fmt::print("{}: {}, {} layers; method {}, rank {}: {} trainable of {} parameters ({:.3f}%); world {} ({}{})\n",
              model_path, model->info().model_type, model->info().num_layers, report.method.name(), report.rank,
              report.trainable_parameters, report.total_parameters,
@@ -466,8 +471,8 @@ int run(Args& args, const std::shared_ptr<tiedlora::distributed::ProcessGroup>& 
       const std::vector<int64_t> prompt = tt::prompt_ids(*tokenizer, e, format);
       const auto a = tiedlora::llm::models::generate_greedy(*model, prompt, gen);
       const auto m = tiedlora::llm::models::generate_greedy(*merged, prompt, gen);
-      const std::string adapted_text = tokenizer->decode({a.begin(), a.end()}, true);
-      const std::string merged_text = tokenizer->decode({m.begin(), m.end()}, true);
+      const std::string adapted_text = tiedlora::valid_utf8(tokenizer->decode({a.begin(), a.end()}, true));
+      const std::string merged_text = tiedlora::valid_utf8(tokenizer->decode({m.begin(), m.end()}, true));
       identical += a == m;
       ++shown;
       std::string question = e.prompt.substr(e.prompt.size() > 90 ? e.prompt.size() - 90 : 0);

@@ -46,6 +46,9 @@ struct MergeReport {
   uint64_t bytes_written = 0;
   uint64_t largest_tensor_bytes = 0;
   std::vector<std::string> files_written;  ///< weight files, index, and copied non-weight files
+  /// Extra files of the base folder left out, one line each: symbolic links that lead outside it (outside the
+  /// model's cache folder for a Hugging Face cache snapshot), which are never followed.
+  std::vector<std::string> not_copied;
   /// Temporary folders of dead earlier runs for the same output, removed (or restored) first; one line each.
   std::vector<std::string> stale_temporaries;
   double seconds = 0;

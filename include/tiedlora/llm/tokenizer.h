@@ -40,7 +40,8 @@ class Tokenizer {
   /// Python package's encode() defaults to true; chat templates already contain their special tokens.
   virtual std::vector<TokenId> encode(std::string_view text, bool add_special_tokens = false) const = 0;
   /// The bytes the ids stand for (raw bytes: a cut in the middle of a UTF-8 character is kept as is, where
-  /// the Python package would show U+FFFD). `skip_special_tokens` drops special tokens as HF's does.
+  /// the Python package shows U+FFFD: valid_utf8() gives its text). `skip_special_tokens` drops special tokens
+  /// as HF's does.
   virtual std::string decode(const std::vector<TokenId>& ids, bool skip_special_tokens = false) const = 0;
   virtual std::size_t vocab_size() const = 0;
   /// The id of a token given by its vocabulary string (byte-level alphabet for BPE), if it exists.
@@ -50,6 +51,12 @@ class Tokenizer {
   virtual std::optional<TokenId> bos_id() const = 0;
   virtual std::optional<TokenId> eos_id() const = 0;
 };
+
+/// `bytes` made valid UTF-8: each maximal invalid subsequence (a byte that cannot start a character, or the
+/// start of a character cut short, such as an emoji cut by a token limit) becomes one U+FFFD, as the Python
+/// tokenizers package's decode() and Rust's String::from_utf8_lossy give it. What decode() returns is raw
+/// bytes; text that leaves tiedlora (printed, written to JSON) goes through this, and token ids stay as they are.
+std::string valid_utf8(std::string_view bytes);
 
 /// How text is cut into pieces before BPE, i.e. the tokenizers package's pre_tokenizer.
 enum class PreTokenizer {

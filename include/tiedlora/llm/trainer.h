@@ -9,6 +9,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -146,10 +147,22 @@ at::Tensor completion_loss_sum(llm::models::CausalLM& model, const Batch& batch)
 
 // ---- output ---------------------------------------------------------------------------------------------
 
-/// Creates `dir` for a run. A folder that already holds a run (metrics.jsonl or checkpoints/) is refused
-/// with ConfigError (hint: resume or overwrite) unless `resume` (kept as it is) or `overwrite` (the earlier
-/// run's files are removed).
-void prepare_output_dir(const std::string& dir, bool resume, bool overwrite);
+/// The file a run leaves in its output folder first (kRunMarker): what says that tiedlora wrote the run's
+/// outputs there (metrics.jsonl, checkpoints/, adapter/, merged/, loss.png, summary.json, eval_before.json,
+/// predictions_before.jsonl, predictions_after.jsonl, profile.md), so that overwrite removes those and only
+/// those.
+inline constexpr const char* kRunMarker = "tiedlora_run.json";
+
+/// Creates `dir` for a run, before anything is written, and leaves kRunMarker in it. Refused with ConfigError,
+/// touching nothing:
+///   - when one of the run's outputs in `dir` (above) is, contains or lies inside one of `inputs` (label,
+///     path: the model, the data files): the run, or overwrite, would destroy that input;
+///   - when `dir` holds an earlier run (kRunMarker) and neither `resume` (kept as it is) nor `overwrite` (the
+///     earlier run's outputs removed, nothing else) is set;
+///   - when `dir` holds one of the run's output names without kRunMarker and `resume` is not set (not written
+///     by a run of tiedlora, or by one before the marker existed: overwrite removes nothing there).
+void prepare_output_dir(const std::string& dir, bool resume, bool overwrite,
+                        const std::vector<std::pair<std::string, std::string>>& inputs = {});
 
 /// merge-weights (tiedlora/formats/merge_checkpoint.h) of the adapter saved from `model` into its base `model_path`,
 /// written to `out` (replaced if it exists). merge-weights reads Hugging Face checkpoints, so a GGUF base is first

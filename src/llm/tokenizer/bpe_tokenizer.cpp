@@ -520,6 +520,53 @@ std::string BpeTokenizer::decode(const std::vector<TokenId>& ids, bool skip_spec
   return out;
 }
 
+std::string valid_utf8(std::string_view bytes) {
+  static constexpr const char* kReplacement = "\xEF\xBF\xBD";  // U+FFFD
+  std::string out;
+  out.reserve(bytes.size());
+  const std::size_t n = bytes.size();
+  for (std::size_t i = 0; i < n;) {
+    const auto b = static_cast<unsigned char>(bytes[i]);
+    if (b < 0x80) {
+      out += static_cast<char>(b);
+      ++i;
+      continue;
+    }
+    // The length of the character a lead byte starts and the range of its second byte (Unicode Table 3-7:
+    // no overlong forms, no surrogates, nothing above U+10FFFF); the later bytes are 80..BF.
+    std::size_t length = 0;
+    unsigned char low = 0x80, high = 0xBF;
+    if (b >= 0xC2 && b <= 0xDF)
+      length = 2;
+    else if (b == 0xE0)
+      length = 3, low = 0xA0;
+    else if ((b >= 0xE1 && b <= 0xEC) || b == 0xEE || b == 0xEF)
+      length = 3;
+    else if (b == 0xED)
+      length = 3, high = 0x9F;
+    else if (b == 0xF0)
+      length = 4, low = 0x90;
+    else if (b >= 0xF1 && b <= 0xF3)
+      length = 4;
+    else if (b == 0xF4)
+      length = 4, high = 0x8F;
+    std::size_t valid = length == 0 ? 0 : 1;  // bytes of a possible character seen so far
+    while (valid > 0 && valid < length && i + valid < n) {
+      const auto c = static_cast<unsigned char>(bytes[i + valid]);
+      if (valid == 1 ? (c < low || c > high) : (c < 0x80 || c > 0xBF)) break;
+      ++valid;
+    }
+    if (length > 0 && valid == length) {
+      out.append(bytes.data() + i, length);
+      i += length;
+    } else {  // the maximal subpart (at least the lead byte) is one replacement character
+      out += kReplacement;
+      i += std::max<std::size_t>(valid, 1);
+    }
+  }
+  return out;
+}
+
 std::vector<std::string> BpeTokenizer::pre_tokenize(std::string_view text) const {
   std::vector<std::string> pieces;
   impl_->for_each_piece(text, [&](std::string_view piece) { pieces.emplace_back(piece); });

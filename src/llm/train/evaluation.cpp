@@ -75,7 +75,9 @@ ExactMatch exact_match(llm::models::CausalLM& model, const Tokenizer& tokenizer,
       p.task = e.task;
       p.prompt = e.prompt;
       p.expected = e.completion;
-      p.generated = tokenizer.decode({tokens.begin(), tokens.end()}, /*skip_special_tokens=*/true);
+      // Valid UTF-8 (a character cut by max_new_tokens becomes U+FFFD, as in transformers), so that the text
+      // can be written as JSON; the tokens themselves are as generated.
+      p.generated = valid_utf8(tokenizer.decode({tokens.begin(), tokens.end()}, /*skip_special_tokens=*/true));
       p.correct = normalize_answer(p.generated) == normalize_answer(p.expected);
       result.correct += p.correct;
       result.predictions.push_back(std::move(p));

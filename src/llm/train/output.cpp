@@ -2,23 +2,55 @@
 // (tiedlora/llm/trainer.h, "output").
 #include "tiedlora/core/error.h"
 #include "tiedlora/core/inject.h"
+#include "tiedlora/formats/files.h"
 #include "tiedlora/llm/trainer.h"
 #include "util/files.h"
 
 namespace tiedlora::llm::train {
 
-void prepare_output_dir(const std::string& dir, bool resume, bool overwrite) {
-  const std::string metrics = util::join_path(dir, "metrics.jsonl"), checkpoints = util::join_path(dir, "checkpoints");
-  const bool used = util::path_exists(metrics) || util::path_exists(checkpoints);
-  if (used && !resume) {
-    if (!overwrite) throw ConfigError(dir + ": holds an earlier run (hint: resume it, or overwrite to start over)");
-    for (const std::string name :
-         {"metrics.jsonl", "checkpoints", "adapter", "merged", "loss.png", "summary.json", "eval_before.json",
-          "predictions_before.jsonl", "predictions_after.jsonl", "profile.md"}) {
-      util::remove_tree(util::join_path(dir, name));
-    }
+namespace {
+
+// What a run writes in its output folder (tiedlora_finetune, the examples), kRunMarker aside.
+constexpr const char* kRunOutputs[] = {"metrics.jsonl",
+                                       "checkpoints",
+                                       "adapter",
+                                       "merged",
+                                       "loss.png",
+                                       "summary.json",
+                                       "eval_before.json",
+                                       "predictions_before.jsonl",
+                                       "predictions_after.jsonl",
+                                       "profile.md"};
+
+}  // namespace
+
+void prepare_output_dir(const std::string& dir, bool resume, bool overwrite,
+                        const std::vector<std::pair<std::string, std::string>>& inputs) {
+  // Every check comes before the first change: a refused run leaves the folder as it was.
+  util::check_output_apart_from_inputs("the run's output", util::join_path(dir, kRunMarker), inputs);
+  for (const char* name : kRunOutputs)
+    util::check_output_apart_from_inputs("the run's output", util::join_path(dir, name), inputs);
+  const bool marked = util::path_exists(util::join_path(dir, kRunMarker));
+  std::string found;
+  for (const char* name : kRunOutputs) {
+    if (util::path_exists(util::join_path(dir, name))) found += (found.empty() ? "" : ", ") + std::string(name);
+  }
+  if (!resume && marked && !overwrite)
+    throw ConfigError(dir + ": holds an earlier run (hint: resume it, or overwrite to start over)");
+  if (!resume && !marked && !found.empty()) {
+    throw ConfigError(dir + ": holds " + found + " without " + kRunMarker +
+                      ", so no run of tiedlora is known to have written them; nothing there is removed or "
+                      "overwritten (hint: choose another output folder, or move those away yourself)");
+  }
+  if (!resume && marked) {
+    for (const char* name : kRunOutputs) util::remove_tree(util::join_path(dir, name));
   }
   util::make_directories(dir);
+  if (!marked) {
+    formats::write_text_file(util::join_path(dir, kRunMarker),
+                             "{\"written_by\": \"tiedlora\", \"note\": \"a training run's output folder: --overwrite "
+                             "removes only the run's own outputs here\"}\n");
+  }
 }
 
 MergeReport merge_trained(const llm::models::CausalLM& model, const std::string& model_path,
