@@ -215,9 +215,9 @@ MergeReport merge_checkpoint(const MergeOptions& options) {
     for (const auto& name : util::list_directory(options.base)) {
       const std::string from = util::join_path(options.base, name);
       if (!util::is_regular_file(from) || std::regex_match(name, kWeightFile)) continue;
-      if (util::is_symbolic_link(from) && !util::lies_inside(util::resolve_path(from), allowed)) {
-        report.not_copied.push_back(name + ": a link to " + util::resolve_path(from) + ", outside " + allowed +
-                                    ", not followed");
+      const std::string target = util::is_symbolic_link(from) ? util::resolve_path(from) : "";
+      if (!target.empty() && !util::lies_inside(target, allowed)) {
+        report.not_copied.push_back(name + ": a link to " + target + ", outside " + allowed + ", not followed");
         if (options.on_notice) options.on_notice("not copied: " + report.not_copied.back());
         continue;
       }

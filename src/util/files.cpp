@@ -216,16 +216,15 @@ bool lies_inside(const std::string& inner, const std::string& outer) {
 void check_output_apart_from_inputs(const std::string& output_label, const std::string& output,
                                     const std::vector<std::pair<std::string, std::string>>& inputs) {
   const std::string out = resolve_path(output);
-  const auto inside = lies_inside;
   for (const auto& [label, input] : inputs) {
     if (input.empty()) continue;
     const std::string in = resolve_path(input);
     std::string relation;
     if (out == in)
       relation = "is";
-    else if (inside(in, out))
+    else if (lies_inside(in, out))
       relation = "contains";
-    else if (inside(out, in))
+    else if (lies_inside(out, in))
       relation = "lies inside";
     if (relation.empty()) continue;
     throw ConfigError(output_label + " " + output + " " + relation + " the " + label + " " + input +
